@@ -2,8 +2,12 @@
 // The Python layer validates first with friendlier messages; these checks keep a direct
 // torch.ops.fastseq call from ever reaching a kernel with bad arguments.
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <string>
 
 #include "fastseq/rnn_cell.h"
@@ -41,6 +45,20 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& like,
               " (the device of input), got ", t.device());
   TORCH_CHECK(t.sizes() == shape, "fastseq: ", name, " must have shape ", shape, ", got ",
               t.sizes());
+}
+
+// Tests set FASTSEQ_POISON_OUTPUTS=1 so that an element a kernel forgets to write reads NaN.
+bool poison_outputs() {
+  static const bool poison = [] {
+    const char* value = std::getenv("FASTSEQ_POISON_OUTPUTS");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  return poison;
+}
+
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  if (poison_outputs()) return at::full(shape, std::numeric_limits<double>::quiet_NaN(), options);
+  return at::empty(shape, options);
 }
 
 at::Tensor optional_contiguous(const std::optional<at::Tensor>& t) {
@@ -86,10 +104,10 @@ CellForwardArgs prepare_cell_forward(c10::string_view mode, const at::Tensor& in
     TORCH_CHECK(!a.cx.defined(), "fastseq: cx is only for the lstm cell");
   }
   const auto options = input.options();
-  a.hy = at::empty({B, H}, options);
-  a.cy = at::empty({a.mode == CellMode::kLSTM ? B : 0, H}, options);
+  a.hy = new_output({B, H}, options);
+  a.cy = new_output({a.mode == CellMode::kLSTM ? B : 0, H}, options);
   const int64_t ws_columns = save_workspace ? cell_workspace(a.mode) * H : 0;
-  a.workspace = at::empty({ws_columns > 0 ? B : 0, ws_columns}, options);
+  a.workspace = new_output({ws_columns > 0 ? B : 0, ws_columns}, options);
   return a;
 }
 
@@ -132,10 +150,10 @@ CellBackwardArgs prepare_cell_backward(c10::string_view mode, const at::Tensor& 
   }
   const bool gru = a.mode == CellMode::kGRU;
   const auto options = hy.options();
-  a.dgates_ih = at::empty({B, G * H}, options);
-  a.dgates_hh = at::empty({gru ? B : 0, G * H}, options);
-  a.dh_prev_direct = at::empty({gru ? B : 0, H}, options);
-  a.dcx = at::empty({lstm ? B : 0, H}, options);
+  a.dgates_ih = new_output({B, G * H}, options);
+  a.dgates_hh = new_output({gru ? B : 0, G * H}, options);
+  a.dh_prev_direct = new_output({gru ? B : 0, H}, options);
+  a.dcx = new_output({lstm ? B : 0, H}, options);
   return a;
 }
 

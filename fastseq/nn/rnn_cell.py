@@ -1,0 +1,49 @@
+"""Drop-in replacements for torch.nn.LSTMCell, GRUCell and RNNCell.
+
+They subclass torch's cells, so constructor arguments, parameter names, initialisation and
+state_dict keys are torch's own (load_state_dict works both ways, isinstance checks still
+pass); only forward changes, to fastseq's fused step. `backend=` pins a backend (default auto).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, backend: Optional[str] = None) -> None:
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None):
+        return ops.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
+                             self.bias_hh, backend=self.backend)
+
+
+class GRUCell(torch.nn.GRUCell):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, backend: Optional[str] = None) -> None:
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        return ops.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
+                            self.bias_hh, backend=self.backend)
+
+
+class RNNCell(torch.nn.RNNCell):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 nonlinearity: str = "tanh", device=None, dtype=None, *,
+                 backend: Optional[str] = None) -> None:
+        super().__init__(input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        step = ops.rnn_tanh_cell if self.nonlinearity == "tanh" else ops.rnn_relu_cell
+        return step(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                    backend=self.backend)

@@ -1,0 +1,5 @@
+"""fastseq's functional API: each function validates its input, picks a backend
+(fastseq.backend) and calls a registered op (torch.ops.fastseq.*) with fake and autograd."""
+from .rnn_cell import gru_cell, lstm_cell, rnn_relu_cell, rnn_tanh_cell
+
+__all__ = ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"]

@@ -1,0 +1,46 @@
+"""Input validation shared by the public ops: one clear error naming the op, the argument,
+what was expected and what was received, before any kernel sees the input."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class InputError(ValueError):
+    """A fastseq op received an argument of the wrong shape, dtype or device."""
+
+
+def fail(op: str, message: str) -> None:
+    raise InputError(f"{op}: {message}")
+
+
+def check_tensor(op: str, name: str, value, *, ndims: Sequence[int] | None = None) -> None:
+    if not isinstance(value, torch.Tensor):
+        fail(op, f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndims is not None and value.dim() not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        fail(op, f"{name} must be {want}, got {value.dim()}-D with shape {list(value.shape)}")
+
+
+def check_shape(op: str, name: str, value: torch.Tensor, shape: Sequence[int], meaning: str) -> None:
+    if list(value.shape) != list(shape):
+        fail(op, f"{name} must have shape {meaning} = {list(shape)}, got {list(value.shape)}")
+
+
+def check_same_dtype_device(op: str, reference: tuple[str, torch.Tensor], others) -> None:
+    """Every (name, tensor) in `others` (None entries skipped) matches `reference`'s dtype and device."""
+    ref_name, ref = reference
+    if ref.dtype not in FLOAT_DTYPES:
+        fail(op, f"{ref_name} must be a floating-point tensor (float16, bfloat16, float32, "
+                 f"float64), got {ref.dtype}")
+    for name, value in others:
+        if value is None:
+            continue
+        if value.dtype != ref.dtype:
+            fail(op, f"{name} must have dtype {ref.dtype} (the dtype of {ref_name}), got {value.dtype}")
+        if value.device != ref.device:
+            fail(op, f"{name} must be on device {ref.device} (the device of {ref_name}), "
+                     f"got {value.device}")

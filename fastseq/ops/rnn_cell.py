@@ -1,0 +1,151 @@
+"""One recurrent cell step: lstm_cell, gru_cell, rnn_tanh_cell, rnn_relu_cell.
+
+Same math and arguments as torch's cells (torch.nn.LSTMCell & co.): input [B, I] or unbatched
+[I], states [B, H] or [H] (None: zeros), w_ih [G*H, I], w_hh [G*H, H], optional biases [G*H],
+gate order LSTM i,f,g,o and GRU r,z,n. One fused kernel per step; see fastseq.backend for how
+the backend is chosen.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backends
+from ..kernels.rnn_cell_layout import GATES
+from ..reference import recurrent as _reference
+from . import rnn_cell_ops as _registered_ops  # noqa: F401  (registers the ops)
+from ._checks import check_same_dtype_device, check_shape, check_tensor, fail
+
+_CELL_NAMES = {
+    "lstm": "fastseq.ops.lstm_cell",
+    "gru": "fastseq.ops.gru_cell",
+    "rnn_tanh": "fastseq.ops.rnn_tanh_cell",
+    "rnn_relu": "fastseq.ops.rnn_relu_cell",
+}
+_TORCH_CELLS = {
+    "lstm": torch.lstm_cell,
+    "gru": torch.gru_cell,
+    "rnn_tanh": torch.rnn_tanh_cell,
+    "rnn_relu": torch.rnn_relu_cell,
+}
+_REFERENCE_CELLS = {
+    "lstm": _reference.lstm_cell,
+    "gru": _reference.gru_cell,
+    "rnn_tanh": _reference.rnn_tanh_cell,
+    "rnn_relu": _reference.rnn_relu_cell,
+}
+
+
+def lstm_cell(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
+              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
+              backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """One LSTM step: returns (h', c'). hx is (h, c) or None for zeros."""
+    if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+        fail(_CELL_NAMES["lstm"], f"hx must be a tuple (h, c) or None, got {type(hx).__name__}")
+    h, c = (None, None) if hx is None else hx
+    return _cell("lstm", input, h, c, w_ih, w_hh, b_ih, b_hh, backend)
+
+
+def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+             b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
+             backend: Optional[str] = None) -> Tensor:
+    """One GRU step: returns h'."""
+    return _cell("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
+
+
+def rnn_tanh_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
+                  backend: Optional[str] = None) -> Tensor:
+    """One Elman RNN step with tanh: returns h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)."""
+    return _cell("rnn_tanh", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
+
+
+def rnn_relu_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
+                  backend: Optional[str] = None) -> Tensor:
+    """One Elman RNN step with relu: returns h' = relu(x W_ih^T + b_ih + h W_hh^T + b_hh)."""
+    return _cell("rnn_relu", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
+
+
+def _validate(mode, input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
+    op = _CELL_NAMES[mode]
+    check_tensor(op, "input", input, ndims=(1, 2))
+    check_tensor(op, "w_ih", w_ih, ndims=(2,))
+    check_tensor(op, "w_hh", w_hh, ndims=(2,))
+    gates = GATES[mode]
+    hidden = w_hh.shape[1]
+    batched = input.dim() == 2
+    batch_shape = [input.shape[0]] if batched else []
+    check_shape(op, "w_hh", w_hh, [gates * hidden, hidden], f"[{gates}*hidden_size, hidden_size]")
+    check_shape(op, "w_ih", w_ih, [gates * hidden, input.shape[-1]],
+                f"[{gates}*hidden_size, input_size]")
+    states = (("hx[0]", h), ("hx[1]", c)) if mode == "lstm" else (("hx", h),)
+    for name, state in states:
+        if state is not None:
+            check_tensor(op, name, state, ndims=(2,) if batched else (1,))
+            check_shape(op, name, state, batch_shape + [hidden],
+                        "[batch, hidden_size]" if batched else "[hidden_size] (unbatched input)")
+    for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if bias is not None:
+            check_tensor(op, name, bias, ndims=(1,))
+            check_shape(op, name, bias, [gates * hidden], f"[{gates}*hidden_size]")
+    check_same_dtype_device(op, ("input", input), (
+        ("hx[0]" if mode == "lstm" else "hx", h), ("hx[1]", c), ("w_ih", w_ih), ("w_hh", w_hh),
+        ("b_ih", b_ih), ("b_hh", b_hh)))
+
+
+def _auto_preference(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    if device.type == "cuda":
+        # Half precision: Triton's tl.dot uses the tensor cores; the CUDA kernel is an fp32-FMA
+        # tiled GEMM, kept first for fp32/fp64. To be settled by the H100 benchmark.
+        if dtype in (torch.float16, torch.bfloat16):
+            return ("triton", "native", "torch")
+        return ("native", "triton", "torch")
+    # CPU: the C++ kernel (BLAS GEMMs + one fused pass) was measured at or above torch's own
+    # cells (bench/NOTES.md); torch's aten cells where the extension is missing. Triton's
+    # interpreter is for tests only, never chosen automatically.
+    return ("native", "torch")
+
+
+def _cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, backend):
+    _validate(mode, input, h, c, w_ih, w_hh, b_ih, b_hh)
+    op = _CELL_NAMES[mode]
+    device, dtype = input.device, input.dtype
+    unsupported = {
+        "triton": lambda: _backends.triton_unavailable(device),
+        "native": lambda: _backends.native_unavailable(device),
+        "torch": lambda: None,
+        "reference": lambda: None,
+    }
+    chosen = _backends.choose(op, _backends.requested_backend(backend),
+                              _auto_preference(device, dtype), unsupported)
+
+    batched = input.dim() == 2
+    if not batched:
+        input = input.unsqueeze(0)
+        h = h.unsqueeze(0) if h is not None else None
+        c = c.unsqueeze(0) if c is not None else None
+    hidden = w_hh.shape[1]
+    if h is None:
+        h = input.new_zeros(input.shape[0], hidden)
+    if mode == "lstm" and c is None:
+        c = input.new_zeros(input.shape[0], hidden)
+
+    if chosen == "torch":
+        out = _TORCH_CELLS[mode](input, (h, c) if mode == "lstm" else h, w_ih, w_hh, b_ih, b_hh)
+    elif chosen == "reference":
+        out = _REFERENCE_CELLS[mode](input, (h, c) if mode == "lstm" else h, w_ih, w_hh, b_ih, b_hh)
+    else:
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, h, c, w_ih, w_hh, b_ih, b_hh))
+        forward = (torch.ops.fastseq.rnn_cell_forward_triton if chosen == "triton"
+                   else torch.ops.fastseq.rnn_cell_forward)
+        hy, cy, _workspace = forward(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, needs_grad)
+        out = (hy, cy) if mode == "lstm" else hy
+
+    outs = out if mode == "lstm" else (out,)
+    if not batched:
+        outs = tuple(t.squeeze(0) for t in outs)
+    return outs

@@ -1,0 +1,167 @@
+"""Reference recurrent cells and sequences: plain PyTorch, the formulas of torch's docs.
+
+Ground truth for fastseq's recurrent kernels (run it in float64), and readable: one step is
+the formula, a sequence is a Python loop over steps. Gate order and formulas are PyTorch's:
+  LSTM  i, f, g, o = chunks of x W_ih^T + b_ih + h W_hh^T + b_hh;  c' = σ(f) c + σ(i) tanh(g);
+        h' = σ(o) tanh(c'), then h' W_hr^T with a projection (proj_size > 0)
+  GRU   r, z = σ(...), n = tanh(x W_in^T + b_in + r ⊙ (h W_hn^T + b_hn)), h' = (1 - z) n + z h
+  RNN   h' = tanh or relu(x W_ih^T + b_ih + h W_hh^T + b_hh)
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
+              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    h, c = hx
+    gates = F.linear(input, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    return h_new, c_new
+
+
+def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
+             b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None) -> Tensor:
+    x_r, x_z, x_n = F.linear(input, w_ih, b_ih).chunk(3, dim=-1)
+    h_r, h_z, h_n = F.linear(hx, w_hh, b_hh).chunk(3, dim=-1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * hx
+
+
+def rnn_tanh_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None) -> Tensor:
+    return torch.tanh(F.linear(input, w_ih, b_ih) + F.linear(hx, w_hh, b_hh))
+
+
+def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None) -> Tensor:
+    return torch.relu(F.linear(input, w_ih, b_ih) + F.linear(hx, w_hh, b_hh))
+
+
+CELLS = {"lstm": lstm_cell, "gru": gru_cell, "rnn_tanh": rnn_tanh_cell, "rnn_relu": rnn_relu_cell}
+
+
+class LayerWeights(tuple):
+    """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; biases and w_hr may be None."""
+
+    def __new__(cls, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
+        return super().__new__(cls, (w_ih, w_hh, b_ih, b_hh, w_hr))
+
+
+def weights_of(module: torch.nn.Module) -> list[LayerWeights]:
+    """The weights of a torch.nn.LSTM/GRU/RNN (or fastseq's), ordered layer by layer, forward
+    direction before reverse: the `weights` argument of `rnn`."""
+    directions = 2 if module.bidirectional else 1
+    out = []
+    for layer in range(module.num_layers):
+        for direction in range(directions):
+            sfx = f"_l{layer}" + ("_reverse" if direction else "")
+            out.append(LayerWeights(
+                getattr(module, "weight_ih" + sfx), getattr(module, "weight_hh" + sfx),
+                getattr(module, "bias_ih" + sfx, None), getattr(module, "bias_hh" + sfx, None),
+                getattr(module, "weight_hr" + sfx, None)))
+    return out
+
+
+def _run_direction(mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], weights: LayerWeights,
+                   lengths: Optional[Tensor], reverse: bool):
+    """One layer, one direction over x [T, B, I]. Steps at or past a sequence's length leave its
+    state unchanged and output zeros, so the final state is the state at its last valid step
+    (the reverse direction of a sequence of length n starts at step n-1), as torch's packed
+    sequences give."""
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    cell = CELLS[mode]
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    outputs: list[Optional[Tensor]] = [None] * x.shape[0]
+    for t in steps:
+        if mode == "lstm":
+            h_new, c_new = cell(x[t], (h, c), w_ih, w_hh, b_ih, b_hh)
+            if w_hr is not None:
+                h_new = F.linear(h_new, w_hr)
+        else:
+            h_new, c_new = cell(x[t], h, w_ih, w_hh, b_ih, b_hh), None
+        if lengths is None:
+            h, c = h_new, c_new
+            outputs[t] = h_new
+        else:
+            valid = (t < lengths).to(x.dtype).unsqueeze(1)  # [B, 1]
+            h = valid * h_new + (1 - valid) * h
+            if c is not None:
+                c = valid * c_new + (1 - valid) * c
+            outputs[t] = valid * h_new
+    return torch.stack(outputs), h, c
+
+
+def rnn(mode: str, input: Tensor, hx, weights: Sequence[LayerWeights], *, num_layers: int = 1,
+        bidirectional: bool = False, batch_first: bool = False,
+        lengths: Optional[Tensor | Sequence[int]] = None, dropout: float = 0.0,
+        training: bool = False):
+    """A whole multi-layer recurrent network, as torch.nn.LSTM/GRU/RNN compute it.
+
+    input: [T, B, I] ([B, T, I] if batch_first) or unbatched [T, I]; padded when `lengths`
+      (one length per batch element, each >= 1) is given: outputs past a sequence's end are zero.
+    hx: None (zeros), h0 [L*D, B, H_out], or (h0, c0) for the LSTM (c0 [L*D, B, H]).
+    weights: from `weights_of`, L*D entries, layer-major.
+    dropout: applied to each layer's output but the last, in training, as torch does.
+    Returns (output [T, B, D*H_out], h_n) with h_n = (h_n, c_n) for the LSTM.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    directions = 2 if bidirectional else 1
+    unbatched = input.dim() == 2
+    if unbatched:
+        input = input.unsqueeze(1)
+    elif batch_first:
+        input = input.transpose(0, 1)
+    batch = input.shape[1]
+    lstm = mode == "lstm"
+    w0 = weights[0]
+    hidden = w0[1].shape[1] if not lstm or w0[4] is None else w0[4].shape[1]  # H_out
+    cell_size = w0[1].shape[0] // {"lstm": 4, "gru": 3}.get(mode, 1)
+    h0, c0 = (hx if hx is not None else (None, None)) if lstm else (hx, None)
+    if h0 is None:
+        h0 = input.new_zeros(num_layers * directions, batch, hidden)
+    elif unbatched:
+        h0 = h0.unsqueeze(1)
+    if lstm:
+        if c0 is None:
+            c0 = input.new_zeros(num_layers * directions, batch, cell_size)
+        elif unbatched:
+            c0 = c0.unsqueeze(1)
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=input.device)
+
+    layer_input = input
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            out, h, c = _run_direction(mode, layer_input, h0[k], c0[k] if lstm else None,
+                                       weights[k], lengths, reverse=direction == 1)
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = torch.cat(outs, dim=-1) if directions == 2 else outs[0]
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, p=dropout, training=True)
+
+    output = layer_input
+    h_n = torch.stack(h_n)
+    c_n = torch.stack(c_n) if lstm else None
+    if unbatched:
+        output, h_n = output.squeeze(1), h_n.squeeze(1)
+        c_n = c_n.squeeze(1) if lstm else None
+    elif batch_first:
+        output = output.transpose(0, 1)
+    return output, ((h_n, c_n) if lstm else h_n)

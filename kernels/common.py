@@ -1,0 +1,54 @@
+"""Helpers shared by fastseq's Triton kernels."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once at import: Triton decides interpretation when the kernels are defined.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tests fill every output with NaN before a kernel runs, so an element a kernel forgets to
+# write shows up as NaN instead of passing on whatever the allocator left there.
+POISON_OUTPUTS = os.environ.get("FASTSEQ_POISON_OUTPUTS", "0") == "1"
+
+
+def new_output(shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised output tensor with `like`'s dtype and device (NaN-filled when poisoning)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for `dtype`: exact fp32 unless torch allows TF32 for matmuls,
+    so fp32 results stay within 2x of torch's fp32 error (TF32 alone costs ~3e-4 relative)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@triton.jit
+def dot_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST converts the operands to the accumulator's dtype first: needed under
+    the interpreter, whose bf16 tl.dot returns garbage (measured: error 7.6e9 on a 5x7x3 product
+    with triton 3.8), and never on a GPU, where bf16/fp16 operands feed the tensor cores."""
+    if UPCAST:
+        return tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    """tanh through exp of a non-positive argument (never overflows): (1-e)/(1+e), e=exp(-2|x|)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
