@@ -84,7 +84,11 @@ def _validate(mode, input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
     states = (("hx[0]", h), ("hx[1]", c)) if mode == "lstm" else (("hx", h),)
     for name, state in states:
         if state is not None:
-            check_tensor(op, name, state, ndims=(2,) if batched else (1,))
+            check_tensor(op, name, state)
+            if state.dim() != input.dim():
+                fail(op, f"{name} must be {input.dim()}-D like input "
+                         f"({'[batch, hidden_size]' if batched else '[hidden_size]: input is unbatched'}), "
+                         f"got {state.dim()}-D with shape {list(state.shape)}")
             check_shape(op, name, state, batch_shape + [hidden],
                         "[batch, hidden_size]" if batched else "[hidden_size] (unbatched input)")
     for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):

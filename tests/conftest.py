@@ -1,0 +1,33 @@
+"""Test set-up: Triton's interpreter where there is no GPU, poisoned outputs everywhere.
+
+Both variables must be set before fastseq (and so its kernels) is imported.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FASTSEQ_POISON_OUTPUTS", "1")
+
+import pytest  # noqa: E402
+
+import fastseq  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backends_for(device: str) -> list[str]:
+    """Every backend that can run on `device` here (the interpreter makes Triton run on CPU)."""
+    dev = torch.device(device)
+    names = ["torch", "reference"]
+    if fastseq.backend.native_unavailable(dev) is None:
+        names.insert(0, "native")
+    if fastseq.backend.triton_unavailable(dev) is None:
+        names.insert(0, "triton")
+    return names
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,25 @@
+"""The tolerance rule of fastseq's tests (flash-attention's): against a float64 reference,
+fastseq's error may be at most 2x the error of plain PyTorch in the same dtype, plus a small
+absolute slack for values that happen to be exact in PyTorch's evaluation order."""
+import torch
+
+# Slack per dtype, relative to the reference's largest magnitude: ~2 ulps of each format
+# (fp32 2^-23, fp16 2^-10, bf16 2^-7 per ulp).
+SLACK = {torch.float64: 1e-12, torch.float32: 2.5e-7, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def max_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return (value.double() - reference.double()).abs().max().item() if value.numel() else 0.0
+
+
+def assert_within_rule(name: str, fast: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor):
+    """fast and plain: the same quantity from fastseq and plain PyTorch in the tested dtype;
+    reference: the float64 ground truth."""
+    assert fast.shape == reference.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(reference.shape)}"
+    assert torch.isfinite(fast).all(), f"{name}: non-finite values (an unwritten element reads NaN)"
+    scale = max(reference.abs().max().item(), 1.0) if reference.numel() else 1.0
+    err_fast, err_plain = max_error(fast, reference), max_error(plain, reference)
+    bound = 2 * err_plain + SLACK[fast.dtype] * scale
+    assert err_fast <= bound, (
+        f"{name}: fastseq error {err_fast:.3g} > 2 x plain-PyTorch error {err_plain:.3g} "
+        f"+ slack (bound {bound:.3g}) in {fast.dtype}")
