@@ -48,10 +48,10 @@ __device__ void accumulate_gate_gemm(const scalar_t* __restrict__ A,
           (gj < H && gk < K) ? static_cast<acc_t>(W[(g * H + gj) * K + gk]) : acc_t(0);
     }
     __syncthreads();
-#pragma unroll
+FASTSEQ_UNROLL
     for (int kk = 0; kk < TK; ++kk) {
       const acc_t a = a_tile[ty][kk];  // broadcast within the row of threads
-#pragma unroll
+FASTSEQ_UNROLL
       for (int g = 0; g < G; ++g) acc[g] += a * w_tile[g][tx][kk];  // TK+1 pad: no bank conflict
     }
     __syncthreads();
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * TH;
   const int64_t b0 = static_cast<int64_t>(blockIdx.y) * TB;
   acc_t pre_ih[G], pre_hh[G];
-#pragma unroll
+FASTSEQ_UNROLL
   for (int g = 0; g < G; ++g) pre_ih[g] = pre_hh[g] = acc_t(0);
   accumulate_gate_gemm<scalar_t, acc_t, G, TB, TH, TK>(x, w_ih, B, I, H, b0, j0, a_tile, w_tile,
                                                        pre_ih);

@@ -10,10 +10,29 @@
 
 namespace fastseq {
 
+// The math below is written once for T = float or double (one unit per call, CUDA threads and
+// the CPU's scalar path) and for T = at::vec::Vectorized<float/double> (8 or 4 units per call,
+// the CPU's SIMD path), so both devices run the same formulas. Scalars use libm; vector types
+// bring their own SLEEF exp/tanh as members.
 FASTSEQ_HOST_DEVICE float exp_(float x) { return ::expf(x); }
 FASTSEQ_HOST_DEVICE double exp_(double x) { return ::exp(x); }
 FASTSEQ_HOST_DEVICE float tanh_(float x) { return ::tanhf(x); }
 FASTSEQ_HOST_DEVICE double tanh_(double x) { return ::tanh(x); }
+FASTSEQ_HOST_DEVICE float relu_(float x) { return x > 0.f ? x : 0.f; }
+FASTSEQ_HOST_DEVICE double relu_(double x) { return x > 0.0 ? x : 0.0; }
+// value where h > 0, else 0: the relu derivative applied to an incoming gradient.
+FASTSEQ_HOST_DEVICE float where_positive_(float h, float value) { return h > 0.f ? value : 0.f; }
+FASTSEQ_HOST_DEVICE double where_positive_(double h, double value) { return h > 0.0 ? value : 0.0; }
+
+template <typename V>
+inline V exp_(const V& x) { return x.exp(); }
+template <typename V>
+inline V tanh_(const V& x) { return x.tanh(); }
+template <typename V>
+inline V relu_(const V& x) { return V::blendv(V(0), x, x > V(0)); }
+template <typename V>
+inline V where_positive_(const V& h, const V& value) { return V::blendv(V(0), value, h > V(0)); }
+
 template <typename T>
 FASTSEQ_HOST_DEVICE T sigmoid_(T x) { return T(1) / (T(1) + exp_(-x)); }
 
@@ -38,7 +57,7 @@ struct CellMath<CellMode::kLSTM> {
     ws[0] = i; ws[1] = f; ws[2] = g; ws[3] = o;
   }
 
-  // dpre_hh equals dpre_ih for the LSTM, so only dpre_ih is written.
+  // dpre_hh equals dpre_ih for the LSTM (the callers store only dpre_ih).
   template <typename T>
   FASTSEQ_HOST_DEVICE static void backward(T dh, T dc_next, const T* ws, T h_prev, T c_prev,
                                            T h_new, T c_new, T* dpre_ih, T* dpre_hh,
@@ -50,6 +69,8 @@ struct CellMath<CellMode::kLSTM> {
     dpre_ih[1] = dc * c_prev * f * (T(1) - f);
     dpre_ih[2] = dc * i * (T(1) - g * g);
     dpre_ih[3] = dh * tanh_c * o * (T(1) - o);
+    FASTSEQ_UNROLL
+    for (int g = 0; g < kGates; ++g) dpre_hh[g] = dpre_ih[g];
     dc_prev = dc * f;
   }
 };
@@ -99,7 +120,7 @@ struct PlainRnnMath {
     if constexpr (M == CellMode::kRNNTanh) {
       h_new = tanh_(pre);
     } else {
-      h_new = pre > T(0) ? pre : T(0);
+      h_new = relu_(pre);
     }
   }
 
@@ -110,8 +131,9 @@ struct PlainRnnMath {
     if constexpr (M == CellMode::kRNNTanh) {
       dpre_ih[0] = dh * (T(1) - h_new * h_new);
     } else {
-      dpre_ih[0] = h_new > T(0) ? dh : T(0);
+      dpre_ih[0] = where_positive_(h_new, dh);
     }
+    dpre_hh[0] = dpre_ih[0];
   }
 };
 template <>
@@ -141,11 +163,11 @@ FASTSEQ_HOST_DEVICE void cell_forward_epilogue(const CellForwardIO<scalar_t>& io
   constexpr int G = Math::kGates;
   const int64_t H = io.H;
   if (io.b_ih != nullptr) {
-#pragma unroll
+FASTSEQ_UNROLL
     for (int g = 0; g < G; ++g) pre_ih[g] += static_cast<acc_t>(io.b_ih[g * H + j]);
   }
   if (io.b_hh != nullptr) {
-#pragma unroll
+FASTSEQ_UNROLL
     for (int g = 0; g < G; ++g) pre_hh[g] += static_cast<acc_t>(io.b_hh[g * H + j]);
   }
   const int64_t unit = b * H + j;
@@ -157,7 +179,7 @@ FASTSEQ_HOST_DEVICE void cell_forward_epilogue(const CellForwardIO<scalar_t>& io
   io.hy[unit] = static_cast<scalar_t>(h_new);
   if (io.cy != nullptr) io.cy[unit] = static_cast<scalar_t>(c_new);
   if (io.ws != nullptr) {
-#pragma unroll
+FASTSEQ_UNROLL
     for (int w = 0; w < Math::kWorkspace; ++w)
       io.ws[b * Math::kWorkspace * H + w * H + j] = static_cast<scalar_t>(ws[w]);
   }
@@ -188,7 +210,7 @@ FASTSEQ_HOST_DEVICE void cell_backward_element(const CellBackwardIO<scalar_t>& i
   const int64_t H = io.H;
   const int64_t unit = b * H + j;
   acc_t ws[Math::kWorkspace > 0 ? Math::kWorkspace : 1];
-#pragma unroll
+FASTSEQ_UNROLL
   for (int w = 0; w < Math::kWorkspace; ++w)
     ws[w] = static_cast<acc_t>(io.ws[b * Math::kWorkspace * H + w * H + j]);
   const acc_t dh = static_cast<acc_t>(io.grad_hy[unit]);
@@ -200,10 +222,10 @@ FASTSEQ_HOST_DEVICE void cell_backward_element(const CellBackwardIO<scalar_t>& i
   acc_t dpre_ih[G], dpre_hh[G];
   acc_t dh_direct = acc_t(0), dc_prev = acc_t(0);
   Math::backward(dh, dc, ws, h_prev, c_prev, h_new, c_new, dpre_ih, dpre_hh, dh_direct, dc_prev);
-#pragma unroll
+FASTSEQ_UNROLL
   for (int g = 0; g < G; ++g) io.dgates_ih[b * G * H + g * H + j] = static_cast<scalar_t>(dpre_ih[g]);
   if (io.dgates_hh != nullptr) {
-#pragma unroll
+FASTSEQ_UNROLL
     for (int g = 0; g < G; ++g) io.dgates_hh[b * G * H + g * H + j] = static_cast<scalar_t>(dpre_hh[g]);
   }
   if (io.dh_prev_direct != nullptr) io.dh_prev_direct[unit] = static_cast<scalar_t>(dh_direct);

@@ -1,0 +1,39 @@
+# Two set-up commands for a fresh machine: `make bench` (the main job) and `make test`.
+# Each creates .venv (reused when present), installs torch first, then builds and installs
+# fastseq with --no-build-isolation (an isolated build would fetch a second torch).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CUDA build of torch: its headers let CI compile every .cu file on a CPU-only machine.
+TORCH_SPEC ?= torch==2.14.1
+DEV_DEPS := numpy pytest pytest-benchmark hypothesis expecttest "cmake>=3.26" ninja setuptools wheel
+# torch's cpp_extension would otherwise guess /usr/local, which has nvcc but no libcudart.
+CUDA_HOME ?= /usr/local/cuda
+export CUDA_HOME
+
+.PHONY: test bench install clean
+
+$(VENV)/.deps-installed: Makefile pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(DEV_DEPS)
+	touch $@
+
+# Builds fastseq._C through setup.py -> CMake/Ninja (incremental: build/ is kept).
+install: $(VENV)/.deps-installed
+	$(PY) -m pip install -q --no-build-isolation --no-deps .
+	cd /tmp && $(CURDIR)/$(PY) -c "import fastseq, json; print(json.dumps(fastseq.backends(), indent=1))"
+
+# Tests and benchmarks import the installed package (fastseq.kernels and _C exist only there):
+# the venv's pytest does not put the source tree on sys.path, and `python -c` runs from /tmp.
+test: install
+	$(VENV)/bin/pytest tests -q
+
+bench: install
+	mkdir -p bench/out
+	$(VENV)/bin/pytest bench -q --benchmark-json=bench/out/latest.json --benchmark-columns=median,iqr,rounds
+	$(PY) bench/report.py bench/out/latest.json --markdown bench/out/latest.md
+
+clean:
+	rm -rf build bench/out *.egg-info
