@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (device tool): build fastseq in place with that machine's
+# python3 (torch, triton, cmake, ninja, pytest-benchmark preinstalled; no network), run the
+# whole test suite on CUDA, run the benchmarks, and leave logs, JSON and tables under $OUT
+# (at most 8 files come back). Commit what comes back under bench/results/.
+#
+#   device run: bash bench/gpu_run.sh            (OUT is set by the device tool)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+OUT=${OUT:-$REPO/bench/out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FASTSEQ_REQUIRE_EXTENSION=1
+
+{
+  date -u; git rev-parse HEAD 2>/dev/null || true
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} > "$OUT/env.txt" 2>&1
+
+status=0
+python3 -m pip install -q --no-build-isolation --no-deps --no-index . > "$OUT/build.log" 2>&1 || status=1
+if [ $status -ne 0 ]; then tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; fi
+(cd /tmp && python3 -c "import fastseq, json; print(json.dumps(fastseq.backends(), indent=1))") >> "$OUT/env.txt" 2>&1
+
+# From /tmp, so that `python3 -m pytest` imports the installed fastseq (fastseq.kernels and _C
+# exist only there), not the source tree that `-m` would put first on sys.path.
+run_pytest() { (cd /tmp && python3 -m pytest -c "$REPO/pyproject.toml" --rootdir="$REPO" -p no:cacheprovider "$@"); }
+
+run_pytest "$REPO/tests" -q -x --durations=15 --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+tail -5 "$OUT/tests.log"
+
+run_pytest "$REPO/bench" -q --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
+python3 bench/report.py "$OUT/bench.json" --markdown "$OUT/bench.md" || status=1
+exit $status
