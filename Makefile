@@ -20,13 +20,12 @@ $(VENV)/.deps-installed: Makefile pyproject.toml
 	$(PY) -m pip install -q $(DEV_DEPS)
 	touch $@
 
-# Builds fastseq._C through setup.py -> CMake/Ninja (incremental: build/ is kept).
+# An editable install: fastseq/ and kernels/ (as fastseq.kernels) are used in place, and
+# fastseq._C is built through setup.py -> CMake/Ninja into fastseq/ (incremental: build/ is kept).
 install: $(VENV)/.deps-installed
-	$(PY) -m pip install -q --no-build-isolation --no-deps .
-	cd /tmp && $(CURDIR)/$(PY) -c "import fastseq, json; print(json.dumps(fastseq.backends(), indent=1))"
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import fastseq, json; print(json.dumps(fastseq.backends(), indent=1))"
 
-# Tests and benchmarks import the installed package (fastseq.kernels and _C exist only there):
-# the venv's pytest does not put the source tree on sys.path, and `python -c` runs from /tmp.
 test: install
 	$(VENV)/bin/pytest tests -q
 

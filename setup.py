@@ -86,7 +86,9 @@ class CMakeBuild(build_ext):
         import torch
 
         output_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # A fixed directory (not build_temp, which editable installs make anew each time), so
+        # that rebuilding after an edit only recompiles what changed.
+        build_dir = ROOT / "build" / f"cmake-py{sys.version_info[0]}{sys.version_info[1]}"
         build_dir.mkdir(parents=True, exist_ok=True)
 
         cuda_home = find_cuda_home()

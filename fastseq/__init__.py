@@ -6,7 +6,17 @@
     fastseq.nn.LSTMCell(...)         # drop-in layers
     with fastseq.use_backend("triton"): ...
 """
+import importlib.util
+
 import torch  # noqa: F401  (torch's libraries must be loaded before fastseq._C)
+
+# kernels/ becomes fastseq.kernels only through an install (package_dir mapping); a bare source
+# tree on sys.path lacks it, and _C.
+if importlib.util.find_spec("fastseq.kernels") is None:
+    raise ImportError(
+        "fastseq is being imported from its source tree without being installed: run "
+        "`pip install --no-build-isolation -e .` there (or `make test`), or import it from "
+        "elsewhere")
 
 from . import _extension
 from .backend import BackendError, backends, use_backend

@@ -71,3 +71,19 @@ def test_context_manager_routes_the_op():
         fastseq.ops.lstm_cell(x, None, w_ih, w_hh)
     names = {e.name for e in prof.events()}
     assert "aten::sigmoid" in names and "aten::lstm_cell" not in names
+
+
+def test_without_the_extension_native_says_why_and_auto_still_works(monkeypatch):
+    from fastseq import _extension
+
+    monkeypatch.setattr(_extension, "_C", None)
+    monkeypatch.setattr(_extension, "LOAD_ERROR", "No module named 'fastseq._C'")
+    report = fastseq.backends()["native"]
+    assert report["available"] is False and report["build"] == {
+        "built": False, "error": "No module named 'fastseq._C'"}
+    assert "is not built" in report["reasons"]["cpu"]
+    with pytest.raises(fastseq.BackendError, match="backend 'native' cannot run this call: "
+                                                   "the extension fastseq._C is not built"):
+        fastseq.ops.lstm_cell(*lstm_args(), backend="native")
+    h, c = fastseq.ops.lstm_cell(*lstm_args())  # auto: torch's own cell on CPU
+    assert h.shape == (2, 4)
