@@ -38,6 +38,30 @@ def _bias(b_ptr, gate, H, offs_h, mask_h, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _accumulate_projection(acc0, acc1, acc2, acc3, a_ptr, w_ptr, rows_b, mask_b, offs_h, mask_h,
+                           K, H, G: tl.constexpr, GATE2_SLOT: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc_g += A[rows_b, :] @ W[g*H + offs_h, :]^T for gates g < G, K-tile by K-tile, with A
+    [B, K] and W [G*H, K] row-major. Gate 2 goes to slot GATE2_SLOT: 2, or 3 for the GRU's
+    recurrent projection, which the reset gate multiplies on its own."""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rows_b[:, None] * K + offs_k[None, :],
+                    mask=mask_b[:, None] & (offs_k[None, :] < K), other=0.0)
+        acc0 = dot_acc(a, _weight_tile_t(w_ptr, 0, H, K, offs_h, offs_k, mask_h), acc0, PRECISION, UPCAST)
+        if G >= 3:
+            acc1 = dot_acc(a, _weight_tile_t(w_ptr, 1, H, K, offs_h, offs_k, mask_h), acc1, PRECISION, UPCAST)
+            w2 = _weight_tile_t(w_ptr, 2, H, K, offs_h, offs_k, mask_h)
+            if GATE2_SLOT == 2:
+                acc2 = dot_acc(a, w2, acc2, PRECISION, UPCAST)
+            else:
+                acc3 = dot_acc(a, w2, acc3, PRECISION, UPCAST)
+        if G == 4:
+            acc3 = dot_acc(a, _weight_tile_t(w_ptr, 3, H, K, offs_h, offs_k, mask_h), acc3, PRECISION, UPCAST)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _rnn_cell_forward_kernel(
     x_ptr, hx_ptr, cx_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr,
     hy_ptr, cy_ptr, ws_ptr,
@@ -60,29 +84,17 @@ def _rnn_cell_forward_kernel(
     acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC_DTYPE)
     acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC_DTYPE)
 
-    for k0 in range(0, I, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + rows_b[:, None] * I + offs_k[None, :],
-                    mask=mask_b[:, None] & (offs_k[None, :] < I), other=0.0)
-        acc0 = dot_acc(a, _weight_tile_t(w_ih_ptr, 0, H, I, offs_h, offs_k, mask_h), acc0, PRECISION, UPCAST)
-        if G >= 3:
-            acc1 = dot_acc(a, _weight_tile_t(w_ih_ptr, 1, H, I, offs_h, offs_k, mask_h), acc1, PRECISION, UPCAST)
-            acc2 = dot_acc(a, _weight_tile_t(w_ih_ptr, 2, H, I, offs_h, offs_k, mask_h), acc2, PRECISION, UPCAST)
-        if G == 4:
-            acc3 = dot_acc(a, _weight_tile_t(w_ih_ptr, 3, H, I, offs_h, offs_k, mask_h), acc3, PRECISION, UPCAST)
-
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(hx_ptr + rows_b[:, None] * H + offs_k[None, :],
-                    mask=mask_b[:, None] & (offs_k[None, :] < H), other=0.0)
-        acc0 = dot_acc(a, _weight_tile_t(w_hh_ptr, 0, H, H, offs_h, offs_k, mask_h), acc0, PRECISION, UPCAST)
-        if G >= 3:
-            acc1 = dot_acc(a, _weight_tile_t(w_hh_ptr, 1, H, H, offs_h, offs_k, mask_h), acc1, PRECISION, UPCAST)
-        if MODE == 0:
-            acc2 = dot_acc(a, _weight_tile_t(w_hh_ptr, 2, H, H, offs_h, offs_k, mask_h), acc2, PRECISION, UPCAST)
-            acc3 = dot_acc(a, _weight_tile_t(w_hh_ptr, 3, H, H, offs_h, offs_k, mask_h), acc3, PRECISION, UPCAST)
-        if MODE == 1:
-            acc3 = dot_acc(a, _weight_tile_t(w_hh_ptr, 2, H, H, offs_h, offs_k, mask_h), acc3, PRECISION, UPCAST)
+    acc0, acc1, acc2, acc3 = _accumulate_projection(
+        acc0, acc1, acc2, acc3, x_ptr, w_ih_ptr, rows_b, mask_b, offs_h, mask_h, I, H,
+        G, 2, BLOCK_K, PRECISION, UPCAST)
+    if MODE == 1:
+        acc0, acc1, acc2, acc3 = _accumulate_projection(
+            acc0, acc1, acc2, acc3, hx_ptr, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
+            G, 3, BLOCK_K, PRECISION, UPCAST)
+    else:
+        acc0, acc1, acc2, acc3 = _accumulate_projection(
+            acc0, acc1, acc2, acc3, hx_ptr, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
+            G, 2, BLOCK_K, PRECISION, UPCAST)
 
     if HAS_B_IH:
         acc0 += _bias(b_ih_ptr, 0, H, offs_h, mask_h, ACC_DTYPE)
