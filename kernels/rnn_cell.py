@@ -209,12 +209,25 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _forward_blocks(batch: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_H, BLOCK_K). tl.dot needs every block dim >= 16. First guesses, to be
-    autotuned on a GPU: small batches (decoding) get a 16-row tile, larger ones 32 or 64 rows
-    so each weight tile loaded feeds more rows."""
+def forward_config(batch: int, dtype: torch.dtype) -> dict:
+    """Launch configuration of the forward kernel: block sizes and warps.
+
+    tl.dot needs every block dim >= 16. Small batches (decoding) get a 16-row tile; larger ones
+    32 or 64 rows, so that each weight tile loaded feeds more rows. Register budget, read off
+    the sm_90 SASS (tests/test_triton_gpu_compile.py compiles exactly these configurations):
+    4 gate accumulators of BLOCK_B x 32 spill at 4 warps from BLOCK_B=32 up, so those get 8;
+    fp32/fp64 dots run on FMA/DMMA units, which hold K-slices of all 4 weight tiles in
+    registers, and spilled at BLOCK_K=32 (LSTM, 4 warps): they take BLOCK_K=16. Tile sizes are
+    still first guesses for speed, to be tuned on an H100.
+    """
     block_b = min(64, max(16, triton.next_power_of_2(batch)))
-    return block_b, 32, 32
+    block_k = 16 if dtype in (torch.float32, torch.float64) else 32
+    return {"BLOCK_B": block_b, "BLOCK_H": 32, "BLOCK_K": block_k,
+            "num_warps": 4 if block_b == 16 else 8}
+
+
+# The backward kernel is elementwise: 16 x 64 units per program, 4 warps (8 units a thread).
+BACKWARD_CONFIG = {"BLOCK_B": 16, "BLOCK_H": 64, "num_warps": 4}
 
 
 def rnn_cell_forward(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, save_workspace):
@@ -227,8 +240,8 @@ def rnn_cell_forward(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, save_workspace
     ws = new_output((B if ws_columns else 0, ws_columns), input)
     if B == 0 or H == 0:
         return hy, cy, ws
-    block_b, block_h, block_k = _forward_blocks(B)
-    grid = (triton.cdiv(H, block_h), triton.cdiv(B, block_b))
+    config = forward_config(B, input.dtype)
+    grid = (triton.cdiv(H, config["BLOCK_H"]), triton.cdiv(B, config["BLOCK_B"]))
     _rnn_cell_forward_kernel[grid](
         input, hx, cx if cx is not None else hy, w_ih, w_hh,
         b_ih if b_ih is not None else hy, b_hh if b_hh is not None else hy,
@@ -236,10 +249,9 @@ def rnn_cell_forward(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, save_workspace
         B, I, H,
         MODE=MODE_IDS[mode], G=GATES[mode],
         HAS_B_IH=b_ih is not None, HAS_B_HH=b_hh is not None, SAVE_WS=ws.numel() > 0,
-        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
         PRECISION=dot_precision(input.dtype), UPCAST=INTERPRETED,
         ACC_DTYPE=_tl_dtype(accumulator_dtype(input.dtype)),
-        num_warps=4,
+        **config,
     )
     return hy, cy, ws
 
@@ -255,8 +267,7 @@ def rnn_cell_backward(mode, grad_hy, grad_cy, hx, cx, hy, cy, workspace):
     dcx = new_output((B if lstm else 0, H), hy)
     if B == 0 or H == 0:
         return dg_ih, dg_hh, dh_direct, dcx
-    block_b, block_h = 16, 64
-    grid = (triton.cdiv(H, block_h), triton.cdiv(B, block_b))
+    grid = (triton.cdiv(H, BACKWARD_CONFIG["BLOCK_H"]), triton.cdiv(B, BACKWARD_CONFIG["BLOCK_B"]))
     _rnn_cell_backward_kernel[grid](
         grad_hy, grad_cy if grad_cy is not None else grad_hy, hx,
         cx if cx is not None else hy, hy, cy if cy is not None else hy,
@@ -264,7 +275,6 @@ def rnn_cell_backward(mode, grad_hy, grad_cy, hx, cx, hy, cy, workspace):
         dg_ih, dg_hh if gru else dg_ih, dh_direct if gru else dg_ih, dcx if lstm else dg_ih,
         B, H,
         MODE=MODE_IDS[mode], G=G, HAS_GRAD_CY=grad_cy is not None,
-        BLOCK_B=block_b, BLOCK_H=block_h, ACC_DTYPE=_tl_dtype(accumulator_dtype(hy.dtype)),
-        num_warps=4,
+        ACC_DTYPE=_tl_dtype(accumulator_dtype(hy.dtype)), **BACKWARD_CONFIG,
     )
     return dg_ih, dg_hh, dh_direct, dcx
