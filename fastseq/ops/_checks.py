@@ -25,9 +25,12 @@ def check_tensor(op: str, name: str, value, *, ndims: Sequence[int] | None = Non
         fail(op, f"{name} must be {want}, got {value.dim()}-D with shape {list(value.shape)}")
 
 
-def check_shape(op: str, name: str, value: torch.Tensor, shape: Sequence[int], meaning: str) -> None:
-    if list(value.shape) != list(shape):
-        fail(op, f"{name} must have shape {meaning} = {list(shape)}, got {list(value.shape)}")
+def check_shape(op: str, name: str, value: torch.Tensor, shape: tuple, meaning: str, **names) -> None:
+    """value.shape == shape; `meaning` spells the shape in words, formatted with `names` only
+    when the check fails (messages are not built on the hot path)."""
+    if value.shape != shape:
+        fail(op, f"{name} must have shape {meaning.format(**names)} = {list(shape)}, "
+                 f"got {list(value.shape)}")
 
 
 def check_same_dtype_device(op: str, reference: tuple[str, torch.Tensor], others) -> None:

@@ -77,10 +77,10 @@ def _validate(mode, input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
     gates = GATES[mode]
     hidden = w_hh.shape[1]
     batched = input.dim() == 2
-    batch_shape = [input.shape[0]] if batched else []
-    check_shape(op, "w_hh", w_hh, [gates * hidden, hidden], f"[{gates}*hidden_size, hidden_size]")
-    check_shape(op, "w_ih", w_ih, [gates * hidden, input.shape[-1]],
-                f"[{gates}*hidden_size, input_size]")
+    check_shape(op, "w_hh", w_hh, (gates * hidden, hidden), "[{g}*hidden_size, hidden_size]", g=gates)
+    check_shape(op, "w_ih", w_ih, (gates * hidden, input.shape[-1]), "[{g}*hidden_size, input_size]",
+                g=gates)
+    state_shape = (input.shape[0], hidden) if batched else (hidden,)
     states = (("hx[0]", h), ("hx[1]", c)) if mode == "lstm" else (("hx", h),)
     for name, state in states:
         if state is not None:
@@ -89,12 +89,11 @@ def _validate(mode, input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
                 fail(op, f"{name} must be {input.dim()}-D like input "
                          f"({'[batch, hidden_size]' if batched else '[hidden_size]: input is unbatched'}), "
                          f"got {state.dim()}-D with shape {list(state.shape)}")
-            check_shape(op, name, state, batch_shape + [hidden],
-                        "[batch, hidden_size]" if batched else "[hidden_size] (unbatched input)")
+            check_shape(op, name, state, state_shape, "[batch, hidden_size]")
     for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
         if bias is not None:
             check_tensor(op, name, bias, ndims=(1,))
-            check_shape(op, name, bias, [gates * hidden], f"[{gates}*hidden_size]")
+            check_shape(op, name, bias, (gates * hidden,), "[{g}*hidden_size]", g=gates)
     check_same_dtype_device(op, ("input", input), (
         ("hx[0]" if mode == "lstm" else "hx", h), ("hx[1]", c), ("w_ih", w_ih), ("w_hh", w_hh),
         ("b_ih", b_ih), ("b_hh", b_hh)))
@@ -107,10 +106,11 @@ def _auto_preference(device: torch.device, dtype: torch.dtype) -> tuple[str, ...
         if dtype in (torch.float16, torch.bfloat16):
             return ("triton", "native", "torch")
         return ("native", "triton", "torch")
-    # CPU: torch's own cells. The C++ kernel (BLAS GEMMs + one fused pass with scalar libm
-    # exp/tanh) measured 0.3x-0.8x of torch's vectorised (SLEEF) cells on 2 cores, e.g. RNN-tanh
-    # B=64 H=256 forward 504 us vs 153 us (bench/NOTES.md); it stays selectable as "native" and
-    # is the CI-tested twin of the CUDA math. Triton's interpreter is never chosen automatically.
+    # CPU: torch's own cells. The C++ kernel (BLAS GEMMs + one fused SIMD pass) measured
+    # 0.75x-1.07x of torch's cells forward and 0.64x-0.98x for a training step on 2 cores
+    # (bench/NOTES.md): never faster by a margin, so a drop-in CPU user keeps torch's speed. It
+    # stays selectable as "native" and is the CI-tested twin of the CUDA math. Triton's
+    # interpreter is never chosen automatically.
     return ("torch", "native")
 
 
