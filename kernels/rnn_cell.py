@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output, sigmoid, tanh
+from .common import INTERPRETED, accumulator_dtype, dot_precision, new_output
+from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math
 
 from .rnn_cell_layout import GATES, WORKSPACE
 
@@ -25,40 +26,8 @@ MODE_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 
 
 @triton.jit
-def _weight_tile_t(w_ptr, gate, H, K, offs_h, offs_k, mask_h):
-    """[BLOCK_K, BLOCK_H] tile of W[gate*H + offs_h, offs_k]^T, W row-major [G*H, K]."""
-    rows = (gate * H + offs_h).to(tl.int64)
-    ptrs = w_ptr + rows[None, :] * K + offs_k[:, None]
-    return tl.load(ptrs, mask=mask_h[None, :] & (offs_k[:, None] < K), other=0.0)
-
-
-@triton.jit
 def _bias(b_ptr, gate, H, offs_h, mask_h, ACC_DTYPE: tl.constexpr):
     return tl.load(b_ptr + gate * H + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)[None, :]
-
-
-@triton.jit
-def _accumulate_projection(acc0, acc1, acc2, acc3, a_ptr, w_ptr, rows_b, mask_b, offs_h, mask_h,
-                           K, H, G: tl.constexpr, GATE2_SLOT: tl.constexpr, BLOCK_K: tl.constexpr,
-                           PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc_g += A[rows_b, :] @ W[g*H + offs_h, :]^T for gates g < G, K-tile by K-tile, with A
-    [B, K] and W [G*H, K] row-major. Gate 2 goes to slot GATE2_SLOT: 2, or 3 for the GRU's
-    recurrent projection, which the reset gate multiplies on its own."""
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows_b[:, None] * K + offs_k[None, :],
-                    mask=mask_b[:, None] & (offs_k[None, :] < K), other=0.0)
-        acc0 = dot_acc(a, _weight_tile_t(w_ptr, 0, H, K, offs_h, offs_k, mask_h), acc0, PRECISION, UPCAST)
-        if G >= 3:
-            acc1 = dot_acc(a, _weight_tile_t(w_ptr, 1, H, K, offs_h, offs_k, mask_h), acc1, PRECISION, UPCAST)
-            w2 = _weight_tile_t(w_ptr, 2, H, K, offs_h, offs_k, mask_h)
-            if GATE2_SLOT == 2:
-                acc2 = dot_acc(a, w2, acc2, PRECISION, UPCAST)
-            else:
-                acc3 = dot_acc(a, w2, acc3, PRECISION, UPCAST)
-        if G == 4:
-            acc3 = dot_acc(a, _weight_tile_t(w_ptr, 3, H, K, offs_h, offs_k, mask_h), acc3, PRECISION, UPCAST)
-    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -84,15 +53,15 @@ def _rnn_cell_forward_kernel(
     acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC_DTYPE)
     acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC_DTYPE)
 
-    acc0, acc1, acc2, acc3 = _accumulate_projection(
+    acc0, acc1, acc2, acc3 = accumulate_projection(
         acc0, acc1, acc2, acc3, x_ptr, w_ih_ptr, rows_b, mask_b, offs_h, mask_h, I, H,
         G, 2, BLOCK_K, PRECISION, UPCAST)
     if MODE == 1:
-        acc0, acc1, acc2, acc3 = _accumulate_projection(
+        acc0, acc1, acc2, acc3 = accumulate_projection(
             acc0, acc1, acc2, acc3, hx_ptr, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
             G, 3, BLOCK_K, PRECISION, UPCAST)
     else:
-        acc0, acc1, acc2, acc3 = _accumulate_projection(
+        acc0, acc1, acc2, acc3 = accumulate_projection(
             acc0, acc1, acc2, acc3, hx_ptr, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
             G, 2, BLOCK_K, PRECISION, UPCAST)
 
@@ -115,37 +84,22 @@ def _rnn_cell_forward_kernel(
 
     mask = mask_b[:, None] & mask_h[None, :]
     state = rows_b[:, None] * H + offs_h[None, :]
-    ws = ws_ptr + rows_b[:, None] * (4 * H) + offs_h[None, :]
     out_ty = hy_ptr.dtype.element_ty
+    h_prev = tl.load(hx_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
     if MODE == 0:
-        i = sigmoid(acc0)
-        f = sigmoid(acc1)
-        g = tanh(acc2)
-        o = sigmoid(acc3)
         c_prev = tl.load(cx_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
-        c = f * c_prev + i * g
-        tl.store(cy_ptr + state, c.to(out_ty), mask=mask)
-        tl.store(hy_ptr + state, (o * tanh(c)).to(out_ty), mask=mask)
-        if SAVE_WS:
-            tl.store(ws, i.to(out_ty), mask=mask)
-            tl.store(ws + H, f.to(out_ty), mask=mask)
-            tl.store(ws + 2 * H, g.to(out_ty), mask=mask)
-            tl.store(ws + 3 * H, o.to(out_ty), mask=mask)
-    elif MODE == 1:
-        h_prev = tl.load(hx_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
-        r = sigmoid(acc0)
-        z = sigmoid(acc1)
-        n = tanh(acc2 + r * acc3)
-        tl.store(hy_ptr + state, ((1.0 - z) * n + z * h_prev).to(out_ty), mask=mask)
-        if SAVE_WS:
-            tl.store(ws, r.to(out_ty), mask=mask)
-            tl.store(ws + H, z.to(out_ty), mask=mask)
-            tl.store(ws + 2 * H, n.to(out_ty), mask=mask)
-            tl.store(ws + 3 * H, acc3.to(out_ty), mask=mask)
-    elif MODE == 2:
-        tl.store(hy_ptr + state, tanh(acc0).to(out_ty), mask=mask)
     else:
-        tl.store(hy_ptr + state, tl.maximum(acc0, 0.0).to(out_ty), mask=mask)
+        c_prev = h_prev * 0.0
+    h_new, c_new, w0, w1, w2, w3 = cell_forward_math(MODE, acc0, acc1, acc2, acc3, h_prev, c_prev)
+    tl.store(hy_ptr + state, h_new.to(out_ty), mask=mask)
+    if MODE == 0:
+        tl.store(cy_ptr + state, c_new.to(out_ty), mask=mask)
+    if SAVE_WS:
+        ws = ws_ptr + rows_b[:, None] * (4 * H) + offs_h[None, :]
+        tl.store(ws, w0.to(out_ty), mask=mask)
+        tl.store(ws + H, w1.to(out_ty), mask=mask)
+        tl.store(ws + 2 * H, w2.to(out_ty), mask=mask)
+        tl.store(ws + 3 * H, w3.to(out_ty), mask=mask)
 
 
 @triton.jit
@@ -165,44 +119,45 @@ def _rnn_cell_backward_kernel(
     dg = dg_ih_ptr + rows_b[:, None] * (G * H) + offs_h[None, :]
     out_ty = dg_ih_ptr.dtype.element_ty
     dh = tl.load(grad_hy_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
-    if MODE == 0:
-        i = tl.load(ws, mask=mask, other=0.0).to(ACC_DTYPE)
-        f = tl.load(ws + H, mask=mask, other=0.0).to(ACC_DTYPE)
-        g = tl.load(ws + 2 * H, mask=mask, other=0.0).to(ACC_DTYPE)
-        o = tl.load(ws + 3 * H, mask=mask, other=0.0).to(ACC_DTYPE)
-        c_prev = tl.load(cx_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
-        tanh_c = tanh(tl.load(cy_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE))
-        dc = dh * o * (1.0 - tanh_c * tanh_c)
-        if HAS_GRAD_CY:
-            dc += tl.load(grad_cy_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
-        tl.store(dg, (dc * g * i * (1.0 - i)).to(out_ty), mask=mask)
-        tl.store(dg + H, (dc * c_prev * f * (1.0 - f)).to(out_ty), mask=mask)
-        tl.store(dg + 2 * H, (dc * i * (1.0 - g * g)).to(out_ty), mask=mask)
-        tl.store(dg + 3 * H, (dh * tanh_c * o * (1.0 - o)).to(out_ty), mask=mask)
-        tl.store(dcx_ptr + state, (dc * f).to(out_ty), mask=mask)
-    elif MODE == 1:
-        r = tl.load(ws, mask=mask, other=0.0).to(ACC_DTYPE)
-        z = tl.load(ws + H, mask=mask, other=0.0).to(ACC_DTYPE)
-        n = tl.load(ws + 2 * H, mask=mask, other=0.0).to(ACC_DTYPE)
-        hn = tl.load(ws + 3 * H, mask=mask, other=0.0).to(ACC_DTYPE)
-        h_prev = tl.load(hx_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
-        dn_pre = dh * (1.0 - z) * (1.0 - n * n)
-        dz_pre = dh * (h_prev - n) * z * (1.0 - z)
-        dr_pre = dn_pre * hn * r * (1.0 - r)
-        dg_hh = dg_hh_ptr + rows_b[:, None] * (G * H) + offs_h[None, :]
-        tl.store(dg, dr_pre.to(out_ty), mask=mask)
-        tl.store(dg + H, dz_pre.to(out_ty), mask=mask)
-        tl.store(dg + 2 * H, dn_pre.to(out_ty), mask=mask)
-        tl.store(dg_hh, dr_pre.to(out_ty), mask=mask)
-        tl.store(dg_hh + H, dz_pre.to(out_ty), mask=mask)
-        tl.store(dg_hh + 2 * H, (dn_pre * r).to(out_ty), mask=mask)
-        tl.store(dh_direct_ptr + state, (dh * z).to(out_ty), mask=mask)
+    zero = dh * 0.0
+    if HAS_GRAD_CY:
+        dc = tl.load(grad_cy_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
     else:
-        h_new = tl.load(hy_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
-        if MODE == 2:
-            tl.store(dg, (dh * (1.0 - h_new * h_new)).to(out_ty), mask=mask)
-        else:
-            tl.store(dg, tl.where(h_new > 0, dh, 0.0).to(out_ty), mask=mask)
+        dc = zero
+    h_prev = tl.load(hx_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
+    h_new = tl.load(hy_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
+    if MODE == 0:
+        c_prev = tl.load(cx_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
+        c_new = tl.load(cy_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
+    else:
+        c_prev = zero
+        c_new = zero
+    if MODE <= 1:  # LSTM and GRU saved four values per unit
+        w0 = tl.load(ws, mask=mask, other=0.0).to(ACC_DTYPE)
+        w1 = tl.load(ws + H, mask=mask, other=0.0).to(ACC_DTYPE)
+        w2 = tl.load(ws + 2 * H, mask=mask, other=0.0).to(ACC_DTYPE)
+        w3 = tl.load(ws + 3 * H, mask=mask, other=0.0).to(ACC_DTYPE)
+    else:
+        w0 = zero
+        w1 = zero
+        w2 = zero
+        w3 = zero
+    d0, d1, d2, d3, dn_hh, dh_direct, dc_prev = cell_backward_math(
+        MODE, dh, dc, w0, w1, w2, w3, h_prev, c_prev, h_new, c_new)
+    tl.store(dg, d0.to(out_ty), mask=mask)
+    if G >= 3:
+        tl.store(dg + H, d1.to(out_ty), mask=mask)
+        tl.store(dg + 2 * H, d2.to(out_ty), mask=mask)
+    if G == 4:
+        tl.store(dg + 3 * H, d3.to(out_ty), mask=mask)
+    if MODE == 0:
+        tl.store(dcx_ptr + state, dc_prev.to(out_ty), mask=mask)
+    if MODE == 1:
+        dg_hh = dg_hh_ptr + rows_b[:, None] * (G * H) + offs_h[None, :]
+        tl.store(dg_hh, d0.to(out_ty), mask=mask)
+        tl.store(dg_hh + H, d1.to(out_ty), mask=mask)
+        tl.store(dg_hh + 2 * H, dn_hh.to(out_ty), mask=mask)
+        tl.store(dh_direct_ptr + state, dh_direct.to(out_ty), mask=mask)
 
 
 def _tl_dtype(dtype: torch.dtype):
