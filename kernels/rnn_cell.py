@@ -89,7 +89,7 @@ def _rnn_cell_forward_kernel(
     if MODE == 0:
         c_prev = tl.load(cx_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
     else:
-        c_prev = h_prev * 0.0
+        c_prev = tl.zeros_like(h_prev)
     h_new, c_new, w0, w1, w2, w3 = cell_forward_math(MODE, acc0, acc1, acc2, acc3, h_prev, c_prev)
     tl.store(hy_ptr + state, h_new.to(out_ty), mask=mask)
     if MODE == 0:
@@ -119,7 +119,7 @@ def _rnn_cell_backward_kernel(
     dg = dg_ih_ptr + rows_b[:, None] * (G * H) + offs_h[None, :]
     out_ty = dg_ih_ptr.dtype.element_ty
     dh = tl.load(grad_hy_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
-    zero = dh * 0.0
+    zero = tl.zeros_like(dh)
     if HAS_GRAD_CY:
         dc = tl.load(grad_cy_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
     else:

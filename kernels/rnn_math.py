@@ -85,7 +85,7 @@ def cell_backward_math(MODE: tl.constexpr, dh, dc, w0, w1, w2, w3, h_prev, c_pre
     (LSTM i, f, g, o; GRU r, z, n; RNN d0), dn_hh the GRU's gradient of W_hn h + b_hn (its other
     recurrent gates share d0, d1), dh_direct the GRU's z*dh path to h_prev that skips W_hh,
     dc_prev the LSTM's gradient into c_prev. Unused entries are zeros."""
-    zero = dh * 0.0
+    zero = tl.zeros_like(dh)
     if MODE == 0:
         tanh_c = tanh(c_new)
         dc_total = dc + dh * w3 * (1.0 - tanh_c * tanh_c)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from fastseq.kernels import rnn_cell
+from fastseq.kernels import rnn_cell, rnn_layer
 
 HERE = pathlib.Path(__file__).resolve().parent
 MODES = {"lstm": (0, 4), "gru": (1, 3), "rnn_tanh": (2, 1), "rnn_relu": (3, 1)}
@@ -46,12 +46,34 @@ def backward_spec(mode, dtype):
             "pointer_dtype": POINTER_DTYPES[dtype], "num_warps": num_warps, "constexprs": constexprs}
 
 
-# Every mode in bf16 and fp32 at the three batch-tile sizes (16, 32, 64 rows), fp16 and fp64 on
-# the largest cell (LSTM), every backward in bf16 and fp32.
+def layer_spec(kernel, mode, dtype, batch):
+    """What kernels.rnn_layer would launch (reverse direction and lengths: the longest path)."""
+    mode_id, gates = MODES[mode]
+    constexprs, num_warps = launch_options(rnn_layer.layer_config(batch, dtype, kernel))
+    constexprs.update(MODE=mode_id, G=gates, WS=max(rnn_layer.LAYER_WORKSPACE[mode], 1),
+                      HAS_LENGTHS=True, REVERSE=True, PRECISION="ieee", UPCAST=False,
+                      ACC_DTYPE="tl.fp64" if dtype == torch.float64 else "tl.fp32")
+    if kernel == "forward":
+        constexprs.update(HAS_B_HH=True, SAVE_WS=True)
+    else:
+        constexprs.update(HAS_GRAD_CN=True)
+    state = "fp64" if dtype == torch.float64 else "fp32"  # the kernels' scratch state buffers
+    overrides = {"len_ptr": "i32", "hbuf_ptr": state, "cbuf_ptr": state, "dhbuf_ptr": state,
+                 "dcbuf_ptr": state}
+    return {"module": "rnn_layer", "kernel": f"_rnn_layer_{kernel}_kernel", "arch": 90,
+            "pointer_dtype": POINTER_DTYPES[dtype], "pointer_overrides": overrides,
+            "num_warps": num_warps, "constexprs": constexprs}
+
+
+# Cell step: every mode in bf16 and fp32 at the three batch-tile sizes (16, 32, 64 rows), fp16
+# and fp64 on the largest cell (LSTM), every backward in bf16 and fp32. Sequence layer: forward
+# and backward of each mode in bf16 and fp32 (one tile shape at every batch size).
 SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.float32)
           for b in (1, 32, 100)]
          + [forward_spec("lstm", d, b) for d in (torch.float16, torch.float64) for b in (1, 100)]
-         + [backward_spec(m, d) for m in MODES for d in (torch.bfloat16, torch.float32)])
+         + [backward_spec(m, d) for m in MODES for d in (torch.bfloat16, torch.float32)]
+         + [layer_spec(k, m, d, b) for k in ("forward", "backward") for m in MODES
+            for d in (torch.bfloat16, torch.float32) for b in (1,)])
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +92,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(compiled):
 
 
 def test_half_precision_gate_gemms_use_tensor_cores(compiled):
+    gemm_kernels = ("_rnn_cell_forward_kernel", "_rnn_layer_forward_kernel", "_rnn_layer_backward_kernel")
     for spec, result in zip(SPECS, compiled):
-        if spec["kernel"] == "_rnn_cell_forward_kernel" and spec["pointer_dtype"] in ("bf16", "fp16"):
+        if spec["kernel"] in gemm_kernels and spec["pointer_dtype"] in ("bf16", "fp16"):
             assert {"HMMA", "HGMMA"} & set(result["opcodes"]), (spec["constexprs"], result)

@@ -3,7 +3,7 @@ what the SASS uses. Run as a script (no TRITON_INTERPRET in its environment):
 
     python triton_aot.py KERNEL_SPEC_JSON   ->  prints one JSON line per spec
 A spec: {"module": "rnn_cell", "kernel": "_rnn_cell_forward_kernel", "pointer_dtype": "bf16",
-         "constexprs": {...}, "arch": 90}
+         "pointer_overrides": {"len_ptr": "i32"}, "constexprs": {...}, "arch": 90, "num_warps": 4}
 """
 import importlib
 import json
@@ -35,7 +35,7 @@ def compile_spec(spec: dict) -> dict:
             signature[name] = "constexpr"
             constexprs[(i,)] = values[name]
         elif name.endswith("_ptr"):
-            signature[name] = "*" + spec["pointer_dtype"]
+            signature[name] = "*" + spec.get("pointer_overrides", {}).get(name, spec["pointer_dtype"])
         else:
             signature[name] = "i32"
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),

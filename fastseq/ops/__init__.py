@@ -1,5 +1,6 @@
 """fastseq's functional API: each function validates its input, picks a backend
 (fastseq.backend) and calls a registered op (torch.ops.fastseq.*) with fake and autograd."""
 from .rnn_cell import gru_cell, lstm_cell, rnn_relu_cell, rnn_tanh_cell
+from .rnn_layer import rnn_layer
 
-__all__ = ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"]
+__all__ = ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "rnn_layer"]

@@ -1,0 +1,128 @@
+"""Registered ops of one recurrent layer in one direction over a sequence, their fakes and
+their autograd.
+
+  torch.ops.fastseq.rnn_layer_forward_triton(mode, gates_x, h0, c0, w_hh, b_hh, lengths,
+      reverse, save_workspace) -> (y, h_n, c_n, workspace)
+  torch.ops.fastseq.rnn_layer_backward_triton(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh,
+      y, workspace, lengths, reverse) -> (dgates_x, dgates_h, dh0, dc0)
+
+gates_x [T, B, G*H] is the input projection of every step (x W_ih^T + b_ih, one GEMM done by
+the caller, whose autograd gives dx and dW_ih as one GEMM each). The backward op runs the
+recurrence backwards; the autograd formula below then forms dW_hh as one GEMM over all steps
+(dgates_h^T @ h_prev) and db_hh as a column sum, as cuDNN does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..kernels.rnn_cell_layout import GATES
+
+TRITON_FORWARD = "fastseq::rnn_layer_forward_triton"
+TRITON_BACKWARD = "fastseq::rnn_layer_backward_triton"
+LAYER_WORKSPACE = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
+
+
+def _contiguous(*tensors):
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
+@torch.library.custom_op(TRITON_FORWARD, mutates_args=())
+def rnn_layer_forward_triton(
+    mode: str, gates_x: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+    b_hh: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, save_workspace: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels import rnn_layer
+
+    gates_x, h0, c0, w_hh, b_hh, lengths = _contiguous(gates_x, h0, c0, w_hh, b_hh, lengths)
+    return rnn_layer.rnn_layer_forward(mode, gates_x, h0, c0 if mode == "lstm" else None, w_hh,
+                                       b_hh, lengths, reverse, save_workspace)
+
+
+@torch.library.custom_op(TRITON_BACKWARD, mutates_args=())
+def rnn_layer_backward_triton(
+    mode: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], h0: Tensor,
+    c0: Optional[Tensor], w_hh: Tensor, y: Tensor, workspace: Tensor, lengths: Optional[Tensor],
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels import rnn_layer
+
+    if LAYER_WORKSPACE[mode] and workspace.numel() == 0 and y.shape[0] > 0:
+        raise RuntimeError("fastseq: the workspace is empty: the forward ran with "
+                           "save_workspace=False, so it cannot be differentiated")
+    lstm = mode == "lstm"
+    args = _contiguous(grad_y, grad_h_n, grad_c_n if lstm else None, h0, c0 if lstm else None,
+                       w_hh, y, workspace, lengths)
+    return rnn_layer.rnn_layer_backward(mode, *args, reverse)
+
+
+@torch.library.register_fake(TRITON_FORWARD)
+def _forward_fake(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, save_workspace):
+    steps, batch, _ = gates_x.shape
+    hidden = h0.shape[1]
+    ws_columns = LAYER_WORKSPACE[mode] * hidden if save_workspace else 0
+    return (gates_x.new_empty(steps, batch, hidden), gates_x.new_empty(batch, hidden),
+            gates_x.new_empty(batch if mode == "lstm" else 0, hidden),
+            gates_x.new_empty(steps if ws_columns else 0, batch, ws_columns))
+
+
+@torch.library.register_fake(TRITON_BACKWARD)
+def _backward_fake(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths, reverse):
+    steps, batch, hidden = y.shape
+    gates = GATES[mode]
+    gru, lstm = mode == "gru", mode == "lstm"
+    return (y.new_empty(steps, batch, gates * hidden),
+            y.new_empty(steps if gru else 0, batch, gates * hidden),
+            y.new_empty(batch, hidden), y.new_empty(batch if lstm else 0, hidden))
+
+
+def previous_states(y: Tensor, h0: Tensor, lengths: Optional[Tensor], reverse: bool) -> Tensor:
+    """h_{t-1} of every step t, [T, B, H]: the state each step started from. Forward: h0 then
+    y[:-1]. Reverse: y[t+1] while t+1 is inside the row's sequence, else h0. (Steps past a
+    row's end get zero gate gradients, so what stands there does not matter.)"""
+    if not reverse:
+        return torch.cat([h0.unsqueeze(0), y[:-1]])
+    steps = y.shape[0]
+    shifted = torch.cat([y[1:], torch.zeros_like(y[:1])])
+    t = torch.arange(steps, device=y.device).unsqueeze(1)
+    ends = lengths.unsqueeze(0) if lengths is not None else steps
+    return torch.where((t + 1 < ends).unsqueeze(-1), shifted, h0.unsqueeze(0))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, _save = inputs
+    y, _h_n, _c_n, workspace = output
+    ctx.mode, ctx.reverse = mode, reverse
+    ctx.save_for_backward(h0, c0, w_hh, lengths, y, workspace)
+
+
+def _autograd_backward(backward_op):
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
+        h0, c0, w_hh, lengths, y, workspace = ctx.saved_tensors
+        mode = ctx.mode
+        lstm, gru = mode == "lstm", mode == "gru"
+        grad_y = grad_y if grad_y is not None else torch.zeros_like(y)
+        grad_h_n = grad_h_n if grad_h_n is not None else torch.zeros_like(h0)
+        dgx, dgh, dh0, dc0 = backward_op(mode, grad_y, grad_h_n, grad_c_n if lstm else None, h0,
+                                         c0 if lstm else None, w_hh, y, workspace, lengths,
+                                         ctx.reverse)
+        if not gru:  # LSTM and plain RNN: the recurrent gates get the input gates' gradient
+            dgh = dgx
+        need = ctx.needs_input_grad
+        d_w_hh = d_b_hh = None
+        rows = dgh.shape[0] * dgh.shape[1]
+        if need[4]:  # one GEMM over all steps
+            h_prev = previous_states(y, h0, lengths, ctx.reverse)
+            d_w_hh = dgh.reshape(rows, -1).t() @ h_prev.reshape(rows, -1)
+        if need[5]:
+            d_b_hh = dgh.reshape(rows, -1).sum(0)
+        return (None, dgx if need[1] else None, dh0 if need[2] else None,
+                dc0 if lstm and need[3] else None, d_w_hh, d_b_hh, None, None, None)
+
+    return backward
+
+
+torch.library.register_autograd(TRITON_FORWARD, _autograd_backward(
+    torch.ops.fastseq.rnn_layer_backward_triton), setup_context=_setup_context)

@@ -1,0 +1,358 @@
+"""Triton kernels for one recurrent layer in one direction over a whole sequence.
+
+The input projection of every step (x W_ih^T + b_ih) is one GEMM done before the kernel; the
+kernel runs the recurrence. One program owns a tile of BLOCK_B batch rows and all hidden units,
+and loops over time: programs never wait on each other (Triton's interpreter runs them one
+after another), and a step's barrier is a barrier inside one program. The state is kept in
+fp32 (fp64 for fp64 input) in scratch memory, double-buffered for h (every unit of step t+1 reads all of h_t), and
+fed to the recurrent GEMM in the weights' dtype.
+
+Variable lengths: a row whose sequence has ended (t >= length) keeps its state and outputs
+zeros, so its final state is the one at its last valid step; in the reverse direction a row of
+length n starts at step n-1. Backward runs the steps in the opposite order: a pointwise phase
+writes the gate gradients of step t, then a GEMM phase turns them into dh_{t-1}. The weight
+gradient is one GEMM over all steps afterwards (fastseq.ops.rnn_layer).
+
+Workspace per step and unit: LSTM i, f, g, o, c_t; GRU r, z, n, W_hn h + b_hn; plain RNN none.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output
+from .rnn_cell_layout import GATES
+from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math
+
+MODE_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+# Workspace columns per unit and step.
+LAYER_WORKSPACE = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
+
+
+@triton.jit
+def _step_index(step, T, REVERSE: tl.constexpr):
+    if REVERSE:
+        t = T - 1 - step
+    else:
+        t = step
+    return t
+
+
+@triton.jit
+def _rnn_layer_forward_kernel(
+    gx_ptr, h0_ptr, c0_ptr, w_hh_ptr, b_hh_ptr, len_ptr,
+    y_ptr, hn_ptr, cn_ptr, ws_ptr, hbuf_ptr, cbuf_ptr,
+    T, B, H,
+    MODE: tl.constexpr, G: tl.constexpr, WS: tl.constexpr,
+    HAS_B_HH: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, SAVE_WS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    rows_b = offs_b.to(tl.int64)
+    if HAS_LENGTHS:
+        lengths = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    else:
+        lengths = tl.full((BLOCK_B,), T, tl.int32)
+    out_ty = y_ptr.dtype.element_ty
+    BH = B * H
+
+    # State buffers start as h0 (buffer 0) and c0.
+    for j0 in range(0, H, BLOCK_H):
+        offs_h = j0 + tl.arange(0, BLOCK_H)
+        mask = mask_b[:, None] & (offs_h < H)[None, :]
+        state = rows_b[:, None] * H + offs_h[None, :]
+        tl.store(hbuf_ptr + state, tl.load(h0_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE), mask=mask)
+        if MODE == 0:
+            tl.store(cbuf_ptr + state, tl.load(c0_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE), mask=mask)
+    tl.debug_barrier()
+
+    for step in range(0, T):
+        t = _step_index(step, T, REVERSE)
+        h_read = hbuf_ptr + (step % 2) * BH
+        h_write = hbuf_ptr + ((step + 1) % 2) * BH
+        valid = (t < lengths)[:, None]
+        for j0 in range(0, H, BLOCK_H):
+            offs_h = j0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            mask = mask_b[:, None] & mask_h[None, :]
+            state = rows_b[:, None] * H + offs_h[None, :]
+            gx = gx_ptr + t.to(tl.int64) * B * G * H + rows_b[:, None] * (G * H) + offs_h[None, :]
+            acc0 = tl.load(gx, mask=mask, other=0.0).to(ACC_DTYPE)
+            acc1 = tl.zeros_like(acc0)
+            acc2 = tl.zeros_like(acc0)
+            acc3 = tl.zeros_like(acc0)
+            if G >= 3:
+                acc1 = tl.load(gx + H, mask=mask, other=0.0).to(ACC_DTYPE)
+                acc2 = tl.load(gx + 2 * H, mask=mask, other=0.0).to(ACC_DTYPE)
+            if G == 4:
+                acc3 = tl.load(gx + 3 * H, mask=mask, other=0.0).to(ACC_DTYPE)
+            if HAS_B_HH:
+                acc0 += tl.load(b_hh_ptr + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)[None, :]
+                if G >= 3:
+                    acc1 += tl.load(b_hh_ptr + H + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)[None, :]
+                    b2 = tl.load(b_hh_ptr + 2 * H + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)[None, :]
+                    if MODE == 1:
+                        acc3 += b2  # the GRU's b_hn joins W_hn h, which r multiplies
+                    else:
+                        acc2 += b2
+                if G == 4:
+                    acc3 += tl.load(b_hh_ptr + 3 * H + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)[None, :]
+            if MODE == 1:
+                acc0, acc1, acc2, acc3 = accumulate_projection(
+                    acc0, acc1, acc2, acc3, h_read, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
+                    G, 3, BLOCK_K, PRECISION, UPCAST)
+            else:
+                acc0, acc1, acc2, acc3 = accumulate_projection(
+                    acc0, acc1, acc2, acc3, h_read, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
+                    G, 2, BLOCK_K, PRECISION, UPCAST)
+            h_prev = tl.load(h_read + state, mask=mask, other=0.0)
+            if MODE == 0:
+                c_prev = tl.load(cbuf_ptr + state, mask=mask, other=0.0)
+            else:
+                c_prev = tl.zeros_like(h_prev)
+            h_new, c_new, w0, w1, w2, w3 = cell_forward_math(MODE, acc0, acc1, acc2, acc3, h_prev, c_prev)
+            h_new = tl.where(valid, h_new, h_prev)
+            tl.store(h_write + state, h_new, mask=mask)
+            tl.store(y_ptr + t.to(tl.int64) * BH + state, tl.where(valid, h_new, 0.0).to(out_ty), mask=mask)
+            if MODE == 0:
+                c_new = tl.where(valid, c_new, c_prev)
+                tl.store(cbuf_ptr + state, c_new, mask=mask)
+            if SAVE_WS:
+                ws = ws_ptr + t.to(tl.int64) * B * WS * H + rows_b[:, None] * (WS * H) + offs_h[None, :]
+                tl.store(ws, w0.to(out_ty), mask=mask)
+                tl.store(ws + H, w1.to(out_ty), mask=mask)
+                tl.store(ws + 2 * H, w2.to(out_ty), mask=mask)
+                tl.store(ws + 3 * H, w3.to(out_ty), mask=mask)
+                if MODE == 0:
+                    tl.store(ws + 4 * H, c_new.to(out_ty), mask=mask)
+        tl.debug_barrier()
+
+    final = hbuf_ptr + (T % 2) * BH
+    for j0 in range(0, H, BLOCK_H):
+        offs_h = j0 + tl.arange(0, BLOCK_H)
+        mask = mask_b[:, None] & (offs_h < H)[None, :]
+        state = rows_b[:, None] * H + offs_h[None, :]
+        tl.store(hn_ptr + state, tl.load(final + state, mask=mask, other=0.0).to(out_ty), mask=mask)
+        if MODE == 0:
+            tl.store(cn_ptr + state, tl.load(cbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
+
+
+@triton.jit
+def _rnn_layer_backward_kernel(
+    gy_ptr, ghn_ptr, gcn_ptr, h0_ptr, c0_ptr, w_hh_ptr, y_ptr, ws_ptr, len_ptr,
+    dgx_ptr, dgh_ptr, dh0_ptr, dc0_ptr, dhbuf_ptr, dcbuf_ptr,
+    T, B, H,
+    MODE: tl.constexpr, G: tl.constexpr, WS: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_GRAD_CN: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    rows_b = offs_b.to(tl.int64)
+    if HAS_LENGTHS:
+        lengths = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    else:
+        lengths = tl.full((BLOCK_B,), T, tl.int32)
+    out_ty = dgx_ptr.dtype.element_ty
+    BH = B * H
+    GH = G * H
+    # dgh holds the gradients of the recurrent pre-activations: the GRU's differ from dgx in
+    # the n gate; the other cells share dgx.
+    if MODE == 1:
+        drec_ptr = dgh_ptr
+    else:
+        drec_ptr = dgx_ptr
+
+    # dh flowing into h_T and dc into c_T.
+    for j0 in range(0, H, BLOCK_H):
+        offs_h = j0 + tl.arange(0, BLOCK_H)
+        mask = mask_b[:, None] & (offs_h < H)[None, :]
+        state = rows_b[:, None] * H + offs_h[None, :]
+        tl.store(dhbuf_ptr + state, tl.load(ghn_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE), mask=mask)
+        if MODE == 0:
+            if HAS_GRAD_CN:
+                dc_init = tl.load(gcn_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
+            else:
+                dc_init = tl.zeros((BLOCK_B, BLOCK_H), ACC_DTYPE)
+            tl.store(dcbuf_ptr + state, dc_init, mask=mask)
+    tl.debug_barrier()
+
+    for step in range(0, T):
+        # Steps in the opposite order of the forward.
+        t = _step_index(step, T, not REVERSE)
+        valid = (t < lengths)[:, None]
+        if REVERSE:  # the previous state of step t came from step t+1, or h0 at the row's end
+            t_prev = t + 1
+            has_prev = (t_prev < lengths)[:, None]
+        else:
+            t_prev = t - 1
+            has_prev = (t_prev >= 0) & (lengths > 0)[:, None]
+        t_prev_safe = tl.minimum(tl.maximum(t_prev, 0), T - 1).to(tl.int64)
+        t64 = t.to(tl.int64)
+
+        # Phase 1: gate gradients of step t, and the paths to h_{t-1}, c_{t-1} that skip W_hh.
+        for j0 in range(0, H, BLOCK_H):
+            offs_h = j0 + tl.arange(0, BLOCK_H)
+            mask = mask_b[:, None] & (offs_h < H)[None, :]
+            state = rows_b[:, None] * H + offs_h[None, :]
+            dh_next = tl.load(dhbuf_ptr + state, mask=mask, other=0.0)
+            dh = dh_next + tl.where(valid, tl.load(gy_ptr + t64 * BH + state, mask=mask, other=0.0).to(ACC_DTYPE), 0.0)
+            h_new = tl.load(y_ptr + t64 * BH + state, mask=mask, other=0.0).to(ACC_DTYPE)
+            h_prev = tl.where(has_prev,
+                              tl.load(y_ptr + t_prev_safe * BH + state, mask=mask, other=0.0).to(ACC_DTYPE),
+                              tl.load(h0_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE))
+            ws = ws_ptr + t64 * B * WS * H + rows_b[:, None] * (WS * H) + offs_h[None, :]
+            zero = tl.zeros_like(dh)
+            if MODE <= 1:
+                w0 = tl.load(ws, mask=mask, other=0.0).to(ACC_DTYPE)
+                w1 = tl.load(ws + H, mask=mask, other=0.0).to(ACC_DTYPE)
+                w2 = tl.load(ws + 2 * H, mask=mask, other=0.0).to(ACC_DTYPE)
+                w3 = tl.load(ws + 3 * H, mask=mask, other=0.0).to(ACC_DTYPE)
+            else:
+                w0 = zero
+                w1 = zero
+                w2 = zero
+                w3 = zero
+            if MODE == 0:
+                dc = tl.load(dcbuf_ptr + state, mask=mask, other=0.0)
+                c_new = tl.load(ws + 4 * H, mask=mask, other=0.0).to(ACC_DTYPE)
+                ws_prev = ws_ptr + t_prev_safe * B * WS * H + rows_b[:, None] * (WS * H) + offs_h[None, :]
+                c_prev = tl.where(has_prev,
+                                  tl.load(ws_prev + 4 * H, mask=mask, other=0.0).to(ACC_DTYPE),
+                                  tl.load(c0_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE))
+            else:
+                dc = zero
+                c_new = zero
+                c_prev = zero
+            d0, d1, d2, d3, dn_hh, dh_direct, dc_prev = cell_backward_math(
+                MODE, dh, dc, w0, w1, w2, w3, h_prev, c_prev, h_new, c_new)
+            dg = dgx_ptr + t64 * B * GH + rows_b[:, None] * GH + offs_h[None, :]
+            tl.store(dg, tl.where(valid, d0, 0.0).to(out_ty), mask=mask)
+            if G >= 3:
+                tl.store(dg + H, tl.where(valid, d1, 0.0).to(out_ty), mask=mask)
+                tl.store(dg + 2 * H, tl.where(valid, d2, 0.0).to(out_ty), mask=mask)
+            if G == 4:
+                tl.store(dg + 3 * H, tl.where(valid, d3, 0.0).to(out_ty), mask=mask)
+            if MODE == 1:
+                dgr = dgh_ptr + t64 * B * GH + rows_b[:, None] * GH + offs_h[None, :]
+                tl.store(dgr, tl.where(valid, d0, 0.0).to(out_ty), mask=mask)
+                tl.store(dgr + H, tl.where(valid, d1, 0.0).to(out_ty), mask=mask)
+                tl.store(dgr + 2 * H, tl.where(valid, dn_hh, 0.0).to(out_ty), mask=mask)
+            if MODE == 0:
+                tl.store(dcbuf_ptr + state, tl.where(valid, dc_prev, dc), mask=mask)
+            # A finished row passes dh through unchanged; a running one keeps the direct path.
+            tl.store(dhbuf_ptr + state, tl.where(valid, dh_direct, dh), mask=mask)
+        tl.debug_barrier()
+
+        # Phase 2: dh_{t-1} += dgates_rec(t) @ W_hh, reducing over the G*H gate columns.
+        for k0 in range(0, H, BLOCK_H):
+            offs_k = k0 + tl.arange(0, BLOCK_H)
+            mask_k = offs_k < H
+            mask = mask_b[:, None] & mask_k[None, :]
+            state = rows_b[:, None] * H + offs_k[None, :]
+            acc = tl.load(dhbuf_ptr + state, mask=mask, other=0.0)
+            for j0 in range(0, GH, BLOCK_K):
+                offs_j = j0 + tl.arange(0, BLOCK_K)
+                mask_j = offs_j < GH
+                a = tl.load(drec_ptr + t64 * B * GH + rows_b[:, None] * GH + offs_j[None, :],
+                            mask=mask_b[:, None] & mask_j[None, :], other=0.0)
+                w = tl.load(w_hh_ptr + offs_j.to(tl.int64)[:, None] * H + offs_k[None, :],
+                            mask=mask_j[:, None] & mask_k[None, :], other=0.0)
+                acc = dot_acc(a.to(w.dtype), w, acc, PRECISION, UPCAST)
+            tl.store(dhbuf_ptr + state, acc, mask=mask)
+        tl.debug_barrier()
+
+    for j0 in range(0, H, BLOCK_H):
+        offs_h = j0 + tl.arange(0, BLOCK_H)
+        mask = mask_b[:, None] & (offs_h < H)[None, :]
+        state = rows_b[:, None] * H + offs_h[None, :]
+        tl.store(dh0_ptr + state, tl.load(dhbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
+        if MODE == 0:
+            tl.store(dc0_ptr + state, tl.load(dcbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
+
+
+def layer_config(batch: int, dtype: torch.dtype, kernel: str) -> dict:
+    """One program per 16 batch rows, at every batch size: programs are this kernel's only
+    parallelism (B=64 gives 4 of them), and 16-row tiles were the only ones free of spills in
+    the sm_90 SASS of every mode in bf16 and fp32 (tests/test_triton_gpu_compile.py). These
+    kernels keep far more alive than the cell step (every gate of a tile, h_prev, c, int64
+    pointer blocks at 2 registers per element): with 32 or 64 rows ptxas capped them at 128
+    registers (256 threads) and spilled 36+ bytes in 3-14 of 16 configurations. The backward
+    needs BLOCK_H=16 (fp32 LSTM spilled at 32). BLOCK_K as the cell kernel's."""
+    block_k = 16 if dtype in (torch.float32, torch.float64) else 32
+    return {"BLOCK_B": 16, "BLOCK_H": 32 if kernel == "forward" else 16, "BLOCK_K": block_k,
+            "num_warps": 4}
+
+
+def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, save_workspace):
+    """Launch the forward kernel. gates_x [T, B, G*H] (x W_ih^T + b_ih), h0/c0 [B, H], lengths
+    int32 [B] or None. Returns (y [T, B, H], h_n, c_n, workspace [T, B, WS*H])."""
+    T, B, _ = gates_x.shape
+    H = h0.shape[1]
+    y = new_output((T, B, H), gates_x)
+    h_n = new_output((B, H), gates_x)
+    c_n = new_output((B if mode == "lstm" else 0, H), gates_x)
+    ws_columns = LAYER_WORKSPACE[mode] * H if save_workspace else 0
+    ws = new_output((T if ws_columns else 0, B, ws_columns), gates_x)
+    if B == 0 or H == 0:
+        return y, h_n, c_n, ws
+    if T == 0:
+        h_n.copy_(h0)
+        if mode == "lstm":
+            c_n.copy_(c0)
+        return y, h_n, c_n, ws
+    acc = accumulator_dtype(gates_x.dtype)  # state and accumulation: fp32 (fp64 for fp64 input)
+    hbuf = torch.empty((2, B, H), dtype=acc, device=gates_x.device)
+    cbuf = torch.empty((B if mode == "lstm" else 1, H), dtype=acc, device=gates_x.device)
+    config = layer_config(B, gates_x.dtype, "forward")
+    grid = (triton.cdiv(B, config["BLOCK_B"]),)
+    _rnn_layer_forward_kernel[grid](
+        gates_x, h0, c0 if c0 is not None else h0, w_hh, b_hh if b_hh is not None else h0,
+        lengths if lengths is not None else h0,
+        y, h_n, c_n if c_n.numel() else h_n, ws if ws.numel() else y, hbuf, cbuf,
+        T, B, H,
+        MODE=MODE_IDS[mode], G=GATES[mode], WS=max(LAYER_WORKSPACE[mode], 1),
+        HAS_B_HH=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
+        SAVE_WS=ws.numel() > 0,
+        PRECISION=dot_precision(gates_x.dtype), UPCAST=INTERPRETED,
+        ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,
+    )
+    return y, h_n, c_n, ws
+
+
+def rnn_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths, reverse):
+    """Launch the backward kernel. Returns (dgates_x [T, B, G*H], dgates_h [T, B, G*H] (GRU,
+    else empty), dh0 [B, H], dc0 [B, H] (LSTM, else empty))."""
+    T, B, H = y.shape
+    G = GATES[mode]
+    gru, lstm = mode == "gru", mode == "lstm"
+    dgx = new_output((T, B, G * H), y)
+    dgh = new_output((T if gru else 0, B, G * H), y)
+    dh0 = new_output((B, H), y)
+    dc0 = new_output((B if lstm else 0, H), y)
+    if B == 0 or H == 0:
+        return dgx, dgh, dh0, dc0
+    if T == 0:
+        dh0.copy_(grad_h_n)
+        if lstm:
+            dc0.copy_(grad_c_n if grad_c_n is not None else torch.zeros_like(dc0))
+        return dgx, dgh, dh0, dc0
+    acc = accumulator_dtype(y.dtype)
+    dhbuf = torch.empty((B, H), dtype=acc, device=y.device)
+    dcbuf = torch.empty((B if lstm else 1, H), dtype=acc, device=y.device)
+    config = layer_config(B, y.dtype, "backward")
+    grid = (triton.cdiv(B, config["BLOCK_B"]),)
+    _rnn_layer_backward_kernel[grid](
+        grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0,
+        c0 if c0 is not None else h0, w_hh, y, workspace if workspace.numel() else y,
+        lengths if lengths is not None else h0,
+        dgx, dgh if gru else dgx, dh0, dc0 if lstm else dh0, dhbuf, dcbuf,
+        T, B, H,
+        MODE=MODE_IDS[mode], G=G, WS=max(LAYER_WORKSPACE[mode], 1),
+        HAS_LENGTHS=lengths is not None, HAS_GRAD_CN=grad_c_n is not None, REVERSE=reverse,
+        PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED,
+        ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,
+    )
+    return dgx, dgh, dh0, dc0

@@ -1,0 +1,200 @@
+"""fastseq.ops.rnn_layer (one layer, one direction over a sequence) on every backend against
+the float64 reference: outputs, final states and every gradient, both directions, padded
+variable lengths, odd sizes; plus opcheck, gradcheck, torch.compile and bad inputs."""
+import pytest
+import torch
+
+import fastseq
+from fastseq.kernels.rnn_cell_layout import GATES
+
+from conftest import DEVICES
+from numerics import assert_within_rule
+
+MODES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+# (T, B, I, H, dtype): odd sizes in fp32 (B=37: three 16-row programs), the half-precision
+# dtypes on one mid-size case.
+CASES = [(1, 1, 1, 1, torch.float32), (7, 13, 5, 63, torch.float32), (3, 37, 6, 20, torch.float32),
+         (7, 13, 5, 63, torch.bfloat16), (7, 13, 5, 63, torch.float16)]
+
+
+def layer_backends(device):
+    names = ["reference"]
+    if fastseq.backend.triton_unavailable(torch.device(device)) is None:
+        names.insert(0, "triton")
+    return names
+
+
+def make_leaves(mode, T, B, I, H, device):
+    g, k = GATES[mode], H ** -0.5
+
+    def rand(*shape, s=1.0):
+        return (torch.rand(*shape, dtype=torch.float64, device=device) * 2 - 1) * s
+
+    return [rand(T, B, I), rand(B, H), rand(B, H) if mode == "lstm" else None,
+            rand(g * H, I, s=k), rand(g * H, H, s=k), rand(g * H, s=k), rand(g * H, s=k)]
+
+
+def run(mode, leaves64, dtype, backend, lengths, reverse, grad_outputs):
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in leaves64]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
+    hx = (h0, c0) if mode == "lstm" else h0
+    y, h_n = fastseq.ops.rnn_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=lengths,
+                                   reverse=reverse, backend=backend)
+    outs = [y] + (list(h_n) if mode == "lstm" else [h_n])
+    loss = sum((o.double() * go).sum() for o, go in zip(outs, grad_outputs))
+    present = [t for t in leaves if t is not None]
+    return [o.detach() for o in outs], list(torch.autograd.grad(loss, present))
+
+
+def lengths_for(T, B, variable):
+    if not variable:
+        return None
+    return [T - (i * 5) % T for i in range(B)]  # includes T, and 1 when T > 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}_B{}_I{}_H{}_{}".format(
+    *c[:4], str(c[4]).split(".")[1]))
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("variable", [False, True], ids=["full", "lengths"])
+def test_layer_matches_reference(device, mode, case, reverse, variable):
+    T, B, I, H, dtype = case
+    leaves64 = make_leaves(mode, T, B, I, H, device)
+    lengths = lengths_for(T, B, variable)
+    grad_outputs = [torch.randn(T, B, H, dtype=torch.float64, device=device)] + \
+        [torch.randn(B, H, dtype=torch.float64, device=device)
+         for _ in range(2 if mode == "lstm" else 1)]
+    if variable:  # y past a row's end is a constant zero: its incoming gradient is ignored
+        assert lengths is not None
+    ref_outs, ref_grads = run(mode, leaves64, torch.float64, "reference", lengths, reverse, grad_outputs)
+    plain_outs, plain_grads = run(mode, leaves64, dtype, "reference", lengths, reverse, grad_outputs)
+    names = ["y", "h_n", "c_n"][:len(ref_outs)]
+    grad_names = [n for n, t in zip(["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"], leaves64)
+                  if t is not None]
+    for backend in layer_backends(device):
+        outs, grads = run(mode, leaves64, dtype, backend, lengths, reverse, grad_outputs)
+        for name, o, p, r in zip(names, outs, plain_outs, ref_outs):
+            assert o.dtype == dtype
+            assert_within_rule(f"{backend} {mode} {name}", o, p, r)
+        for name, g, p, r in zip(grad_names, grads, plain_grads, ref_grads):
+            assert_within_rule(f"{backend} {mode} grad {name}", g, p, r)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padded_outputs_are_zero_and_final_state_is_last_valid(mode):
+    leaves = [t.float() if t is not None else None for t in make_leaves(mode, 6, 4, 3, 5, "cpu")]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
+    lengths = [6, 2, 0, 4]
+    backend = layer_backends("cpu")[0]
+    y, h_n = fastseq.ops.rnn_layer(mode, x, (h0, c0) if mode == "lstm" else h0, w_ih, w_hh, b_ih,
+                                   b_hh, lengths=lengths, backend=backend)
+    h_n = h_n[0] if mode == "lstm" else h_n
+    assert torch.equal(y[2:, 1], torch.zeros_like(y[2:, 1])) and torch.equal(y[:, 2], torch.zeros_like(y[:, 2]))
+    torch.testing.assert_close(h_n[1], y[1, 1])
+    torch.testing.assert_close(h_n[2], h0[2])  # length 0: the state never moves
+
+
+def test_matches_torch_lstm_layer():
+    lstm = torch.nn.LSTM(5, 7)
+    x = torch.randn(9, 3, 5)
+    expected, (h, c) = lstm(x)
+    y, (h_n, c_n) = fastseq.ops.rnn_layer("lstm", x, None, lstm.weight_ih_l0, lstm.weight_hh_l0,
+                                          lstm.bias_ih_l0, lstm.bias_hh_l0, backend=layer_backends("cpu")[0])
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_n, h[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_n, c[0], rtol=1e-5, atol=1e-6)
+
+
+def triton_or_skip():
+    if "triton" not in layer_backends("cpu"):
+        pytest.skip("the Triton interpreter is off (a GPU run tests Triton on CUDA instead)")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_opcheck(mode, reverse):
+    triton_or_skip()
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = [t.float() if t is not None else None
+                                         for t in make_leaves(mode, 4, 3, 2, 5, "cpu")]
+    gx = x @ w_ih.t() + b_ih
+    lengths = torch.tensor([4, 1, 3], dtype=torch.int32)
+    for save in (False, True):
+        args = (mode, gx.requires_grad_(save), h0, c0, w_hh, b_hh, lengths, reverse, save)
+        torch.library.opcheck(torch.ops.fastseq.rnn_layer_forward_triton, args)
+    y, h_n, c_n, ws = torch.ops.fastseq.rnn_layer_forward_triton(mode, gx.detach(), h0, c0, w_hh,
+                                                                 b_hh, lengths, reverse, True)
+    lstm = mode == "lstm"
+    torch.library.opcheck(torch.ops.fastseq.rnn_layer_backward_triton, (
+        mode, torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n) if lstm else None,
+        h0, c0, w_hh, y, ws, lengths, reverse))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_float64(mode):
+    triton_or_skip()
+    leaves = [t.requires_grad_() if t is not None else None for t in make_leaves(mode, 3, 2, 2, 3, "cpu")]
+    present = [i for i, t in enumerate(leaves) if t is not None]
+
+    def f(*args):
+        full = list(leaves)
+        for i, a in zip(present, args):
+            full[i] = a
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh = full
+        y, h_n = fastseq.ops.rnn_layer(mode, x, (h0, c0) if mode == "lstm" else h0, w_ih, w_hh,
+                                       b_ih, b_hh, lengths=[3, 2], reverse=True, backend="triton")
+        return (y,) + (tuple(h_n) if mode == "lstm" else (h_n,))
+
+    assert torch.autograd.gradcheck(f, [leaves[i] for i in present], eps=1e-6, atol=1e-6)
+
+
+def test_compile_fullgraph_training_step():
+    triton_or_skip()
+    torch._dynamo.reset()
+    params = [t.float().requires_grad_() for t in make_leaves("lstm", 5, 3, 4, 6, "cpu")[3:]]
+    x = torch.randn(5, 3, 4, requires_grad=True)
+
+    def step(inp):
+        y, (h, c) = fastseq.ops.rnn_layer("lstm", inp, None, *params, lengths=[5, 2, 4],
+                                          backend="triton")
+        return y.square().sum() + h.sum() + c.sum()
+
+    eager = step(x)
+    eager_grads = torch.autograd.grad(eager, [x] + params)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    grads = torch.autograd.grad(compiled, [x] + params)
+    torch.testing.assert_close(compiled, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+def bad_calls():
+    x, h0 = torch.randn(5, 3, 4), torch.zeros(3, 6)
+    w_ih, w_hh, b = torch.randn(24, 4), torch.randn(24, 6), torch.zeros(24)
+    op = fastseq.ops.rnn_layer
+    return [
+        ("input must be 3-D", lambda: op("lstm", x[0], None, w_ih, w_hh)),
+        ("mode must be one of", lambda: op("lstmx", x, None, w_ih, w_hh)),
+        (r"h0 must have shape \[batch, hidden_size\] = \[3, 6\], got \[2, 6\]",
+         lambda: op("gru", x, torch.zeros(2, 6), torch.randn(18, 4), torch.randn(18, 6))),
+        (r"lengths must be 1-D with one length per batch row \[3\]",
+         lambda: op("lstm", x, None, w_ih, w_hh, lengths=[5, 5])),
+        (r"lengths must lie in \[0, 5\] .*from 1 to 6",
+         lambda: op("lstm", x, None, w_ih, w_hh, lengths=[6, 1, 2])),
+        ("lengths must be integers", lambda: op("lstm", x, None, w_ih, w_hh, lengths=torch.ones(3))),
+        ("b_ih and b_hh must be given together", lambda: op("lstm", x, None, w_ih, w_hh, b, None)),
+        (r"hx must be a tuple \(h0, c0\)", lambda: op("lstm", x, h0, w_ih, w_hh)),
+    ]
+
+
+@pytest.mark.parametrize("message,call", bad_calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_raises_clear_error(message, call):
+    with pytest.raises(fastseq.InputError, match=message):
+        call()
+
+
+def test_torch_backend_refuses_what_it_cannot_do():
+    x = torch.randn(5, 3, 4)
+    with pytest.raises(fastseq.BackendError, match="backend 'torch' cannot run this call: .*reverse"):
+        fastseq.ops.rnn_layer("gru", x, None, torch.randn(18, 4), torch.randn(18, 6), reverse=True,
+                              backend="torch")
