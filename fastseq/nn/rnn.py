@@ -1,0 +1,168 @@
+"""Drop-in replacements for torch.nn.LSTM, GRU and RNN.
+
+They subclass torch's modules: constructor arguments, parameter names (weight_ih_l0,
+weight_hh_l0_reverse, ...), initialisation, state_dict and flatten_parameters are torch's own.
+forward takes what torch's takes (padded or packed input, optional h0/c0, unbatched input) and
+one more argument, `lengths`, for padded variable-length batches without a PackedSequence.
+
+Backends: `auto` runs torch's own forward (cuDNN on GPUs, aten on CPUs): fastseq's persistent
+recurrence kernel, the one meant to beat cuDNN, is not written yet, and nothing slower is ever
+chosen for you. `backend="triton"` (or "reference") runs fastseq's per-layer sequence op
+(fastseq.ops.rnn_layer) over the layers and directions; proj_size needs torch's path for now.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .. import backend as _backends
+from .. import ops
+from ..ops._checks import InputError
+
+_MODULE_NAMES = {"LSTM": "fastseq.nn.LSTM", "GRU": "fastseq.nn.GRU", "RNN_TANH": "fastseq.nn.RNN",
+                 "RNN_RELU": "fastseq.nn.RNN"}
+_OP_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+
+class _FastRNNMixin:
+    """forward for torch.nn.RNNBase subclasses; `self.backend` pins a backend."""
+
+    _torch_class: type  # the torch module this one replaces, whose forward `auto` runs
+
+    def _fastseq_forward(self, input, hx, lengths):
+        op = _MODULE_NAMES[self.mode]
+        if lengths is not None and isinstance(input, PackedSequence):
+            raise InputError(f"{op}: lengths is for padded input; a PackedSequence carries its own")
+        requested = _backends.requested_backend(self.backend)
+        if requested in ("auto", "torch"):
+            return self._torch_forward(input, hx, lengths)
+        if requested not in ("triton", "reference"):
+            raise _backends.BackendError(
+                f"{op}: backend {requested!r} has no implementation of this layer (it has: "
+                "torch, triton, reference)")
+        if getattr(self, "proj_size", 0) > 0:
+            raise _backends.BackendError(
+                f"{op}: backend {requested!r} cannot run this call: proj_size > 0 runs on "
+                "torch's path only for now")
+        return self._sequence_forward(input, hx, lengths, requested)
+
+    def _torch_forward(self, input, hx, lengths):
+        if lengths is None:
+            return self._torch_class.forward(self, input, hx)
+        time_dim = 1 if self.batch_first else 0
+        packed = pack_padded_sequence(input, torch.as_tensor(lengths).cpu(),
+                                      batch_first=self.batch_first, enforce_sorted=False)
+        out, state = self._torch_class.forward(self, packed, hx)
+        out, _ = pad_packed_sequence(out, batch_first=self.batch_first,
+                                     total_length=input.shape[time_dim])
+        return out, state
+
+    def _sequence_forward(self, input, hx, lengths, backend):
+        mode = _OP_MODES[self.mode]
+        lstm = mode == "lstm"
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, lengths = pad_packed_sequence(input)  # [T, B, I], rows in the caller's order
+            unbatched = False
+        else:
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        directions = 2 if self.bidirectional else 1
+        h0, c0 = self._initial_states(hx, x, unbatched, lstm)
+        layer_input = x
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(directions):
+                k = layer * directions + direction
+                sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                w_ih, w_hh = getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx)
+                b_ih = getattr(self, "bias_ih" + sfx) if self.bias else None
+                b_hh = getattr(self, "bias_hh" + sfx) if self.bias else None
+                state = (h0[k], c0[k]) if lstm else h0[k]
+                y, final = ops.rnn_layer(mode, layer_input, state, w_ih, w_hh, b_ih, b_hh,
+                                         lengths=lengths, reverse=direction == 1, backend=backend)
+                outs.append(y)
+                h_n.append(final[0] if lstm else final)
+                if lstm:
+                    c_n.append(final[1])
+            layer_input = torch.cat(outs, dim=-1) if directions == 2 else outs[0]
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+        h_n = torch.stack(h_n)
+        c_n = torch.stack(c_n) if lstm else None
+        out = layer_input
+        if packed:
+            out = _pack_like(out, input)
+        elif unbatched:
+            out, h_n = out.squeeze(1), h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if lstm else None
+        elif self.batch_first:
+            out = out.transpose(0, 1).contiguous()  # torch returns a contiguous batch-first output
+        return out, ((h_n, c_n) if lstm else h_n)
+
+    def _initial_states(self, hx, x, unbatched, lstm):
+        directions = 2 if self.bidirectional else 1
+        shape = (self.num_layers * directions, x.shape[1], self.hidden_size)
+        h0, c0 = (hx if hx is not None else (None, None)) if lstm else (hx, None)
+        if unbatched:
+            h0 = h0.unsqueeze(1) if h0 is not None else None
+            c0 = c0.unsqueeze(1) if c0 is not None else None
+        h0 = h0 if h0 is not None else x.new_zeros(shape)
+        c0 = (c0 if c0 is not None else x.new_zeros(shape)) if lstm else None
+        for name, state in (("h0", h0), ("c0", c0)):
+            if state is not None and tuple(state.shape) != shape:
+                raise InputError(
+                    f"{_MODULE_NAMES[self.mode]}: {name} must have shape [num_layers*num_directions, "
+                    f"batch, hidden_size] = {list(shape)}, got {list(state.shape)}")
+        return h0, c0
+
+
+def _pack_like(padded: Tensor, like: PackedSequence) -> PackedSequence:
+    """padded [T, B, H] (rows in the caller's order) packed exactly as `like` is: the same
+    batch_sizes and row order, so sorted_indices/unsorted_indices carry over unchanged."""
+    order = like.sorted_indices if like.sorted_indices is not None else \
+        torch.arange(padded.shape[1], device=padded.device)
+    steps = [torch.full((int(n),), t, dtype=torch.long) for t, n in enumerate(like.batch_sizes)]
+    rows = [order[: int(n)].cpu() for n in like.batch_sizes]
+    t_index = torch.cat(steps).to(padded.device)
+    b_index = torch.cat(rows).to(padded.device)
+    return PackedSequence(padded[t_index, b_index], like.batch_sizes, like.sorted_indices,
+                          like.unsorted_indices)
+
+
+class LSTM(_FastRNNMixin, torch.nn.LSTM):
+    _torch_class = torch.nn.LSTM
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, input, hx=None, lengths=None):
+        return self._fastseq_forward(input, hx, lengths)
+
+
+class GRU(_FastRNNMixin, torch.nn.GRU):
+    _torch_class = torch.nn.GRU
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, input, hx=None, lengths=None):
+        return self._fastseq_forward(input, hx, lengths)
+
+
+class RNN(_FastRNNMixin, torch.nn.RNN):
+    _torch_class = torch.nn.RNN
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, input, hx=None, lengths=None):
+        return self._fastseq_forward(input, hx, lengths)

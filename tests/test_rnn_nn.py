@@ -1,0 +1,176 @@
+"""fastseq.nn.LSTM/GRU/RNN as drop-ins for torch's: constructor, parameters and state_dict both
+ways; on fastseq's sequence path (backend="triton"/"reference") the same outputs, final states
+and gradients as torch over layers, directions, batch_first, padded/packed/`lengths=` and
+unbatched input; `auto` runs torch's own forward."""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastseq
+
+from numerics import assert_within_rule
+from test_rnn_layer_ops import layer_backends
+
+KINDS = {
+    "lstm": (torch.nn.LSTM, fastseq.nn.LSTM, {}),
+    "gru": (torch.nn.GRU, fastseq.nn.GRU, {}),
+    "rnn_tanh": (torch.nn.RNN, fastseq.nn.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (torch.nn.RNN, fastseq.nn.RNN, {"nonlinearity": "relu"}),
+}
+CONFIGS = [(1, False, False), (2, True, True), (3, True, False)]  # layers, bidirectional, batch_first
+INPUTS = ["padded", "packed", "lengths", "unbatched"]
+LENGTHS = [7, 2, 5, 1, 7]
+
+
+def build(kind, layers, bidirectional, batch_first, dtype, backend=None, **extra):
+    torch_cls, fast_cls, kwargs = KINDS[kind]
+    args = dict(input_size=4, hidden_size=6, num_layers=layers, bidirectional=bidirectional,
+                batch_first=batch_first, dtype=dtype, **kwargs, **extra)
+    return torch_cls(**args), fast_cls(backend=backend, **args)
+
+
+def run(module, x, hx, how, batch_first):
+    """Forward + backward of `module` on x (float64 leaves cast to the module's dtype)."""
+    dtype = next(module.parameters()).dtype
+    x = x.detach().to(dtype).requires_grad_()
+    state = tuple(h.to(dtype) for h in hx) if isinstance(hx, tuple) else hx.to(dtype)
+    lengths = torch.tensor(LENGTHS)
+    if how == "packed":
+        out, final = module(pack_padded_sequence(x, lengths, batch_first=batch_first,
+                                                 enforce_sorted=False), state)
+        out, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=7)
+    elif how == "lengths":
+        if isinstance(module, (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN)) and \
+                not isinstance(module, (fastseq.nn.LSTM, fastseq.nn.GRU, fastseq.nn.RNN)):
+            packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+            out, final = module(packed, state)
+            out, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=7)
+        else:
+            out, final = module(x, state, lengths=lengths)
+    else:
+        out, final = module(x, state)
+    finals = list(final) if isinstance(final, tuple) else [final]
+    torch.manual_seed(1)
+    # randn by shape, not randn_like: the latter follows memory layout, so two equal outputs
+    # with different strides would get different weights.
+    loss = sum((t.double() * torch.randn(t.shape, dtype=torch.float64)).sum() for t in [out] + finals)
+    params = list(module.parameters())
+    grads = torch.autograd.grad(loss, [x] + params)
+    return [t.detach() for t in [out] + finals], list(grads)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("layers,bidirectional,batch_first", CONFIGS)
+@pytest.mark.parametrize("how", INPUTS)
+def test_sequence_backends_match_torch(kind, layers, bidirectional, batch_first, how):
+    d = 2 if bidirectional else 1
+    if how == "unbatched":
+        x = torch.randn(7, 4, dtype=torch.float64)
+        h = torch.randn(layers * d, 6, dtype=torch.float64)
+    else:
+        x = torch.randn(5, 7, 4, dtype=torch.float64) if batch_first else torch.randn(7, 5, 4, dtype=torch.float64)
+        h = torch.randn(layers * d, 5, 6, dtype=torch.float64)
+    hx = (h, torch.randn_like(h)) if kind == "lstm" else h
+    truth, _ = build(kind, layers, bidirectional, batch_first, torch.float64)
+    plain, _ = build(kind, layers, bidirectional, batch_first, torch.float32)
+    plain.load_state_dict(truth.state_dict())
+    ref_outs, ref_grads = run(truth, x, hx, how, batch_first)
+    plain_outs, plain_grads = run(plain, x, hx, how, batch_first)
+    for backend in layer_backends("cpu"):
+        _, ours = build(kind, layers, bidirectional, batch_first, torch.float32, backend=backend)
+        ours.load_state_dict(truth.state_dict())
+        outs, grads = run(ours, x, hx, how, batch_first)
+        for i, (o, p, r) in enumerate(zip(outs, plain_outs, ref_outs)):
+            assert_within_rule(f"{backend} {kind} output {i}", o, p, r)
+        names = ["input"] + [n for n, _ in ours.named_parameters()]
+        for name, g, p, r in zip(names, grads, plain_grads, ref_grads):
+            assert_within_rule(f"{backend} {kind} grad {name}", g, p, r)
+
+
+def test_packed_output_keeps_the_input_structure():
+    torch_lstm, ours = build("lstm", 2, True, False, torch.float32, backend=layer_backends("cpu")[0])
+    ours.load_state_dict(torch_lstm.state_dict())
+    packed = pack_padded_sequence(torch.randn(7, 5, 4), torch.tensor(LENGTHS), enforce_sorted=False)
+    theirs, _ = torch_lstm(packed)
+    mine, _ = ours(packed)
+    for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+        assert torch.equal(getattr(mine, field), getattr(theirs, field))
+    torch.testing.assert_close(mine.data, theirs.data, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_state_dict_both_ways_and_auto_is_torch(kind):
+    theirs, ours = build(kind, 2, True, True, torch.float32, **({"proj_size": 3} if kind == "lstm" else {}))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    back, _ = build(kind, 2, True, True, torch.float32, **({"proj_size": 3} if kind == "lstm" else {}))
+    back.load_state_dict(ours.state_dict())
+    ours.flatten_parameters()  # torch's, harmless
+    x = torch.randn(3, 5, 4)
+    with torch.profiler.profile() as prof:
+        out, _ = ours(x)
+    expected, _ = back(x)
+    torch.testing.assert_close(out, expected)
+    names = {e.name for e in prof.events()}
+    assert not any(n.startswith("fastseq::") for n in names)  # auto: torch's own kernels
+
+
+def test_lengths_on_the_auto_path_match_packed():
+    torch_gru, ours = build("gru", 2, True, True, torch.float32)
+    ours.load_state_dict(torch_gru.state_dict())
+    x = torch.randn(5, 7, 4)
+    out, h = ours(x, lengths=LENGTHS)
+    packed, h_expected = torch_gru(pack_padded_sequence(x, torch.tensor(LENGTHS), batch_first=True,
+                                                        enforce_sorted=False))
+    expected, _ = pad_packed_sequence(packed, batch_first=True, total_length=7)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(h, h_expected)
+
+
+def test_dropout_between_layers_in_training_only():
+    _, ours = build("lstm", 3, False, False, torch.float32, backend=layer_backends("cpu")[0], dropout=0.5)
+    x = torch.randn(6, 2, 4)
+    ours.eval()
+    a, _ = ours(x)
+    b, _ = ours(x)
+    assert torch.equal(a, b)
+    ours.train()
+    torch.manual_seed(1)
+    c, _ = ours(x)
+    torch.manual_seed(2)
+    d, _ = ours(x)
+    assert not torch.allclose(c, d)
+
+
+def test_errors_name_the_problem():
+    _, lstm = build("lstm", 2, False, False, torch.float32, backend="reference", proj_size=3)
+    with pytest.raises(fastseq.BackendError, match="proj_size > 0 runs on torch's path only"):
+        lstm(torch.randn(3, 2, 4))
+    _, gru = build("gru", 2, True, False, torch.float32, backend="reference")
+    with pytest.raises(fastseq.InputError, match=r"h0 must have shape \[num_layers\*num_directions, "
+                                                 r"batch, hidden_size\] = \[4, 2, 6\], got \[2, 2, 6\]"):
+        gru(torch.randn(3, 2, 4), torch.zeros(2, 2, 6))
+    packed = pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2]))
+    with pytest.raises(fastseq.InputError, match="lengths is for padded input"):
+        gru(packed, lengths=[3, 2])
+
+
+def test_compile_fullgraph_on_the_sequence_path():
+    """Dynamo refuses every torch.nn.RNNBase instance unless allow_rnn is set, and these layers
+    subclass torch's (bench/NOTES.md); on fastseq's path the whole step then traces as one graph."""
+    backend = layer_backends("cpu")[0]
+    if backend != "triton":
+        pytest.skip("needs the Triton interpreter")
+    torch._dynamo.reset()
+    _, lstm = build("lstm", 2, True, False, torch.float32, backend="triton")
+    x = torch.randn(5, 3, 4, requires_grad=True)
+
+    def step(inp):
+        y, (h, c) = lstm(inp, lengths=[5, 2, 4])
+        return y.square().sum() + h.sum()
+
+    eager = step(x)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
