@@ -156,21 +156,35 @@ def test_errors_name_the_problem():
         gru(packed, lengths=[3, 2])
 
 
-def test_compile_fullgraph_on_the_sequence_path():
-    """Dynamo refuses every torch.nn.RNNBase instance unless allow_rnn is set, and these layers
-    subclass torch's (bench/NOTES.md); on fastseq's path the whole step then traces as one graph."""
-    backend = layer_backends("cpu")[0]
-    if backend != "triton":
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_compile_fullgraph_training_step(backend):
+    """A whole training step through a 2-layer bidirectional LSTM compiles as one graph (torch's
+    own nn.LSTM graph-breaks); under compile, auto takes fastseq's sequence path."""
+    if layer_backends("cpu")[0] != "triton":
         pytest.skip("needs the Triton interpreter")
     torch._dynamo.reset()
-    _, lstm = build("lstm", 2, True, False, torch.float32, backend="triton")
-    x = torch.randn(5, 3, 4, requires_grad=True)
+    _, lstm = build("lstm", 2, True, True, torch.float32, backend=backend)
+    x = torch.randn(3, 5, 4, requires_grad=True)
 
     def step(inp):
         y, (h, c) = lstm(inp, lengths=[5, 2, 4])
-        return y.square().sum() + h.sum()
+        return y.square().sum() + h.sum() + c.sum()
 
     eager = step(x)
-    with torch._dynamo.config.patch(allow_rnn=True):
-        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    eager_grads = torch.autograd.grad(eager, [x] + list(lstm.parameters()))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    grads = torch.autograd.grad(compiled, [x] + list(lstm.parameters()))
     torch.testing.assert_close(compiled, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_constructor_arguments_as_torch():
+    rnn = fastseq.nn.RNN(4, 6, 2, "relu", False, True)  # torch's positional order
+    assert (rnn.nonlinearity, rnn.mode, rnn.num_layers, rnn.bias, rnn.batch_first) == \
+        ("relu", "RNN_RELU", 2, False, True)
+    with pytest.raises(ValueError, match="Unknown nonlinearity 'gelu'"):
+        fastseq.nn.RNN(4, 6, nonlinearity="gelu")
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+        fastseq.nn.GRU(4, 6, proj_size=2)
+    assert repr(fastseq.nn.LSTM(4, 6, 2, proj_size=3)) == repr(torch.nn.LSTM(4, 6, 2, proj_size=3))

@@ -1,14 +1,20 @@
 """Drop-in replacements for torch.nn.LSTM, GRU and RNN.
 
-They subclass torch's modules: constructor arguments, parameter names (weight_ih_l0,
-weight_hh_l0_reverse, ...), initialisation, state_dict and flatten_parameters are torch's own.
-forward takes what torch's takes (padded or packed input, optional h0/c0, unbatched input) and
-one more argument, `lengths`, for padded variable-length batches without a PackedSequence.
+Same constructor arguments, parameter names (weight_ih_l0, weight_hh_l0_reverse, weight_hr_l0,
+...), initialisation, state_dict and flatten_parameters as torch's: the classes derive from
+torch.nn.RNNBase, which creates all of that. They do not derive from torch.nn.LSTM/GRU/RNN
+themselves, because torch.compile refuses to trace any instance of those (dynamo's
+"Attempted to wrap RNN, GRU, or LSTM", torch 2.14); each borrows the few helpers torch's own
+forward calls, so that forward runs unchanged on the `auto` path. forward takes what torch's
+takes (padded or packed input, optional h0/c0, unbatched input) and one more argument,
+`lengths`, for padded variable-length batches without a PackedSequence.
 
-Backends: `auto` runs torch's own forward (cuDNN on GPUs, aten on CPUs): fastseq's persistent
-recurrence kernel, the one meant to beat cuDNN, is not written yet, and nothing slower is ever
-chosen for you. `backend="triton"` (or "reference") runs fastseq's per-layer sequence op
-(fastseq.ops.rnn_layer) over the layers and directions; proj_size needs torch's path for now.
+Backends: in eager mode `auto` runs torch's own forward (cuDNN on GPUs, aten on CPUs):
+fastseq's persistent recurrence kernel, the one meant to beat cuDNN, is not written yet, and
+nothing slower is chosen for you. Under torch.compile `auto` takes fastseq's sequence path
+(Triton, else the reference), since torch's functional RNNs do not compile with fullgraph=True.
+`backend="triton"` (or "reference") runs fastseq.ops.rnn_layer over the layers and
+directions; proj_size needs torch's path for now.
 """
 from __future__ import annotations
 
@@ -28,8 +34,15 @@ _MODULE_NAMES = {"LSTM": "fastseq.nn.LSTM", "GRU": "fastseq.nn.GRU", "RNN_TANH":
 _OP_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
-class _FastRNNMixin:
-    """forward for torch.nn.RNNBase subclasses; `self.backend` pins a backend."""
+class _FastRNNBase(torch.nn.RNNBase):
+    """torch.nn.RNNBase with fastseq's forward; `self.backend` pins a backend."""
+
+    def __init__(self, mode: str, *args, backend: Optional[str] = None, **kwargs) -> None:
+        super().__init__(mode, *args, **kwargs)
+        self.backend = backend
+
+    def forward(self, input, hx=None, lengths=None):
+        return self._fastseq_forward(input, hx, lengths)
 
     _torch_class: type  # the torch module this one replaces, whose forward `auto` runs
 
@@ -38,6 +51,10 @@ class _FastRNNMixin:
         if lengths is not None and isinstance(input, PackedSequence):
             raise InputError(f"{op}: lengths is for padded input; a PackedSequence carries its own")
         requested = _backends.requested_backend(self.backend)
+        if requested == "auto" and torch.compiler.is_compiling():
+            # torch's own RNN forward does not compile with fullgraph=True; fastseq's does.
+            no_triton = _backends.triton_unavailable(_device_of(input))
+            requested = "reference" if no_triton else "triton"
         if requested in ("auto", "torch"):
             return self._torch_forward(input, hx, lengths)
         if requested not in ("triton", "reference"):
@@ -135,34 +152,43 @@ def _pack_like(padded: Tensor, like: PackedSequence) -> PackedSequence:
                           like.unsorted_indices)
 
 
-class LSTM(_FastRNNMixin, torch.nn.LSTM):
+def _device_of(input) -> torch.device:
+    return input.data.device if isinstance(input, PackedSequence) else input.device
+
+
+class LSTM(_FastRNNBase):
     _torch_class = torch.nn.LSTM
+    # Helpers torch.nn.LSTM.forward calls on self, beyond RNNBase's.
+    get_expected_cell_size = torch.nn.LSTM.get_expected_cell_size
+    check_forward_args = torch.nn.LSTM.check_forward_args
+    permute_hidden = torch.nn.LSTM.permute_hidden
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.backend = backend
-
-    def forward(self, input, hx=None, lengths=None):
-        return self._fastseq_forward(input, hx, lengths)
+        super().__init__("LSTM", *args, backend=backend, **kwargs)
 
 
-class GRU(_FastRNNMixin, torch.nn.GRU):
+class GRU(_FastRNNBase):
     _torch_class = torch.nn.GRU
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.backend = backend
-
-    def forward(self, input, hx=None, lengths=None):
-        return self._fastseq_forward(input, hx, lengths)
+        if "proj_size" in kwargs:  # as torch.nn.GRU
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, backend=backend, **kwargs)
 
 
-class RNN(_FastRNNMixin, torch.nn.RNN):
+class RNN(_FastRNNBase):
     _torch_class = torch.nn.RNN
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.backend = backend
-
-    def forward(self, input, hx=None, lengths=None):
-        return self._fastseq_forward(input, hx, lengths)
+        # torch.nn.RNN's own argument handling: nonlinearity (4th positional) picks the mode.
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            nonlinearity, args = args[3], args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if nonlinearity not in modes:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(modes[nonlinearity], *args, backend=backend, **kwargs)
+        self.nonlinearity = nonlinearity
