@@ -15,15 +15,17 @@ DEVICE_NAME = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
 GPU_CALLS_PER_ROUND = 50
 
 
-def run_timed(benchmark, fn, **info):
+def run_timed(benchmark, fn, calls_per_round=GPU_CALLS_PER_ROUND, **info):
+    """Time fn: on a GPU, rounds of `calls_per_round` calls closed by one synchronize (medians
+    per call in bench/report.py); on a CPU, one call per round."""
     benchmark.extra_info.update(info, device=DEVICE_NAME)
     if DEVICE.type == "cuda":
         def round_of_calls():
-            for _ in range(GPU_CALLS_PER_ROUND):
+            for _ in range(calls_per_round):
                 fn()
             torch.cuda.synchronize()
 
-        benchmark.extra_info["calls_per_round"] = GPU_CALLS_PER_ROUND
+        benchmark.extra_info["calls_per_round"] = calls_per_round
         benchmark.pedantic(round_of_calls, rounds=20, warmup_rounds=3)
     else:
         benchmark.extra_info["calls_per_round"] = 1

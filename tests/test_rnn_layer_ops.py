@@ -198,3 +198,17 @@ def test_torch_backend_refuses_what_it_cannot_do():
     with pytest.raises(fastseq.BackendError, match="backend 'torch' cannot run this call: .*reverse"):
         fastseq.ops.rnn_layer("gru", x, None, torch.randn(18, 4), torch.randn(18, 6), reverse=True,
                               backend="torch")
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_deterministic_bitwise(mode):
+    """The same inputs give bitwise the same outputs and gradients, run to run (no atomics:
+    each program owns its rows; dW_hh is one GEMM)."""
+    backend = layer_backends("cpu")[0]
+    leaves64 = make_leaves(mode, 6, 21, 5, 20, "cpu")
+    grad_outputs = [torch.randn(6, 21, 20, dtype=torch.float64)] + \
+        [torch.randn(21, 20, dtype=torch.float64) for _ in range(2 if mode == "lstm" else 1)]
+    first = run(mode, leaves64, torch.float32, backend, lengths_for(6, 21, True), True, grad_outputs)
+    second = run(mode, leaves64, torch.float32, backend, lengths_for(6, 21, True), True, grad_outputs)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
