@@ -37,14 +37,14 @@ _OP_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "
 class _FastRNNBase(torch.nn.RNNBase):
     """torch.nn.RNNBase with fastseq's forward; `self.backend` pins a backend."""
 
+    _torch_class: type  # the torch module this one replaces, whose forward `auto` runs
+
     def __init__(self, mode: str, *args, backend: Optional[str] = None, **kwargs) -> None:
         super().__init__(mode, *args, **kwargs)
         self.backend = backend
 
     def forward(self, input, hx=None, lengths=None):
         return self._fastseq_forward(input, hx, lengths)
-
-    _torch_class: type  # the torch module this one replaces, whose forward `auto` runs
 
     def _fastseq_forward(self, input, hx, lengths):
         op = _MODULE_NAMES[self.mode]
