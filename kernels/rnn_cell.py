@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRETED, accumulator_dtype, dot_precision, new_output
-from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math
+from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
 
 from .rnn_cell_layout import GATES, WORKSPACE
 
@@ -132,16 +132,7 @@ def _rnn_cell_backward_kernel(
     else:
         c_prev = zero
         c_new = zero
-    if MODE <= 1:  # LSTM and GRU saved four values per unit
-        w0 = tl.load(ws, mask=mask, other=0.0).to(ACC_DTYPE)
-        w1 = tl.load(ws + H, mask=mask, other=0.0).to(ACC_DTYPE)
-        w2 = tl.load(ws + 2 * H, mask=mask, other=0.0).to(ACC_DTYPE)
-        w3 = tl.load(ws + 3 * H, mask=mask, other=0.0).to(ACC_DTYPE)
-    else:
-        w0 = zero
-        w1 = zero
-        w2 = zero
-        w3 = zero
+    w0, w1, w2, w3 = load_saved(ws, H, mask, MODE, ACC_DTYPE, dh)
     d0, d1, d2, d3, dn_hh, dh_direct, dc_prev = cell_backward_math(
         MODE, dh, dc, w0, w1, w2, w3, h_prev, c_prev, h_new, c_new)
     tl.store(dg, d0.to(out_ty), mask=mask)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .common import INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output
 from .rnn_cell_layout import GATES
-from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math
+from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
 
 MODE_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 # Workspace columns per unit and step.
@@ -38,6 +38,19 @@ def _step_index(step, T, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _batch_tile(len_ptr, T, B, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's batch rows (offsets, mask, int64 rows) and their sequence lengths (T for
+    every row when no lengths are given)."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    if HAS_LENGTHS:
+        lengths = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
+    else:
+        lengths = tl.full((BLOCK_B,), T, tl.int32)
+    return offs_b, mask_b, offs_b.to(tl.int64), lengths
+
+
+@triton.jit
 def _rnn_layer_forward_kernel(
     gx_ptr, h0_ptr, c0_ptr, w_hh_ptr, b_hh_ptr, len_ptr,
     y_ptr, hn_ptr, cn_ptr, ws_ptr, hbuf_ptr, cbuf_ptr,
@@ -47,13 +60,7 @@ def _rnn_layer_forward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
-    rows_b = offs_b.to(tl.int64)
-    if HAS_LENGTHS:
-        lengths = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
-    else:
-        lengths = tl.full((BLOCK_B,), T, tl.int32)
+    offs_b, mask_b, rows_b, lengths = _batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
     out_ty = y_ptr.dtype.element_ty
     BH = B * H
 
@@ -148,13 +155,7 @@ def _rnn_layer_backward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
-    rows_b = offs_b.to(tl.int64)
-    if HAS_LENGTHS:
-        lengths = tl.load(len_ptr + offs_b, mask=mask_b, other=0)
-    else:
-        lengths = tl.full((BLOCK_B,), T, tl.int32)
+    offs_b, mask_b, rows_b, lengths = _batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
     out_ty = dgx_ptr.dtype.element_ty
     BH = B * H
     GH = G * H
@@ -205,16 +206,7 @@ def _rnn_layer_backward_kernel(
                               tl.load(h0_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE))
             ws = ws_ptr + t64 * B * WS * H + rows_b[:, None] * (WS * H) + offs_h[None, :]
             zero = tl.zeros_like(dh)
-            if MODE <= 1:
-                w0 = tl.load(ws, mask=mask, other=0.0).to(ACC_DTYPE)
-                w1 = tl.load(ws + H, mask=mask, other=0.0).to(ACC_DTYPE)
-                w2 = tl.load(ws + 2 * H, mask=mask, other=0.0).to(ACC_DTYPE)
-                w3 = tl.load(ws + 3 * H, mask=mask, other=0.0).to(ACC_DTYPE)
-            else:
-                w0 = zero
-                w1 = zero
-                w2 = zero
-                w3 = zero
+            w0, w1, w2, w3 = load_saved(ws, H, mask, MODE, ACC_DTYPE, dh)
             if MODE == 0:
                 dc = tl.load(dcbuf_ptr + state, mask=mask, other=0.0)
                 c_new = tl.load(ws + 4 * H, mask=mask, other=0.0).to(ACC_DTYPE)

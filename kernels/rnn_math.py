@@ -116,3 +116,20 @@ def cell_backward_math(MODE: tl.constexpr, dh, dc, w0, w1, w2, w3, h_prev, c_pre
         dh_direct = zero
         dc_prev = zero
     return d0, d1, d2, d3, dn_hh, dh_direct, dc_prev
+
+
+@triton.jit
+def load_saved(ws, H, mask, MODE: tl.constexpr, ACC_DTYPE: tl.constexpr, like):
+    """The four values a forward saved per unit (LSTM i, f, g, o; GRU r, z, n, hn) from the
+    workspace columns ws, ws+H, ws+2H, ws+3H; zeros (shaped like `like`) for plain RNNs."""
+    if MODE <= 1:
+        w0 = tl.load(ws, mask=mask, other=0.0).to(ACC_DTYPE)
+        w1 = tl.load(ws + H, mask=mask, other=0.0).to(ACC_DTYPE)
+        w2 = tl.load(ws + 2 * H, mask=mask, other=0.0).to(ACC_DTYPE)
+        w3 = tl.load(ws + 3 * H, mask=mask, other=0.0).to(ACC_DTYPE)
+    else:
+        w0 = tl.zeros_like(like)
+        w1 = tl.zeros_like(like)
+        w2 = tl.zeros_like(like)
+        w3 = tl.zeros_like(like)
+    return w0, w1, w2, w3
