@@ -14,6 +14,20 @@
 
 namespace fastseq {
 
+// Tests set FASTSEQ_POISON_OUTPUTS=1 so that an element a kernel forgets to write reads NaN.
+static bool poison_outputs() {
+  static const bool poison = [] {
+    const char* value = std::getenv("FASTSEQ_POISON_OUTPUTS");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  return poison;
+}
+
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  if (poison_outputs()) return at::full(shape, std::numeric_limits<double>::quiet_NaN(), options);
+  return at::empty(shape, options);
+}
+
 CellMode parse_cell_mode(c10::string_view mode) {
   if (mode == "lstm") return CellMode::kLSTM;
   if (mode == "gru") return CellMode::kGRU;
@@ -45,20 +59,6 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& like,
               " (the device of input), got ", t.device());
   TORCH_CHECK(t.sizes() == shape, "fastseq: ", name, " must have shape ", shape, ", got ",
               t.sizes());
-}
-
-// Tests set FASTSEQ_POISON_OUTPUTS=1 so that an element a kernel forgets to write reads NaN.
-bool poison_outputs() {
-  static const bool poison = [] {
-    const char* value = std::getenv("FASTSEQ_POISON_OUTPUTS");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }();
-  return poison;
-}
-
-at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  if (poison_outputs()) return at::full(shape, std::numeric_limits<double>::quiet_NaN(), options);
-  return at::empty(shape, options);
 }
 
 at::Tensor optional_contiguous(const std::optional<at::Tensor>& t) {

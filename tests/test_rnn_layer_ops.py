@@ -18,8 +18,12 @@ CASES = [(1, 1, 1, 1, torch.float32), (7, 13, 5, 63, torch.float32), (3, 37, 6, 
 
 
 def layer_backends(device):
+    """fastseq's own sequence implementations that can run on `device` here."""
+    dev = torch.device(device)
     names = ["reference"]
-    if fastseq.backend.triton_unavailable(torch.device(device)) is None:
+    if fastseq.backend.native_unavailable(dev) is None:
+        names.insert(0, "native")
+    if fastseq.backend.triton_unavailable(dev) is None:
         names.insert(0, "triton")
     return names
 
@@ -111,28 +115,33 @@ def triton_or_skip():
         pytest.skip("the Triton interpreter is off (a GPU run tests Triton on CUDA instead)")
 
 
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_opcheck(mode, reverse):
-    triton_or_skip()
+def test_opcheck(backend, mode, reverse):
+    if backend not in layer_backends("cpu"):
+        pytest.skip(f"{backend} cannot run on this machine's CPU")
+    suffix = "_triton" if backend == "triton" else ""
+    forward = getattr(torch.ops.fastseq, "rnn_layer_forward" + suffix)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = [t.float() if t is not None else None
                                          for t in make_leaves(mode, 4, 3, 2, 5, "cpu")]
     gx = x @ w_ih.t() + b_ih
     lengths = torch.tensor([4, 1, 3], dtype=torch.int32)
     for save in (False, True):
         args = (mode, gx.requires_grad_(save), h0, c0, w_hh, b_hh, lengths, reverse, save)
-        torch.library.opcheck(torch.ops.fastseq.rnn_layer_forward_triton, args)
-    y, h_n, c_n, ws = torch.ops.fastseq.rnn_layer_forward_triton(mode, gx.detach(), h0, c0, w_hh,
-                                                                 b_hh, lengths, reverse, True)
+        torch.library.opcheck(forward, args)
+    y, h_n, c_n, ws = forward(mode, gx.detach(), h0, c0, w_hh, b_hh, lengths, reverse, True)
     lstm = mode == "lstm"
-    torch.library.opcheck(torch.ops.fastseq.rnn_layer_backward_triton, (
+    torch.library.opcheck(getattr(torch.ops.fastseq, "rnn_layer_backward" + suffix), (
         mode, torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n) if lstm else None,
         h0, c0, w_hh, y, ws, lengths, reverse))
 
 
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_float64(mode):
-    triton_or_skip()
+def test_gradcheck_float64(backend, mode):
+    if backend not in layer_backends("cpu"):
+        pytest.skip(f"{backend} cannot run on this machine's CPU")
     leaves = [t.requires_grad_() if t is not None else None for t in make_leaves(mode, 3, 2, 2, 3, "cpu")]
     present = [i for i, t in enumerate(leaves) if t is not None]
 
@@ -142,7 +151,7 @@ def test_gradcheck_float64(mode):
             full[i] = a
         x, h0, c0, w_ih, w_hh, b_ih, b_hh = full
         y, h_n = fastseq.ops.rnn_layer(mode, x, (h0, c0) if mode == "lstm" else h0, w_ih, w_hh,
-                                       b_ih, b_hh, lengths=[3, 2], reverse=True, backend="triton")
+                                       b_ih, b_hh, lengths=[3, 2], reverse=True, backend=backend)
         return (y,) + (tuple(h_n) if mode == "lstm" else (h_n,))
 
     assert torch.autograd.gradcheck(f, [leaves[i] for i in present], eps=1e-6, atol=1e-6)

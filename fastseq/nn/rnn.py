@@ -12,9 +12,9 @@ takes (padded or packed input, optional h0/c0, unbatched input) and one more arg
 Backends: in eager mode `auto` runs torch's own forward (cuDNN on GPUs, aten on CPUs):
 fastseq's persistent recurrence kernel, the one meant to beat cuDNN, is not written yet, and
 nothing slower is chosen for you. Under torch.compile `auto` takes fastseq's sequence path
-(Triton, else the reference), since torch's functional RNNs do not compile with fullgraph=True.
-`backend="triton"` (or "reference") runs fastseq.ops.rnn_layer over the layers and
-directions; proj_size needs torch's path for now.
+(Triton, else native, else the reference), since torch's functional RNNs do not compile with
+fullgraph=True. `backend="triton"` (or "native", "reference") runs fastseq.ops.rnn_layer over
+the layers and directions; proj_size needs torch's path for now.
 """
 from __future__ import annotations
 
@@ -53,14 +53,17 @@ class _FastRNNBase(torch.nn.RNNBase):
         requested = _backends.requested_backend(self.backend)
         if requested == "auto" and torch.compiler.is_compiling():
             # torch's own RNN forward does not compile with fullgraph=True; fastseq's does.
-            no_triton = _backends.triton_unavailable(_device_of(input))
-            requested = "reference" if no_triton else "triton"
+            device = _device_of(input)
+            requested = next(name for name, reason in (
+                ("triton", _backends.triton_unavailable(device)),
+                ("native", _backends.native_unavailable(device)),
+                ("reference", None)) if reason is None)
         if requested in ("auto", "torch"):
             return self._torch_forward(input, hx, lengths)
-        if requested not in ("triton", "reference"):
+        if requested not in ("triton", "native", "reference"):
             raise _backends.BackendError(
                 f"{op}: backend {requested!r} has no implementation of this layer (it has: "
-                "torch, triton, reference)")
+                "torch, triton, native, reference)")
         if getattr(self, "proj_size", 0) > 0:
             raise _backends.BackendError(
                 f"{op}: backend {requested!r} cannot run this call: proj_size > 0 runs on "

@@ -49,6 +49,7 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     device = input.device
     unsupported = {
         "triton": lambda: _backends.triton_unavailable(device),
+        "native": lambda: _backends.native_unavailable(device),
         "torch": lambda: _torch_unsupported(reverse, lengths),
         "reference": lambda: None,
     }
@@ -73,8 +74,10 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
         gates_x = F.linear(input, w_ih, b_ih)  # every step's input projection: one GEMM
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh))
-        y, h_n, c_n, _workspace = torch.ops.fastseq.rnn_layer_forward_triton(
-            mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, needs_grad)
+        forward = (torch.ops.fastseq.rnn_layer_forward_triton if chosen == "triton"
+                   else torch.ops.fastseq.rnn_layer_forward)
+        y, h_n, c_n, _workspace = forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse,
+                                          needs_grad)
     return (y, (h_n, c_n)) if lstm else (y, h_n)
 
 
@@ -129,10 +132,11 @@ def _torch_unsupported(reverse: bool, lengths) -> Optional[str]:
 
 
 def _auto_preference(device: torch.device) -> tuple[str, ...]:
-    # torch first where it serves the call: cuDNN on GPUs, aten on CPUs. This Triton path keeps
-    # one program per 16-64 batch rows (a handful of SMs at training batch sizes) and has not
-    # been timed on a GPU yet; it serves reverse and padded-length calls, and the persistent
-    # CUDA kernel planned for issue 3 is what is meant to beat cuDNN.
+    # torch first where it serves the call: cuDNN on GPUs, aten on CPUs. The Triton path keeps
+    # one program per 16 batch rows (a handful of SMs at training batch sizes), the native op
+    # is the GEMM-per-step loop (2 launches a step on GPUs; the C++ twin on CPUs); neither has
+    # been timed on a GPU yet. They serve reverse and padded-length calls; the persistent CUDA
+    # kernel planned for issue 3 is what is meant to beat cuDNN.
     if device.type == "cuda":
-        return ("torch", "triton", "reference")
-    return ("torch", "reference")
+        return ("torch", "triton", "native", "reference")
+    return ("torch", "native", "reference")

@@ -1,10 +1,13 @@
 """Registered ops of one recurrent layer in one direction over a sequence, their fakes and
-their autograd.
+their autograd. Two implementations share one schema (csrc/ops.cpp):
 
-  torch.ops.fastseq.rnn_layer_forward_triton(mode, gates_x, h0, c0, w_hh, b_hh, lengths,
-      reverse, save_workspace) -> (y, h_n, c_n, workspace)
-  torch.ops.fastseq.rnn_layer_backward_triton(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh,
-      y, workspace, lengths, reverse) -> (dgates_x, dgates_h, dh0, dc0)
+  torch.ops.fastseq.rnn_layer_forward / rnn_layer_backward                C++ (CPU) and CUDA
+  torch.ops.fastseq.rnn_layer_forward_triton / rnn_layer_backward_triton  Triton (kernels/)
+
+  forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, save_workspace)
+      -> (y, h_n, c_n, workspace)
+  backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths, reverse)
+      -> (dgates_x, dgates_h, dh0, dc0)
 
 gates_x [T, B, G*H] is the input projection of every step (x W_ih^T + b_ih, one GEMM done by
 the caller, whose autograd gives dx and dW_ih as one GEMM each). The backward op runs the
@@ -18,8 +21,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _extension
 from ..kernels.rnn_cell_layout import GATES
 
+NATIVE_FORWARD = "fastseq::rnn_layer_forward"
+NATIVE_BACKWARD = "fastseq::rnn_layer_backward"
 TRITON_FORWARD = "fastseq::rnn_layer_forward_triton"
 TRITON_BACKWARD = "fastseq::rnn_layer_backward_triton"
 LAYER_WORKSPACE = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
@@ -58,7 +64,6 @@ def rnn_layer_backward_triton(
     return rnn_layer.rnn_layer_backward(mode, *args, reverse)
 
 
-@torch.library.register_fake(TRITON_FORWARD)
 def _forward_fake(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, save_workspace):
     steps, batch, _ = gates_x.shape
     hidden = h0.shape[1]
@@ -68,7 +73,6 @@ def _forward_fake(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, save_work
             gates_x.new_empty(steps if ws_columns else 0, batch, ws_columns))
 
 
-@torch.library.register_fake(TRITON_BACKWARD)
 def _backward_fake(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths, reverse):
     steps, batch, hidden = y.shape
     gates = GATES[mode]
@@ -124,5 +128,14 @@ def _autograd_backward(backward_op):
     return backward
 
 
-torch.library.register_autograd(TRITON_FORWARD, _autograd_backward(
-    torch.ops.fastseq.rnn_layer_backward_triton), setup_context=_setup_context)
+def _register(forward_name: str, backward_name: str) -> None:
+    torch.library.register_fake(forward_name)(_forward_fake)
+    torch.library.register_fake(backward_name)(_backward_fake)
+    backward_op = getattr(torch.ops.fastseq, backward_name.split("::")[1])
+    torch.library.register_autograd(forward_name, _autograd_backward(backward_op),
+                                    setup_context=_setup_context)
+
+
+_register(TRITON_FORWARD, TRITON_BACKWARD)
+if _extension.is_built():
+    _register(NATIVE_FORWARD, NATIVE_BACKWARD)

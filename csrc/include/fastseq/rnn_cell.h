@@ -14,6 +14,8 @@
 namespace fastseq {
 
 CellMode parse_cell_mode(c10::string_view mode);
+// An output tensor; NaN-filled when FASTSEQ_POISON_OUTPUTS=1 (tests), so unwritten elements show.
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options);
 int cell_gates(CellMode mode);
 int cell_workspace(CellMode mode);
 

@@ -1,0 +1,189 @@
+#pragma once
+// One recurrent layer, one direction, over a sequence (the native rnn_layer_forward/backward
+// ops): a device-agnostic host loop over time (csrc/rnn_layer_common.cpp) runs, per step, the
+// recurrent GEMM through ATen (cuBLAS / MKL) and a fused pointwise step kernel of the device
+// (csrc/cpu/rnn_layer.cpp, csrc/cuda/rnn_layer.cu), whose per-unit math below is CellMath's.
+//
+// Layout as the Triton op's: gates_x [T, B, G*H] (x W_ih^T + b_ih), y [T, B, H], workspace
+// [T, B, WS*H] with WS = 5 for the LSTM (i, f, g, o, c_t), 4 for the GRU (r, z, n, hn), none
+// for plain RNNs. The state runs in acc_t (fp32; fp64 for fp64 input). A row whose sequence
+// has ended (t >= length) keeps its state and outputs zeros.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include <tuple>
+
+#include "fastseq/rnn_cell.h"
+
+namespace fastseq {
+
+template <CellMode M>
+constexpr int layer_workspace() {
+  return M == CellMode::kLSTM ? 5 : CellMath<M>::kWorkspace;
+}
+
+// One forward step's pointers, each at step t.
+template <typename scalar_t, typename acc_t>
+struct LayerStepIO {
+  const scalar_t* gates_x;  // [B, G*H]
+  const scalar_t* gates_h;  // [B, G*H]: h_{t-1} W_hh^T
+  const scalar_t* b_hh;     // [G*H] or null
+  acc_t* h;                 // [B, H] state, updated in place
+  acc_t* c;                 // [B, H] LSTM cell state, in place; null otherwise
+  scalar_t* y;              // [B, H]
+  scalar_t* ws;             // [B, WS*H] or null
+  const int32_t* lengths;   // [B] or null
+  int64_t t, H;
+};
+
+template <CellMode M, typename scalar_t, typename acc_t>
+FASTSEQ_HOST_DEVICE void layer_step_forward_element(const LayerStepIO<scalar_t, acc_t>& io,
+                                                    int64_t b, int64_t j) {
+  using Math = CellMath<M>;
+  constexpr int G = Math::kGates, WS = layer_workspace<M>();
+  const int64_t H = io.H, unit = b * H + j;
+  const bool valid = io.lengths == nullptr || io.t < io.lengths[b];
+  if (!valid) {  // the state stays; the output and the workspace read zero
+    io.y[unit] = scalar_t(0);
+    if (io.ws != nullptr) {
+      FASTSEQ_UNROLL
+      for (int w = 0; w < WS; ++w) io.ws[b * WS * H + w * H + j] = scalar_t(0);
+    }
+    return;
+  }
+  acc_t pre_ih[G], pre_hh[G];
+  FASTSEQ_UNROLL
+  for (int g = 0; g < G; ++g) {
+    pre_ih[g] = static_cast<acc_t>(io.gates_x[b * G * H + g * H + j]);
+    pre_hh[g] = static_cast<acc_t>(io.gates_h[b * G * H + g * H + j]);
+    if (io.b_hh != nullptr) pre_hh[g] += static_cast<acc_t>(io.b_hh[g * H + j]);
+  }
+  const acc_t h_prev = io.h[unit];
+  const acc_t c_prev = io.c != nullptr ? io.c[unit] : acc_t(0);
+  acc_t h_new, c_new = acc_t(0), saved[Math::kWorkspace > 0 ? Math::kWorkspace : 1];
+  Math::forward(pre_ih, pre_hh, h_prev, c_prev, h_new, c_new, saved);
+  io.h[unit] = h_new;
+  if (io.c != nullptr) io.c[unit] = c_new;
+  io.y[unit] = static_cast<scalar_t>(h_new);
+  if (io.ws != nullptr) {
+    FASTSEQ_UNROLL
+    for (int w = 0; w < Math::kWorkspace; ++w)
+      io.ws[b * WS * H + w * H + j] = static_cast<scalar_t>(saved[w]);
+    if constexpr (M == CellMode::kLSTM) io.ws[b * WS * H + 4 * H + j] = static_cast<scalar_t>(c_new);
+  }
+}
+
+// One backward step's pointers, each at step t unless named _prev (the step this one's state
+// came from: t-1 forwards, t+1 in reverse) or 0 (the initial state).
+template <typename scalar_t, typename acc_t>
+struct LayerStepBackwardIO {
+  const scalar_t* grad_y;   // [B, H]
+  acc_t* dh;                // [B, H] in: dL/dh_t from later steps; out: the part of dL/dh_{t-1}
+                            // that skips W_hh (GRU z*dh; all of it for a finished row)
+  acc_t* dc;                // [B, H] LSTM: dL/dc_t in, dL/dc_{t-1} out; null otherwise
+  const scalar_t* y;        // [B, H] h_t
+  const scalar_t* y_prev;   // [B, H] h_{t-1} where the row has a previous step
+  const scalar_t* h0;       // [B, H]
+  const scalar_t* ws;       // [B, WS*H]
+  const scalar_t* ws_prev;  // [B, WS*H] (the LSTM's c_{t-1})
+  const scalar_t* c0;       // [B, H] LSTM, else null
+  scalar_t* dgx;            // [B, G*H]
+  scalar_t* dgh;            // [B, G*H] GRU, else null
+  const int32_t* lengths;   // [B] or null
+  int64_t t, T, H;
+  bool reverse;
+};
+
+template <CellMode M, typename scalar_t, typename acc_t>
+FASTSEQ_HOST_DEVICE void layer_step_backward_element(
+    const LayerStepBackwardIO<scalar_t, acc_t>& io, int64_t b, int64_t j) {
+  using Math = CellMath<M>;
+  constexpr int G = Math::kGates, WS = layer_workspace<M>();
+  const int64_t H = io.H, unit = b * H + j;
+  const int64_t length = io.lengths != nullptr ? io.lengths[b] : io.T;
+  const bool valid = io.t < length;
+  const acc_t dh = io.dh[unit] + (valid ? static_cast<acc_t>(io.grad_y[unit]) : acc_t(0));
+  if (!valid) {  // nothing happened at this step: gradients pass through
+    FASTSEQ_UNROLL
+    for (int g = 0; g < G; ++g) io.dgx[b * G * H + g * H + j] = scalar_t(0);
+    if (io.dgh != nullptr) {
+      FASTSEQ_UNROLL
+      for (int g = 0; g < G; ++g) io.dgh[b * G * H + g * H + j] = scalar_t(0);
+    }
+    io.dh[unit] = dh;
+    return;
+  }
+  const bool has_prev = io.reverse ? io.t + 1 < length : io.t > 0;
+  const acc_t h_prev = static_cast<acc_t>(has_prev ? io.y_prev[unit] : io.h0[unit]);
+  const acc_t h_new = static_cast<acc_t>(io.y[unit]);
+  acc_t c_prev = acc_t(0), c_new = acc_t(0), dc = acc_t(0);
+  if constexpr (M == CellMode::kLSTM) {
+    c_prev = static_cast<acc_t>(has_prev ? io.ws_prev[b * WS * H + 4 * H + j] : io.c0[unit]);
+    c_new = static_cast<acc_t>(io.ws[b * WS * H + 4 * H + j]);
+    dc = io.dc[unit];
+  }
+  acc_t saved[Math::kWorkspace > 0 ? Math::kWorkspace : 1];
+  FASTSEQ_UNROLL
+  for (int w = 0; w < Math::kWorkspace; ++w) saved[w] = static_cast<acc_t>(io.ws[b * WS * H + w * H + j]);
+  acc_t dpre_ih[G], dpre_hh[G], dh_direct = acc_t(0), dc_prev = acc_t(0);
+  Math::backward(dh, dc, saved, h_prev, c_prev, h_new, c_new, dpre_ih, dpre_hh, dh_direct, dc_prev);
+  FASTSEQ_UNROLL
+  for (int g = 0; g < G; ++g) io.dgx[b * G * H + g * H + j] = static_cast<scalar_t>(dpre_ih[g]);
+  if (io.dgh != nullptr) {
+    FASTSEQ_UNROLL
+    for (int g = 0; g < G; ++g) io.dgh[b * G * H + g * H + j] = static_cast<scalar_t>(dpre_hh[g]);
+  }
+  io.dh[unit] = dh_direct;
+  if (io.dc != nullptr) io.dc[unit] = dc_prev;
+}
+
+// What a device's step kernel receives (tensors sliced at step t; state tensors whole).
+struct LayerForwardStep {
+  CellMode mode;
+  at::Tensor gates_x, gates_h, b_hh, h, c, y, ws, lengths;  // b_hh/c/ws/lengths undefined if absent
+  int64_t t;
+};
+struct LayerBackwardStep {
+  CellMode mode;
+  at::Tensor grad_y, dh, dc, y, y_prev, h0, ws, ws_prev, c0, dgx, dgh, lengths;
+  int64_t t, T;
+  bool reverse;
+};
+struct LayerStepKernels {
+  void (*forward)(const LayerForwardStep&);
+  void (*backward)(const LayerBackwardStep&);
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_loop(
+    c10::string_view mode, const at::Tensor& gates_x, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths, bool reverse,
+    bool save_workspace, const LayerStepKernels& kernels);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_loop(
+    c10::string_view mode, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh, const at::Tensor& y,
+    const at::Tensor& workspace, const std::optional<at::Tensor>& lengths, bool reverse,
+    const LayerStepKernels& kernels);
+
+// The step kernels' pointers for a (scalar_t, acc_t) pair.
+template <typename scalar_t, typename acc_t>
+LayerStepIO<scalar_t, acc_t> layer_step_io(const LayerForwardStep& s) {
+  return {s.gates_x.data_ptr<scalar_t>(), s.gates_h.data_ptr<scalar_t>(),
+          data_or_null<scalar_t>(s.b_hh), s.h.data_ptr<acc_t>(), data_or_null<acc_t>(s.c),
+          s.y.data_ptr<scalar_t>(), data_or_null<scalar_t>(s.ws), data_or_null<int32_t>(s.lengths),
+          s.t, s.h.size(1)};
+}
+
+template <typename scalar_t, typename acc_t>
+LayerStepBackwardIO<scalar_t, acc_t> layer_step_backward_io(const LayerBackwardStep& s) {
+  return {s.grad_y.data_ptr<scalar_t>(), s.dh.data_ptr<acc_t>(), data_or_null<acc_t>(s.dc),
+          s.y.data_ptr<scalar_t>(), s.y_prev.data_ptr<scalar_t>(), s.h0.data_ptr<scalar_t>(),
+          data_or_null<scalar_t>(s.ws), data_or_null<scalar_t>(s.ws_prev), data_or_null<scalar_t>(s.c0),
+          s.dgx.data_ptr<scalar_t>(), data_or_null<scalar_t>(s.dgh), data_or_null<int32_t>(s.lengths),
+          s.t, s.T, s.dh.size(1), s.reverse};
+}
+
+}  // namespace fastseq
