@@ -49,17 +49,17 @@ int cell_workspace(CellMode mode) {
   return columns;
 }
 
-namespace {
-
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& like,
-                at::IntArrayRef shape) {
+void check_tensor_like(const at::Tensor& t, const char* name, const at::Tensor& like,
+                       const char* like_name, at::IntArrayRef shape) {
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastseq: ", name, " must have dtype ",
-              like.scalar_type(), " (the dtype of input), got ", t.scalar_type());
+              like.scalar_type(), " (the dtype of ", like_name, "), got ", t.scalar_type());
   TORCH_CHECK(t.device() == like.device(), "fastseq: ", name, " must be on ", like.device(),
-              " (the device of input), got ", t.device());
+              " (the device of ", like_name, "), got ", t.device());
   TORCH_CHECK(t.sizes() == shape, "fastseq: ", name, " must have shape ", shape, ", got ",
               t.sizes());
 }
+
+namespace {
 
 at::Tensor optional_contiguous(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
@@ -85,21 +85,21 @@ CellForwardArgs prepare_cell_forward(c10::string_view mode, const at::Tensor& in
   a.input_size = input.size(1);
   a.hidden_size = hx.size(1);
   const int64_t B = a.batch, I = a.input_size, H = a.hidden_size;
-  check_like(hx, "hx", input, {B, H});
-  check_like(w_ih, "w_ih", input, {G * H, I});
-  check_like(w_hh, "w_hh", input, {G * H, H});
+  check_tensor_like(hx, "hx", input, "input", {B, H});
+  check_tensor_like(w_ih, "w_ih", input, "input", {G * H, I});
+  check_tensor_like(w_hh, "w_hh", input, "input", {G * H, H});
   a.input = input.contiguous();
   a.hx = hx.contiguous();
   a.w_ih = w_ih.contiguous();
   a.w_hh = w_hh.contiguous();
   a.b_ih = optional_contiguous(b_ih);
   a.b_hh = optional_contiguous(b_hh);
-  if (a.b_ih.defined()) check_like(a.b_ih, "b_ih", input, {G * H});
-  if (a.b_hh.defined()) check_like(a.b_hh, "b_hh", input, {G * H});
+  if (a.b_ih.defined()) check_tensor_like(a.b_ih, "b_ih", input, "input", {G * H});
+  if (a.b_hh.defined()) check_tensor_like(a.b_hh, "b_hh", input, "input", {G * H});
   a.cx = optional_contiguous(cx);
   if (a.mode == CellMode::kLSTM) {
     TORCH_CHECK(a.cx.defined(), "fastseq: the lstm cell needs cx");
-    check_like(a.cx, "cx", input, {B, H});
+    check_tensor_like(a.cx, "cx", input, "input", {B, H});
   } else {
     TORCH_CHECK(!a.cx.defined(), "fastseq: cx is only for the lstm cell");
   }
@@ -124,13 +124,13 @@ CellBackwardArgs prepare_cell_backward(c10::string_view mode, const at::Tensor& 
   a.batch = hy.size(0);
   a.hidden_size = hy.size(1);
   const int64_t B = a.batch, H = a.hidden_size;
-  check_like(grad_hy, "grad_hy", hy, {B, H});
-  check_like(hx, "hx", hy, {B, H});
+  check_tensor_like(grad_hy, "grad_hy", hy, "hy", {B, H});
+  check_tensor_like(hx, "hx", hy, "hy", {B, H});
   const int64_t ws_columns = cell_workspace(a.mode) * H;
   TORCH_CHECK(ws_columns == 0 || workspace.numel() > 0,
               "fastseq: the workspace is empty: the forward ran with save_workspace=False, so "
               "it cannot be differentiated");
-  if (ws_columns > 0) check_like(workspace, "workspace", hy, {B, ws_columns});
+  if (ws_columns > 0) check_tensor_like(workspace, "workspace", hy, "hy", {B, ws_columns});
   a.grad_hy = grad_hy.contiguous();
   a.hx = hx.contiguous();
   a.hy = hy.contiguous();
@@ -141,9 +141,9 @@ CellBackwardArgs prepare_cell_backward(c10::string_view mode, const at::Tensor& 
   const bool lstm = a.mode == CellMode::kLSTM;
   if (lstm) {
     TORCH_CHECK(a.cx.defined() && a.cy.defined(), "fastseq: the lstm backward needs cx and cy");
-    check_like(a.cx, "cx", hy, {B, H});
-    check_like(a.cy, "cy", hy, {B, H});
-    if (a.grad_cy.defined()) check_like(a.grad_cy, "grad_cy", hy, {B, H});
+    check_tensor_like(a.cx, "cx", hy, "hy", {B, H});
+    check_tensor_like(a.cy, "cy", hy, "hy", {B, H});
+    if (a.grad_cy.defined()) check_tensor_like(a.grad_cy, "grad_cy", hy, "hy", {B, H});
   } else {
     // Non-LSTM cells have no cell state; ignore whatever empty tensors the caller passed.
     a.grad_cy = a.cx = a.cy = at::Tensor();

@@ -18,16 +18,6 @@ at::ScalarType accumulator_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_matches(const at::Tensor& t, const char* name, const at::Tensor& like,
-                   at::IntArrayRef shape) {
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastseq: ", name, " must have dtype ",
-              like.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), "fastseq: ", name, " must be on ", like.device(),
-              ", got ", t.device());
-  TORCH_CHECK(t.sizes() == shape, "fastseq: ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-}
-
 at::Tensor checked_lengths(const std::optional<at::Tensor>& lengths, const at::Tensor& like,
                            int64_t batch) {
   if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
@@ -58,13 +48,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_loo
   TORCH_CHECK(h0_in.dim() == 2, "fastseq: h0 must be 2-D [B, H], got shape ", h0_in.sizes());
   const int64_t T = gates_x_in.size(0), B = gates_x_in.size(1), H = h0_in.size(1);
   const int64_t G = cell_gates(mode);
-  check_matches(gates_x_in, "gates_x", gates_x_in, {T, B, G * H});
-  check_matches(h0_in, "h0", gates_x_in, {B, H});
-  check_matches(w_hh_in, "w_hh", gates_x_in, {G * H, H});
+  check_tensor_like(gates_x_in, "gates_x", gates_x_in, "gates_x", {T, B, G * H});
+  check_tensor_like(h0_in, "h0", gates_x_in, "gates_x", {B, H});
+  check_tensor_like(w_hh_in, "w_hh", gates_x_in, "gates_x", {G * H, H});
   const at::Tensor gates_x = gates_x_in.contiguous(), w_hh = w_hh_in.contiguous();
   at::Tensor b_hh;
   if (b_hh_in.has_value() && b_hh_in->defined()) {
-    check_matches(*b_hh_in, "b_hh", gates_x, {G * H});
+    check_tensor_like(*b_hh_in, "b_hh", gates_x, "gates_x", {G * H});
     b_hh = b_hh_in->contiguous();
   }
   const at::Tensor lengths = checked_lengths(lengths_in, gates_x, B);
@@ -74,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_loo
   at::Tensor c;
   if (lstm) {
     TORCH_CHECK(c0_in.has_value() && c0_in->defined(), "fastseq: the lstm needs c0");
-    check_matches(*c0_in, "c0", gates_x, {B, H});
+    check_tensor_like(*c0_in, "c0", gates_x, "gates_x", {B, H});
     c = c0_in->to(acc_options, false, true);
   }
   const int64_t ws_columns = save_workspace ? layer_workspace_columns(mode) * H : 0;
@@ -116,14 +106,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_lo
   TORCH_CHECK(y_in.dim() == 3, "fastseq: y must be 3-D [T, B, H], got shape ", y_in.sizes());
   const int64_t T = y_in.size(0), B = y_in.size(1), H = y_in.size(2);
   const int64_t G = cell_gates(mode), WS = layer_workspace_columns(mode);
-  check_matches(grad_y_in, "grad_y", y_in, {T, B, H});
-  check_matches(grad_h_n, "grad_h_n", y_in, {B, H});
-  check_matches(h0_in, "h0", y_in, {B, H});
-  check_matches(w_hh_in, "w_hh", y_in, {G * H, H});
+  check_tensor_like(grad_y_in, "grad_y", y_in, "y", {T, B, H});
+  check_tensor_like(grad_h_n, "grad_h_n", y_in, "y", {B, H});
+  check_tensor_like(h0_in, "h0", y_in, "y", {B, H});
+  check_tensor_like(w_hh_in, "w_hh", y_in, "y", {G * H, H});
   TORCH_CHECK(WS == 0 || T == 0 || workspace_in.numel() > 0,
               "fastseq: the workspace is empty: the forward ran with save_workspace=False, so "
               "it cannot be differentiated");
-  if (WS > 0 && T > 0) check_matches(workspace_in, "workspace", y_in, {T, B, WS * H});
+  if (WS > 0 && T > 0) check_tensor_like(workspace_in, "workspace", y_in, "y", {T, B, WS * H});
   const at::Tensor grad_y = grad_y_in.contiguous(), y = y_in.contiguous();
   const at::Tensor h0 = h0_in.contiguous(), w_hh = w_hh_in.contiguous();
   const at::Tensor ws = workspace_in.contiguous();
@@ -134,10 +124,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_lo
   at::Tensor dc, c0;
   if (lstm) {
     TORCH_CHECK(c0_in.has_value() && c0_in->defined(), "fastseq: the lstm backward needs c0");
-    check_matches(*c0_in, "c0", y, {B, H});
+    check_tensor_like(*c0_in, "c0", y, "y", {B, H});
     c0 = c0_in->contiguous();
     if (grad_c_n.has_value() && grad_c_n->defined()) {
-      check_matches(*grad_c_n, "grad_c_n", y, {B, H});
+      check_tensor_like(*grad_c_n, "grad_c_n", y, "y", {B, H});
       dc = grad_c_n->to(acc_options, false, true);
     } else {
       dc = at::zeros({B, H}, acc_options);

@@ -14,6 +14,9 @@
 namespace fastseq {
 
 CellMode parse_cell_mode(c10::string_view mode);
+// t has like's dtype and device and the given shape, else a clear error naming both tensors.
+void check_tensor_like(const at::Tensor& t, const char* name, const at::Tensor& like,
+                       const char* like_name, at::IntArrayRef shape);
 // An output tensor; NaN-filled when FASTSEQ_POISON_OUTPUTS=1 (tests), so unwritten elements show.
 at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options);
 int cell_gates(CellMode mode);
