@@ -17,12 +17,8 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRETED, accumulator_dtype, dot_precision, new_output
+from .rnn_cell_layout import GATES, MODE_IDS, WORKSPACE
 from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
-
-from .rnn_cell_layout import GATES, WORKSPACE
-
-# The kernels' MODE constexpr.
-MODE_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 
 
 @triton.jit

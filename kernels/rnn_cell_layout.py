@@ -1,4 +1,5 @@
-"""Layout of the cell-step ops' tensors (no Triton import: the fake implementations use it too).
+"""Layout of the recurrent ops' tensors, cell steps and sequences (no Triton import: the fake
+implementations use it too).
 
 Gate-major columns: column g*H + j of a gate tensor is gate g of hidden unit j.
 """
@@ -7,3 +8,8 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 # Plain RNNs need none (the derivative is read off h').
 WORKSPACE = {"lstm": 4, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
 MODES = tuple(GATES)
+# Columns per unit and step of a sequence's workspace: the cell step's, plus c_t for the LSTM
+# (its backward needs c_{t-1} and c_t).
+LAYER_WORKSPACE = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
+# The kernels' MODE constexpr (0 LSTM, 1 GRU, 2 RNN-tanh, 3 RNN-relu).
+MODE_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}

@@ -20,12 +20,8 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output
-from .rnn_cell_layout import GATES
+from .rnn_cell_layout import GATES, LAYER_WORKSPACE, MODE_IDS
 from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
-
-MODE_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
-# Workspace columns per unit and step.
-LAYER_WORKSPACE = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
 
 
 @triton.jit

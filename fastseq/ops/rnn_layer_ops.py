@@ -22,13 +22,12 @@ import torch
 from torch import Tensor
 
 from .. import _extension
-from ..kernels.rnn_cell_layout import GATES
+from ..kernels.rnn_cell_layout import GATES, LAYER_WORKSPACE
 
 NATIVE_FORWARD = "fastseq::rnn_layer_forward"
 NATIVE_BACKWARD = "fastseq::rnn_layer_backward"
 TRITON_FORWARD = "fastseq::rnn_layer_forward_triton"
 TRITON_BACKWARD = "fastseq::rnn_layer_backward_triton"
-LAYER_WORKSPACE = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
 
 
 def _contiguous(*tensors):
