@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import _extension
 from ..kernels.rnn_cell_layout import GATES, WORKSPACE
+from ._registration import contiguous_or_none, register_fakes_and_autograd
 
 NATIVE_FORWARD = "fastseq::rnn_cell_forward"
 NATIVE_BACKWARD = "fastseq::rnn_cell_backward"
@@ -32,8 +33,8 @@ def rnn_cell_forward_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels import rnn_cell
 
-    contiguous = [t.contiguous() if t is not None else None for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh)]
-    return rnn_cell.rnn_cell_forward(mode, *contiguous, save_workspace)
+    return rnn_cell.rnn_cell_forward(
+        mode, *contiguous_or_none(input, hx, cx, w_ih, w_hh, b_ih, b_hh), save_workspace)
 
 
 @torch.library.custom_op(TRITON_BACKWARD, mutates_args=())
@@ -47,10 +48,9 @@ def rnn_cell_backward_triton(
         raise RuntimeError("fastseq: the workspace is empty: the forward ran with "
                            "save_workspace=False, so it cannot be differentiated")
     lstm = mode == "lstm"
-    contiguous = [t.contiguous() if t is not None else None
-                  for t in (grad_hy, grad_cy if lstm else None, hx, cx if lstm else None, hy,
-                            cy if lstm else None, workspace)]
-    return rnn_cell.rnn_cell_backward(mode, *contiguous)
+    return rnn_cell.rnn_cell_backward(mode, *contiguous_or_none(
+        grad_hy, grad_cy if lstm else None, hx, cx if lstm else None, hy, cy if lstm else None,
+        workspace))
 
 
 def _forward_fake(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, save_workspace):
@@ -115,12 +115,9 @@ def _autograd_backward(backward_op):
 
 
 def _register(forward_name: str, backward_name: str) -> None:
-    torch.library.register_fake(forward_name)(_forward_fake)
-    torch.library.register_fake(backward_name)(_backward_fake)
-    backward_op = getattr(torch.ops.fastseq, backward_name.split("::")[1])
-    torch.library.register_autograd(
-        forward_name, _autograd_backward(backward_op), setup_context=_setup_context
-    )
+    register_fakes_and_autograd(forward_name, backward_name, forward_fake=_forward_fake,
+                                backward_fake=_backward_fake, setup_context=_setup_context,
+                                make_backward=_autograd_backward)
 
 
 _register(TRITON_FORWARD, TRITON_BACKWARD)

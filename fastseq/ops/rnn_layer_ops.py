@@ -23,15 +23,12 @@ from torch import Tensor
 
 from .. import _extension
 from ..kernels.rnn_cell_layout import GATES, LAYER_WORKSPACE
+from ._registration import contiguous_or_none, register_fakes_and_autograd
 
 NATIVE_FORWARD = "fastseq::rnn_layer_forward"
 NATIVE_BACKWARD = "fastseq::rnn_layer_backward"
 TRITON_FORWARD = "fastseq::rnn_layer_forward_triton"
 TRITON_BACKWARD = "fastseq::rnn_layer_backward_triton"
-
-
-def _contiguous(*tensors):
-    return [t.contiguous() if t is not None else None for t in tensors]
 
 
 @torch.library.custom_op(TRITON_FORWARD, mutates_args=())
@@ -41,7 +38,7 @@ def rnn_layer_forward_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import rnn_layer
 
-    gates_x, h0, c0, w_hh, b_hh, lengths = _contiguous(gates_x, h0, c0, w_hh, b_hh, lengths)
+    gates_x, h0, c0, w_hh, b_hh, lengths = contiguous_or_none(gates_x, h0, c0, w_hh, b_hh, lengths)
     return rnn_layer.rnn_layer_forward(mode, gates_x, h0, c0 if mode == "lstm" else None, w_hh,
                                        b_hh, lengths, reverse, save_workspace)
 
@@ -58,7 +55,7 @@ def rnn_layer_backward_triton(
         raise RuntimeError("fastseq: the workspace is empty: the forward ran with "
                            "save_workspace=False, so it cannot be differentiated")
     lstm = mode == "lstm"
-    args = _contiguous(grad_y, grad_h_n, grad_c_n if lstm else None, h0, c0 if lstm else None,
+    args = contiguous_or_none(grad_y, grad_h_n, grad_c_n if lstm else None, h0, c0 if lstm else None,
                        w_hh, y, workspace, lengths)
     return rnn_layer.rnn_layer_backward(mode, *args, reverse)
 
@@ -128,11 +125,9 @@ def _autograd_backward(backward_op):
 
 
 def _register(forward_name: str, backward_name: str) -> None:
-    torch.library.register_fake(forward_name)(_forward_fake)
-    torch.library.register_fake(backward_name)(_backward_fake)
-    backward_op = getattr(torch.ops.fastseq, backward_name.split("::")[1])
-    torch.library.register_autograd(forward_name, _autograd_backward(backward_op),
-                                    setup_context=_setup_context)
+    register_fakes_and_autograd(forward_name, backward_name, forward_fake=_forward_fake,
+                                backward_fake=_backward_fake, setup_context=_setup_context,
+                                make_backward=_autograd_backward)
 
 
 _register(TRITON_FORWARD, TRITON_BACKWARD)
