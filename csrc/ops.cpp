@@ -36,6 +36,17 @@ TORCH_LIBRARY(fastseq, m) {
       "rnn_layer_backward(str mode, Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n, Tensor h0, "
       "Tensor? c0, Tensor w_hh, Tensor y, Tensor workspace, Tensor? lengths, bool reverse) -> "
       "(Tensor dgates_x, Tensor dgates_h, Tensor dh0, Tensor dc0)");
+  // The same two ops run by the persistent recurrence (fastseq/rnn_persistent.h): one launch
+  // for all steps, W_hh on chip. CUDA: raises when the call does not fit (rnn_layer_forward
+  // falls back to its loop instead); CPU: the kernel's twin, for tests.
+  m.def(
+      "rnn_layer_forward_persistent(str mode, Tensor gates_x, Tensor h0, Tensor? c0, "
+      "Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, bool save_workspace) -> "
+      "(Tensor y, Tensor h_n, Tensor c_n, Tensor workspace)");
+  m.def(
+      "rnn_layer_backward_persistent(str mode, Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n, "
+      "Tensor h0, Tensor? c0, Tensor w_hh, Tensor y, Tensor workspace, Tensor? lengths, "
+      "bool reverse) -> (Tensor dgates_x, Tensor dgates_h, Tensor dh0, Tensor dc0)");
 }
 
 namespace {

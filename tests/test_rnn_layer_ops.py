@@ -5,55 +5,16 @@ import pytest
 import torch
 
 import fastseq
-from fastseq.kernels.rnn_cell_layout import GATES
 
 from conftest import DEVICES
 from numerics import assert_within_rule
+from recurrent_cases import (LEAF_NAMES, MODES, layer_backends, lengths_for, make_grad_outputs,
+                             make_leaves, run)
 
-MODES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 # (T, B, I, H, dtype): odd sizes in fp32 (B=37: three 16-row programs), the half-precision
 # dtypes on one mid-size case.
 CASES = [(1, 1, 1, 1, torch.float32), (7, 13, 5, 63, torch.float32), (3, 37, 6, 20, torch.float32),
          (7, 13, 5, 63, torch.bfloat16), (7, 13, 5, 63, torch.float16)]
-
-
-def layer_backends(device):
-    """fastseq's own sequence implementations that can run on `device` here."""
-    dev = torch.device(device)
-    names = ["reference"]
-    if fastseq.backend.native_unavailable(dev) is None:
-        names.insert(0, "native")
-    if fastseq.backend.triton_unavailable(dev) is None:
-        names.insert(0, "triton")
-    return names
-
-
-def make_leaves(mode, T, B, I, H, device):
-    g, k = GATES[mode], H ** -0.5
-
-    def rand(*shape, s=1.0):
-        return (torch.rand(*shape, dtype=torch.float64, device=device) * 2 - 1) * s
-
-    return [rand(T, B, I), rand(B, H), rand(B, H) if mode == "lstm" else None,
-            rand(g * H, I, s=k), rand(g * H, H, s=k), rand(g * H, s=k), rand(g * H, s=k)]
-
-
-def run(mode, leaves64, dtype, backend, lengths, reverse, grad_outputs):
-    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in leaves64]
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
-    hx = (h0, c0) if mode == "lstm" else h0
-    y, h_n = fastseq.ops.rnn_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=lengths,
-                                   reverse=reverse, backend=backend)
-    outs = [y] + (list(h_n) if mode == "lstm" else [h_n])
-    loss = sum((o.double() * go).sum() for o, go in zip(outs, grad_outputs))
-    present = [t for t in leaves if t is not None]
-    return [o.detach() for o in outs], list(torch.autograd.grad(loss, present))
-
-
-def lengths_for(T, B, variable):
-    if not variable:
-        return None
-    return [T - (i * 5) % T for i in range(B)]  # includes T, and 1 when T > 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -66,16 +27,13 @@ def test_layer_matches_reference(device, mode, case, reverse, variable):
     T, B, I, H, dtype = case
     leaves64 = make_leaves(mode, T, B, I, H, device)
     lengths = lengths_for(T, B, variable)
-    grad_outputs = [torch.randn(T, B, H, dtype=torch.float64, device=device)] + \
-        [torch.randn(B, H, dtype=torch.float64, device=device)
-         for _ in range(2 if mode == "lstm" else 1)]
+    grad_outputs = make_grad_outputs(mode, T, B, H, device)
     if variable:  # y past a row's end is a constant zero: its incoming gradient is ignored
         assert lengths is not None
     ref_outs, ref_grads = run(mode, leaves64, torch.float64, "reference", lengths, reverse, grad_outputs)
     plain_outs, plain_grads = run(mode, leaves64, dtype, "reference", lengths, reverse, grad_outputs)
     names = ["y", "h_n", "c_n"][:len(ref_outs)]
-    grad_names = [n for n, t in zip(["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"], leaves64)
-                  if t is not None]
+    grad_names = [n for n, t in zip(LEAF_NAMES, leaves64) if t is not None]
     for backend in layer_backends(device):
         outs, grads = run(mode, leaves64, dtype, backend, lengths, reverse, grad_outputs)
         for name, o, p, r in zip(names, outs, plain_outs, ref_outs):
@@ -215,8 +173,7 @@ def test_deterministic_bitwise(mode):
     each program owns its rows; dW_hh is one GEMM)."""
     backend = layer_backends("cpu")[0]
     leaves64 = make_leaves(mode, 6, 21, 5, 20, "cpu")
-    grad_outputs = [torch.randn(6, 21, 20, dtype=torch.float64)] + \
-        [torch.randn(21, 20, dtype=torch.float64) for _ in range(2 if mode == "lstm" else 1)]
+    grad_outputs = make_grad_outputs(mode, 6, 21, 20, "cpu")
     first = run(mode, leaves64, torch.float32, backend, lengths_for(6, 21, True), True, grad_outputs)
     second = run(mode, leaves64, torch.float32, backend, lengths_for(6, 21, True), True, grad_outputs)
     for a, b in zip(first[0] + first[1], second[0] + second[1]):

@@ -49,8 +49,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu
     const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths, bool reverse,
     bool save_workspace) {
-  return rnn_layer_forward_loop(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse,
-                                save_workspace, kCpuKernels);
+  LayerForwardArgs a = prepare_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse,
+                                             save_workspace);
+  rnn_layer_forward_loop(a, kCpuKernels);
+  return finish_layer_forward(a);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cpu(
@@ -58,8 +60,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cp
     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, const at::Tensor& w_hh, const at::Tensor& y,
     const at::Tensor& workspace, const std::optional<at::Tensor>& lengths, bool reverse) {
-  return rnn_layer_backward_loop(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace,
-                                 lengths, reverse, kCpuKernels);
+  LayerBackwardArgs a = prepare_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y,
+                                               workspace, lengths, reverse);
+  rnn_layer_backward_loop(a, kCpuKernels);
+  return finish_layer_backward(a);
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
-// CUDA implementation of the sequence ops, GEMM-per-step path: the shared host loop issues the
-// recurrent GEMM through cuBLAS (at::mm, current stream) and this file's fused pointwise step
-// kernel, 2 launches per step. The persistent kernel (W_hh on chip across steps, a grid-wide
-// barrier per step) is to replace this loop where W_hh fits on chip.
+// CUDA implementation of the sequence ops: the persistent kernel (csrc/cuda/rnn_persistent.cu)
+// where its plan fits, else the GEMM-per-step path: the shared host loop issues the recurrent
+// GEMM through cuBLAS (at::mm, current stream) and this file's fused pointwise step kernel,
+// 2 launches per step.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "fastseq/rnn_layer.h"
+#include "fastseq/rnn_persistent.h"
 
 namespace fastseq {
 namespace {
@@ -77,8 +78,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cud
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths, bool reverse,
     bool save_workspace) {
   const c10::cuda::CUDAGuard guard(gates_x.device());
-  return rnn_layer_forward_loop(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse,
-                                save_workspace, kCudaKernels);
+  LayerForwardArgs a = prepare_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse,
+                                             save_workspace);
+  // The persistent kernel where its plan fits (fastseq/rnn_persistent.h states the rule),
+  // else the GEMM-per-step loop.
+  if (!rnn_persistent_forward(a, cuda_persistent_device(), /*required=*/false))
+    rnn_layer_forward_loop(a, kCudaKernels);
+  return finish_layer_forward(a);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cuda(
@@ -87,8 +93,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cu
     const std::optional<at::Tensor>& c0, const at::Tensor& w_hh, const at::Tensor& y,
     const at::Tensor& workspace, const std::optional<at::Tensor>& lengths, bool reverse) {
   const c10::cuda::CUDAGuard guard(y.device());
-  return rnn_layer_backward_loop(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace,
-                                 lengths, reverse, kCudaKernels);
+  LayerBackwardArgs a = prepare_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y,
+                                               workspace, lengths, reverse);
+  if (!rnn_persistent_backward(a, cuda_persistent_device(), /*required=*/false))
+    rnn_layer_backward_loop(a, kCudaKernels);
+  return finish_layer_backward(a);
 }
 
 }  // namespace

@@ -2,6 +2,9 @@
 their autograd. Two implementations share one schema (csrc/ops.cpp):
 
   torch.ops.fastseq.rnn_layer_forward / rnn_layer_backward                C++ (CPU) and CUDA
+      (on CUDA: the persistent kernel where it fits, else the GEMM-per-step loop)
+  torch.ops.fastseq.rnn_layer_forward_persistent / ..._backward_persistent
+      the persistent kernel only (CUDA; raises where it does not fit) and its CPU twin
   torch.ops.fastseq.rnn_layer_forward_triton / rnn_layer_backward_triton  Triton (kernels/)
 
   forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, save_workspace)
@@ -27,6 +30,8 @@ from ._registration import contiguous_or_none, register_fakes_and_autograd
 
 NATIVE_FORWARD = "fastseq::rnn_layer_forward"
 NATIVE_BACKWARD = "fastseq::rnn_layer_backward"
+PERSISTENT_FORWARD = "fastseq::rnn_layer_forward_persistent"
+PERSISTENT_BACKWARD = "fastseq::rnn_layer_backward_persistent"
 TRITON_FORWARD = "fastseq::rnn_layer_forward_triton"
 TRITON_BACKWARD = "fastseq::rnn_layer_backward_triton"
 
@@ -133,3 +138,4 @@ def _register(forward_name: str, backward_name: str) -> None:
 _register(TRITON_FORWARD, TRITON_BACKWARD)
 if _extension.is_built():
     _register(NATIVE_FORWARD, NATIVE_BACKWARD)
+    _register(PERSISTENT_FORWARD, PERSISTENT_BACKWARD)

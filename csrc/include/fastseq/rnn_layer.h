@@ -37,9 +37,13 @@ struct LayerStepIO {
   int64_t t, H;
 };
 
+// One unit (row b, hidden unit j) of a forward step, given its recurrent pre-activations
+// recurrent[g] = (h_{t-1} W_hh^T)[b, g*H + j] without b_hh (io.gates_h is not read): the
+// GEMM-per-step loop loads them from its GEMM's output, the persistent kernel passes its own
+// on-chip accumulators.
 template <CellMode M, typename scalar_t, typename acc_t>
-FASTSEQ_HOST_DEVICE void layer_step_forward_element(const LayerStepIO<scalar_t, acc_t>& io,
-                                                    int64_t b, int64_t j) {
+FASTSEQ_HOST_DEVICE void layer_step_forward_unit(const LayerStepIO<scalar_t, acc_t>& io,
+                                                 int64_t b, int64_t j, const acc_t* recurrent) {
   using Math = CellMath<M>;
   constexpr int G = Math::kGates, WS = layer_workspace<M>();
   const int64_t H = io.H, unit = b * H + j;
@@ -56,7 +60,7 @@ FASTSEQ_HOST_DEVICE void layer_step_forward_element(const LayerStepIO<scalar_t, 
   FASTSEQ_UNROLL
   for (int g = 0; g < G; ++g) {
     pre_ih[g] = static_cast<acc_t>(io.gates_x[b * G * H + g * H + j]);
-    pre_hh[g] = static_cast<acc_t>(io.gates_h[b * G * H + g * H + j]);
+    pre_hh[g] = recurrent[g];
     if (io.b_hh != nullptr) pre_hh[g] += static_cast<acc_t>(io.b_hh[g * H + j]);
   }
   const acc_t h_prev = io.h[unit];
@@ -72,6 +76,16 @@ FASTSEQ_HOST_DEVICE void layer_step_forward_element(const LayerStepIO<scalar_t, 
       io.ws[b * WS * H + w * H + j] = static_cast<scalar_t>(saved[w]);
     if constexpr (M == CellMode::kLSTM) io.ws[b * WS * H + 4 * H + j] = static_cast<scalar_t>(c_new);
   }
+}
+
+template <CellMode M, typename scalar_t, typename acc_t>
+FASTSEQ_HOST_DEVICE void layer_step_forward_element(const LayerStepIO<scalar_t, acc_t>& io,
+                                                    int64_t b, int64_t j) {
+  constexpr int G = CellMath<M>::kGates;
+  acc_t recurrent[G];
+  FASTSEQ_UNROLL
+  for (int g = 0; g < G; ++g) recurrent[g] = static_cast<acc_t>(io.gates_h[b * G * io.H + g * io.H + j]);
+  layer_step_forward_unit<M, scalar_t, acc_t>(io, b, j, recurrent);
 }
 
 // One backward step's pointers, each at step t unless named _prev (the step this one's state
@@ -155,18 +169,54 @@ struct LayerStepKernels {
   void (*backward)(const LayerBackwardStep&);
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_loop(
-    c10::string_view mode, const at::Tensor& gates_x, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths, bool reverse,
-    bool save_workspace, const LayerStepKernels& kernels);
+// Checked, contiguous arguments of rnn_layer_forward with its outputs allocated and its state
+// initialised: where the GEMM-per-step loop and the persistent kernel both start.
+struct LayerForwardArgs {
+  CellMode mode;
+  int64_t T, B, H;
+  bool reverse;
+  at::Tensor gates_x, w_hh, b_hh, lengths;  // b_hh, lengths undefined when absent
+  at::Tensor h, c;  // the running state in acc_t, from h0/c0 (c undefined unless LSTM)
+  at::Tensor y, ws;  // outputs; ws empty unless save_workspace and the mode saves any
+};
+LayerForwardArgs prepare_layer_forward(c10::string_view mode, const at::Tensor& gates_x,
+                                       const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+                                       const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+                                       const std::optional<at::Tensor>& lengths, bool reverse,
+                                       bool save_workspace);
+// (y, h_n, c_n, workspace) of the op, h_n/c_n in the input dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_layer_forward(
+    const LayerForwardArgs& a);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_loop(
-    c10::string_view mode, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
-    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh, const at::Tensor& y,
-    const at::Tensor& workspace, const std::optional<at::Tensor>& lengths, bool reverse,
-    const LayerStepKernels& kernels);
+struct LayerBackwardArgs {
+  CellMode mode;
+  int64_t T, B, H;
+  bool reverse;
+  at::Tensor grad_y, y, h0, c0, w_hh, ws, lengths;  // c0, lengths undefined when absent
+  at::Tensor dh, dc;  // running dL/dh, dL/dc in acc_t, from grad_h_n/grad_c_n (dc: LSTM only)
+  at::Tensor dgx, dgh;  // outputs; dgh empty unless GRU
+};
+LayerBackwardArgs prepare_layer_backward(c10::string_view mode, const at::Tensor& grad_y,
+                                         const at::Tensor& grad_h_n,
+                                         const std::optional<at::Tensor>& grad_c_n,
+                                         const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+                                         const at::Tensor& w_hh, const at::Tensor& y,
+                                         const at::Tensor& workspace,
+                                         const std::optional<at::Tensor>& lengths, bool reverse);
+// (dgates_x, dgates_h, dh0, dc0) of the op.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_layer_backward(
+    const LayerBackwardArgs& a);
+
+// The step a backward step's state came from: t-1 forwards, t+1 in reverse (clamped; the
+// element functions use h0/c0 where a row has no previous step).
+FASTSEQ_HOST_DEVICE int64_t previous_step(int64_t t, int64_t T, bool reverse) {
+  const int64_t p = reverse ? t + 1 : t - 1;
+  return p < 0 ? 0 : (p > T - 1 ? T - 1 : p);
+}
+
+// The GEMM-per-step loop over time on prepared arguments (outputs and state in place).
+void rnn_layer_forward_loop(LayerForwardArgs& a, const LayerStepKernels& kernels);
+void rnn_layer_backward_loop(LayerBackwardArgs& a, const LayerStepKernels& kernels);
 
 // The step kernels' pointers for a (scalar_t, acc_t) pair.
 template <typename scalar_t, typename acc_t>
