@@ -1,6 +1,12 @@
-"""Whole-sequence recurrent layers: fastseq.nn.LSTM/GRU on fastseq's sequence path (Triton)
-against torch.nn.LSTM/GRU (cuDNN). GPU only: on a CPU, fastseq's layers run torch's own forward
-(auto) and its Triton path is the interpreter, so there is nothing to compare."""
+"""Whole-sequence recurrent layers: fastseq.nn.LSTM/GRU against torch.nn.LSTM/GRU (cuDNN).
+
+Providers: fastseq-persistent (backend native: the persistent kernel where its plan fits, else
+the GEMM-per-step loop), fastseq-loop (native with FASTSEQ_PERSISTENT=0: the loop alone),
+fastseq-triton (the program-per-batch-tile Triton kernel) and torch. GPU only: on a CPU,
+fastseq's layers run torch's own forward (auto) and its Triton path is the interpreter, so
+there is nothing to compare."""
+import os
+
 import pytest
 import torch
 
@@ -11,10 +17,15 @@ from conftest import DEVICE, run_timed
 GATES = {"lstm": 4, "gru": 3}
 TORCH_LAYERS = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 FAST_LAYERS = {"lstm": fastseq.nn.LSTM, "gru": fastseq.nn.GRU}
-# The issue's cuDNN-persistent case (B=16, H=768, bf16) and where cuDNN falls off it (fp32,
-# bidirectional, H not a multiple of 128).
-CASES = [(16, 768, 256, 1, False, torch.bfloat16), (64, 512, 256, 1, False, torch.bfloat16),
-         (16, 768, 256, 1, False, torch.float32), (64, 300, 256, 2, True, torch.float32)]
+# (B, H, T, layers, bidirectional, dtype). First the issue's target, cuDNN's persistent case
+# (B=16, H=768, T=1024, bf16, 1 layer, ~2 us a step forward); then where cuDNN leaves its
+# persistent path (fp32; 2 layers bidirectional; H=300, not a multiple of 128), a training
+# batch (B=64) and B=1.
+CASES = [(16, 768, 1024, 1, False, torch.bfloat16), (1, 512, 1024, 1, False, torch.bfloat16),
+         (64, 512, 100, 1, False, torch.bfloat16), (16, 768, 1024, 1, False, torch.float32),
+         (16, 300, 100, 2, True, torch.float32)]
+PROVIDERS = {"fastseq-persistent": "native", "fastseq-loop": "native", "fastseq-triton": "triton",
+             "torch": None}
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cuda", reason="sequence-layer benchmark: GPU only")
 
@@ -25,15 +36,28 @@ def gflop(mode, batch, hidden, steps, layers, directions, passes):
     return total * (3 if passes == "fwd+bwd" else 1) / 1e9
 
 
+@pytest.fixture
+def persistent_switch(request):
+    """FASTSEQ_PERSISTENT=0 for fastseq-loop (read by the C++ op at each call)."""
+    provider = request.node.callspec.params["provider"]
+    saved = os.environ.get("FASTSEQ_PERSISTENT")
+    os.environ["FASTSEQ_PERSISTENT"] = "0" if provider == "fastseq-loop" else "1"
+    yield
+    if saved is None:
+        os.environ.pop("FASTSEQ_PERSISTENT")
+    else:
+        os.environ["FASTSEQ_PERSISTENT"] = saved
+
+
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_H{}_T{}_L{}_{}_{}".format(
     c[0], c[1], c[2], c[3], "bi" if c[4] else "uni", str(c[5]).split(".")[1]))
 @pytest.mark.parametrize("mode", list(GATES))
-@pytest.mark.parametrize("provider", ["fastseq-triton", "torch"])
-def bench_layer(benchmark, provider, mode, case, passes):
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def bench_layer(benchmark, persistent_switch, provider, mode, case, passes):
     batch, hidden, steps, layers, bidirectional, dtype = case
     cls = TORCH_LAYERS[mode] if provider == "torch" else FAST_LAYERS[mode]
-    kwargs = {} if provider == "torch" else {"backend": "triton"}
+    kwargs = {} if provider == "torch" else {"backend": PROVIDERS[provider]}
     layer = cls(hidden, hidden, num_layers=layers, bidirectional=bidirectional, device=DEVICE,
                 dtype=dtype, **kwargs)
     x = torch.randn(steps, batch, hidden, device=DEVICE, dtype=dtype, requires_grad=passes != "fwd")
@@ -49,5 +73,5 @@ def bench_layer(benchmark, provider, mode, case, passes):
     # A whole sequence is milliseconds: 3 calls per synchronized round suffice.
     run_timed(benchmark, step, calls_per_round=3, op="rnn_layer", cell=mode, provider=provider,
               shape=f"B={batch} H={hidden} T={steps} L={layers}{' bi' if bidirectional else ''}",
-              dtype=str(dtype).split(".")[1], passes=passes,
+              dtype=str(dtype).split(".")[1], passes=passes, steps=steps * layers,
               gflop=gflop(mode, batch, hidden, steps, layers, 2 if bidirectional else 1, passes))

@@ -2,7 +2,7 @@
 # One call on a lent GPU machine (device tool): build fastseq in place with that machine's
 # python3 (torch, triton, cmake, ninja, pytest-benchmark preinstalled; no network), run the
 # whole test suite on CUDA, run the benchmarks, and leave logs, JSON and tables under $OUT
-# (at most 8 files come back). Commit what comes back under bench/results/.
+# (8 files: the device tool returns at most 8). Commit what comes back under bench/results/.
 #
 #   device run: bash bench/gpu_run.sh            (OUT is set by the device tool)
 set -uo pipefail
@@ -27,8 +27,24 @@ if [ $status -ne 0 ]; then tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 
 # exist only there), not the source tree that `-m` would put first on sys.path.
 run_pytest() { (cd /tmp && python3 -m pytest -c "$REPO/pyproject.toml" --rootdir="$REPO" -p no:cacheprovider "$@"); }
 
+# The persistent kernel first, small, under compute-sanitizer (out-of-bounds, shared-memory
+# races, barrier misuse), then against the loop at full speed.
+{
+  for tool in memcheck racecheck synccheck; do
+    echo "== compute-sanitizer --tool $tool"
+    (cd /tmp && timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 python3 "$REPO/bench/sanitize_persistent.py") 2>&1 | tail -15
+    echo "exit ${PIPESTATUS[0]}"
+  done
+} > "$OUT/sanitizer.log" 2>&1
+grep -E "^== |^exit|ERROR SUMMARY|persistent vs loop" "$OUT/sanitizer.log"
+
 run_pytest "$REPO/tests" -q -x --durations=15 --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
 tail -5 "$OUT/tests.log"
+# The CUDA sequence op's GEMM-per-step loop, which the run above skips where the persistent
+# kernel fits.
+echo "== FASTSEQ_PERSISTENT=0 tests/test_rnn_layer_ops.py" >> "$OUT/tests.log"
+FASTSEQ_PERSISTENT=0 run_pytest "$REPO/tests/test_rnn_layer_ops.py" -q -x >> "$OUT/tests.log" 2>&1 || status=1
+tail -2 "$OUT/tests.log"
 
 run_pytest "$REPO/bench" -q --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
 python3 bench/report.py "$OUT/bench.json" --markdown "$OUT/bench.md" || status=1

@@ -1,5 +1,6 @@
 """Print pytest-benchmark JSON from fastseq's suites as a comparison table: per case, each
-provider's median time, its speed-up over torch and its GFLOP/s.
+provider's median time, its speed-up over torch, the best GFLOP/s and (recurrences) the best
+time per step.
 
     python bench/report.py bench/out/latest.json [--markdown out.md]
 """
@@ -20,14 +21,14 @@ def load_rows(path):
         device = info.get("device", device)
         per_call = bench["stats"]["median"] / info.get("calls_per_round", 1)
         key = tuple(info.get(k, "") for k in CASE_KEYS)
-        cases[key][info["provider"]] = (per_call, info.get("gflop"))
+        cases[key][info["provider"]] = (per_call, info.get("gflop"), info.get("steps"))
     return device, data.get("machine_info", {}), cases
 
 
 def table(cases):
     providers = sorted({p for row in cases.values() for p in row}, key=lambda p: (p == "torch", p))
     header = list(CASE_KEYS) + [f"{p} (us)" for p in providers] + \
-        [f"torch/{p}" for p in providers if p != "torch"] + ["best GFLOP/s"]
+        [f"torch/{p}" for p in providers if p != "torch"] + ["best GFLOP/s", "best us/step"]
     lines = [header]
     for key in sorted(cases):
         row = cases[key]
@@ -42,6 +43,8 @@ def table(cases):
                 cells.append("-")
         best = min(row.values(), key=lambda v: v[0])
         cells.append(f"{best[1] / best[0]:.1f}" if best[1] else "-")
+        # Recurrences: time per step (layers x steps, both directions sharing a step).
+        cells.append(f"{best[0] * 1e6 / best[2]:.2f}" if best[2] else "-")
         lines.append(cells)
     return lines
 

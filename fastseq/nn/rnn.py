@@ -10,8 +10,8 @@ takes (padded or packed input, optional h0/c0, unbatched input) and one more arg
 `lengths`, for padded variable-length batches without a PackedSequence.
 
 Backends: in eager mode `auto` runs torch's own forward (cuDNN on GPUs, aten on CPUs):
-fastseq's persistent recurrence kernel, the one meant to beat cuDNN, is not written yet, and
-nothing slower is chosen for you. Under torch.compile `auto` takes fastseq's sequence path
+fastseq's persistent recurrence kernel (backend "native" on GPUs), the one meant to beat
+cuDNN, has not been timed on a GPU yet, and nothing slower is chosen for you. Under torch.compile `auto` takes fastseq's sequence path
 (Triton, else native, else the reference), since torch's functional RNNs do not compile with
 fullgraph=True. `backend="triton"` (or "native", "reference") runs fastseq.ops.rnn_layer over
 the layers and directions; proj_size needs torch's path for now.

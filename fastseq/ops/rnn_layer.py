@@ -133,10 +133,10 @@ def _torch_unsupported(reverse: bool, lengths) -> Optional[str]:
 
 def _auto_preference(device: torch.device) -> tuple[str, ...]:
     # torch first where it serves the call: cuDNN on GPUs, aten on CPUs. The Triton path keeps
-    # one program per 16 batch rows (a handful of SMs at training batch sizes), the native op
-    # is the GEMM-per-step loop (2 launches a step on GPUs; the C++ twin on CPUs); neither has
-    # been timed on a GPU yet. They serve reverse and padded-length calls; the persistent CUDA
-    # kernel planned for issue 3 is what is meant to beat cuDNN.
+    # one program per 16 batch rows (a handful of SMs at training batch sizes); the native op
+    # on GPUs is the persistent kernel where W_hh fits on chip, else the GEMM-per-step loop (2
+    # launches a step), and on CPUs the loop's C++ twin. None has been timed on a GPU yet, so
+    # none is put before cuDNN; they serve the reverse and padded-length calls torch cannot.
     if device.type == "cuda":
         return ("torch", "triton", "native", "reference")
     return ("torch", "native", "reference")
