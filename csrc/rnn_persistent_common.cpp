@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <sstream>
+#include <string>
 
 #include "fastseq/rnn_persistent.h"
 
@@ -26,6 +27,13 @@ PersistentPlan plan_persistent(CellMode mode, bool backward, int64_t B, int64_t 
     return plan;
   }
   TORCH_CHECK(B > 0 && H > 0 && target.ctas_max > 0, "fastseq: plan_persistent needs B, H > 0");
+  if (B > target.rows_max) {
+    plan.refusal = "batch " + std::to_string(B) + " is more than the " +
+                   std::to_string(target.rows_max) +
+                   " rows it runs (each CTA re-reads the whole state every step; larger batches "
+                   "run the GEMM-per-step loop)";
+    return plan;
+  }
   PersistentLayout& L = plan.layout;
   const int64_t G = cell_gates(mode);
   const int64_t tile = target.tensor_cores ? 16 : 1;
@@ -34,26 +42,35 @@ PersistentPlan plan_persistent(CellMode mode, bool backward, int64_t B, int64_t 
   L.rows = round_up(B, tile);
   L.cols = round_up(backward ? L.units : G * L.units, tile);
   L.depth = round_up(backward ? G * H : H, tile);
-  // Row stride of A and W. Tensor cores: 8 more elements (16 bytes; WMMA wants a multiple of 8
-  // for 16-bit types), so the 16 rows of a tile start in different banks. FMA loop: odd, so the
+  // Row strides. Tensor cores: 8 more elements (16 bytes; WMMA wants a multiple of 8 for
+  // 16-bit types), so the 16 rows of a tile start in different banks. FMA loop: odd, so the
   // threads of a warp, which read the same column of consecutive W rows, hit distinct banks.
-  L.ld = target.tensor_cores ? L.depth + 8 : (L.depth | 1);
+  const auto stride = [&](int64_t width) { return target.tensor_cores ? width + 8 : (width | 1); };
+  L.ldw = stride(L.depth);
   const int64_t warps = target.threads / 32;
   const int64_t tiles = (L.rows / 16) * (L.cols / 16);
   // Split K until every warp has a tile: B=16 and a 32-column forward slice are 2 tiles for 8
   // warps.
   L.splits = target.tensor_cores ? std::clamp<int64_t>(warps / std::max<int64_t>(tiles, 1), 1, L.depth / 16)
                                  : 1;
-  const int64_t w_bytes = L.cols * L.ld * elem_bytes, a_bytes = L.rows * L.ld * elem_bytes;
+  const int64_t w_bytes = L.cols * L.ldw * elem_bytes;
+  const int64_t part_bytes = L.splits * L.rows * L.cols * acc_bytes;
   L.a_offset = round_up(w_bytes, 128);
-  L.part_offset = round_up(L.a_offset + a_bytes, 128);
-  L.smem_bytes = L.part_offset + L.splits * L.rows * L.cols * acc_bytes;
-  if (L.smem_bytes > target.smem_max) {
+  // A's chunk: as wide as the shared memory left allows, up to the whole depth.
+  const int64_t left = target.smem_max - L.a_offset - part_bytes - 128;
+  const int64_t fit = left / (L.rows * elem_bytes) - (target.tensor_cores ? 8 : 1);  // widest padded row
+  const int64_t chunk = std::min({L.depth, target.chunk_max, fit}) / tile * tile;
+  L.chunk = std::max<int64_t>(chunk, tile);
+  L.lda = stride(L.chunk);
+  L.part_offset = round_up(L.a_offset + L.rows * L.lda * elem_bytes, 128);
+  L.smem_bytes = L.part_offset + part_bytes;
+  if (chunk < tile || L.smem_bytes > target.smem_max) {
     std::ostringstream why;
     why << "a CTA would need " << L.smem_bytes << " bytes of shared memory (" << w_bytes
-        << " for its " << L.units << " units' slice of W_hh, " << a_bytes << " for the staged "
-        << (backward ? "gate gradients" : "hidden state") << " of " << B
-        << " rows), more than the " << target.smem_max << " the device offers";
+        << " for its " << L.units << " units' slice of W_hh, " << L.rows * L.lda * elem_bytes
+        << " for " << tile << " staged column(s) of the " << B << " rows' "
+        << (backward ? "gate gradients" : "hidden state") << "), more than the "
+        << target.smem_max << " the device offers";
     plan.refusal = why.str();
   }
   return plan;

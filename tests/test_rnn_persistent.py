@@ -151,3 +151,10 @@ def test_empty_batch_and_zero_steps():
         y, h_n, c_n, ws = ops.rnn_layer_forward_persistent("lstm", gx, torch.ones(B, 3), torch.ones(B, 3),
                                                            torch.randn(12, 3), None, None, False, True)
         assert y.shape == (T, B, 3) and not y.isnan().any() and torch.equal(h_n, torch.ones(B, 3))
+
+
+def test_refuses_batches_over_64_rows():
+    with pytest.raises(RuntimeError, match="batch 65 is more than the 64 rows it runs"):
+        torch.ops.fastseq.rnn_layer_forward_persistent(
+            "gru", torch.zeros(1, 65, 6), torch.zeros(65, 2), None, torch.zeros(6, 2), None, None,
+            False, False)

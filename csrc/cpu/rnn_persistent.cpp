@@ -17,9 +17,11 @@ namespace {
 
 // The plan the twin follows: 8 CTAs at most, so test sizes (H = 63, 300) split into several
 // CTAs with a short last one, as H = 768 does over an H100's 132 SMs; the H100's 227 KB of
-// shared memory per CTA, so the twin refuses what the GPU refuses at the same ratio.
+// shared memory per CTA, so the twin refuses what the GPU refuses at the same ratio; A staged
+// 64 columns at a time, so H = 63 and 300 take 1-19 chunks (the GPU stages what fits).
 PersistentTarget cpu_target(const at::Tensor&) {
-  return {/*ctas_max=*/8, /*smem_max=*/227 * 1024, /*tensor_cores=*/false, /*threads=*/1, {}};
+  return {/*ctas_max=*/8, /*smem_max=*/227 * 1024, /*tensor_cores=*/false, /*threads=*/1,
+          /*chunk_max=*/64, /*rows_max=*/64, {}};
 }
 
 // One buffer per CTA, 16-byte aligned like the GPU's dynamic shared memory.

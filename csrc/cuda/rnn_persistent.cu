@@ -39,30 +39,37 @@ struct WmmaElement<c10::BFloat16> {
 struct WmmaGemm {
   template <typename scalar_t, typename acc_t>
   __device__ static void run(const scalar_t* A, const scalar_t* W, acc_t* part,
-                             const PersistentLayout& L, int64_t, int64_t, int64_t, int tid,
-                             int threads) {
+                             const PersistentLayout& L, int64_t, int64_t, int64_t depth,
+                             bool accumulate, int tid, int threads) {
     namespace wmma = nvcuda::wmma;
     using T = typename WmmaElement<scalar_t>::type;
     static_assert(std::is_same_v<acc_t, float>, "tensor-core partial sums are fp32");
     const T* a = reinterpret_cast<const T*>(A);
     const T* w = reinterpret_cast<const T*>(W);
-    const int ld = static_cast<int>(L.ld), splits = static_cast<int>(L.splits);
-    const int col_tiles = static_cast<int>(L.cols / 16);
-    const int tiles = static_cast<int>(L.rows / 16) * col_tiles, k_tiles = static_cast<int>(L.depth / 16);
+    const int lda = static_cast<int>(L.lda), ldw = static_cast<int>(L.ldw);
+    const int splits = static_cast<int>(L.splits), col_tiles = static_cast<int>(L.cols / 16);
+    const int tiles = static_cast<int>(L.rows / 16) * col_tiles, k_tiles = static_cast<int>(depth / 16);
+    const unsigned ldp = static_cast<unsigned>(L.cols);
+    // The same (tile, split) items go to the same warp at every chunk, so a warp adds to the
+    // partial sums it stored itself.
     for (int item = tid / 32; item < tiles * splits; item += threads / 32) {
       const int tile = item / splits, split = item % splits;
       const int tm = tile / col_tiles, tn = tile % col_tiles;
+      float* out = part + (split * L.rows + tm * 16) * L.cols + tn * 16;
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
+      if (accumulate) {
+        wmma::load_matrix_sync(acc, out, ldp, wmma::mem_row_major);
+      } else {
+        wmma::fill_fragment(acc, 0.0f);
+      }
       for (int kt = split; kt < k_tiles; kt += splits) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // B[k][n] = W[n][k]
-        wmma::load_matrix_sync(fa, a + tm * 16 * ld + kt * 16, ld);
-        wmma::load_matrix_sync(fb, w + tn * 16 * ld + kt * 16, ld);
+        wmma::load_matrix_sync(fa, a + tm * 16 * lda + kt * 16, lda);
+        wmma::load_matrix_sync(fb, w + tn * 16 * ldw + kt * 16, ldw);
         wmma::mma_sync(acc, fa, fb, acc);
       }
-      wmma::store_matrix_sync(part + (split * L.rows + tm * 16) * L.cols + tn * 16, acc,
-                              static_cast<unsigned>(L.cols), wmma::mem_row_major);
+      wmma::store_matrix_sync(out, acc, ldp, wmma::mem_row_major);
     }
   }
 };
@@ -109,6 +116,8 @@ PersistentTarget cuda_target(const at::Tensor& like) {
                           device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                           like.scalar_type() == at::kHalf || like.scalar_type() == at::kBFloat16,
                           kThreads,
+                          /*chunk_max=*/int64_t{1} << 40,  // all of A at once where it fits
+                          /*rows_max=*/64,
                           {}};
   const char* enabled = std::getenv("FASTSEQ_PERSISTENT");
   if (enabled != nullptr && std::strcmp(enabled, "0") == 0) {

@@ -32,15 +32,18 @@ namespace fastseq {
 // A CTA's shared memory and its per-step GEMM C[b][n] = sum_k A[b][k] * W[n][k]:
 //   forward:  A = h_{t-1} [B, H];         W row n = g*units + u is W_hh[g*H + u0 + u, :]
 //   backward: A = dgates_{t+1} [B, G*H];  W row n = u is W_hh[:, u0 + u]
-// Shared memory: W [cols, ld] at 0, A [rows, ld] at a_offset, the GEMM's partial sums
-// [splits, rows, cols] (acc_t) at part_offset. Padding rows and columns hold zeros.
+// Shared memory: W [cols, ldw] at 0 (all of depth, for the whole launch), one chunk of A
+// [rows, lda] at a_offset (A is staged `chunk` columns at a time, so a large B or the
+// backward's G*H-deep A need not fit at once), the GEMM's partial sums [splits, rows, cols]
+// (acc_t) at part_offset. Padding rows and columns hold zeros.
 struct PersistentLayout {
   int64_t units;   // hidden units per CTA (the last CTA may own fewer)
   int64_t ctas;
   int64_t rows;    // B, rounded up to 16 for tensor cores
   int64_t cols;    // forward G*units, backward units; rounded up to 16 for tensor cores
   int64_t depth;   // forward H, backward G*H; rounded up to 16 for tensor cores
-  int64_t ld;      // row stride of A and W, in elements
+  int64_t chunk;   // columns of A staged at a time (a multiple of 16 for tensor cores)
+  int64_t ldw, lda;  // row strides of W and of the staged A chunk, in elements
   int64_t splits;  // K splits of the GEMM (one warp each; their partial sums meet in the update)
   int64_t a_offset, part_offset, smem_bytes;
 };
@@ -51,6 +54,9 @@ struct PersistentTarget {
   int64_t smem_max;   // shared memory a CTA may have, in bytes
   bool tensor_cores;  // 16x16x16 WMMA tiles (fp16/bf16 on GPUs), else an FMA loop
   int threads;        // per CTA
+  int64_t chunk_max;  // most columns of A staged at a time (the CPU twin's is small, to test
+                      // the chunking on small sizes)
+  int64_t rows_max;   // largest batch run persistently (see plan_persistent)
   std::string refusal;  // set when the device cannot run this call persistently at all
 };
 
@@ -62,8 +68,13 @@ struct PersistentPlan {
 
 // The rule (stated once, used by the CUDA op and its CPU twin): units per CTA =
 // ceil(H / ctas_max), the fewest that keep every SM busy; the recurrence runs persistently
-// when that CTA's W slice, its staged A and its partial sums fit in smem_max. Otherwise the
-// GEMM-per-step loop runs (e.g. LSTM H=2048 bf16: W_hh alone is 33.5 MB, more than the
+// when that CTA's W slice, its partial sums and a chunk of A at least 16 (tensor cores) or 1
+// column wide fit in smem_max; the chunk is as wide as what is left allows; and B <= rows_max
+// (64): every CTA re-reads the whole [B, H] state (forward) or [B, G*H] gate gradients
+// (backward) each step, 128 CTAs x 64 x 768 x 2 bytes = 12.6 MB of L2 reads a step at B=64,
+// while at large B the loop's per-step GEMMs are big enough for cuBLAS to run well (64 is
+// a first guess, to be tuned on a GPU; cuDNN's persistent algorithm also stops at small
+// batches). Otherwise the GEMM-per-step loop runs (e.g. LSTM H=2048 bf16: W_hh alone is 33.5 MB, more than the
 // 132 SMs x 227 KB = 30 MB of an H100's shared memory).
 PersistentPlan plan_persistent(CellMode mode, bool backward, int64_t B, int64_t H,
                                int64_t elem_bytes, int64_t acc_bytes,
@@ -106,17 +117,19 @@ FASTSEQ_HOST_DEVICE T load_from_other_cta(const T* p) {
 #endif
 }
 
-// The GEMM on CUDA cores (fp32 on GPUs, every dtype in the CPU twin): a thread per output,
-// four independent partial sums so the FMAs pipeline instead of waiting on each other.
+// The GEMM on CUDA cores (fp32 on GPUs, every dtype in the CPU twin): part[b][n] (+)=
+// sum_{k < depth} A[b][k] * W[n][k], a thread per output, four independent partial sums so the
+// FMAs pipeline instead of waiting on each other. `accumulate`: add to part (chunks after the
+// first) instead of overwriting it.
 struct FmaGemm {
   template <typename scalar_t, typename acc_t>
   FASTSEQ_HOST_DEVICE static void run(const scalar_t* A, const scalar_t* W, acc_t* part,
                                       const PersistentLayout& L, int64_t rows, int64_t cols,
-                                      int64_t depth, int tid, int threads) {
+                                      int64_t depth, bool accumulate, int tid, int threads) {
     for (int64_t idx = tid; idx < rows * cols; idx += threads) {
       const int64_t b = idx / cols, n = idx % cols;
-      const scalar_t* a = A + b * L.ld;
-      const scalar_t* w = W + n * L.ld;
+      const scalar_t* a = A + b * L.lda;
+      const scalar_t* w = W + n * L.ldw;
       acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
       int64_t k = 0;
       for (; k + 4 <= depth; k += 4) {
@@ -126,7 +139,8 @@ struct FmaGemm {
         s3 += static_cast<acc_t>(a[k + 3]) * static_cast<acc_t>(w[k + 3]);
       }
       for (; k < depth; ++k) s0 += static_cast<acc_t>(a[k]) * static_cast<acc_t>(w[k]);
-      part[b * L.cols + n] = (s0 + s1) + (s2 + s3);
+      const acc_t sum = (s0 + s1) + (s2 + s3);
+      part[b * L.cols + n] = accumulate ? part[b * L.cols + n] + sum : sum;
     }
   }
 };
@@ -155,17 +169,28 @@ struct CtaBuffers {
 template <typename scalar_t>
 FASTSEQ_HOST_DEVICE void zero_operands(scalar_t* W, scalar_t* A, const PersistentLayout& L,
                                        const CtaContext& cta) {
-  for (int64_t i = cta.tid; i < L.cols * L.ld; i += cta.threads) W[i] = scalar_t(0);
-  for (int64_t i = cta.tid; i < L.rows * L.ld; i += cta.threads) A[i] = scalar_t(0);
+  for (int64_t i = cta.tid; i < L.cols * L.ldw; i += cta.threads) W[i] = scalar_t(0);
+  for (int64_t i = cta.tid; i < L.rows * L.lda; i += cta.threads) A[i] = scalar_t(0);
   cta_sync();
 }
 
-// Stages rows [B, width] of a row-major tensor that other CTAs wrote into A.
-template <typename scalar_t>
-FASTSEQ_HOST_DEVICE void stage_rows(scalar_t* A, const scalar_t* src, int64_t B, int64_t width,
-                                    const PersistentLayout& L, const CtaContext& cta) {
-  for (int64_t i = cta.tid; i < B * width; i += cta.threads)
-    A[(i / width) * L.ld + i % width] = load_from_other_cta(src + i);
+// part[b][n] = sum_k src[b][k] * W[n][k] for the CTA's first `cols` W rows: src [B, width]
+// row-major, written by every CTA at the step before, staged into A a chunk of columns at a
+// time (columns past width read zero). Ends with the CTA synchronized.
+template <typename Gemm, typename scalar_t, typename acc_t>
+FASTSEQ_HOST_DEVICE void cta_product(const CtaBuffers<scalar_t, acc_t>& buf, const PersistentLayout& L,
+                                     const scalar_t* src, int64_t B, int64_t width, int64_t cols,
+                                     const CtaContext& cta) {
+  for (int64_t k0 = 0; k0 < L.depth; k0 += L.chunk) {
+    const int64_t len = L.depth - k0 < L.chunk ? L.depth - k0 : L.chunk;
+    for (int64_t i = cta.tid; i < B * len; i += cta.threads) {
+      const int64_t b = i / len, k = k0 + i % len;
+      buf.A[b * L.lda + i % len] = k < width ? load_from_other_cta(src + b * width + k) : scalar_t(0);
+    }
+    cta_sync();
+    Gemm::run(buf.A, buf.W + k0, buf.part, L, B, cols, len, k0 > 0, cta.tid, cta.threads);
+    cta_sync();
+  }
 }
 
 FASTSEQ_HOST_DEVICE int64_t cta_units(const PersistentLayout& L, int64_t cta, int64_t H) {
@@ -195,7 +220,7 @@ FASTSEQ_HOST_DEVICE void persistent_forward_setup(const PersistentForwardParams<
   zero_operands(buf.W, buf.A, L, cta);
   for (int64_t i = cta.tid; i < G * uc * H; i += cta.threads) {
     const int64_t n = i / H, k = i % H, g = n / uc, u = n % uc;
-    buf.W[(g * L.units + u) * L.ld + k] = p.w_hh[(g * H + u0 + u) * H + k];
+    buf.W[(g * L.units + u) * L.ldw + k] = p.w_hh[(g * H + u0 + u) * H + k];
   }
   cta_sync();
 }
@@ -213,10 +238,7 @@ FASTSEQ_HOST_DEVICE void persistent_forward_step(const PersistentForwardParams<s
   const scalar_t* h_read = p.exchange + (step & 1) * B * H;
   scalar_t* h_write = p.exchange + ((step + 1) & 1) * B * H;
 
-  stage_rows(buf.A, h_read, B, H, L, cta);
-  cta_sync();
-  Gemm::run(buf.A, buf.W, buf.part, L, B, G * L.units, H, cta.tid, cta.threads);
-  cta_sync();
+  cta_product<Gemm>(buf, L, h_read, B, H, G * L.units, cta);
 
   LayerStepIO<scalar_t, acc_t> io = p.io;
   io.gates_x += t * B * G * H;
@@ -253,7 +275,7 @@ FASTSEQ_HOST_DEVICE void persistent_backward_setup(
   zero_operands(buf.W, buf.A, L, cta);
   for (int64_t i = cta.tid; i < uc * G * H; i += cta.threads) {
     const int64_t u = i / (G * H), k = i % (G * H);
-    buf.W[u * L.ld + k] = p.w_hh[k * H + u0 + u];
+    buf.W[u * L.ldw + k] = p.w_hh[k * H + u0 + u];
   }
   cta_sync();
 }
@@ -267,10 +289,7 @@ FASTSEQ_HOST_DEVICE void persistent_backward_gemm(const PersistentBackwardParams
   const CtaBuffers<scalar_t, acc_t> buf(cta, L);
   const int64_t B = p.B, H = p.io.H;
   const scalar_t* dgates = M == CellMode::kGRU ? p.io.dgh : p.io.dgx;
-  stage_rows(buf.A, dgates + t_done * B * G * H, B, G * H, L, cta);
-  cta_sync();
-  Gemm::run(buf.A, buf.W, buf.part, L, B, L.units, G * H, cta.tid, cta.threads);
-  cta_sync();
+  cta_product<Gemm>(buf, L, dgates + t_done * B * G * H, B, G * H, L.units, cta);
 }
 
 template <typename scalar_t, typename acc_t>
