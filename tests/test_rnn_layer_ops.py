@@ -178,3 +178,23 @@ def test_deterministic_bitwise(mode):
     second = run(mode, leaves64, torch.float32, backend, lengths_for(6, 21, True), True, grad_outputs)
     for a, b in zip(first[0] + first[1], second[0] + second[1]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_long_sequence(mode):
+    """T=100 (the issue's longer size): errors must not grow past the rule over many steps, on
+    every backend here and the persistent kernel's twin."""
+    T, B, I, H = 100, 3, 4, 5
+    leaves64 = make_leaves(mode, T, B, I, H, "cpu")
+    lengths = [100, 37, 1]
+    grad_outputs = make_grad_outputs(mode, T, B, H, "cpu")
+    ref_outs, ref_grads = run(mode, leaves64, torch.float64, "reference", lengths, False, grad_outputs)
+    plain_outs, plain_grads = run(mode, leaves64, torch.float32, "reference", lengths, False, grad_outputs)
+    backends = layer_backends("cpu")[:-1] + (["persistent"] if "native" in layer_backends("cpu") else [])
+    for backend in backends:
+        outs, grads = run(mode, leaves64, torch.float32, backend, lengths, False, grad_outputs)
+        for name, o, p, r in zip(["y", "h_n", "c_n"], outs, plain_outs, ref_outs):
+            assert_within_rule(f"{backend} {mode} {name}", o, p, r)
+        names = [n for n, t in zip(LEAF_NAMES, leaves64) if t is not None]
+        for name, g, p, r in zip(names, grads, plain_grads, ref_grads):
+            assert_within_rule(f"{backend} {mode} grad {name}", g, p, r)

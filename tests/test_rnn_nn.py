@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastseq
 
 from numerics import assert_within_rule
-from test_rnn_layer_ops import layer_backends
+from recurrent_cases import layer_backends
 
 KINDS = {
     "lstm": (torch.nn.LSTM, fastseq.nn.LSTM, {}),
