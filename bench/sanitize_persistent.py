@@ -23,11 +23,11 @@ def layer(op_suffix, persistent, mode, args, saved=None):
     os.environ["FASTSEQ_PERSISTENT"] = "1" if persistent else "0"
     forward = getattr(torch.ops.fastseq, "rnn_layer_forward" + op_suffix)
     backward = getattr(torch.ops.fastseq, "rnn_layer_backward" + op_suffix)
-    gx, h0, c0, w_hh, b_hh, lengths, reverse, grads = args
-    y, h_n, c_n, ws = forward(mode, gx, h0, c0, w_hh, b_hh, lengths, reverse, True)
+    gx, h0, c0, w_hh, b_hh, lengths, zh, zc, reverse, grads = args
+    y, h_n, c_n, ws = forward(mode, gx, h0, c0, w_hh, b_hh, lengths, zh, zc, reverse, True)
     y_in, ws_in = saved if saved is not None else (y, ws)
     dgx, dgh, dh0, dc0 = backward(mode, grads[0], grads[1], grads[2], h0, c0, w_hh, y_in, ws_in,
-                                  lengths, reverse)
+                                  lengths, zh, zc, reverse)
     return [y, h_n, c_n, dgx, dgh, dh0, dc0], (y, ws)
 
 
@@ -42,10 +42,13 @@ def main() -> int:
                 def rand(*shape, s=1.0):
                     return ((torch.rand(*shape, device=DEVICE) * 2 - 1) * s).to(dtype)
                 lstm = mode == "lstm"
+
+                def zoneout(used):  # Bernoulli(0.3) masks where the mode has the state
+                    return (torch.rand(T, B, H, device=DEVICE) < 0.3).to(dtype) if used else None
                 args = (rand(T, B, g * H), rand(B, H), rand(B, H) if lstm else None,
                         rand(g * H, H, s=H ** -0.5), rand(g * H, s=0.1),
                         torch.tensor([T - i % T for i in range(B)], dtype=torch.int32, device=DEVICE),
-                        reverse, (rand(T, B, H), rand(B, H), rand(B, H) if lstm else None))
+                        zoneout(mode != "rnn_tanh" and mode != "rnn_relu"), zoneout(lstm), reverse, (rand(T, B, H), rand(B, H), rand(B, H) if lstm else None))
                 loop, saved = layer("", False, mode, args)
                 persistent, _ = layer("_persistent", True, mode, args, saved)
                 for name, a, b in zip(["y", "h_n", "c_n", "dgx", "dgh", "dh0", "dc0"], loop, persistent):

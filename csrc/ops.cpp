@@ -22,31 +22,36 @@ TORCH_LIBRARY(fastseq, m) {
       "Tensor dh_prev_direct, Tensor dcx)");
   // One recurrent layer, one direction, over a sequence. gates_x [T, B, G*H] = x W_ih^T + b_ih
   // for every step (one GEMM by the caller); lengths int32 [B] or None (padded sequences: a
-  // finished row keeps its state and outputs zeros); reverse runs the steps backwards.
+  // finished row keeps its state and outputs zeros); zoneout_h/zoneout_c [T, B, H] or None
+  // (h_t = m h_{t-1} + (1 - m) h~_t; LSTM h and c, GRU h; fastseq/rnn_layer.h); reverse runs
+  // the steps backwards.
   // Returns (y [T, B, H], h_n, c_n (LSTM, else empty), workspace [T, B, WS*H]: LSTM i,f,g,o,c_t;
   // GRU r,z,n,hn; empty for plain RNNs or when save_workspace is false).
   m.def(
       "rnn_layer_forward(str mode, Tensor gates_x, Tensor h0, Tensor? c0, Tensor w_hh, "
-      "Tensor? b_hh, Tensor? lengths, bool reverse, bool save_workspace) -> (Tensor y, "
-      "Tensor h_n, Tensor c_n, Tensor workspace)");
+      "Tensor? b_hh, Tensor? lengths, Tensor? zoneout_h, Tensor? zoneout_c, bool reverse, "
+      "bool save_workspace) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor workspace)");
   // Backward through time. Returns (dgates_x [T, B, G*H], dgates_h [T, B, G*H] (GRU: the
   // recurrent pre-activations' gradients; else empty), dh0, dc0 (LSTM, else empty)); the caller
   // forms dW_hh as one GEMM over all steps.
   m.def(
       "rnn_layer_backward(str mode, Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n, Tensor h0, "
-      "Tensor? c0, Tensor w_hh, Tensor y, Tensor workspace, Tensor? lengths, bool reverse) -> "
-      "(Tensor dgates_x, Tensor dgates_h, Tensor dh0, Tensor dc0)");
+      "Tensor? c0, Tensor w_hh, Tensor y, Tensor workspace, Tensor? lengths, Tensor? zoneout_h, "
+      "Tensor? zoneout_c, bool reverse) -> (Tensor dgates_x, Tensor dgates_h, Tensor dh0, "
+      "Tensor dc0)");
   // The same two ops run by the persistent recurrence (fastseq/rnn_persistent.h): one launch
   // for all steps, W_hh on chip. CUDA: raises when the call does not fit (rnn_layer_forward
   // falls back to its loop instead); CPU: the kernel's twin, for tests.
   m.def(
       "rnn_layer_forward_persistent(str mode, Tensor gates_x, Tensor h0, Tensor? c0, "
-      "Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, bool save_workspace) -> "
-      "(Tensor y, Tensor h_n, Tensor c_n, Tensor workspace)");
+      "Tensor w_hh, Tensor? b_hh, Tensor? lengths, Tensor? zoneout_h, Tensor? zoneout_c, "
+      "bool reverse, bool save_workspace) -> (Tensor y, Tensor h_n, Tensor c_n, "
+      "Tensor workspace)");
   m.def(
       "rnn_layer_backward_persistent(str mode, Tensor grad_y, Tensor grad_h_n, Tensor? grad_c_n, "
       "Tensor h0, Tensor? c0, Tensor w_hh, Tensor y, Tensor workspace, Tensor? lengths, "
-      "bool reverse) -> (Tensor dgates_x, Tensor dgates_h, Tensor dh0, Tensor dc0)");
+      "Tensor? zoneout_h, Tensor? zoneout_c, bool reverse) -> (Tensor dgates_x, "
+      "Tensor dgates_h, Tensor dh0, Tensor dc0)");
 }
 
 namespace {

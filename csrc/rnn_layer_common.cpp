@@ -31,6 +31,17 @@ at::Tensor checked_lengths(const std::optional<at::Tensor>& lengths, const at::T
   return lengths->contiguous();
 }
 
+// A zoneout mask: like `like` (dtype, device), [T, B, H], contiguous; LSTM h and c, GRU h only.
+at::Tensor checked_zoneout(const std::optional<at::Tensor>& mask, const char* name, CellMode mode,
+                           bool is_c, const at::Tensor& like, int64_t T, int64_t B, int64_t H) {
+  if (!mask.has_value() || !mask->defined()) return at::Tensor();
+  TORCH_CHECK(mode == CellMode::kLSTM || (mode == CellMode::kGRU && !is_c), "fastseq: ", name,
+              " is for ", is_c ? "the LSTM only" : "the LSTM and the GRU only");
+  check_tensor_like(*mask, name, like, like.dim() == 3 && like.size(2) == H ? "y" : "gates_x",
+                    {T, B, H});
+  return mask->contiguous();
+}
+
 int layer_workspace_columns(CellMode mode) {
   return mode == CellMode::kLSTM ? 5 : cell_workspace(mode);
 }
@@ -42,7 +53,9 @@ LayerForwardArgs prepare_layer_forward(c10::string_view mode_name, const at::Ten
                                        const std::optional<at::Tensor>& c0_in,
                                        const at::Tensor& w_hh_in,
                                        const std::optional<at::Tensor>& b_hh_in,
-                                       const std::optional<at::Tensor>& lengths_in, bool reverse,
+                                       const std::optional<at::Tensor>& lengths_in,
+                                       const std::optional<at::Tensor>& zoneout_h,
+                                       const std::optional<at::Tensor>& zoneout_c, bool reverse,
                                        bool save_workspace) {
   LayerForwardArgs a;
   a.mode = parse_cell_mode(mode_name);
@@ -65,6 +78,8 @@ LayerForwardArgs prepare_layer_forward(c10::string_view mode_name, const at::Ten
     a.b_hh = b_hh_in->contiguous();
   }
   a.lengths = checked_lengths(lengths_in, a.gates_x, a.B);
+  a.zoneout_h = checked_zoneout(zoneout_h, "zoneout_h", a.mode, false, a.gates_x, a.T, a.B, a.H);
+  a.zoneout_c = checked_zoneout(zoneout_c, "zoneout_c", a.mode, true, a.gates_x, a.T, a.B, a.H);
   const auto options = a.gates_x.options();
   const auto acc_options = options.dtype(accumulator_type(a.gates_x.scalar_type()));
   a.h = h0_in.to(acc_options, /*non_blocking=*/false, /*copy=*/true);
@@ -99,6 +114,8 @@ LayerBackwardArgs prepare_layer_backward(c10::string_view mode_name, const at::T
                                          const at::Tensor& w_hh_in, const at::Tensor& y_in,
                                          const at::Tensor& workspace_in,
                                          const std::optional<at::Tensor>& lengths_in,
+                                         const std::optional<at::Tensor>& zoneout_h,
+                                         const std::optional<at::Tensor>& zoneout_c,
                                          bool reverse) {
   LayerBackwardArgs a;
   a.mode = parse_cell_mode(mode_name);
@@ -124,6 +141,8 @@ LayerBackwardArgs prepare_layer_backward(c10::string_view mode_name, const at::T
   a.w_hh = w_hh_in.contiguous();
   a.ws = workspace_in.contiguous();
   a.lengths = checked_lengths(lengths_in, a.y, B);
+  a.zoneout_h = checked_zoneout(zoneout_h, "zoneout_h", a.mode, false, a.y, T, B, H);
+  a.zoneout_c = checked_zoneout(zoneout_c, "zoneout_c", a.mode, true, a.y, T, B, H);
   const auto options = a.y.options();
   const auto acc_options = options.dtype(accumulator_type(a.y.scalar_type()));
   a.dh = grad_h_n.to(acc_options, false, true);
@@ -171,6 +190,8 @@ void rnn_layer_forward_loop(LayerForwardArgs& a, const LayerStepKernels& kernels
       s.y = a.y[t];
       s.ws = saves ? a.ws[t] : at::Tensor();
       s.lengths = a.lengths;
+      if (a.zoneout_h.defined()) s.zoneout_h = a.zoneout_h[t];
+      if (a.zoneout_c.defined()) s.zoneout_c = a.zoneout_c[t];
       s.t = t;
       kernels.forward(s);
     }
@@ -198,6 +219,8 @@ void rnn_layer_backward_loop(LayerBackwardArgs& a, const LayerStepKernels& kerne
       s.dgx = a.dgx[t];
       s.dgh = gru ? a.dgh[t] : at::Tensor();
       s.lengths = a.lengths;
+      if (a.zoneout_h.defined()) s.zoneout_h = a.zoneout_h[t];
+      if (a.zoneout_c.defined()) s.zoneout_c = a.zoneout_c[t];
       s.t = t;
       s.T = a.T;
       s.reverse = reverse;

@@ -38,7 +38,8 @@ def make_grad_outputs(mode, T, B, H, device):
          for _ in range(2 if mode == "lstm" else 1)]
 
 
-def persistent_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False):
+def persistent_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                     zoneout_h=None, zoneout_c=None):
     """One layer through the persistent ops (on CPU: the CUDA kernel's twin), as
     fastseq.ops.rnn_layer's native path calls its ops: one GEMM for every step's input
     projection, then the recurrence."""
@@ -46,7 +47,8 @@ def persistent_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=
     lengths = torch.tensor(lengths, dtype=torch.int32, device=x.device) if lengths is not None else None
     needs_grad = any(t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
     y, h_n, c_n, _ = torch.ops.fastseq.rnn_layer_forward_persistent(
-        mode, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, lengths, reverse, needs_grad)
+        mode, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
+        needs_grad)
     return y, ((h_n, c_n) if mode == "lstm" else h_n)
 
 

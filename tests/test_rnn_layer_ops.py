@@ -86,13 +86,14 @@ def test_opcheck(backend, mode, reverse):
     gx = x @ w_ih.t() + b_ih
     lengths = torch.tensor([4, 1, 3], dtype=torch.int32)
     for save in (False, True):
-        args = (mode, gx.requires_grad_(save), h0, c0, w_hh, b_hh, lengths, reverse, save)
+        args = (mode, gx.requires_grad_(save), h0, c0, w_hh, b_hh, lengths, None, None, reverse, save)
         torch.library.opcheck(forward, args)
-    y, h_n, c_n, ws = forward(mode, gx.detach(), h0, c0, w_hh, b_hh, lengths, reverse, True)
+    y, h_n, c_n, ws = forward(mode, gx.detach(), h0, c0, w_hh, b_hh, lengths, None, None, reverse,
+                              True)
     lstm = mode == "lstm"
     torch.library.opcheck(getattr(torch.ops.fastseq, "rnn_layer_backward" + suffix), (
         mode, torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n) if lstm else None,
-        h0, c0, w_hh, y, ws, lengths, reverse))
+        h0, c0, w_hh, y, ws, lengths, None, None, reverse))
 
 
 @pytest.mark.parametrize("backend", ["triton", "native"])

@@ -55,13 +55,13 @@ def test_persistent_equals_loop_and_their_workspaces_interchange(mode):
     gates_x = x @ w_ih.t() + b_ih
     lengths = torch.tensor([6, 0, 3, 1, 5], dtype=torch.int32)
     ops = torch.ops.fastseq
-    args = (mode, gates_x, h0, c0, w_hh, b_hh, lengths, True, True)
+    args = (mode, gates_x, h0, c0, w_hh, b_hh, lengths, None, None, True, True)
     loop, persistent = ops.rnn_layer_forward(*args), ops.rnn_layer_forward_persistent(*args)
     for a, b in zip(loop, persistent):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     y, h_n, c_n, ws = persistent
     grads = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(h_n) if mode == "lstm" else None)
-    back = (mode, *grads, h0, c0, w_hh, y, ws, lengths, True)
+    back = (mode, *grads, h0, c0, w_hh, y, ws, lengths, None, None, True)
     for a, b in zip(ops.rnn_layer_backward(*back), ops.rnn_layer_backward_persistent(*back)):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
@@ -76,13 +76,14 @@ def test_opcheck(mode, reverse):
     lengths = torch.tensor([4, 1, 3], dtype=torch.int32)
     for save in (False, True):
         torch.library.opcheck(ops.rnn_layer_forward_persistent,
-                              (mode, gx.requires_grad_(save), h0, c0, w_hh, b_hh, lengths, reverse, save))
+                              (mode, gx.requires_grad_(save), h0, c0, w_hh, b_hh, lengths, None, None, reverse,
+                               save))
     y, h_n, c_n, ws = ops.rnn_layer_forward_persistent(mode, gx.detach(), h0, c0, w_hh, b_hh,
-                                                       lengths, reverse, True)
+                                                       lengths, None, None, reverse, True)
     lstm = mode == "lstm"
     torch.library.opcheck(ops.rnn_layer_backward_persistent, (
         mode, torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n) if lstm else None,
-        h0, c0, w_hh, y, ws, lengths, reverse))
+        h0, c0, w_hh, y, ws, lengths, None, None, reverse))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -141,7 +142,7 @@ def test_refuses_what_does_not_fit_on_chip_with_the_reason():
     with pytest.raises(RuntimeError, match=r"cannot run this call: a CTA would need \d+ bytes of "
                                            r"shared memory \(\d+ for its 75 units' slice of W_hh"):
         torch.ops.fastseq.rnn_layer_forward_persistent("lstm", gates_x, h0, h0, w_hh, None, None,
-                                                       False, False)
+                                                       None, None, False, False)
 
 
 def test_empty_batch_and_zero_steps():
@@ -149,7 +150,8 @@ def test_empty_batch_and_zero_steps():
     for T, B in ((0, 3), (4, 0)):
         gx = torch.randn(T, B, 12)
         y, h_n, c_n, ws = ops.rnn_layer_forward_persistent("lstm", gx, torch.ones(B, 3), torch.ones(B, 3),
-                                                           torch.randn(12, 3), None, None, False, True)
+                                                           torch.randn(12, 3), None, None, None,
+                                                           None, False, True)
         assert y.shape == (T, B, 3) and not y.isnan().any() and torch.equal(h_n, torch.ones(B, 3))
 
 
@@ -157,4 +159,4 @@ def test_refuses_batches_over_64_rows():
     with pytest.raises(RuntimeError, match="batch 65 is more than the 64 rows it runs"):
         torch.ops.fastseq.rnn_layer_forward_persistent(
             "gru", torch.zeros(1, 65, 6), torch.zeros(65, 2), None, torch.zeros(6, 2), None, None,
-            False, False)
+            None, None, False, False)

@@ -9,6 +9,11 @@ forward calls, so that forward runs unchanged on the `auto` path. forward takes 
 takes (padded or packed input, optional h0/c0, unbatched input) and one more argument,
 `lengths`, for padded variable-length batches without a PackedSequence.
 
+Zoneout (LSTM and GRU, beyond torch): `zoneout=p` (or `(p_h, p_c)` for the LSTM) keeps each
+unit's previous h (and c) with probability p at every step in training, and mixes
+h_t = p h_{t-1} + (1 - p) h~_t in evaluation (Krueger et al., 2016). It runs on fastseq's
+native kernels (the reference where the extension is not built); torch's RNNs have none.
+
 Backends: in eager mode `auto` runs torch's own forward (cuDNN on GPUs, aten on CPUs):
 fastseq's persistent recurrence kernel (backend "native" on GPUs), the one meant to beat
 cuDNN, has not been timed on a GPU yet, and nothing slower is chosen for you. Under torch.compile `auto` takes fastseq's sequence path
@@ -18,7 +23,7 @@ the layers and directions; proj_size needs torch's path for now.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +44,18 @@ class _FastRNNBase(torch.nn.RNNBase):
 
     _torch_class: type  # the torch module this one replaces, whose forward `auto` runs
 
-    def __init__(self, mode: str, *args, backend: Optional[str] = None, **kwargs) -> None:
+    def __init__(self, mode: str, *args, backend: Optional[str] = None,
+                 zoneout: Union[float, tuple[float, float]] = 0.0, **kwargs) -> None:
         super().__init__(mode, *args, **kwargs)
         self.backend = backend
+        self.zoneout_h, self.zoneout_c = _zoneout_probabilities(mode, zoneout)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.zoneout_h or self.zoneout_c:
+            text += f", zoneout=({self.zoneout_h}, {self.zoneout_c})" if self.mode == "LSTM" \
+                else f", zoneout={self.zoneout_h}"
+        return text
 
     def forward(self, input, hx=None, lengths=None):
         return self._fastseq_forward(input, hx, lengths)
@@ -51,6 +65,12 @@ class _FastRNNBase(torch.nn.RNNBase):
         if lengths is not None and isinstance(input, PackedSequence):
             raise InputError(f"{op}: lengths is for padded input; a PackedSequence carries its own")
         requested = _backends.requested_backend(self.backend)
+        zoneout = self.zoneout_h > 0 or self.zoneout_c > 0
+        if zoneout and requested == "torch":
+            raise _backends.BackendError(f"{op}: backend 'torch' cannot run this call: torch's RNNs "
+                                         "have no zoneout (native and reference have)")
+        if zoneout and requested == "auto":
+            requested = "native" if _backends.native_unavailable(_device_of(input)) is None else "reference"
         if requested == "auto" and torch.compiler.is_compiling():
             # torch's own RNN forward does not compile with fullgraph=True; fastseq's does.
             device = _device_of(input)
@@ -104,8 +124,10 @@ class _FastRNNBase(torch.nn.RNNBase):
                 b_ih = getattr(self, "bias_ih" + sfx) if self.bias else None
                 b_hh = getattr(self, "bias_hh" + sfx) if self.bias else None
                 state = (h0[k], c0[k]) if lstm else h0[k]
+                zoneout_h, zoneout_c = self._zoneout_weights(layer_input)
                 y, final = ops.rnn_layer(mode, layer_input, state, w_ih, w_hh, b_ih, b_hh,
-                                         lengths=lengths, reverse=direction == 1, backend=backend)
+                                         lengths=lengths, reverse=direction == 1,
+                                         zoneout_h=zoneout_h, zoneout_c=zoneout_c, backend=backend)
                 outs.append(y)
                 h_n.append(final[0] if lstm else final)
                 if lstm:
@@ -124,6 +146,20 @@ class _FastRNNBase(torch.nn.RNNBase):
         elif self.batch_first:
             out = out.transpose(0, 1).contiguous()  # torch returns a contiguous batch-first output
         return out, ((h_n, c_n) if lstm else h_n)
+
+    def _zoneout_weights(self, x):
+        """Per-step weights of one layer and direction: fresh Bernoulli(p) masks in training,
+        p everywhere in evaluation; None where p is 0."""
+        shape = (x.shape[0], x.shape[1], self.hidden_size)
+
+        def weights(p):
+            if p == 0:
+                return None
+            if self.training:
+                return (torch.rand(shape, device=x.device) < p).to(x.dtype)
+            return torch.full(shape, p, device=x.device, dtype=x.dtype)
+
+        return weights(self.zoneout_h), weights(self.zoneout_c)
 
     def _initial_states(self, hx, x, unbatched, lstm):
         directions = 2 if self.bidirectional else 1
@@ -155,6 +191,25 @@ def _pack_like(padded: Tensor, like: PackedSequence) -> PackedSequence:
                           like.unsorted_indices)
 
 
+def _zoneout_probabilities(mode: str, zoneout) -> tuple[float, float]:
+    """(p_h, p_c) from a constructor's `zoneout`: one p (h, and c for the LSTM) or (p_h, p_c)."""
+    name = _MODULE_NAMES[mode]
+    pair = tuple(zoneout) if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
+    if len(pair) != 2 or not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in pair):
+        raise ValueError(f"{name}: zoneout must be a probability in [0, 1] or, for the LSTM, a pair "
+                         f"(p_h, p_c) of them, got {zoneout!r}")
+    if mode == "LSTM":
+        return float(pair[0]), float(pair[1])
+    if mode == "GRU":
+        if isinstance(zoneout, (tuple, list)):
+            raise ValueError(f"{name}: zoneout is one probability for the GRU (it has no cell state), "
+                             f"got {zoneout!r}")
+        return float(pair[0]), 0.0
+    if pair != (0, 0):
+        raise ValueError(f"{name}: zoneout is for the LSTM and the GRU, not the plain RNN")
+    return 0.0, 0.0
+
+
 def _device_of(input) -> torch.device:
     return input.data.device if isinstance(input, PackedSequence) else input.device
 
@@ -166,17 +221,18 @@ class LSTM(_FastRNNBase):
     check_forward_args = torch.nn.LSTM.check_forward_args
     permute_hidden = torch.nn.LSTM.permute_hidden
 
-    def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
-        super().__init__("LSTM", *args, backend=backend, **kwargs)
+    def __init__(self, *args, backend: Optional[str] = None,
+                 zoneout: Union[float, tuple[float, float]] = 0.0, **kwargs) -> None:
+        super().__init__("LSTM", *args, backend=backend, zoneout=zoneout, **kwargs)
 
 
 class GRU(_FastRNNBase):
     _torch_class = torch.nn.GRU
 
-    def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
+    def __init__(self, *args, backend: Optional[str] = None, zoneout: float = 0.0, **kwargs) -> None:
         if "proj_size" in kwargs:  # as torch.nn.GRU
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        super().__init__("GRU", *args, backend=backend, **kwargs)
+        super().__init__("GRU", *args, backend=backend, zoneout=zoneout, **kwargs)
 
 
 class RNN(_FastRNNBase):

@@ -26,6 +26,7 @@ _TORCH_LAYERS = {"lstm": torch.lstm, "gru": torch.gru, "rnn_tanh": torch.rnn_tan
 def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
               lengths: Optional[Union[Tensor, Sequence[int]]] = None, reverse: bool = False,
+              zoneout_h: Optional[Tensor] = None, zoneout_c: Optional[Tensor] = None,
               backend: Optional[str] = None):
     """Run one layer of an LSTM ("lstm"), GRU ("gru") or Elman RNN ("rnn_tanh", "rnn_relu")
     over input [T, B, I] (time-major), in one direction.
@@ -34,6 +35,11 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     for padded input: steps at or past a row's length leave its state unchanged and output
     zeros (torch's packed-sequence semantics; the reverse direction of a row of length n starts
     at step n-1). Returns (output [T, B, H], h_n), with h_n = (h_n, c_n) for the LSTM.
+
+    zoneout_h, zoneout_c: None, or weights m [T, B, H] in [0, 1] (LSTM: h and c; GRU: h) that
+    keep part of the previous state at each step: h_t = m h_{t-1} + (1 - m) h~_t, with h~_t the
+    cell's new state (Krueger et al., 2016). Training passes Bernoulli(p) masks, evaluation m = p
+    everywhere (fastseq.nn.LSTM/GRU's `zoneout` does both). Not differentiated.
     """
     if mode not in GATES:
         fail(OP, f"mode must be one of {', '.join(GATES)}, got {mode!r}")
@@ -44,13 +50,16 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     _validate(mode, input, h0, c0, w_ih, w_hh, b_ih, b_hh)
     steps, batch = input.shape[0], input.shape[1]
     hidden = w_hh.shape[1]
+    _validate_zoneout(mode, input, hidden, zoneout_h, zoneout_c)
+    zoneout = zoneout_h is not None or zoneout_c is not None
     lengths = _checked_lengths(lengths, steps, batch, input.device)
 
     device = input.device
     unsupported = {
-        "triton": lambda: _backends.triton_unavailable(device),
+        "triton": lambda: _backends.triton_unavailable(device) or (
+            "the Triton sequence kernel has no zoneout (native and reference have)" if zoneout else None),
         "native": lambda: _backends.native_unavailable(device),
-        "torch": lambda: _torch_unsupported(reverse, lengths),
+        "torch": lambda: _torch_unsupported(reverse, lengths, zoneout),
         "reference": lambda: None,
     }
     chosen = _backends.choose(OP, _backends.requested_backend(backend), _auto_preference(device),
@@ -62,7 +71,8 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
 
     if chosen == "reference":
         y, h_n, c_n = _reference._run_direction(
-            mode, input, h0, c0, _reference.LayerWeights(w_ih, w_hh, b_ih, b_hh), lengths, reverse)
+            mode, input, h0, c0, _reference.LayerWeights(w_ih, w_hh, b_ih, b_hh), lengths, reverse,
+            zoneout_h, zoneout_c)
     elif chosen == "torch":
         params = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
         state = (h0.unsqueeze(0), c0.unsqueeze(0)) if lstm else h0.unsqueeze(0)
@@ -76,8 +86,8 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
             t is not None and t.requires_grad for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh))
         forward = (torch.ops.fastseq.rnn_layer_forward_triton if chosen == "triton"
                    else torch.ops.fastseq.rnn_layer_forward)
-        y, h_n, c_n, _workspace = forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse,
-                                          needs_grad)
+        y, h_n, c_n, _workspace = forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h,
+                                          zoneout_c, reverse, needs_grad)
     return (y, (h_n, c_n)) if lstm else (y, h_n)
 
 
@@ -104,6 +114,17 @@ def _validate(mode, input, h0, c0, w_ih, w_hh, b_ih, b_hh) -> None:
                                                    ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)))
 
 
+def _validate_zoneout(mode, input, hidden, zoneout_h, zoneout_c) -> None:
+    for name, mask, modes in (("zoneout_h", zoneout_h, ("lstm", "gru")), ("zoneout_c", zoneout_c, ("lstm",))):
+        if mask is None:
+            continue
+        if mode not in modes:
+            fail(OP, f"{name} is for {' and '.join(modes)} layers, not {mode}")
+        check_tensor(OP, name, mask, ndims=(3,))
+        check_shape(OP, name, mask, (input.shape[0], input.shape[1], hidden), "[steps, batch, hidden_size]")
+        check_same_dtype_device(OP, ("input", input), ((name, mask),))
+
+
 def _checked_lengths(lengths, steps: int, batch: int, device: torch.device) -> Optional[Tensor]:
     """lengths as int32 on the input's device, after checking them where they live (a CPU
     list or tensor costs no GPU sync; CUDA lengths are checked with one)."""
@@ -123,7 +144,9 @@ def _checked_lengths(lengths, steps: int, batch: int, device: torch.device) -> O
     return lengths.to(device=device, dtype=torch.int32)
 
 
-def _torch_unsupported(reverse: bool, lengths) -> Optional[str]:
+def _torch_unsupported(reverse: bool, lengths, zoneout: bool) -> Optional[str]:
+    if zoneout:
+        return "torch's RNNs have no zoneout (native and reference have)"
     if reverse:
         return "torch's functional RNNs run one direction only forwards (reverse=True needs triton or reference)"
     if lengths is not None:

@@ -7,10 +7,10 @@ their autograd. Two implementations share one schema (csrc/ops.cpp):
       the persistent kernel only (CUDA; raises where it does not fit) and its CPU twin
   torch.ops.fastseq.rnn_layer_forward_triton / rnn_layer_backward_triton  Triton (kernels/)
 
-  forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, save_workspace)
-      -> (y, h_n, c_n, workspace)
-  backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths, reverse)
-      -> (dgates_x, dgates_h, dh0, dc0)
+  forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
+          save_workspace) -> (y, h_n, c_n, workspace)
+  backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths, zoneout_h,
+           zoneout_c, reverse) -> (dgates_x, dgates_h, dh0, dc0)
 
 gates_x [T, B, G*H] is the input projection of every step (x W_ih^T + b_ih, one GEMM done by
 the caller, whose autograd gives dx and dW_ih as one GEMM each). The backward op runs the
@@ -39,10 +39,12 @@ TRITON_BACKWARD = "fastseq::rnn_layer_backward_triton"
 @torch.library.custom_op(TRITON_FORWARD, mutates_args=())
 def rnn_layer_forward_triton(
     mode: str, gates_x: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
-    b_hh: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, save_workspace: bool,
+    b_hh: Optional[Tensor], lengths: Optional[Tensor], zoneout_h: Optional[Tensor],
+    zoneout_c: Optional[Tensor], reverse: bool, save_workspace: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import rnn_layer
 
+    _refuse_zoneout(zoneout_h, zoneout_c)
     gates_x, h0, c0, w_hh, b_hh, lengths = contiguous_or_none(gates_x, h0, c0, w_hh, b_hh, lengths)
     return rnn_layer.rnn_layer_forward(mode, gates_x, h0, c0 if mode == "lstm" else None, w_hh,
                                        b_hh, lengths, reverse, save_workspace)
@@ -52,10 +54,11 @@ def rnn_layer_forward_triton(
 def rnn_layer_backward_triton(
     mode: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], h0: Tensor,
     c0: Optional[Tensor], w_hh: Tensor, y: Tensor, workspace: Tensor, lengths: Optional[Tensor],
-    reverse: bool,
+    zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import rnn_layer
 
+    _refuse_zoneout(zoneout_h, zoneout_c)
     if LAYER_WORKSPACE[mode] and workspace.numel() == 0 and y.shape[0] > 0:
         raise RuntimeError("fastseq: the workspace is empty: the forward ran with "
                            "save_workspace=False, so it cannot be differentiated")
@@ -65,7 +68,15 @@ def rnn_layer_backward_triton(
     return rnn_layer.rnn_layer_backward(mode, *args, reverse)
 
 
-def _forward_fake(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, save_workspace):
+def _refuse_zoneout(zoneout_h, zoneout_c) -> None:
+    # fastseq.ops.rnn_layer never sends zoneout here (its backend choice says so first).
+    if zoneout_h is not None or zoneout_c is not None:
+        raise NotImplementedError("fastseq: the Triton sequence kernel has no zoneout; the native "
+                                  "and reference backends have")
+
+
+def _forward_fake(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
+                  save_workspace):
     steps, batch, _ = gates_x.shape
     hidden = h0.shape[1]
     ws_columns = LAYER_WORKSPACE[mode] * hidden if save_workspace else 0
@@ -74,7 +85,8 @@ def _forward_fake(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, save_work
             gates_x.new_empty(steps if ws_columns else 0, batch, ws_columns))
 
 
-def _backward_fake(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths, reverse):
+def _backward_fake(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths, zoneout_h,
+                   zoneout_c, reverse):
     steps, batch, hidden = y.shape
     gates = GATES[mode]
     gru, lstm = mode == "gru", mode == "lstm"
@@ -97,22 +109,22 @@ def previous_states(y: Tensor, h0: Tensor, lengths: Optional[Tensor], reverse: b
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, _save = inputs
+    mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse, _save = inputs
     y, _h_n, _c_n, workspace = output
     ctx.mode, ctx.reverse = mode, reverse
-    ctx.save_for_backward(h0, c0, w_hh, lengths, y, workspace)
+    ctx.save_for_backward(h0, c0, w_hh, lengths, zoneout_h, zoneout_c, y, workspace)
 
 
 def _autograd_backward(backward_op):
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
-        h0, c0, w_hh, lengths, y, workspace = ctx.saved_tensors
+        h0, c0, w_hh, lengths, zoneout_h, zoneout_c, y, workspace = ctx.saved_tensors
         mode = ctx.mode
         lstm, gru = mode == "lstm", mode == "gru"
         grad_y = grad_y if grad_y is not None else torch.zeros_like(y)
         grad_h_n = grad_h_n if grad_h_n is not None else torch.zeros_like(h0)
         dgx, dgh, dh0, dc0 = backward_op(mode, grad_y, grad_h_n, grad_c_n if lstm else None, h0,
                                          c0 if lstm else None, w_hh, y, workspace, lengths,
-                                         ctx.reverse)
+                                         zoneout_h, zoneout_c, ctx.reverse)
         if not gru:  # LSTM and plain RNN: the recurrent gates get the input gates' gradient
             dgh = dgx
         need = ctx.needs_input_grad
@@ -124,7 +136,7 @@ def _autograd_backward(backward_op):
         if need[5]:
             d_b_hh = dgh.reshape(rows, -1).sum(0)
         return (None, dgx if need[1] else None, dh0 if need[2] else None,
-                dc0 if lstm and need[3] else None, d_w_hh, d_b_hh, None, None, None)
+                dc0 if lstm and need[3] else None, d_w_hh, d_b_hh, None, None, None, None, None)
 
     return backward
 

@@ -74,11 +74,13 @@ def weights_of(module: torch.nn.Module) -> list[LayerWeights]:
 
 
 def _run_direction(mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], weights: LayerWeights,
-                   lengths: Optional[Tensor], reverse: bool):
+                   lengths: Optional[Tensor], reverse: bool, zoneout_h: Optional[Tensor] = None,
+                   zoneout_c: Optional[Tensor] = None):
     """One layer, one direction over x [T, B, I]. Steps at or past a sequence's length leave its
     state unchanged and output zeros, so the final state is the state at its last valid step
     (the reverse direction of a sequence of length n starts at step n-1), as torch's packed
-    sequences give."""
+    sequences give. Zoneout (weights m [T, B, H] for h and, LSTM, c): the new state is
+    m * previous + (1 - m) * the cell's, and is also the step's output."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
     cell = CELLS[mode]
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
@@ -90,6 +92,10 @@ def _run_direction(mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], weights
                 h_new = F.linear(h_new, w_hr)
         else:
             h_new, c_new = cell(x[t], h, w_ih, w_hh, b_ih, b_hh), None
+        if zoneout_h is not None:
+            h_new = zoneout_h[t] * h + (1 - zoneout_h[t]) * h_new
+        if zoneout_c is not None:
+            c_new = zoneout_c[t] * c + (1 - zoneout_c[t]) * c_new
         if lengths is None:
             h, c = h_new, c_new
             outputs[t] = h_new

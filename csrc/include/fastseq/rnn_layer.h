@@ -8,6 +8,11 @@
 // [T, B, WS*H] with WS = 5 for the LSTM (i, f, g, o, c_t), 4 for the GRU (r, z, n, hn), none
 // for plain RNNs. The state runs in acc_t (fp32; fp64 for fp64 input). A row whose sequence
 // has ended (t >= length) keeps its state and outputs zeros.
+//
+// Zoneout (Krueger et al. 2016; LSTM: h and c, GRU: h): per-step weights m [T, B, H] keep part
+// of the previous state, h_t = m h_{t-1} + (1 - m) h~_t (likewise c_t), where h~_t is the
+// cell's new state; training passes Bernoulli(p) masks, evaluation m = p. y_t and the workspace's
+// c_t are the zoned-out states; the backward recomputes the LSTM's c~_t = f c_{t-1} + i g.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
@@ -34,6 +39,8 @@ struct LayerStepIO {
   scalar_t* y;              // [B, H]
   scalar_t* ws;             // [B, WS*H] or null
   const int32_t* lengths;   // [B] or null
+  const scalar_t* zoneout_h;  // [B, H] or null (no zoneout)
+  const scalar_t* zoneout_c;  // [B, H] or null; LSTM only
   int64_t t, H;
 };
 
@@ -67,6 +74,14 @@ FASTSEQ_HOST_DEVICE void layer_step_forward_unit(const LayerStepIO<scalar_t, acc
   const acc_t c_prev = io.c != nullptr ? io.c[unit] : acc_t(0);
   acc_t h_new, c_new = acc_t(0), saved[Math::kWorkspace > 0 ? Math::kWorkspace : 1];
   Math::forward(pre_ih, pre_hh, h_prev, c_prev, h_new, c_new, saved);
+  if (io.zoneout_h != nullptr) {
+    const acc_t m = static_cast<acc_t>(io.zoneout_h[unit]);
+    h_new = m * h_prev + (acc_t(1) - m) * h_new;
+  }
+  if (io.zoneout_c != nullptr) {
+    const acc_t m = static_cast<acc_t>(io.zoneout_c[unit]);
+    c_new = m * c_prev + (acc_t(1) - m) * c_new;
+  }
   io.h[unit] = h_new;
   if (io.c != nullptr) io.c[unit] = c_new;
   io.y[unit] = static_cast<scalar_t>(h_new);
@@ -105,6 +120,8 @@ struct LayerStepBackwardIO {
   scalar_t* dgx;            // [B, G*H]
   scalar_t* dgh;            // [B, G*H] GRU, else null
   const int32_t* lengths;   // [B] or null
+  const scalar_t* zoneout_h;  // [B, H] or null
+  const scalar_t* zoneout_c;  // [B, H] or null; LSTM only
   int64_t t, T, H;
   bool reverse;
 };
@@ -140,8 +157,18 @@ FASTSEQ_HOST_DEVICE void layer_step_backward_element(
   acc_t saved[Math::kWorkspace > 0 ? Math::kWorkspace : 1];
   FASTSEQ_UNROLL
   for (int w = 0; w < Math::kWorkspace; ++w) saved[w] = static_cast<acc_t>(io.ws[b * WS * H + w * H + j]);
+  // Zoneout: the cell's own new state gets the (1 - m) share of the gradient, the previous
+  // state the m share directly. Without zoneout m = 0 and this is exact arithmetic on dh, dc.
+  const acc_t m_h = io.zoneout_h != nullptr ? static_cast<acc_t>(io.zoneout_h[unit]) : acc_t(0);
+  const acc_t m_c = io.zoneout_c != nullptr ? static_cast<acc_t>(io.zoneout_c[unit]) : acc_t(0);
+  if constexpr (M == CellMode::kLSTM) {
+    if (io.zoneout_c != nullptr) c_new = saved[1] * c_prev + saved[0] * saved[2];  // c~_t = f c + i g
+  }
   acc_t dpre_ih[G], dpre_hh[G], dh_direct = acc_t(0), dc_prev = acc_t(0);
-  Math::backward(dh, dc, saved, h_prev, c_prev, h_new, c_new, dpre_ih, dpre_hh, dh_direct, dc_prev);
+  Math::backward((acc_t(1) - m_h) * dh, (acc_t(1) - m_c) * dc, saved, h_prev, c_prev, h_new, c_new,
+                 dpre_ih, dpre_hh, dh_direct, dc_prev);
+  dh_direct += m_h * dh;
+  dc_prev += m_c * dc;
   FASTSEQ_UNROLL
   for (int g = 0; g < G; ++g) io.dgx[b * G * H + g * H + j] = static_cast<scalar_t>(dpre_ih[g]);
   if (io.dgh != nullptr) {
@@ -156,11 +183,13 @@ FASTSEQ_HOST_DEVICE void layer_step_backward_element(
 struct LayerForwardStep {
   CellMode mode;
   at::Tensor gates_x, gates_h, b_hh, h, c, y, ws, lengths;  // b_hh/c/ws/lengths undefined if absent
+  at::Tensor zoneout_h, zoneout_c;                          // at step t; undefined if absent
   int64_t t;
 };
 struct LayerBackwardStep {
   CellMode mode;
   at::Tensor grad_y, dh, dc, y, y_prev, h0, ws, ws_prev, c0, dgx, dgh, lengths;
+  at::Tensor zoneout_h, zoneout_c;
   int64_t t, T;
   bool reverse;
 };
@@ -176,13 +205,16 @@ struct LayerForwardArgs {
   int64_t T, B, H;
   bool reverse;
   at::Tensor gates_x, w_hh, b_hh, lengths;  // b_hh, lengths undefined when absent
+  at::Tensor zoneout_h, zoneout_c;          // [T, B, H]; undefined when absent
   at::Tensor h, c;  // the running state in acc_t, from h0/c0 (c undefined unless LSTM)
   at::Tensor y, ws;  // outputs; ws empty unless save_workspace and the mode saves any
 };
 LayerForwardArgs prepare_layer_forward(c10::string_view mode, const at::Tensor& gates_x,
                                        const at::Tensor& h0, const std::optional<at::Tensor>& c0,
                                        const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
-                                       const std::optional<at::Tensor>& lengths, bool reverse,
+                                       const std::optional<at::Tensor>& lengths,
+                                       const std::optional<at::Tensor>& zoneout_h,
+                                       const std::optional<at::Tensor>& zoneout_c, bool reverse,
                                        bool save_workspace);
 // (y, h_n, c_n, workspace) of the op, h_n/c_n in the input dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_layer_forward(
@@ -193,6 +225,7 @@ struct LayerBackwardArgs {
   int64_t T, B, H;
   bool reverse;
   at::Tensor grad_y, y, h0, c0, w_hh, ws, lengths;  // c0, lengths undefined when absent
+  at::Tensor zoneout_h, zoneout_c;                  // undefined when absent
   at::Tensor dh, dc;  // running dL/dh, dL/dc in acc_t, from grad_h_n/grad_c_n (dc: LSTM only)
   at::Tensor dgx, dgh;  // outputs; dgh empty unless GRU
 };
@@ -202,7 +235,9 @@ LayerBackwardArgs prepare_layer_backward(c10::string_view mode, const at::Tensor
                                          const at::Tensor& h0, const std::optional<at::Tensor>& c0,
                                          const at::Tensor& w_hh, const at::Tensor& y,
                                          const at::Tensor& workspace,
-                                         const std::optional<at::Tensor>& lengths, bool reverse);
+                                         const std::optional<at::Tensor>& lengths,
+                                         const std::optional<at::Tensor>& zoneout_h,
+                                         const std::optional<at::Tensor>& zoneout_c, bool reverse);
 // (dgates_x, dgates_h, dh0, dc0) of the op.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_layer_backward(
     const LayerBackwardArgs& a);
@@ -224,7 +259,7 @@ LayerStepIO<scalar_t, acc_t> layer_step_io(const LayerForwardStep& s) {
   return {s.gates_x.data_ptr<scalar_t>(), s.gates_h.data_ptr<scalar_t>(),
           data_or_null<scalar_t>(s.b_hh), s.h.data_ptr<acc_t>(), data_or_null<acc_t>(s.c),
           s.y.data_ptr<scalar_t>(), data_or_null<scalar_t>(s.ws), data_or_null<int32_t>(s.lengths),
-          s.t, s.h.size(1)};
+          data_or_null<scalar_t>(s.zoneout_h), data_or_null<scalar_t>(s.zoneout_c), s.t, s.h.size(1)};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -233,7 +268,8 @@ LayerStepBackwardIO<scalar_t, acc_t> layer_step_backward_io(const LayerBackwardS
           s.y.data_ptr<scalar_t>(), s.y_prev.data_ptr<scalar_t>(), s.h0.data_ptr<scalar_t>(),
           data_or_null<scalar_t>(s.ws), data_or_null<scalar_t>(s.ws_prev), data_or_null<scalar_t>(s.c0),
           s.dgx.data_ptr<scalar_t>(), data_or_null<scalar_t>(s.dgh), data_or_null<int32_t>(s.lengths),
-          s.t, s.T, s.dh.size(1), s.reverse};
+          data_or_null<scalar_t>(s.zoneout_h), data_or_null<scalar_t>(s.zoneout_c), s.t, s.T,
+          s.dh.size(1), s.reverse};
 }
 
 }  // namespace fastseq

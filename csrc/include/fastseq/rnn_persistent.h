@@ -243,6 +243,8 @@ FASTSEQ_HOST_DEVICE void persistent_forward_step(const PersistentForwardParams<s
   LayerStepIO<scalar_t, acc_t> io = p.io;
   io.gates_x += t * B * G * H;
   io.y += t * B * H;
+  if (io.zoneout_h != nullptr) io.zoneout_h += t * B * H;
+  if (io.zoneout_c != nullptr) io.zoneout_c += t * B * H;
   if (io.ws != nullptr) io.ws += t * B * WS * H;
   io.t = t;
   for (int64_t i = cta.tid; i < B * uc; i += cta.threads) {
@@ -320,6 +322,8 @@ FASTSEQ_HOST_DEVICE void persistent_backward_step(
   }
   io.dgx += t * B * G * H;
   if (io.dgh != nullptr) io.dgh += t * B * G * H;
+  if (io.zoneout_h != nullptr) io.zoneout_h += t * B * H;
+  if (io.zoneout_c != nullptr) io.zoneout_c += t * B * H;
   io.t = t;
   for (int64_t i = cta.tid; i < B * uc; i += cta.threads) {
     const int64_t b = i / uc, u = i % uc;
@@ -360,7 +364,8 @@ PersistentForwardParams<scalar_t, acc_t> persistent_forward_params(const LayerFo
   PersistentForwardParams<scalar_t, acc_t> p;
   p.io = {a.gates_x.data_ptr<scalar_t>(), nullptr, data_or_null<scalar_t>(a.b_hh),
           a.h.data_ptr<acc_t>(), data_or_null<acc_t>(a.c), a.y.data_ptr<scalar_t>(),
-          data_or_null<scalar_t>(a.ws), data_or_null<int32_t>(a.lengths), 0, a.H};
+          data_or_null<scalar_t>(a.ws), data_or_null<int32_t>(a.lengths),
+          data_or_null<scalar_t>(a.zoneout_h), data_or_null<scalar_t>(a.zoneout_c), 0, a.H};
   p.w_hh = a.w_hh.data_ptr<scalar_t>();
   p.exchange = exchange.data_ptr<scalar_t>();
   p.T = a.T;
@@ -379,7 +384,8 @@ PersistentBackwardParams<scalar_t, acc_t> persistent_backward_params(const Layer
   p.io = {a.grad_y.data_ptr<scalar_t>(), a.dh.data_ptr<acc_t>(), data_or_null<acc_t>(a.dc),
           y, y, a.h0.data_ptr<scalar_t>(), ws, ws, data_or_null<scalar_t>(a.c0),
           a.dgx.data_ptr<scalar_t>(), data_or_null<scalar_t>(a.dgh),
-          data_or_null<int32_t>(a.lengths), 0, a.T, a.H, a.reverse};
+          data_or_null<int32_t>(a.lengths), data_or_null<scalar_t>(a.zoneout_h),
+          data_or_null<scalar_t>(a.zoneout_c), 0, a.T, a.H, a.reverse};
   p.w_hh = a.w_hh.data_ptr<scalar_t>();
   p.B = a.B;
   p.layout = L;
