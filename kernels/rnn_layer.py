@@ -14,6 +14,10 @@ writes the gate gradients of step t, then a GEMM phase turns them into dh_{t-1}.
 gradient is one GEMM over all steps afterwards (fastseq.ops.rnn_layer).
 
 Workspace per step and unit: LSTM i, f, g, o, c_t; GRU r, z, n, W_hn h + b_hn; plain RNN none.
+
+Zoneout (LSTM h and c, GRU h): per-step weights m [T, B, H], h_t = m h_{t-1} + (1 - m) h~_t;
+y and the workspace's c_t hold the zoned-out states, the backward recomputes the LSTM's
+c~_t = f c_{t-1} + i g (the math of csrc/include/fastseq/rnn_layer.h).
 """
 import torch
 import triton
@@ -48,11 +52,12 @@ def _batch_tile(len_ptr, T, B, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr)
 
 @triton.jit
 def _rnn_layer_forward_kernel(
-    gx_ptr, h0_ptr, c0_ptr, w_hh_ptr, b_hh_ptr, len_ptr,
+    gx_ptr, h0_ptr, c0_ptr, w_hh_ptr, b_hh_ptr, len_ptr, zh_ptr, zc_ptr,
     y_ptr, hn_ptr, cn_ptr, ws_ptr, hbuf_ptr, cbuf_ptr,
     T, B, H,
     MODE: tl.constexpr, G: tl.constexpr, WS: tl.constexpr,
     HAS_B_HH: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, SAVE_WS: tl.constexpr,
+    HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -115,6 +120,12 @@ def _rnn_layer_forward_kernel(
             else:
                 c_prev = tl.zeros_like(h_prev)
             h_new, c_new, w0, w1, w2, w3 = cell_forward_math(MODE, acc0, acc1, acc2, acc3, h_prev, c_prev)
+            if HAS_ZH:
+                m = tl.load(zh_ptr + t.to(tl.int64) * BH + state, mask=mask, other=0.0).to(ACC_DTYPE)
+                h_new = m * h_prev + (1.0 - m) * h_new
+            if HAS_ZC:
+                m = tl.load(zc_ptr + t.to(tl.int64) * BH + state, mask=mask, other=0.0).to(ACC_DTYPE)
+                c_new = m * c_prev + (1.0 - m) * c_new
             h_new = tl.where(valid, h_new, h_prev)
             tl.store(h_write + state, h_new, mask=mask)
             tl.store(y_ptr + t.to(tl.int64) * BH + state, tl.where(valid, h_new, 0.0).to(out_ty), mask=mask)
@@ -143,11 +154,12 @@ def _rnn_layer_forward_kernel(
 
 @triton.jit
 def _rnn_layer_backward_kernel(
-    gy_ptr, ghn_ptr, gcn_ptr, h0_ptr, c0_ptr, w_hh_ptr, y_ptr, ws_ptr, len_ptr,
+    gy_ptr, ghn_ptr, gcn_ptr, h0_ptr, c0_ptr, w_hh_ptr, y_ptr, ws_ptr, len_ptr, zh_ptr, zc_ptr,
     dgx_ptr, dgh_ptr, dh0_ptr, dc0_ptr, dhbuf_ptr, dcbuf_ptr,
     T, B, H,
     MODE: tl.constexpr, G: tl.constexpr, WS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_GRAD_CN: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -214,8 +226,18 @@ def _rnn_layer_backward_kernel(
                 dc = zero
                 c_new = zero
                 c_prev = zero
+            # Zoneout: the cell's new state takes the (1 - m) share, the previous state m.
+            m_h = zero
+            m_c = zero
+            if HAS_ZH:
+                m_h = tl.load(zh_ptr + t64 * BH + state, mask=mask, other=0.0).to(ACC_DTYPE)
+            if HAS_ZC:
+                m_c = tl.load(zc_ptr + t64 * BH + state, mask=mask, other=0.0).to(ACC_DTYPE)
+                c_new = w1 * c_prev + w0 * w2  # c~_t = f c_{t-1} + i g, before zoneout
             d0, d1, d2, d3, dn_hh, dh_direct, dc_prev = cell_backward_math(
-                MODE, dh, dc, w0, w1, w2, w3, h_prev, c_prev, h_new, c_new)
+                MODE, (1.0 - m_h) * dh, (1.0 - m_c) * dc, w0, w1, w2, w3, h_prev, c_prev, h_new, c_new)
+            dh_direct += m_h * dh
+            dc_prev += m_c * dc
             dg = dgx_ptr + t64 * B * GH + rows_b[:, None] * GH + offs_h[None, :]
             tl.store(dg, tl.where(valid, d0, 0.0).to(out_ty), mask=mask)
             if G >= 3:
@@ -274,9 +296,11 @@ def layer_config(batch: int, dtype: torch.dtype, kernel: str) -> dict:
             "num_warps": 4}
 
 
-def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, save_workspace):
+def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
+                      save_workspace):
     """Launch the forward kernel. gates_x [T, B, G*H] (x W_ih^T + b_ih), h0/c0 [B, H], lengths
-    int32 [B] or None. Returns (y [T, B, H], h_n, c_n, workspace [T, B, WS*H])."""
+    int32 [B] or None, zoneout weights [T, B, H] or None. Returns (y [T, B, H], h_n, c_n,
+    workspace [T, B, WS*H])."""
     T, B, _ = gates_x.shape
     H = h0.shape[1]
     y = new_output((T, B, H), gates_x)
@@ -299,18 +323,20 @@ def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, reverse, save_
     _rnn_layer_forward_kernel[grid](
         gates_x, h0, c0 if c0 is not None else h0, w_hh, b_hh if b_hh is not None else h0,
         lengths if lengths is not None else h0,
+        zoneout_h if zoneout_h is not None else h0, zoneout_c if zoneout_c is not None else h0,
         y, h_n, c_n if c_n.numel() else h_n, ws if ws.numel() else y, hbuf, cbuf,
         T, B, H,
         MODE=MODE_IDS[mode], G=GATES[mode], WS=max(LAYER_WORKSPACE[mode], 1),
         HAS_B_HH=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
-        SAVE_WS=ws.numel() > 0,
+        SAVE_WS=ws.numel() > 0, HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
         PRECISION=dot_precision(gates_x.dtype), UPCAST=INTERPRETED,
         ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,
     )
     return y, h_n, c_n, ws
 
 
-def rnn_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths, reverse):
+def rnn_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths,
+                       zoneout_h, zoneout_c, reverse):
     """Launch the backward kernel. Returns (dgates_x [T, B, G*H], dgates_h [T, B, G*H] (GRU,
     else empty), dh0 [B, H], dc0 [B, H] (LSTM, else empty))."""
     T, B, H = y.shape
@@ -336,10 +362,12 @@ def rnn_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, worksp
         grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0,
         c0 if c0 is not None else h0, w_hh, y, workspace if workspace.numel() else y,
         lengths if lengths is not None else h0,
+        zoneout_h if zoneout_h is not None else h0, zoneout_c if zoneout_c is not None else h0,
         dgx, dgh if gru else dgx, dh0, dc0 if lstm else dh0, dhbuf, dcbuf,
         T, B, H,
         MODE=MODE_IDS[mode], G=G, WS=max(LAYER_WORKSPACE[mode], 1),
         HAS_LENGTHS=lengths is not None, HAS_GRAD_CN=grad_c_n is not None, REVERSE=reverse,
+        HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
         PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED,
         ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,
     )

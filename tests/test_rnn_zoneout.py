@@ -1,5 +1,5 @@
-"""Zoneout (h_t = m h_{t-1} + (1 - m) h~_t, LSTM h and c, GRU h) on the sequence op: native
-(the GEMM-per-step loop), the persistent kernel's twin and the reference, against the float64
+"""Zoneout (h_t = m h_{t-1} + (1 - m) h~_t, LSTM h and c, GRU h) on the sequence op: Triton
+(interpreter), native (the GEMM-per-step loop), the persistent kernel's twin, against the float64
 reference, with training masks and evaluation weights; gradcheck of the backward's zoneout
 terms (the LSTM's recomputed c~_t included); refusals."""
 import pytest
@@ -45,7 +45,7 @@ def run(mode, leaves64, zoneout64, dtype, backend, lengths, reverse, grad_output
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_zoneout_matches_reference(mode, kind, reverse, dtype):
-    T, B, I, H = 7, 13, 5, 63
+    T, B, I, H = 6, 5, 3, 20  # small: the Triton interpreter runs it too
     leaves64 = make_leaves(mode, T, B, I, H, "cpu")
     zoneout64 = masks(mode, T, B, H, kind)
     lengths = [T - (i * 5) % T for i in range(B)]
@@ -53,7 +53,7 @@ def test_zoneout_matches_reference(mode, kind, reverse, dtype):
     ref = run(mode, leaves64, zoneout64, torch.float64, "reference", lengths, reverse, grad_outputs)
     plain = run(mode, leaves64, zoneout64, dtype, "reference", lengths, reverse, grad_outputs)
     names = ["y", "h_n", "c_n"] + [n for n, t in zip(LEAF_NAMES, leaves64) if t is not None]
-    for backend in ("native", "persistent"):
+    for backend in [b for b in layer_backends("cpu") if b != "reference"] + ["persistent"]:
         outs, grads = run(mode, leaves64, zoneout64, dtype, backend, lengths, reverse, grad_outputs)
         for name, o, p, r in zip(names, outs + grads, plain[0] + plain[1], ref[0] + ref[1]):
             assert_within_rule(f"{backend} {mode} zoneout {name}", o, p, r)
@@ -70,12 +70,15 @@ def test_reference_zoneout_keeps_the_state_where_the_mask_is_one():
 
 @native_or_skip
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
-@pytest.mark.parametrize("backend", ["native", "persistent"])
+@pytest.mark.parametrize("backend", ["triton", "native", "persistent"])
 def test_gradcheck_float64(mode, backend):
+    if backend == "triton" and "triton" not in layer_backends("cpu"):
+        pytest.skip("the Triton interpreter is off")
     """Fractional weights (neither 0 nor 1) exercise both shares of every gradient."""
-    leaves = [t.requires_grad_() if t is not None else None for t in make_leaves(mode, 4, 2, 2, 9, "cpu")]
-    zh = torch.rand(4, 2, 9, dtype=torch.float64)
-    zc = torch.rand(4, 2, 9, dtype=torch.float64) if mode == "lstm" else None
+    # H=3: every gradcheck evaluation runs the whole layer, through the interpreter for Triton.
+    leaves = [t.requires_grad_() if t is not None else None for t in make_leaves(mode, 4, 2, 2, 3, "cpu")]
+    zh = torch.rand(4, 2, 3, dtype=torch.float64)
+    zc = torch.rand(4, 2, 3, dtype=torch.float64) if mode == "lstm" else None
     present = [i for i, t in enumerate(leaves) if t is not None]
 
     def f(*args):
@@ -104,8 +107,8 @@ def test_refusals():
         fastseq.ops.rnn_layer("gru", x, None, w_ih3, w_hh3, zoneout_c=mask)
     with pytest.raises(fastseq.InputError, match=r"zoneout_h must have shape \[steps, batch, hidden_size\]"):
         fastseq.ops.rnn_layer("gru", x, None, w_ih3, w_hh3, zoneout_h=mask[:4])
-    with pytest.raises(fastseq.BackendError, match="triton.*has no zoneout"):
-        fastseq.ops.rnn_layer("gru", x, None, w_ih3, w_hh3, zoneout_h=mask, backend="triton")
+    with pytest.raises(fastseq.BackendError, match="torch.s RNNs have no zoneout"):
+        fastseq.ops.rnn_layer("gru", x, None, w_ih3, w_hh3, zoneout_h=mask, backend="torch")
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

@@ -11,8 +11,8 @@ takes (padded or packed input, optional h0/c0, unbatched input) and one more arg
 
 Zoneout (LSTM and GRU, beyond torch): `zoneout=p` (or `(p_h, p_c)` for the LSTM) keeps each
 unit's previous h (and c) with probability p at every step in training, and mixes
-h_t = p h_{t-1} + (1 - p) h~_t in evaluation (Krueger et al., 2016). It runs on fastseq's
-native kernels (the reference where the extension is not built); torch's RNNs have none.
+h_t = p h_{t-1} + (1 - p) h~_t in evaluation (Krueger et al., 2016). It runs on every fastseq
+backend (`auto`: fastseq.ops.rnn_layer's own choice); torch's RNNs have none.
 
 Backends: in eager mode `auto` runs torch's own forward (cuDNN on GPUs, aten on CPUs):
 fastseq's persistent recurrence kernel (backend "native" on GPUs), the one meant to beat
@@ -68,9 +68,10 @@ class _FastRNNBase(torch.nn.RNNBase):
         zoneout = self.zoneout_h > 0 or self.zoneout_c > 0
         if zoneout and requested == "torch":
             raise _backends.BackendError(f"{op}: backend 'torch' cannot run this call: torch's RNNs "
-                                         "have no zoneout (native and reference have)")
-        if zoneout and requested == "auto":
-            requested = "native" if _backends.native_unavailable(_device_of(input)) is None else "reference"
+                                         "have no zoneout (fastseq's backends have)")
+        if zoneout and requested == "auto" and not torch.compiler.is_compiling():
+            # torch's forward cannot: fastseq.ops.rnn_layer's own `auto` picks per layer.
+            return self._sequence_forward(input, hx, lengths, "auto")
         if requested == "auto" and torch.compiler.is_compiling():
             # torch's own RNN forward does not compile with fullgraph=True; fastseq's does.
             device = _device_of(input)

@@ -56,8 +56,7 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
 
     device = input.device
     unsupported = {
-        "triton": lambda: _backends.triton_unavailable(device) or (
-            "the Triton sequence kernel has no zoneout (native and reference have)" if zoneout else None),
+        "triton": lambda: _backends.triton_unavailable(device),
         "native": lambda: _backends.native_unavailable(device),
         "torch": lambda: _torch_unsupported(reverse, lengths, zoneout),
         "reference": lambda: None,
@@ -146,7 +145,7 @@ def _checked_lengths(lengths, steps: int, batch: int, device: torch.device) -> O
 
 def _torch_unsupported(reverse: bool, lengths, zoneout: bool) -> Optional[str]:
     if zoneout:
-        return "torch's RNNs have no zoneout (native and reference have)"
+        return "torch's RNNs have no zoneout (fastseq's backends have)"
     if reverse:
         return "torch's functional RNNs run one direction only forwards (reverse=True needs triton or reference)"
     if lengths is not None:

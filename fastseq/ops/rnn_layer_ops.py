@@ -44,10 +44,10 @@ def rnn_layer_forward_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import rnn_layer
 
-    _refuse_zoneout(zoneout_h, zoneout_c)
-    gates_x, h0, c0, w_hh, b_hh, lengths = contiguous_or_none(gates_x, h0, c0, w_hh, b_hh, lengths)
+    gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c = contiguous_or_none(
+        gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c)
     return rnn_layer.rnn_layer_forward(mode, gates_x, h0, c0 if mode == "lstm" else None, w_hh,
-                                       b_hh, lengths, reverse, save_workspace)
+                                       b_hh, lengths, zoneout_h, zoneout_c, reverse, save_workspace)
 
 
 @torch.library.custom_op(TRITON_BACKWARD, mutates_args=())
@@ -58,21 +58,13 @@ def rnn_layer_backward_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import rnn_layer
 
-    _refuse_zoneout(zoneout_h, zoneout_c)
     if LAYER_WORKSPACE[mode] and workspace.numel() == 0 and y.shape[0] > 0:
         raise RuntimeError("fastseq: the workspace is empty: the forward ran with "
                            "save_workspace=False, so it cannot be differentiated")
     lstm = mode == "lstm"
     args = contiguous_or_none(grad_y, grad_h_n, grad_c_n if lstm else None, h0, c0 if lstm else None,
-                       w_hh, y, workspace, lengths)
+                              w_hh, y, workspace, lengths, zoneout_h, zoneout_c)
     return rnn_layer.rnn_layer_backward(mode, *args, reverse)
-
-
-def _refuse_zoneout(zoneout_h, zoneout_c) -> None:
-    # fastseq.ops.rnn_layer never sends zoneout here (its backend choice says so first).
-    if zoneout_h is not None or zoneout_c is not None:
-        raise NotImplementedError("fastseq: the Triton sequence kernel has no zoneout; the native "
-                                  "and reference backends have")
 
 
 def _forward_fake(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
