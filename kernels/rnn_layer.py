@@ -283,17 +283,19 @@ def _rnn_layer_backward_kernel(
             tl.store(dc0_ptr + state, tl.load(dcbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
 
 
-def layer_config(batch: int, dtype: torch.dtype, kernel: str) -> dict:
+def layer_config(batch: int, dtype: torch.dtype, kernel: str, zoneout: bool = False) -> dict:
     """One program per 16 batch rows, at every batch size: programs are this kernel's only
     parallelism (B=64 gives 4 of them), and 16-row tiles were the only ones free of spills in
     the sm_90 SASS of every mode in bf16 and fp32 (tests/test_triton_gpu_compile.py). These
     kernels keep far more alive than the cell step (every gate of a tile, h_prev, c, int64
     pointer blocks at 2 registers per element): with 32 or 64 rows ptxas capped them at 128
     registers (256 threads) and spilled 36+ bytes in 3-14 of 16 configurations. The backward
-    needs BLOCK_H=16 (fp32 LSTM spilled at 32). BLOCK_K as the cell kernel's."""
-    block_k = 16 if dtype in (torch.float32, torch.float64) else 32
-    return {"BLOCK_B": 16, "BLOCK_H": 32 if kernel == "forward" else 16, "BLOCK_K": block_k,
-            "num_warps": 4}
+    needs BLOCK_H=16 (fp32 LSTM spilled at 32), and so does the forward with zoneout in fp32
+    (the LSTM with both masks spilled at 32). BLOCK_K as the cell kernel's."""
+    wide = dtype in (torch.float32, torch.float64)
+    block_k = 16 if wide else 32
+    block_h = 32 if kernel == "forward" and not (zoneout and wide) else 16
+    return {"BLOCK_B": 16, "BLOCK_H": block_h, "BLOCK_K": block_k, "num_warps": 4}
 
 
 def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
@@ -318,7 +320,7 @@ def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zon
     acc = accumulator_dtype(gates_x.dtype)  # state and accumulation: fp32 (fp64 for fp64 input)
     hbuf = torch.empty((2, B, H), dtype=acc, device=gates_x.device)
     cbuf = torch.empty((B if mode == "lstm" else 1, H), dtype=acc, device=gates_x.device)
-    config = layer_config(B, gates_x.dtype, "forward")
+    config = layer_config(B, gates_x.dtype, "forward", zoneout_h is not None or zoneout_c is not None)
     grid = (triton.cdiv(B, config["BLOCK_B"]),)
     _rnn_layer_forward_kernel[grid](
         gates_x, h0, c0 if c0 is not None else h0, w_hh, b_hh if b_hh is not None else h0,
@@ -356,7 +358,7 @@ def rnn_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, worksp
     acc = accumulator_dtype(y.dtype)
     dhbuf = torch.empty((B, H), dtype=acc, device=y.device)
     dcbuf = torch.empty((B if lstm else 1, H), dtype=acc, device=y.device)
-    config = layer_config(B, y.dtype, "backward")
+    config = layer_config(B, y.dtype, "backward", zoneout_h is not None or zoneout_c is not None)
     grid = (triton.cdiv(B, config["BLOCK_B"]),)
     _rnn_layer_backward_kernel[grid](
         grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0,

@@ -46,12 +46,14 @@ def backward_spec(mode, dtype):
             "pointer_dtype": POINTER_DTYPES[dtype], "num_warps": num_warps, "constexprs": constexprs}
 
 
-def layer_spec(kernel, mode, dtype, batch):
-    """What kernels.rnn_layer would launch (reverse direction and lengths: the longest path)."""
+def layer_spec(kernel, mode, dtype, batch, zoneout=False):
+    """What kernels.rnn_layer would launch (reverse direction and lengths: the longest path;
+    with zoneout, the masks the mode takes)."""
     mode_id, gates = MODES[mode]
-    constexprs, num_warps = launch_options(rnn_layer.layer_config(batch, dtype, kernel))
+    constexprs, num_warps = launch_options(rnn_layer.layer_config(batch, dtype, kernel, zoneout))
     constexprs.update(MODE=mode_id, G=gates, WS=max(rnn_layer.LAYER_WORKSPACE[mode], 1),
                       HAS_LENGTHS=True, REVERSE=True, PRECISION="ieee", UPCAST=False,
+                      HAS_ZH=zoneout, HAS_ZC=zoneout and mode == "lstm",
                       ACC_DTYPE="tl.fp64" if dtype == torch.float64 else "tl.fp32")
     if kernel == "forward":
         constexprs.update(HAS_B_HH=True, SAVE_WS=True)
@@ -67,13 +69,16 @@ def layer_spec(kernel, mode, dtype, batch):
 
 # Cell step: every mode in bf16 and fp32 at the three batch-tile sizes (16, 32, 64 rows), fp16
 # and fp64 on the largest cell (LSTM), every backward in bf16 and fp32. Sequence layer: forward
-# and backward of each mode in bf16 and fp32 (one tile shape at every batch size).
+# and backward of each mode in bf16 and fp32 (one tile shape at every batch size), and of the
+# LSTM and GRU with zoneout.
 SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.float32)
           for b in (1, 32, 100)]
          + [forward_spec("lstm", d, b) for d in (torch.float16, torch.float64) for b in (1, 100)]
          + [backward_spec(m, d) for m in MODES for d in (torch.bfloat16, torch.float32)]
-         + [layer_spec(k, m, d, b) for k in ("forward", "backward") for m in MODES
-            for d in (torch.bfloat16, torch.float32) for b in (1,)])
+         + [layer_spec(k, m, d, 1) for k in ("forward", "backward") for m in MODES
+            for d in (torch.bfloat16, torch.float32)]
+         + [layer_spec(k, m, d, 1, zoneout=True) for k in ("forward", "backward")
+            for m in ("lstm", "gru") for d in (torch.bfloat16, torch.float32)])
 
 
 @pytest.fixture(scope="module")
