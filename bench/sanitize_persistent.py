@@ -45,10 +45,11 @@ def main() -> int:
 
                 def zoneout(used):  # Bernoulli(0.3) masks where the mode has the state
                     return (torch.rand(T, B, H, device=DEVICE) < 0.3).to(dtype) if used else None
+                lengths = torch.tensor([T - i % T for i in range(B)], dtype=torch.int32, device=DEVICE)
+                grads = (rand(T, B, H), rand(B, H), rand(B, H) if lstm else None)
                 args = (rand(T, B, g * H), rand(B, H), rand(B, H) if lstm else None,
-                        rand(g * H, H, s=H ** -0.5), rand(g * H, s=0.1),
-                        torch.tensor([T - i % T for i in range(B)], dtype=torch.int32, device=DEVICE),
-                        zoneout(mode != "rnn_tanh" and mode != "rnn_relu"), zoneout(lstm), reverse, (rand(T, B, H), rand(B, H), rand(B, H) if lstm else None))
+                        rand(g * H, H, s=H ** -0.5), rand(g * H, s=0.1), lengths,
+                        zoneout(mode in ("lstm", "gru")), zoneout(lstm), reverse, grads)
                 loop, saved = layer("", False, mode, args)
                 persistent, _ = layer("_persistent", True, mode, args, saved)
                 for name, a, b in zip(["y", "h_n", "c_n", "dgx", "dgh", "dh0", "dc0"], loop, persistent):

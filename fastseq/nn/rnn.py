@@ -16,9 +16,9 @@ backend (`auto`: fastseq.ops.rnn_layer's own choice); torch's RNNs have none.
 
 Backends: in eager mode `auto` runs torch's own forward (cuDNN on GPUs, aten on CPUs):
 fastseq's persistent recurrence kernel (backend "native" on GPUs), the one meant to beat
-cuDNN, has not been timed on a GPU yet, and nothing slower is chosen for you. Under torch.compile `auto` takes fastseq's sequence path
-(Triton, else native, else the reference), since torch's functional RNNs do not compile with
-fullgraph=True. `backend="triton"` (or "native", "reference") runs fastseq.ops.rnn_layer over
+cuDNN, has not been timed on a GPU yet, and nothing slower is chosen for you. Under
+torch.compile `auto` takes fastseq's sequence path (Triton, else native, else the reference),
+since torch's functional RNNs do not compile with fullgraph=True. `backend="triton"` (or "native", "reference") runs fastseq.ops.rnn_layer over
 the layers and directions; proj_size needs torch's path for now.
 """
 from __future__ import annotations

@@ -114,13 +114,15 @@ def _validate(mode, input, h0, c0, w_ih, w_hh, b_ih, b_hh) -> None:
 
 
 def _validate_zoneout(mode, input, hidden, zoneout_h, zoneout_c) -> None:
-    for name, mask, modes in (("zoneout_h", zoneout_h, ("lstm", "gru")), ("zoneout_c", zoneout_c, ("lstm",))):
+    for name, mask, modes in (("zoneout_h", zoneout_h, ("lstm", "gru")),
+                              ("zoneout_c", zoneout_c, ("lstm",))):
         if mask is None:
             continue
         if mode not in modes:
             fail(OP, f"{name} is for {' and '.join(modes)} layers, not {mode}")
         check_tensor(OP, name, mask, ndims=(3,))
-        check_shape(OP, name, mask, (input.shape[0], input.shape[1], hidden), "[steps, batch, hidden_size]")
+        check_shape(OP, name, mask, (input.shape[0], input.shape[1], hidden),
+                    "[steps, batch, hidden_size]")
         check_same_dtype_device(OP, ("input", input), ((name, mask),))
 
 
@@ -147,9 +149,11 @@ def _torch_unsupported(reverse: bool, lengths, zoneout: bool) -> Optional[str]:
     if zoneout:
         return "torch's RNNs have no zoneout (fastseq's backends have)"
     if reverse:
-        return "torch's functional RNNs run one direction only forwards (reverse=True needs triton or reference)"
+        return ("torch's functional RNNs run one direction only forwards (reverse=True needs "
+                "triton, native or reference)")
     if lengths is not None:
-        return "torch's functional RNNs take lengths only as a PackedSequence (lengths= needs triton or reference)"
+        return ("torch's functional RNNs take lengths only as a PackedSequence (lengths= needs "
+                "triton, native or reference)")
     return None
 
 
