@@ -199,3 +199,24 @@ def test_long_sequence(mode):
         names = [n for n, t in zip(LEAF_NAMES, leaves64) if t is not None]
         for name, g, p, r in zip(names, grads, plain_grads, ref_grads):
             assert_within_rule(f"{backend} {mode} grad {name}", g, p, r)
+
+
+def test_projection_torch_and_reference_agree_and_others_refuse():
+    lstm = torch.nn.LSTM(5, 7, proj_size=3)
+    x = torch.randn(9, 2, 5)
+    expected, (h, c) = lstm(x)
+    weights = (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+    for backend in ("torch", "reference"):
+        y, (h_n, c_n) = fastseq.ops.rnn_layer("lstm", x, None, *weights, w_hr=lstm.weight_hr_l0,
+                                              backend=backend)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c_n, c[0], rtol=1e-5, atol=1e-6)
+    for backend in [b for b in layer_backends("cpu") if b != "reference"]:
+        with pytest.raises(fastseq.BackendError, match="a projection .* runs on the torch and reference"):
+            fastseq.ops.rnn_layer("lstm", x, None, *weights, w_hr=lstm.weight_hr_l0, backend=backend)
+    with pytest.raises(fastseq.InputError, match=r"w_hh must have shape \[4\*hidden_size, proj_size\]"):
+        fastseq.ops.rnn_layer("lstm", x, None, lstm.weight_ih_l0, torch.zeros(28, 7),
+                              w_hr=lstm.weight_hr_l0)
+    with pytest.raises(fastseq.InputError, match="w_hr .* is for the lstm, not gru"):
+        fastseq.ops.rnn_layer("gru", x, None, torch.zeros(21, 5), torch.zeros(21, 3),
+                              w_hr=lstm.weight_hr_l0)

@@ -144,9 +144,14 @@ def test_dropout_between_layers_in_training_only():
 
 
 def test_errors_name_the_problem():
-    _, lstm = build("lstm", 2, False, False, torch.float32, backend="reference", proj_size=3)
-    with pytest.raises(fastseq.BackendError, match="proj_size > 0 runs on torch's path only"):
-        lstm(torch.randn(3, 2, 4))
+    _, lstm = build("lstm", 2, False, False, torch.float32, backend=layer_backends("cpu")[0], proj_size=3)
+    if layer_backends("cpu")[0] != "reference":
+        with pytest.raises(fastseq.BackendError, match=r"a projection \(w_hr, proj_size > 0\) runs on "
+                                                       "the torch and reference backends for now"):
+            lstm(torch.randn(3, 2, 4))
+    with pytest.raises(fastseq.InputError, match=r"c0 must have shape \[num_layers\*num_directions, "
+                                                 r"batch, hidden_size\] = \[2, 2, 6\], got \[2, 2, 3\]"):
+        lstm(torch.randn(3, 2, 4), (torch.zeros(2, 2, 3), torch.zeros(2, 2, 3)))
     _, gru = build("gru", 2, True, False, torch.float32, backend="reference")
     with pytest.raises(fastseq.InputError, match=r"h0 must have shape \[num_layers\*num_directions, "
                                                  r"batch, hidden_size\] = \[4, 2, 6\], got \[2, 2, 6\]"):
@@ -188,3 +193,34 @@ def test_constructor_arguments_as_torch():
     with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
         fastseq.nn.GRU(4, 6, proj_size=2)
     assert repr(fastseq.nn.LSTM(4, 6, 2, proj_size=3)) == repr(torch.nn.LSTM(4, 6, 2, proj_size=3))
+
+
+@pytest.mark.parametrize("how", ["padded", "packed", "lengths"])
+def test_projection_on_the_reference_matches_torch(how):
+    """proj_size > 0 on fastseq's sequence path (the reference backend for now): outputs,
+    final states and every gradient as torch.nn.LSTM's, 2 layers, bidirectional."""
+    x = torch.randn(7, 5, 4, dtype=torch.float64)
+    hx = (torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 5, 6, dtype=torch.float64))
+    truth, _ = build("lstm", 2, True, False, torch.float64, proj_size=3)
+    plain, ours = build("lstm", 2, True, False, torch.float32, backend="reference", proj_size=3)
+    plain.load_state_dict(truth.state_dict())
+    ours.load_state_dict(truth.state_dict())
+    ref_outs, ref_grads = run(truth, x, hx, how, False)
+    plain_outs, plain_grads = run(plain, x, hx, how, False)
+    outs, grads = run(ours, x, hx, how, False)
+    for i, (o, p, r) in enumerate(zip(outs, plain_outs, ref_outs)):
+        assert_within_rule(f"proj output {i}", o, p, r)
+    for name, g, p, r in zip(["input"] + [n for n, _ in ours.named_parameters()], grads, plain_grads, ref_grads):
+        assert_within_rule(f"proj grad {name}", g, p, r)
+
+
+def test_projection_compiles_fullgraph():
+    torch._dynamo.reset()
+    theirs, ours = build("lstm", 1, False, False, torch.float32, proj_size=3)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 2, 4)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    out, (h, c) = compiled(x)
+    expected, (h_e, c_e) = theirs(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c, c_e, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ fastseq's persistent recurrence kernel (backend "native" on GPUs), the one meant
 cuDNN, has not been timed on a GPU yet, and nothing slower is chosen for you. Under
 torch.compile `auto` takes fastseq's sequence path (Triton, else native, else the reference),
 since torch's functional RNNs do not compile with fullgraph=True. `backend="triton"` (or "native", "reference") runs fastseq.ops.rnn_layer over
-the layers and directions; proj_size needs torch's path for now.
+the layers and directions; proj_size runs on the reference (and torch) for now.
 """
 from __future__ import annotations
 
@@ -73,11 +73,13 @@ class _FastRNNBase(torch.nn.RNNBase):
             # torch's forward cannot: fastseq.ops.rnn_layer's own `auto` picks per layer.
             return self._sequence_forward(input, hx, lengths, "auto")
         if requested == "auto" and torch.compiler.is_compiling():
-            # torch's own RNN forward does not compile with fullgraph=True; fastseq's does.
+            # torch's own RNN forward does not compile with fullgraph=True; fastseq's does (a
+            # projection: on the reference only, for now).
             device = _device_of(input)
+            projection = "proj_size" if getattr(self, "proj_size", 0) > 0 else None
             requested = next(name for name, reason in (
-                ("triton", _backends.triton_unavailable(device)),
-                ("native", _backends.native_unavailable(device)),
+                ("triton", _backends.triton_unavailable(device) or projection),
+                ("native", _backends.native_unavailable(device) or projection),
                 ("reference", None)) if reason is None)
         if requested in ("auto", "torch"):
             return self._torch_forward(input, hx, lengths)
@@ -85,10 +87,6 @@ class _FastRNNBase(torch.nn.RNNBase):
             raise _backends.BackendError(
                 f"{op}: backend {requested!r} has no implementation of this layer (it has: "
                 "torch, triton, native, reference)")
-        if getattr(self, "proj_size", 0) > 0:
-            raise _backends.BackendError(
-                f"{op}: backend {requested!r} cannot run this call: proj_size > 0 runs on "
-                "torch's path only for now")
         return self._sequence_forward(input, hx, lengths, requested)
 
     def _torch_forward(self, input, hx, lengths):
@@ -124,9 +122,10 @@ class _FastRNNBase(torch.nn.RNNBase):
                 w_ih, w_hh = getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx)
                 b_ih = getattr(self, "bias_ih" + sfx) if self.bias else None
                 b_hh = getattr(self, "bias_hh" + sfx) if self.bias else None
+                w_hr = getattr(self, "weight_hr" + sfx) if getattr(self, "proj_size", 0) > 0 else None
                 state = (h0[k], c0[k]) if lstm else h0[k]
                 zoneout_h, zoneout_c = self._zoneout_weights(layer_input)
-                y, final = ops.rnn_layer(mode, layer_input, state, w_ih, w_hh, b_ih, b_hh,
+                y, final = ops.rnn_layer(mode, layer_input, state, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr,
                                          lengths=lengths, reverse=direction == 1,
                                          zoneout_h=zoneout_h, zoneout_c=zoneout_c, backend=backend)
                 outs.append(y)
@@ -164,18 +163,20 @@ class _FastRNNBase(torch.nn.RNNBase):
 
     def _initial_states(self, hx, x, unbatched, lstm):
         directions = 2 if self.bidirectional else 1
-        shape = (self.num_layers * directions, x.shape[1], self.hidden_size)
+        cell_shape = (self.num_layers * directions, x.shape[1], self.hidden_size)
+        shape = (*cell_shape[:2], getattr(self, "proj_size", 0) or self.hidden_size)
         h0, c0 = (hx if hx is not None else (None, None)) if lstm else (hx, None)
         if unbatched:
             h0 = h0.unsqueeze(1) if h0 is not None else None
             c0 = c0.unsqueeze(1) if c0 is not None else None
         h0 = h0 if h0 is not None else x.new_zeros(shape)
-        c0 = (c0 if c0 is not None else x.new_zeros(shape)) if lstm else None
-        for name, state in (("h0", h0), ("c0", c0)):
-            if state is not None and tuple(state.shape) != shape:
+        c0 = (c0 if c0 is not None else x.new_zeros(cell_shape)) if lstm else None
+        size = "proj_size" if shape != cell_shape else "hidden_size"
+        for name, state, want, size_name in (("h0", h0, shape, size), ("c0", c0, cell_shape, "hidden_size")):
+            if state is not None and tuple(state.shape) != want:
                 raise InputError(
                     f"{_MODULE_NAMES[self.mode]}: {name} must have shape [num_layers*num_directions, "
-                    f"batch, hidden_size] = {list(shape)}, got {list(state.shape)}")
+                    f"batch, {size_name}] = {list(want)}, got {list(state.shape)}")
         return h0, c0
 
 

@@ -25,6 +25,7 @@ _TORCH_LAYERS = {"lstm": torch.lstm, "gru": torch.gru, "rnn_tanh": torch.rnn_tan
 
 def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
+              w_hr: Optional[Tensor] = None,
               lengths: Optional[Union[Tensor, Sequence[int]]] = None, reverse: bool = False,
               zoneout_h: Optional[Tensor] = None, zoneout_c: Optional[Tensor] = None,
               backend: Optional[str] = None):
@@ -35,6 +36,10 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     for padded input: steps at or past a row's length leave its state unchanged and output
     zeros (torch's packed-sequence semantics; the reverse direction of a row of length n starts
     at step n-1). Returns (output [T, B, H], h_n), with h_n = (h_n, c_n) for the LSTM.
+
+    w_hr: the LSTM's projection [P, H] (torch's proj_size = P): h_t = (o * tanh(c_t)) W_hr^T,
+    so w_hh is [4H, P], h0 and the output have P columns, c0 has H. The torch and reference
+    backends run it for now.
 
     zoneout_h, zoneout_c: None, or weights m [T, B, H] in [0, 1] (LSTM: h and c; GRU: h) that
     keep part of the previous state at each step: h_t = m h_{t-1} + (1 - m) h~_t, with h~_t the
@@ -47,17 +52,20 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     if lstm and hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
         fail(OP, f"hx must be a tuple (h0, c0) or None for the lstm, got {type(hx).__name__}")
     h0, c0 = (hx if hx is not None else (None, None)) if lstm else (hx, None)
-    _validate(mode, input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    cell, hidden = _validate(mode, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     steps, batch = input.shape[0], input.shape[1]
-    hidden = w_hh.shape[1]
-    _validate_zoneout(mode, input, hidden, zoneout_h, zoneout_c)
     zoneout = zoneout_h is not None or zoneout_c is not None
+    if zoneout and w_hr is not None:
+        fail(OP, "zoneout with a projection (w_hr, proj_size > 0) is not supported")
+    _validate_zoneout(mode, input, hidden, zoneout_h, zoneout_c)
+    projection = None if w_hr is None else \
+        "a projection (w_hr, proj_size > 0) runs on the torch and reference backends for now"
     lengths = _checked_lengths(lengths, steps, batch, input.device)
 
     device = input.device
     unsupported = {
-        "triton": lambda: _backends.triton_unavailable(device),
-        "native": lambda: _backends.native_unavailable(device),
+        "triton": lambda: _backends.triton_unavailable(device) or projection,
+        "native": lambda: _backends.native_unavailable(device) or projection,
         "torch": lambda: _torch_unsupported(reverse, lengths, zoneout),
         "reference": lambda: None,
     }
@@ -66,14 +74,15 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     if h0 is None:
         h0 = input.new_zeros(batch, hidden)
     if lstm and c0 is None:
-        c0 = input.new_zeros(batch, hidden)
+        c0 = input.new_zeros(batch, cell)
 
     if chosen == "reference":
         y, h_n, c_n = _reference._run_direction(
-            mode, input, h0, c0, _reference.LayerWeights(w_ih, w_hh, b_ih, b_hh), lengths, reverse,
-            zoneout_h, zoneout_c)
+            mode, input, h0, c0, _reference.LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr), lengths,
+            reverse, zoneout_h, zoneout_c)
     elif chosen == "torch":
-        params = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
+        params = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else []) + \
+            ([w_hr] if w_hr is not None else [])
         state = (h0.unsqueeze(0), c0.unsqueeze(0)) if lstm else h0.unsqueeze(0)
         y, *states = _TORCH_LAYERS[mode](input, state, params, b_ih is not None, 1, 0.0, False,
                                          False, False)
@@ -90,27 +99,40 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     return (y, (h_n, c_n)) if lstm else (y, h_n)
 
 
-def _validate(mode, input, h0, c0, w_ih, w_hh, b_ih, b_hh) -> None:
+def _validate(mode, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) -> tuple[int, int]:
+    """Checks every argument; returns (cell, hidden): the cell state's and the hidden state's
+    (and output's) sizes, equal but with a projection (then hidden = proj_size)."""
     check_tensor(OP, "input", input, ndims=(3,))
     check_tensor(OP, "w_ih", w_ih, ndims=(2,))
     check_tensor(OP, "w_hh", w_hh, ndims=(2,))
     gates = GATES[mode]
-    hidden = w_hh.shape[1]
-    check_shape(OP, "w_hh", w_hh, (gates * hidden, hidden), "[{g}*hidden_size, hidden_size]", g=gates)
-    check_shape(OP, "w_ih", w_ih, (gates * hidden, input.shape[2]), "[{g}*hidden_size, input_size]",
+    if w_hr is not None:
+        if mode != "lstm":
+            fail(OP, f"w_hr (a projection) is for the lstm, not {mode}")
+        check_tensor(OP, "w_hr", w_hr, ndims=(2,))
+        cell, hidden = w_hr.shape[1], w_hr.shape[0]
+        check_shape(OP, "w_hh", w_hh, (gates * cell, hidden), "[4*hidden_size, proj_size]")
+    else:
+        cell = hidden = w_hh.shape[1]
+        check_shape(OP, "w_hh", w_hh, (gates * cell, hidden), "[{g}*hidden_size, hidden_size]", g=gates)
+    check_shape(OP, "w_ih", w_ih, (gates * cell, input.shape[2]), "[{g}*hidden_size, input_size]",
                 g=gates)
-    for name, state in (("h0", h0), ("c0", c0)):
+    for name, state, size, meaning in (("h0", h0, hidden, "[batch, proj_size]" if w_hr is not None
+                                        else "[batch, hidden_size]"),
+                                       ("c0", c0, cell, "[batch, hidden_size]")):
         if state is not None:
             check_tensor(OP, name, state, ndims=(2,))
-            check_shape(OP, name, state, (input.shape[1], hidden), "[batch, hidden_size]")
+            check_shape(OP, name, state, (input.shape[1], size), meaning)
     if (b_ih is None) != (b_hh is None):
         fail(OP, "b_ih and b_hh must be given together (torch's layers have both or neither)")
     for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
         if bias is not None:
             check_tensor(OP, name, bias, ndims=(1,))
-            check_shape(OP, name, bias, (gates * hidden,), "[{g}*hidden_size]", g=gates)
+            check_shape(OP, name, bias, (gates * cell,), "[{g}*hidden_size]", g=gates)
     check_same_dtype_device(OP, ("input", input), (("h0", h0), ("c0", c0), ("w_ih", w_ih),
-                                                   ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)))
+                                                   ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh),
+                                                   ("w_hr", w_hr)))
+    return cell, hidden
 
 
 def _validate_zoneout(mode, input, hidden, zoneout_h, zoneout_c) -> None:
