@@ -1,14 +1,16 @@
 """Whole-sequence recurrent layers: fastseq.nn.LSTM/GRU against torch.nn.LSTM/GRU (cuDNN).
 
-Providers: fastseq-persistent (backend native: the persistent kernel where its plan fits, else
-the GEMM-per-step loop), fastseq-loop (native with FASTSEQ_PERSISTENT=0: the loop alone),
-fastseq-triton (the program-per-batch-tile Triton kernel) and torch. GPU only: on a CPU,
-fastseq's layers run torch's own forward (auto) and its Triton path is the interpreter, so
-there is nothing to compare."""
+Providers on a GPU: fastseq-persistent (backend native: the persistent kernel where its plan
+fits, else the GEMM-per-step loop), fastseq-loop (native with FASTSEQ_PERSISTENT=0: the loop
+alone), fastseq-triton (the program-per-batch-tile Triton kernel) and torch. On a CPU:
+fastseq-native (the C++ loop: an MKL GEMM and a scalar pointwise pass per step) and torch (aten),
+on small cases; Triton there is the interpreter, not timed.
+"""
 import os
 
 import pytest
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastseq
 
@@ -17,17 +19,19 @@ from conftest import DEVICE, run_timed
 GATES = {"lstm": 4, "gru": 3}
 TORCH_LAYERS = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 FAST_LAYERS = {"lstm": fastseq.nn.LSTM, "gru": fastseq.nn.GRU}
-# (B, H, T, layers, bidirectional, dtype). First the issue's target, cuDNN's persistent case
-# (B=16, H=768, T=1024, bf16, 1 layer, ~2 us a step forward); then where cuDNN leaves its
-# persistent path (fp32; 2 layers bidirectional; H=300, not a multiple of 128), a training
-# batch (B=64) and B=1.
-CASES = [(16, 768, 1024, 1, False, torch.bfloat16), (1, 512, 1024, 1, False, torch.bfloat16),
-         (64, 512, 100, 1, False, torch.bfloat16), (16, 768, 1024, 1, False, torch.float32),
-         (16, 300, 100, 2, True, torch.float32)]
-PROVIDERS = {"fastseq-persistent": "native", "fastseq-loop": "native", "fastseq-triton": "triton",
-             "torch": None}
-
-pytestmark = pytest.mark.skipif(DEVICE.type != "cuda", reason="sequence-layer benchmark: GPU only")
+if DEVICE.type == "cuda":
+    # (B, H, T, layers, bidirectional, dtype, packed). First the issue's target, cuDNN's
+    # persistent case (B=16, H=768, T=1024, bf16, 1 layer, ~2 us a step forward); then where
+    # cuDNN leaves its persistent path (fp32; 2 layers bidirectional; H=300, not a multiple of
+    # 128; packed variable lengths), a training batch (B=64) and B=1.
+    CASES = [(16, 768, 1024, 1, False, torch.bfloat16, False), (1, 512, 1024, 1, False, torch.bfloat16, False),
+             (64, 512, 100, 1, False, torch.bfloat16, False), (16, 768, 1024, 1, False, torch.float32, False),
+             (16, 300, 100, 2, True, torch.float32, False), (16, 768, 1024, 1, False, torch.bfloat16, True)]
+    PROVIDERS = {"fastseq-persistent": "native", "fastseq-loop": "native",
+                 "fastseq-triton": "triton", "torch": None}
+else:
+    CASES = [(16, 256, 50, 1, False, torch.float32, False), (16, 256, 50, 1, False, torch.float32, True)]
+    PROVIDERS = {"fastseq-native": "native", "torch": None}
 
 
 def gflop(mode, batch, hidden, steps, layers, directions, passes):
@@ -50,17 +54,30 @@ def persistent_switch(request):
 
 
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_H{}_T{}_L{}_{}_{}".format(
-    c[0], c[1], c[2], c[3], "bi" if c[4] else "uni", str(c[5]).split(".")[1]))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_H{}_T{}_L{}_{}_{}{}".format(
+    c[0], c[1], c[2], c[3], "bi" if c[4] else "uni", str(c[5]).split(".")[1],
+    "_packed" if c[6] else ""))
 @pytest.mark.parametrize("mode", list(GATES))
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def bench_layer(benchmark, persistent_switch, provider, mode, case, passes):
-    batch, hidden, steps, layers, bidirectional, dtype = case
+    batch, hidden, steps, layers, bidirectional, dtype, packed = case
     cls = TORCH_LAYERS[mode] if provider == "torch" else FAST_LAYERS[mode]
     kwargs = {} if provider == "torch" else {"backend": PROVIDERS[provider]}
     layer = cls(hidden, hidden, num_layers=layers, bidirectional=bidirectional, device=DEVICE,
                 dtype=dtype, **kwargs)
     x = torch.randn(steps, batch, hidden, device=DEVICE, dtype=dtype, requires_grad=passes != "fwd")
+    if packed:  # lengths spread over [T/4, T], packed once as a data loader would
+        lengths = torch.linspace(steps, steps // 4, batch).long()
+        x = pack_padded_sequence(x.detach(), lengths, enforce_sorted=False)
+        x = PackedSequence(x.data.requires_grad_(passes != "fwd"), x.batch_sizes, x.sorted_indices,
+                           x.unsorted_indices)  # a leaf: every timed backward starts at it
+        steps_run = int(lengths.float().mean())
+    else:
+        steps_run = steps
+
+    def output(result):
+        out = result[0]
+        return out.data if packed else out
 
     if passes == "fwd":
         def step():
@@ -68,10 +85,11 @@ def bench_layer(benchmark, persistent_switch, provider, mode, case, passes):
                 return layer(x)
     else:
         def step():
-            layer(x)[0].sum().backward()
+            output(layer(x)).sum().backward()
 
     # A whole sequence is milliseconds: 3 calls per synchronized round suffice.
     run_timed(benchmark, step, calls_per_round=3, op="rnn_layer", cell=mode, provider=provider,
-              shape=f"B={batch} H={hidden} T={steps} L={layers}{' bi' if bidirectional else ''}",
+              shape=f"B={batch} H={hidden} T={steps} L={layers}{' bi' if bidirectional else ''}"
+                    f"{' packed' if packed else ''}",
               dtype=str(dtype).split(".")[1], passes=passes, steps=steps * layers,
-              gflop=gflop(mode, batch, hidden, steps, layers, 2 if bidirectional else 1, passes))
+              gflop=gflop(mode, batch, hidden, steps_run, layers, 2 if bidirectional else 1, passes))

@@ -11,13 +11,6 @@
 namespace fastseq {
 namespace {
 
-// The AVX2 build needs what it is compiled for: -mavx2 -mfma -mf16c.
-bool cpu_has_avx2() {
-  static const bool supported = __builtin_cpu_supports("avx2") &&
-                                __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return supported;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpu(
     c10::string_view mode, const at::Tensor& input, const at::Tensor& hx,
     const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -29,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_forward_cpu(
   // Biases are added in the pointwise pass, as the CUDA kernel does, so both run the same math.
   const at::Tensor gates_ih = at::mm(a.input, a.w_ih.t());
   const at::Tensor gates_hh = at::mm(a.hx, a.w_hh.t());
-  if (cpu_has_avx2()) {
+  if (cpu::cpu_has_avx2()) {
     cpu::AVX2::rnn_cell_forward_pointwise(a, gates_ih, gates_hh);
   } else {
     cpu::DEFAULT::rnn_cell_forward_pointwise(a, gates_ih, gates_hh);
@@ -43,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_backward_cpu
     const std::optional<at::Tensor>& cy, const at::Tensor& workspace) {
   CellBackwardArgs a = prepare_cell_backward(mode, grad_hy, grad_cy, hx, cx, hy, cy, workspace);
   if (a.batch > 0 && a.hidden_size > 0) {
-    if (cpu_has_avx2()) {
+    if (cpu::cpu_has_avx2()) {
       cpu::AVX2::rnn_cell_backward_pointwise(a);
     } else {
       cpu::DEFAULT::rnn_cell_backward_pointwise(a);

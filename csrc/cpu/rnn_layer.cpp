@@ -1,45 +1,28 @@
 // CPU implementation of the sequence ops (the C++ twin of the CUDA ones): the shared host loop
-// with a per-step pointwise pass over (row, unit), the math of fastseq/rnn_layer.h.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
+// with a per-step pointwise pass over (row, units), the math of fastseq/rnn_layer.h, in SIMD
+// vectors of units (csrc/cpu/vectorized/rnn_layer_pointwise.cpp, per CPU capability).
 #include <torch/library.h>
 
+#include "fastseq/cpu_pointwise.h"
 #include "fastseq/rnn_layer.h"
 
 namespace fastseq {
 namespace {
 
-constexpr int64_t kGrainUnits = 2048;  // as the cell step's pointwise pass
-
 void forward_step_cpu(const LayerForwardStep& s) {
-  const int64_t B = s.y.size(0), H = s.y.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.y.scalar_type(), "rnn_layer_step", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto io = layer_step_io<scalar_t, acc_t>(s);
-    dispatch_cell_mode(s.mode, [&](auto m) {
-      constexpr CellMode M = decltype(m)::value;
-      at::parallel_for(0, B * H, kGrainUnits, [&](int64_t begin, int64_t end) {
-        for (int64_t unit = begin; unit < end; ++unit)
-          layer_step_forward_element<M, scalar_t, acc_t>(io, unit / H, unit % H);
-      });
-    });
-  });
+  if (cpu::cpu_has_avx2()) {
+    cpu::AVX2::rnn_layer_forward_step(s);
+  } else {
+    cpu::DEFAULT::rnn_layer_forward_step(s);
+  }
 }
 
 void backward_step_cpu(const LayerBackwardStep& s) {
-  const int64_t B = s.y.size(0), H = s.y.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.y.scalar_type(), "rnn_layer_step_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto io = layer_step_backward_io<scalar_t, acc_t>(s);
-    dispatch_cell_mode(s.mode, [&](auto m) {
-      constexpr CellMode M = decltype(m)::value;
-      at::parallel_for(0, B * H, kGrainUnits, [&](int64_t begin, int64_t end) {
-        for (int64_t unit = begin; unit < end; ++unit)
-          layer_step_backward_element<M, scalar_t, acc_t>(io, unit / H, unit % H);
-      });
-    });
-  });
+  if (cpu::cpu_has_avx2()) {
+    cpu::AVX2::rnn_layer_backward_step(s);
+  } else {
+    cpu::DEFAULT::rnn_layer_backward_step(s);
+  }
 }
 
 constexpr LayerStepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu};

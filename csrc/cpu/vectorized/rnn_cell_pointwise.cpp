@@ -16,24 +16,6 @@ namespace fastseq::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Units per parallel task: an LSTM unit is ~40 flops, so 2048 units amortise a task's start.
-constexpr int64_t kGrainUnits = 2048;
-
-// Runs fn(b, j0, count) over every row b and every chunk [j0, j0 + count) of `width` units,
-// count <= `vector` (the last chunk of a row may be partial), in parallel.
-template <typename F>
-void for_each_chunk(int64_t rows, int64_t width, int64_t vector, const F& fn) {
-  const int64_t chunks_per_row = (width + vector - 1) / vector;
-  const int64_t grain = std::max<int64_t>(1, kGrainUnits / vector);
-  at::parallel_for(0, rows * chunks_per_row, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t b = chunk / chunks_per_row;
-      const int64_t j0 = (chunk % chunks_per_row) * vector;
-      fn(b, j0, std::min(vector, width - j0));
-    }
-  });
-}
-
 // float and double: whole vectors of units through CellMath<M> with T = Vectorized.
 template <typename scalar_t, CellMode M>
 void forward_vectorized(const CellForwardArgs& a, const scalar_t* pre_ih_all,

@@ -44,63 +44,75 @@ struct LayerStepIO {
   int64_t t, H;
 };
 
-// One unit (row b, hidden unit j) of a forward step, given its recurrent pre-activations
-// recurrent[g] = (h_{t-1} W_hh^T)[b, g*H + j] without b_hh (io.gates_h is not read): the
-// GEMM-per-step loop loads them from its GEMM's output, the persistent kernel passes its own
-// on-chip accumulators.
-template <CellMode M, typename scalar_t, typename acc_t>
+// Loads and stores of the per-unit code below: one unit (V = acc_t: CUDA threads, the
+// persistent kernel, half types on CPUs) or n <= V::size() consecutive units of one row (V =
+// at::vec::Vectorized<acc_t> for fp32/fp64 on CPUs; specialised in csrc/cpu/vectorized/).
+template <typename V>
+struct Lanes {
+  template <typename S>
+  FASTSEQ_HOST_DEVICE static V load(const S* p, int64_t) { return static_cast<V>(*p); }
+  template <typename S>
+  FASTSEQ_HOST_DEVICE static void store(S* p, const V& v, int64_t) { *p = static_cast<S>(v); }
+};
+
+// Unit (row b, hidden unit j) of a forward step (units j..j+n-1 with SIMD lanes), given its
+// recurrent pre-activations recurrent[g] = (h_{t-1} W_hh^T)[b, g*H + j] without b_hh
+// (io.gates_h is not read): the GEMM-per-step loop loads them from its GEMM's output, the
+// persistent kernel passes its own on-chip accumulators.
+template <CellMode M, typename scalar_t, typename acc_t, typename V = acc_t>
 FASTSEQ_HOST_DEVICE void layer_step_forward_unit(const LayerStepIO<scalar_t, acc_t>& io,
-                                                 int64_t b, int64_t j, const acc_t* recurrent) {
+                                                 int64_t b, int64_t j, const V* recurrent,
+                                                 int64_t n = 1) {
   using Math = CellMath<M>;
+  using L = Lanes<V>;
   constexpr int G = Math::kGates, WS = layer_workspace<M>();
   const int64_t H = io.H, unit = b * H + j;
   const bool valid = io.lengths == nullptr || io.t < io.lengths[b];
   if (!valid) {  // the state stays; the output and the workspace read zero
-    io.y[unit] = scalar_t(0);
+    L::store(io.y + unit, V(0), n);
     if (io.ws != nullptr) {
       FASTSEQ_UNROLL
-      for (int w = 0; w < WS; ++w) io.ws[b * WS * H + w * H + j] = scalar_t(0);
+      for (int w = 0; w < WS; ++w) L::store(io.ws + b * WS * H + w * H + j, V(0), n);
     }
     return;
   }
-  acc_t pre_ih[G], pre_hh[G];
+  V pre_ih[G], pre_hh[G];
   FASTSEQ_UNROLL
   for (int g = 0; g < G; ++g) {
-    pre_ih[g] = static_cast<acc_t>(io.gates_x[b * G * H + g * H + j]);
+    pre_ih[g] = L::load(io.gates_x + b * G * H + g * H + j, n);
     pre_hh[g] = recurrent[g];
-    if (io.b_hh != nullptr) pre_hh[g] += static_cast<acc_t>(io.b_hh[g * H + j]);
+    if (io.b_hh != nullptr) pre_hh[g] = pre_hh[g] + L::load(io.b_hh + g * H + j, n);
   }
-  const acc_t h_prev = io.h[unit];
-  const acc_t c_prev = io.c != nullptr ? io.c[unit] : acc_t(0);
-  acc_t h_new, c_new = acc_t(0), saved[Math::kWorkspace > 0 ? Math::kWorkspace : 1];
+  const V h_prev = L::load(io.h + unit, n);
+  const V c_prev = io.c != nullptr ? L::load(io.c + unit, n) : V(0);
+  V h_new, c_new(0), saved[Math::kWorkspace > 0 ? Math::kWorkspace : 1];
   Math::forward(pre_ih, pre_hh, h_prev, c_prev, h_new, c_new, saved);
   if (io.zoneout_h != nullptr) {
-    const acc_t m = static_cast<acc_t>(io.zoneout_h[unit]);
-    h_new = m * h_prev + (acc_t(1) - m) * h_new;
+    const V m = L::load(io.zoneout_h + unit, n);
+    h_new = m * h_prev + (V(1) - m) * h_new;
   }
   if (io.zoneout_c != nullptr) {
-    const acc_t m = static_cast<acc_t>(io.zoneout_c[unit]);
-    c_new = m * c_prev + (acc_t(1) - m) * c_new;
+    const V m = L::load(io.zoneout_c + unit, n);
+    c_new = m * c_prev + (V(1) - m) * c_new;
   }
-  io.h[unit] = h_new;
-  if (io.c != nullptr) io.c[unit] = c_new;
-  io.y[unit] = static_cast<scalar_t>(h_new);
+  L::store(io.h + unit, h_new, n);
+  if (io.c != nullptr) L::store(io.c + unit, c_new, n);
+  L::store(io.y + unit, h_new, n);
   if (io.ws != nullptr) {
     FASTSEQ_UNROLL
-    for (int w = 0; w < Math::kWorkspace; ++w)
-      io.ws[b * WS * H + w * H + j] = static_cast<scalar_t>(saved[w]);
-    if constexpr (M == CellMode::kLSTM) io.ws[b * WS * H + 4 * H + j] = static_cast<scalar_t>(c_new);
+    for (int w = 0; w < Math::kWorkspace; ++w) L::store(io.ws + b * WS * H + w * H + j, saved[w], n);
+    if constexpr (M == CellMode::kLSTM) L::store(io.ws + b * WS * H + 4 * H + j, c_new, n);
   }
 }
 
-template <CellMode M, typename scalar_t, typename acc_t>
+template <CellMode M, typename scalar_t, typename acc_t, typename V = acc_t>
 FASTSEQ_HOST_DEVICE void layer_step_forward_element(const LayerStepIO<scalar_t, acc_t>& io,
-                                                    int64_t b, int64_t j) {
+                                                    int64_t b, int64_t j, int64_t n = 1) {
   constexpr int G = CellMath<M>::kGates;
-  acc_t recurrent[G];
+  V recurrent[G];
   FASTSEQ_UNROLL
-  for (int g = 0; g < G; ++g) recurrent[g] = static_cast<acc_t>(io.gates_h[b * G * io.H + g * io.H + j]);
-  layer_step_forward_unit<M, scalar_t, acc_t>(io, b, j, recurrent);
+  for (int g = 0; g < G; ++g) recurrent[g] = Lanes<V>::load(io.gates_h + b * G * io.H + g * io.H + j, n);
+  layer_step_forward_unit<M, scalar_t, acc_t, V>(io, b, j, recurrent, n);
 }
 
 // One backward step's pointers, each at step t unless named _prev (the step this one's state
@@ -126,57 +138,55 @@ struct LayerStepBackwardIO {
   bool reverse;
 };
 
-template <CellMode M, typename scalar_t, typename acc_t>
+template <CellMode M, typename scalar_t, typename acc_t, typename V = acc_t>
 FASTSEQ_HOST_DEVICE void layer_step_backward_element(
-    const LayerStepBackwardIO<scalar_t, acc_t>& io, int64_t b, int64_t j) {
+    const LayerStepBackwardIO<scalar_t, acc_t>& io, int64_t b, int64_t j, int64_t n = 1) {
   using Math = CellMath<M>;
+  using L = Lanes<V>;
   constexpr int G = Math::kGates, WS = layer_workspace<M>();
   const int64_t H = io.H, unit = b * H + j;
   const int64_t length = io.lengths != nullptr ? io.lengths[b] : io.T;
   const bool valid = io.t < length;
-  const acc_t dh = io.dh[unit] + (valid ? static_cast<acc_t>(io.grad_y[unit]) : acc_t(0));
-  if (!valid) {  // nothing happened at this step: gradients pass through
+  if (!valid) {  // nothing happened at this step: gradients pass through (dh, dc unchanged)
     FASTSEQ_UNROLL
-    for (int g = 0; g < G; ++g) io.dgx[b * G * H + g * H + j] = scalar_t(0);
+    for (int g = 0; g < G; ++g) L::store(io.dgx + b * G * H + g * H + j, V(0), n);
     if (io.dgh != nullptr) {
       FASTSEQ_UNROLL
-      for (int g = 0; g < G; ++g) io.dgh[b * G * H + g * H + j] = scalar_t(0);
+      for (int g = 0; g < G; ++g) L::store(io.dgh + b * G * H + g * H + j, V(0), n);
     }
-    io.dh[unit] = dh;
     return;
   }
+  const V dh = L::load(io.dh + unit, n) + L::load(io.grad_y + unit, n);
   const bool has_prev = io.reverse ? io.t + 1 < length : io.t > 0;
-  const acc_t h_prev = static_cast<acc_t>(has_prev ? io.y_prev[unit] : io.h0[unit]);
-  const acc_t h_new = static_cast<acc_t>(io.y[unit]);
-  acc_t c_prev = acc_t(0), c_new = acc_t(0), dc = acc_t(0);
+  const V h_prev = L::load((has_prev ? io.y_prev : io.h0) + unit, n);
+  const V h_new = L::load(io.y + unit, n);
+  V c_prev(0), c_new(0), dc(0);
   if constexpr (M == CellMode::kLSTM) {
-    c_prev = static_cast<acc_t>(has_prev ? io.ws_prev[b * WS * H + 4 * H + j] : io.c0[unit]);
-    c_new = static_cast<acc_t>(io.ws[b * WS * H + 4 * H + j]);
-    dc = io.dc[unit];
+    c_prev = has_prev ? L::load(io.ws_prev + b * WS * H + 4 * H + j, n) : L::load(io.c0 + unit, n);
+    c_new = L::load(io.ws + b * WS * H + 4 * H + j, n);
+    dc = L::load(io.dc + unit, n);
   }
-  acc_t saved[Math::kWorkspace > 0 ? Math::kWorkspace : 1];
+  V saved[Math::kWorkspace > 0 ? Math::kWorkspace : 1];
   FASTSEQ_UNROLL
-  for (int w = 0; w < Math::kWorkspace; ++w) saved[w] = static_cast<acc_t>(io.ws[b * WS * H + w * H + j]);
+  for (int w = 0; w < Math::kWorkspace; ++w) saved[w] = L::load(io.ws + b * WS * H + w * H + j, n);
   // Zoneout: the cell's own new state gets the (1 - m) share of the gradient, the previous
   // state the m share directly. Without zoneout m = 0 and this is exact arithmetic on dh, dc.
-  const acc_t m_h = io.zoneout_h != nullptr ? static_cast<acc_t>(io.zoneout_h[unit]) : acc_t(0);
-  const acc_t m_c = io.zoneout_c != nullptr ? static_cast<acc_t>(io.zoneout_c[unit]) : acc_t(0);
+  const V m_h = io.zoneout_h != nullptr ? L::load(io.zoneout_h + unit, n) : V(0);
+  const V m_c = io.zoneout_c != nullptr ? L::load(io.zoneout_c + unit, n) : V(0);
   if constexpr (M == CellMode::kLSTM) {
     if (io.zoneout_c != nullptr) c_new = saved[1] * c_prev + saved[0] * saved[2];  // c~_t = f c + i g
   }
-  acc_t dpre_ih[G], dpre_hh[G], dh_direct = acc_t(0), dc_prev = acc_t(0);
-  Math::backward((acc_t(1) - m_h) * dh, (acc_t(1) - m_c) * dc, saved, h_prev, c_prev, h_new, c_new,
+  V dpre_ih[G], dpre_hh[G], dh_direct(0), dc_prev(0);
+  Math::backward((V(1) - m_h) * dh, (V(1) - m_c) * dc, saved, h_prev, c_prev, h_new, c_new,
                  dpre_ih, dpre_hh, dh_direct, dc_prev);
-  dh_direct += m_h * dh;
-  dc_prev += m_c * dc;
   FASTSEQ_UNROLL
-  for (int g = 0; g < G; ++g) io.dgx[b * G * H + g * H + j] = static_cast<scalar_t>(dpre_ih[g]);
+  for (int g = 0; g < G; ++g) L::store(io.dgx + b * G * H + g * H + j, dpre_ih[g], n);
   if (io.dgh != nullptr) {
     FASTSEQ_UNROLL
-    for (int g = 0; g < G; ++g) io.dgh[b * G * H + g * H + j] = static_cast<scalar_t>(dpre_hh[g]);
+    for (int g = 0; g < G; ++g) L::store(io.dgh + b * G * H + g * H + j, dpre_hh[g], n);
   }
-  io.dh[unit] = dh_direct;
-  if (io.dc != nullptr) io.dc[unit] = dc_prev;
+  L::store(io.dh + unit, dh_direct + m_h * dh, n);
+  if (io.dc != nullptr) L::store(io.dc + unit, dc_prev + m_c * dc, n);
 }
 
 // What a device's step kernel receives (tensors sliced at step t; state tensors whole).
