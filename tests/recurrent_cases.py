@@ -7,6 +7,8 @@ import torch.nn.functional as F
 import fastseq
 from fastseq.kernels.rnn_cell_layout import GATES
 
+from numerics import assert_within_rule
+
 MODES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 LEAF_NAMES = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"]
 
@@ -52,24 +54,84 @@ def persistent_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=
     return y, ((h_n, c_n) if mode == "lstm" else h_n)
 
 
-def run(mode, leaves64, dtype, backend, lengths, reverse, grad_outputs):
-    """Outputs and gradients of every leaf for one layer in `dtype`; backend "persistent"
-    runs the persistent ops, any other name fastseq.ops.rnn_layer with that backend."""
+def layer_call(mode, backend, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+               zoneout_h=None, zoneout_c=None):
+    """One layer through fastseq.ops.rnn_layer with `backend`, or through the persistent ops
+    for backend "persistent"."""
+    if backend == "persistent":
+        return persistent_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, zoneout_h,
+                                zoneout_c)
+    return fastseq.ops.rnn_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=lengths,
+                                 reverse=reverse, zoneout_h=zoneout_h, zoneout_c=zoneout_c,
+                                 backend=backend)
+
+
+def run(mode, leaves64, dtype, backend, lengths, reverse, grad_outputs, zoneout64=(None, None)):
+    """Outputs and gradients of every leaf for one layer in `dtype` (zoneout weights, if any,
+    cast to it too)."""
     leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in leaves64]
+    zh, zc = [z.to(dtype) if z is not None else None for z in zoneout64]
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
     hx = (h0, c0) if mode == "lstm" else h0
-    if backend == "persistent":
-        y, h_n = persistent_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
-    else:
-        y, h_n = fastseq.ops.rnn_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=lengths,
-                                       reverse=reverse, backend=backend)
+    y, h_n = layer_call(mode, backend, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, zh, zc)
     outs = [y] + (list(h_n) if mode == "lstm" else [h_n])
     loss = sum((o.double() * go).sum() for o, go in zip(outs, grad_outputs))
     present = [t for t in leaves if t is not None]
     return [o.detach() for o in outs], list(torch.autograd.grad(loss, present))
 
 
+def assert_backends_match_reference(mode, leaves64, dtype, backends, lengths, reverse,
+                                    grad_outputs, zoneout64=(None, None)):
+    """Each backend's outputs and gradients in `dtype` within the tolerance rule: against the
+    float64 reference, at most 2x plain PyTorch's (the reference in `dtype`) error."""
+    ref_outs, ref_grads = run(mode, leaves64, torch.float64, "reference", lengths, reverse,
+                              grad_outputs, zoneout64)
+    plain_outs, plain_grads = run(mode, leaves64, dtype, "reference", lengths, reverse,
+                                  grad_outputs, zoneout64)
+    grad_names = [n for n, t in zip(LEAF_NAMES, leaves64) if t is not None]
+    for backend in backends:
+        outs, grads = run(mode, leaves64, dtype, backend, lengths, reverse, grad_outputs, zoneout64)
+        for name, o, p, r in zip(["y", "h_n", "c_n"], outs, plain_outs, ref_outs):
+            assert o.dtype == dtype
+            assert_within_rule(f"{backend} {mode} {name}", o, p, r)
+        for name, g, p, r in zip(grad_names, grads, plain_grads, ref_grads):
+            assert_within_rule(f"{backend} {mode} grad {name}", g, p, r)
+
+
+def gradcheck_layer(mode, backend, T, B, I, H, lengths, zoneout=False):
+    """torch.autograd.gradcheck of one reverse layer in float64 on `backend`; with zoneout,
+    random fractional weights (neither 0 nor 1), so both shares of every gradient count."""
+    leaves = [t.requires_grad_() if t is not None else None for t in make_leaves(mode, T, B, I, H, "cpu")]
+    zh = torch.rand(T, B, H, dtype=torch.float64) if zoneout else None
+    zc = torch.rand(T, B, H, dtype=torch.float64) if zoneout and mode == "lstm" else None
+    present = [i for i, t in enumerate(leaves) if t is not None]
+
+    def f(*args):
+        full = list(leaves)
+        for i, a in zip(present, args):
+            full[i] = a
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh = full
+        hx = (h0, c0) if mode == "lstm" else h0
+        y, h_n = layer_call(mode, backend, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, True, zh, zc)
+        return (y,) + (tuple(h_n) if mode == "lstm" else (h_n,))
+
+    return torch.autograd.gradcheck(f, [leaves[i] for i in present], eps=1e-6, atol=1e-6)
+
+
 def lengths_for(T, B, variable):
     if not variable:
         return None
     return [T - (i * 5) % T for i in range(B)]  # includes T, and 1 when T > 1
+
+
+def assert_compiles_like_eager(loss_fn, x, params):
+    """loss_fn(x) under torch.compile(fullgraph=True) gives the eager loss and gradients of x and
+    every parameter."""
+    torch._dynamo.reset()
+    eager = loss_fn(x)
+    eager_grads = torch.autograd.grad(eager, [x] + params)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x)
+    grads = torch.autograd.grad(compiled, [x] + params)
+    torch.testing.assert_close(compiled, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)

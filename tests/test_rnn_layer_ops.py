@@ -7,8 +7,8 @@ import torch
 import fastseq
 
 from conftest import DEVICES
-from numerics import assert_within_rule
-from recurrent_cases import (LEAF_NAMES, MODES, layer_backends, lengths_for, make_grad_outputs,
+from recurrent_cases import (MODES, assert_backends_match_reference, assert_compiles_like_eager,
+                             gradcheck_layer, layer_backends, lengths_for, make_grad_outputs,
                              make_leaves, run)
 
 # (T, B, I, H, dtype): odd sizes in fp32 (B=37: three 16-row programs), the half-precision
@@ -28,20 +28,8 @@ def test_layer_matches_reference(device, mode, case, reverse, variable):
     leaves64 = make_leaves(mode, T, B, I, H, device)
     lengths = lengths_for(T, B, variable)
     grad_outputs = make_grad_outputs(mode, T, B, H, device)
-    if variable:  # y past a row's end is a constant zero: its incoming gradient is ignored
-        assert lengths is not None
-    ref_outs, ref_grads = run(mode, leaves64, torch.float64, "reference", lengths, reverse, grad_outputs)
-    plain_outs, plain_grads = run(mode, leaves64, dtype, "reference", lengths, reverse, grad_outputs)
-    names = ["y", "h_n", "c_n"][:len(ref_outs)]
-    grad_names = [n for n, t in zip(LEAF_NAMES, leaves64) if t is not None]
-    for backend in layer_backends(device):
-        outs, grads = run(mode, leaves64, dtype, backend, lengths, reverse, grad_outputs)
-        for name, o, p, r in zip(names, outs, plain_outs, ref_outs):
-            assert o.dtype == dtype
-            assert_within_rule(f"{backend} {mode} {name}", o, p, r)
-        for name, g, p, r in zip(grad_names, grads, plain_grads, ref_grads):
-            assert_within_rule(f"{backend} {mode} grad {name}", g, p, r)
-
+    assert_backends_match_reference(mode, leaves64, dtype, layer_backends(device), lengths, reverse,
+                                    grad_outputs)
 
 @pytest.mark.parametrize("mode", MODES)
 def test_padded_outputs_are_zero_and_final_state_is_last_valid(mode):
@@ -73,13 +61,14 @@ def triton_or_skip():
         pytest.skip("the Triton interpreter is off (a GPU run tests Triton on CUDA instead)")
 
 
-@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("backend", ["triton", "native", "persistent"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_opcheck(backend, mode, reverse):
-    if backend not in layer_backends("cpu"):
+    """opcheck of each implementation's forward and backward op (persistent: the CPU twin)."""
+    if (backend if backend != "persistent" else "native") not in layer_backends("cpu"):
         pytest.skip(f"{backend} cannot run on this machine's CPU")
-    suffix = "_triton" if backend == "triton" else ""
+    suffix = {"triton": "_triton", "native": "", "persistent": "_persistent"}[backend]
     forward = getattr(torch.ops.fastseq, "rnn_layer_forward" + suffix)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = [t.float() if t is not None else None
                                          for t in make_leaves(mode, 4, 3, 2, 5, "cpu")]
@@ -101,24 +90,11 @@ def test_opcheck(backend, mode, reverse):
 def test_gradcheck_float64(backend, mode):
     if backend not in layer_backends("cpu"):
         pytest.skip(f"{backend} cannot run on this machine's CPU")
-    leaves = [t.requires_grad_() if t is not None else None for t in make_leaves(mode, 3, 2, 2, 3, "cpu")]
-    present = [i for i, t in enumerate(leaves) if t is not None]
-
-    def f(*args):
-        full = list(leaves)
-        for i, a in zip(present, args):
-            full[i] = a
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh = full
-        y, h_n = fastseq.ops.rnn_layer(mode, x, (h0, c0) if mode == "lstm" else h0, w_ih, w_hh,
-                                       b_ih, b_hh, lengths=[3, 2], reverse=True, backend=backend)
-        return (y,) + (tuple(h_n) if mode == "lstm" else (h_n,))
-
-    assert torch.autograd.gradcheck(f, [leaves[i] for i in present], eps=1e-6, atol=1e-6)
+    assert gradcheck_layer(mode, backend, 3, 2, 2, 3, lengths=[3, 2])
 
 
 def test_compile_fullgraph_training_step():
     triton_or_skip()
-    torch._dynamo.reset()
     params = [t.float().requires_grad_() for t in make_leaves("lstm", 5, 3, 4, 6, "cpu")[3:]]
     x = torch.randn(5, 3, 4, requires_grad=True)
 
@@ -127,13 +103,7 @@ def test_compile_fullgraph_training_step():
                                           backend="triton")
         return y.square().sum() + h.sum() + c.sum()
 
-    eager = step(x)
-    eager_grads = torch.autograd.grad(eager, [x] + params)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
-    grads = torch.autograd.grad(compiled, [x] + params)
-    torch.testing.assert_close(compiled, eager)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e)
+    assert_compiles_like_eager(step, x, params)
 
 
 def bad_calls():
@@ -171,14 +141,16 @@ def test_torch_backend_refuses_what_it_cannot_do():
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_deterministic_bitwise(mode):
     """The same inputs give bitwise the same outputs and gradients, run to run (no atomics:
-    each program owns its rows; dW_hh is one GEMM)."""
-    backend = layer_backends("cpu")[0]
-    leaves64 = make_leaves(mode, 6, 21, 5, 20, "cpu")
-    grad_outputs = make_grad_outputs(mode, 6, 21, 20, "cpu")
-    first = run(mode, leaves64, torch.float32, backend, lengths_for(6, 21, True), True, grad_outputs)
-    second = run(mode, leaves64, torch.float32, backend, lengths_for(6, 21, True), True, grad_outputs)
-    for a, b in zip(first[0] + first[1], second[0] + second[1]):
-        assert torch.equal(a, b)
+    each program or CTA owns its rows or units; K splits add in a fixed order; dW_hh is one
+    GEMM): the first backend here, and the persistent kernel's twin over 8 CTAs of 5 units."""
+    backends = layer_backends("cpu")[:1] + (["persistent"] if "native" in layer_backends("cpu") else [])
+    leaves64 = make_leaves(mode, 6, 21, 5, 40, "cpu")
+    grad_outputs = make_grad_outputs(mode, 6, 21, 40, "cpu")
+    for backend in backends:
+        first = run(mode, leaves64, torch.float32, backend, lengths_for(6, 21, True), True, grad_outputs)
+        second = run(mode, leaves64, torch.float32, backend, lengths_for(6, 21, True), True, grad_outputs)
+        for a, b in zip(first[0] + first[1], second[0] + second[1]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
@@ -189,16 +161,8 @@ def test_long_sequence(mode):
     leaves64 = make_leaves(mode, T, B, I, H, "cpu")
     lengths = [100, 37, 1]
     grad_outputs = make_grad_outputs(mode, T, B, H, "cpu")
-    ref_outs, ref_grads = run(mode, leaves64, torch.float64, "reference", lengths, False, grad_outputs)
-    plain_outs, plain_grads = run(mode, leaves64, torch.float32, "reference", lengths, False, grad_outputs)
     backends = layer_backends("cpu")[:-1] + (["persistent"] if "native" in layer_backends("cpu") else [])
-    for backend in backends:
-        outs, grads = run(mode, leaves64, torch.float32, backend, lengths, False, grad_outputs)
-        for name, o, p, r in zip(["y", "h_n", "c_n"], outs, plain_outs, ref_outs):
-            assert_within_rule(f"{backend} {mode} {name}", o, p, r)
-        names = [n for n, t in zip(LEAF_NAMES, leaves64) if t is not None]
-        for name, g, p, r in zip(names, grads, plain_grads, ref_grads):
-            assert_within_rule(f"{backend} {mode} grad {name}", g, p, r)
+    assert_backends_match_reference(mode, leaves64, torch.float32, backends, lengths, False, grad_outputs)
 
 
 def test_projection_torch_and_reference_agree_and_others_refuse():

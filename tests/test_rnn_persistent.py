@@ -1,18 +1,20 @@
 """The persistent recurrence (torch.ops.fastseq.rnn_layer_{forward,backward}_persistent): on
 CPU its C++ twin runs the CUDA kernel's own per-CTA phases (fastseq/rnn_persistent.h), CTA by
 CTA and step by step, with at most 8 CTAs, so H=63 splits into 8 CTAs of 8 units (the last
-owns 7) and H=300 into 8 of 38 (the last 34). On CUDA the same tests run the kernel."""
+owns 7) and H=300 into 8 of 38 (the last 34). On CUDA the same tests run the kernel. Its opcheck
+and determinism tests are with the other implementations' in test_rnn_layer_ops.py, its
+zoneout tests in test_rnn_zoneout.py."""
 import pytest
 import torch
 
 import fastseq
 
 from conftest import DEVICES
-from numerics import assert_within_rule
-from recurrent_cases import (LEAF_NAMES, MODES, lengths_for, make_grad_outputs, make_leaves,
-                             persistent_layer, run)
+from recurrent_cases import (MODES, assert_backends_match_reference, assert_compiles_like_eager,
+                             gradcheck_layer, lengths_for, make_grad_outputs, make_leaves,
+                             persistent_layer)
 
-pytestmark = pytest.mark.skipif(not fastseq.backend.native_unavailable(torch.device("cpu")) is None,
+pytestmark = pytest.mark.skipif(fastseq.backend.native_unavailable(torch.device("cpu")) is not None,
                                 reason="fastseq._C is not built")
 
 # (T, B, I, H, dtype): one unit and one CTA; 8 CTAs with a short last one at odd B; 8 CTAs of 38
@@ -35,16 +37,8 @@ def test_persistent_matches_reference(device, mode, case, reverse, variable):
     leaves64 = make_leaves(mode, T, B, I, H, device)
     lengths = lengths_for(T, B, variable)
     grad_outputs = make_grad_outputs(mode, T, B, H, device)
-    ref_outs, ref_grads = run(mode, leaves64, torch.float64, "reference", lengths, reverse, grad_outputs)
-    plain_outs, plain_grads = run(mode, leaves64, dtype, "reference", lengths, reverse, grad_outputs)
-    outs, grads = run(mode, leaves64, dtype, "persistent", lengths, reverse, grad_outputs)
-    for name, o, p, r in zip(["y", "h_n", "c_n"], outs, plain_outs, ref_outs):
-        assert o.dtype == dtype
-        assert_within_rule(f"persistent {mode} {name}", o, p, r)
-    grad_names = [n for n, t in zip(LEAF_NAMES, leaves64) if t is not None]
-    for name, g, p, r in zip(grad_names, grads, plain_grads, ref_grads):
-        assert_within_rule(f"persistent {mode} grad {name}", g, p, r)
-
+    assert_backends_match_reference(mode, leaves64, dtype, ["persistent"], lengths, reverse,
+                                    grad_outputs)
 
 @pytest.mark.parametrize("mode", MODES)
 def test_persistent_equals_loop_and_their_workspaces_interchange(mode):
@@ -67,44 +61,11 @@ def test_persistent_equals_loop_and_their_workspaces_interchange(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("reverse", [False, True])
-def test_opcheck(mode, reverse):
-    ops = torch.ops.fastseq
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = [t.float() if t is not None else None
-                                         for t in make_leaves(mode, 4, 3, 2, 10, "cpu")]
-    gx = x @ w_ih.t() + b_ih
-    lengths = torch.tensor([4, 1, 3], dtype=torch.int32)
-    for save in (False, True):
-        torch.library.opcheck(ops.rnn_layer_forward_persistent,
-                              (mode, gx.requires_grad_(save), h0, c0, w_hh, b_hh, lengths, None, None, reverse,
-                               save))
-    y, h_n, c_n, ws = ops.rnn_layer_forward_persistent(mode, gx.detach(), h0, c0, w_hh, b_hh,
-                                                       lengths, None, None, reverse, True)
-    lstm = mode == "lstm"
-    torch.library.opcheck(ops.rnn_layer_backward_persistent, (
-        mode, torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n) if lstm else None,
-        h0, c0, w_hh, y, ws, lengths, None, None, reverse))
-
-
-@pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_float64(mode):
-    leaves = [t.requires_grad_() if t is not None else None for t in make_leaves(mode, 3, 2, 2, 10, "cpu")]
-    present = [i for i, t in enumerate(leaves) if t is not None]
-
-    def f(*args):
-        full = list(leaves)
-        for i, a in zip(present, args):
-            full[i] = a
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh = full
-        y, h_n = persistent_layer(mode, x, (h0, c0) if mode == "lstm" else h0, w_ih, w_hh, b_ih,
-                                  b_hh, lengths=[3, 2], reverse=True)
-        return (y,) + (tuple(h_n) if mode == "lstm" else (h_n,))
-
-    assert torch.autograd.gradcheck(f, [leaves[i] for i in present], eps=1e-6, atol=1e-6)
+    assert gradcheck_layer(mode, "persistent", 3, 2, 2, 10, lengths=[3, 2])
 
 
 def test_compile_fullgraph_training_step():
-    torch._dynamo.reset()
     params = [t.float().requires_grad_() for t in make_leaves("gru", 5, 3, 4, 9, "cpu")[3:]]
     x = torch.randn(5, 3, 4, requires_grad=True)
 
@@ -112,23 +73,7 @@ def test_compile_fullgraph_training_step():
         y, h = persistent_layer("gru", inp, torch.zeros(3, 9), *params, lengths=[5, 2, 4])
         return y.square().sum() + h.sum()
 
-    eager = step(x)
-    eager_grads = torch.autograd.grad(eager, [x] + params)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
-    grads = torch.autograd.grad(compiled, [x] + params)
-    torch.testing.assert_close(compiled, eager)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e)
-
-
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
-def test_deterministic_bitwise(mode):
-    leaves64 = make_leaves(mode, 6, 21, 5, 40, "cpu")
-    grad_outputs = make_grad_outputs(mode, 6, 21, 40, "cpu")
-    first = run(mode, leaves64, torch.float32, "persistent", lengths_for(6, 21, True), True, grad_outputs)
-    second = run(mode, leaves64, torch.float32, "persistent", lengths_for(6, 21, True), True, grad_outputs)
-    for a, b in zip(first[0] + first[1], second[0] + second[1]):
-        assert torch.equal(a, b)
+    assert_compiles_like_eager(step, x, params)
 
 
 def test_refuses_what_does_not_fit_on_chip_with_the_reason():

@@ -7,8 +7,8 @@ import torch
 
 import fastseq
 
-from numerics import assert_within_rule
-from recurrent_cases import LEAF_NAMES, layer_backends, make_grad_outputs, make_leaves, persistent_layer
+from recurrent_cases import (assert_backends_match_reference, gradcheck_layer, layer_backends,
+                             make_grad_outputs, make_leaves)
 
 native_or_skip = pytest.mark.skipif("native" not in layer_backends("cpu"), reason="fastseq._C is not built")
 
@@ -23,22 +23,6 @@ def masks(mode, T, B, H, kind):
     return one(), (one() if mode == "lstm" else None)
 
 
-def run(mode, leaves64, zoneout64, dtype, backend, lengths, reverse, grad_outputs):
-    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in leaves64]
-    zh, zc = [z.to(dtype) if z is not None else None for z in zoneout64]
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
-    hx = (h0, c0) if mode == "lstm" else h0
-    if backend == "persistent":
-        y, h_n = persistent_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, zh, zc)
-    else:
-        y, h_n = fastseq.ops.rnn_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=lengths,
-                                       reverse=reverse, zoneout_h=zh, zoneout_c=zc, backend=backend)
-    outs = [y] + (list(h_n) if mode == "lstm" else [h_n])
-    loss = sum((o.double() * go).sum() for o, go in zip(outs, grad_outputs))
-    present = [t for t in leaves if t is not None]
-    return [o.detach() for o in outs], list(torch.autograd.grad(loss, present))
-
-
 @native_or_skip
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 @pytest.mark.parametrize("kind", ["train", "eval"])
@@ -50,13 +34,9 @@ def test_zoneout_matches_reference(mode, kind, reverse, dtype):
     zoneout64 = masks(mode, T, B, H, kind)
     lengths = [T - (i * 5) % T for i in range(B)]
     grad_outputs = make_grad_outputs(mode, T, B, H, "cpu")
-    ref = run(mode, leaves64, zoneout64, torch.float64, "reference", lengths, reverse, grad_outputs)
-    plain = run(mode, leaves64, zoneout64, dtype, "reference", lengths, reverse, grad_outputs)
-    names = ["y", "h_n", "c_n"] + [n for n, t in zip(LEAF_NAMES, leaves64) if t is not None]
-    for backend in [b for b in layer_backends("cpu") if b != "reference"] + ["persistent"]:
-        outs, grads = run(mode, leaves64, zoneout64, dtype, backend, lengths, reverse, grad_outputs)
-        for name, o, p, r in zip(names, outs + grads, plain[0] + plain[1], ref[0] + ref[1]):
-            assert_within_rule(f"{backend} {mode} zoneout {name}", o, p, r)
+    backends = [b for b in layer_backends("cpu") if b != "reference"] + ["persistent"]
+    assert_backends_match_reference(mode, leaves64, dtype, backends, lengths, reverse, grad_outputs,
+                                    zoneout64)
 
 
 def test_reference_zoneout_keeps_the_state_where_the_mask_is_one():
@@ -74,41 +54,8 @@ def test_reference_zoneout_keeps_the_state_where_the_mask_is_one():
 def test_gradcheck_float64(mode, backend):
     if backend == "triton" and "triton" not in layer_backends("cpu"):
         pytest.skip("the Triton interpreter is off")
-    """Fractional weights (neither 0 nor 1) exercise both shares of every gradient."""
     # H=3: every gradcheck evaluation runs the whole layer, through the interpreter for Triton.
-    leaves = [t.requires_grad_() if t is not None else None for t in make_leaves(mode, 4, 2, 2, 3, "cpu")]
-    zh = torch.rand(4, 2, 3, dtype=torch.float64)
-    zc = torch.rand(4, 2, 3, dtype=torch.float64) if mode == "lstm" else None
-    present = [i for i, t in enumerate(leaves) if t is not None]
-
-    def f(*args):
-        full = list(leaves)
-        for i, a in zip(present, args):
-            full[i] = a
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh = full
-        hx = (h0, c0) if mode == "lstm" else h0
-        if backend == "persistent":
-            y, h_n = persistent_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, [4, 3], True, zh, zc)
-        else:
-            y, h_n = fastseq.ops.rnn_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=[4, 3],
-                                           reverse=True, zoneout_h=zh, zoneout_c=zc, backend=backend)
-        return (y,) + (tuple(h_n) if mode == "lstm" else (h_n,))
-
-    assert torch.autograd.gradcheck(f, [leaves[i] for i in present], eps=1e-6, atol=1e-6)
-
-
-def test_refusals():
-    x, w_ih, w_hh = torch.randn(5, 3, 4), torch.randn(6, 4), torch.randn(6, 6)
-    mask = torch.zeros(5, 3, 6)
-    with pytest.raises(fastseq.InputError, match="zoneout_h is for lstm and gru layers, not rnn_tanh"):
-        fastseq.ops.rnn_layer("rnn_tanh", x, None, w_ih, w_hh, zoneout_h=mask)
-    w_ih3, w_hh3 = torch.randn(18, 4), torch.randn(18, 6)
-    with pytest.raises(fastseq.InputError, match="zoneout_c is for lstm layers, not gru"):
-        fastseq.ops.rnn_layer("gru", x, None, w_ih3, w_hh3, zoneout_c=mask)
-    with pytest.raises(fastseq.InputError, match=r"zoneout_h must have shape \[steps, batch, hidden_size\]"):
-        fastseq.ops.rnn_layer("gru", x, None, w_ih3, w_hh3, zoneout_h=mask[:4])
-    with pytest.raises(fastseq.BackendError, match="torch.s RNNs have no zoneout"):
-        fastseq.ops.rnn_layer("gru", x, None, w_ih3, w_hh3, zoneout_h=mask, backend="torch")
+    assert gradcheck_layer(mode, backend, 4, 2, 2, 3, lengths=[4, 3], zoneout=True)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

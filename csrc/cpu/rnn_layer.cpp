@@ -27,36 +27,15 @@ void backward_step_cpu(const LayerBackwardStep& s) {
 
 constexpr LayerStepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cpu(
-    c10::string_view mode, const at::Tensor& gates_x, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
-    bool reverse, bool save_workspace) {
-  LayerForwardArgs a = prepare_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h,
-                                             zoneout_c, reverse, save_workspace);
-  rnn_layer_forward_loop(a, kCpuKernels);
-  return finish_layer_forward(a);
-}
+void run_forward(LayerForwardArgs& a) { rnn_layer_forward_loop(a, kCpuKernels); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cpu(
-    c10::string_view mode, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
-    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh, const at::Tensor& y,
-    const at::Tensor& workspace, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
-    bool reverse) {
-  LayerBackwardArgs a = prepare_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y,
-                                               workspace, lengths, zoneout_h, zoneout_c, reverse);
-  rnn_layer_backward_loop(a, kCpuKernels);
-  return finish_layer_backward(a);
-}
+void run_backward(LayerBackwardArgs& a) { rnn_layer_backward_loop(a, kCpuKernels); }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastseq, CPU, m) {
-  m.impl("rnn_layer_forward", &rnn_layer_forward_cpu);
-  m.impl("rnn_layer_backward", &rnn_layer_backward_cpu);
+  m.impl("rnn_layer_forward", &layer_forward_op<&run_forward>);
+  m.impl("rnn_layer_backward", &layer_backward_op<&run_backward>);
 }
 
 }  // namespace fastseq

@@ -5,7 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -72,42 +71,23 @@ void backward_step_cuda(const LayerBackwardStep& s) {
 
 constexpr LayerStepKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_cuda(
-    c10::string_view mode, const at::Tensor& gates_x, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
-    bool reverse, bool save_workspace) {
-  const c10::cuda::CUDAGuard guard(gates_x.device());
-  LayerForwardArgs a = prepare_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h,
-                                             zoneout_c, reverse, save_workspace);
-  // The persistent kernel where its plan fits (fastseq/rnn_persistent.h states the rule),
-  // else the GEMM-per-step loop.
+// The persistent kernel where its plan fits (fastseq/rnn_persistent.h states the rule), else
+// the GEMM-per-step loop; forward and backward choose independently (same workspace layout).
+void run_forward(LayerForwardArgs& a) {
   if (!rnn_persistent_forward(a, cuda_persistent_device(), /*required=*/false))
     rnn_layer_forward_loop(a, kCudaKernels);
-  return finish_layer_forward(a);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cuda(
-    c10::string_view mode, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
-    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh, const at::Tensor& y,
-    const at::Tensor& workspace, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
-    bool reverse) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  LayerBackwardArgs a = prepare_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y,
-                                               workspace, lengths, zoneout_h, zoneout_c, reverse);
+void run_backward(LayerBackwardArgs& a) {
   if (!rnn_persistent_backward(a, cuda_persistent_device(), /*required=*/false))
     rnn_layer_backward_loop(a, kCudaKernels);
-  return finish_layer_backward(a);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastseq, CUDA, m) {
-  m.impl("rnn_layer_forward", &rnn_layer_forward_cuda);
-  m.impl("rnn_layer_backward", &rnn_layer_backward_cuda);
+  m.impl("rnn_layer_forward", &layer_forward_op<&run_forward>);
+  m.impl("rnn_layer_backward", &layer_backward_op<&run_backward>);
 }
 
 }  // namespace fastseq

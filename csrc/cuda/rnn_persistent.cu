@@ -5,7 +5,6 @@
 // tensor-core GEMM (WMMA 16x16x16, fp16/bf16 in, fp32 accumulate), the kernels and launches.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -176,31 +175,12 @@ void backward_cuda(const LayerBackwardArgs& a, const PersistentLayout& L) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward_persistent_cuda(
-    c10::string_view mode, const at::Tensor& gates_x, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
-    bool reverse, bool save_workspace) {
-  const c10::cuda::CUDAGuard guard(gates_x.device());
-  LayerForwardArgs a = prepare_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h,
-                                             zoneout_c, reverse, save_workspace);
+void run_forward(LayerForwardArgs& a) {
   rnn_persistent_forward(a, cuda_persistent_device(), /*required=*/true);
-  return finish_layer_forward(a);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_persistent_cuda(
-    c10::string_view mode, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
-    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& h0,
-    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh, const at::Tensor& y,
-    const at::Tensor& workspace, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
-    bool reverse) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  LayerBackwardArgs a = prepare_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y,
-                                               workspace, lengths, zoneout_h, zoneout_c, reverse);
+void run_backward(LayerBackwardArgs& a) {
   rnn_persistent_backward(a, cuda_persistent_device(), /*required=*/true);
-  return finish_layer_backward(a);
 }
 
 }  // namespace
@@ -211,8 +191,8 @@ const PersistentDevice& cuda_persistent_device() {
 }
 
 TORCH_LIBRARY_IMPL(fastseq, CUDA, m) {
-  m.impl("rnn_layer_forward_persistent", &rnn_layer_forward_persistent_cuda);
-  m.impl("rnn_layer_backward_persistent", &rnn_layer_backward_persistent_cuda);
+  m.impl("rnn_layer_forward_persistent", &layer_forward_op<&run_forward>);
+  m.impl("rnn_layer_backward_persistent", &layer_backward_op<&run_backward>);
 }
 
 }  // namespace fastseq

@@ -14,6 +14,7 @@
 // cell's new state; training passes Bernoulli(p) masks, evaluation m = p. y_t and the workspace's
 // c_t are the zoned-out states; the backward recomputes the LSTM's c~_t = f c_{t-1} + i g.
 #include <ATen/core/Tensor.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
 
@@ -251,6 +252,37 @@ LayerBackwardArgs prepare_layer_backward(c10::string_view mode, const at::Tensor
 // (dgates_x, dgates_h, dh0, dc0) of the op.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_layer_backward(
     const LayerBackwardArgs& a);
+
+// The op implementations (CPU loop, CPU persistent twin, CUDA loop or persistent, CUDA
+// persistent) differ only in what runs between prepare and finish: Run.
+template <void (*Run)(LayerForwardArgs&)>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward_op(
+    c10::string_view mode, const at::Tensor& gates_x, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
+    bool reverse, bool save_workspace) {
+  const c10::DeviceGuard guard(gates_x.device());
+  LayerForwardArgs a = prepare_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h,
+                                             zoneout_c, reverse, save_workspace);
+  Run(a);
+  return finish_layer_forward(a);
+}
+
+template <void (*Run)(LayerBackwardArgs&)>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_backward_op(
+    c10::string_view mode, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& w_hh, const at::Tensor& y,
+    const at::Tensor& workspace, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& zoneout_h, const std::optional<at::Tensor>& zoneout_c,
+    bool reverse) {
+  const c10::DeviceGuard guard(y.device());
+  LayerBackwardArgs a = prepare_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y,
+                                               workspace, lengths, zoneout_h, zoneout_c, reverse);
+  Run(a);
+  return finish_layer_backward(a);
+}
 
 // The step a backward step's state came from: t-1 forwards, t+1 in reverse (clamped; the
 // element functions use h0/c0 where a row has no previous step).
