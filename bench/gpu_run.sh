@@ -29,10 +29,11 @@ run_pytest() { (cd /tmp && python3 -m pytest -c "$REPO/pyproject.toml" --rootdir
 
 # The persistent kernel first, small, under compute-sanitizer (out-of-bounds, shared-memory
 # races, barrier misuse), then against the loop at full speed.
+SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 {
   for tool in memcheck racecheck synccheck; do
     echo "== compute-sanitizer --tool $tool"
-    (cd /tmp && timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 python3 "$REPO/bench/sanitize_persistent.py") 2>&1 | tail -15
+    (cd /tmp && timeout 300 "$SANITIZER" --tool $tool --error-exitcode 9 python3 "$REPO/bench/sanitize_persistent.py") 2>&1 | tail -15
     echo "exit ${PIPESTATUS[0]}"
   done
 } > "$OUT/sanitizer.log" 2>&1
