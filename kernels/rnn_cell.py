@@ -52,14 +52,10 @@ def _rnn_cell_forward_kernel(
     acc0, acc1, acc2, acc3 = accumulate_projection(
         acc0, acc1, acc2, acc3, x_ptr, w_ih_ptr, rows_b, mask_b, offs_h, mask_h, I, H,
         G, 2, BLOCK_K, PRECISION, UPCAST)
-    if MODE == 1:
-        acc0, acc1, acc2, acc3 = accumulate_projection(
-            acc0, acc1, acc2, acc3, hx_ptr, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
-            G, 3, BLOCK_K, PRECISION, UPCAST)
-    else:
-        acc0, acc1, acc2, acc3 = accumulate_projection(
-            acc0, acc1, acc2, acc3, hx_ptr, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
-            G, 2, BLOCK_K, PRECISION, UPCAST)
+    # The GRU's recurrent n-gate projection goes to slot 3 (r multiplies it), else 2.
+    acc0, acc1, acc2, acc3 = accumulate_projection(
+        acc0, acc1, acc2, acc3, hx_ptr, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
+        G, 2 + (MODE == 1), BLOCK_K, PRECISION, UPCAST)
 
     if HAS_B_IH:
         acc0 += _bias(b_ih_ptr, 0, H, offs_h, mask_h, ACC_DTYPE)

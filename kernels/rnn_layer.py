@@ -106,14 +106,10 @@ def _rnn_layer_forward_kernel(
                         acc2 += b2
                 if G == 4:
                     acc3 += tl.load(b_hh_ptr + 3 * H + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)[None, :]
-            if MODE == 1:
-                acc0, acc1, acc2, acc3 = accumulate_projection(
-                    acc0, acc1, acc2, acc3, h_read, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
-                    G, 3, BLOCK_K, PRECISION, UPCAST)
-            else:
-                acc0, acc1, acc2, acc3 = accumulate_projection(
-                    acc0, acc1, acc2, acc3, h_read, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
-                    G, 2, BLOCK_K, PRECISION, UPCAST)
+            # The GRU's recurrent n-gate projection goes to slot 3 (r multiplies it), else 2.
+            acc0, acc1, acc2, acc3 = accumulate_projection(
+                acc0, acc1, acc2, acc3, h_read, w_hh_ptr, rows_b, mask_b, offs_h, mask_h, H, H,
+                G, 2 + (MODE == 1), BLOCK_K, PRECISION, UPCAST)
             h_prev = tl.load(h_read + state, mask=mask, other=0.0)
             if MODE == 0:
                 c_prev = tl.load(cbuf_ptr + state, mask=mask, other=0.0)
