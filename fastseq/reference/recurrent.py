@@ -76,16 +76,13 @@ def weights_of(module: torch.nn.Module) -> list[LayerWeights]:
 def _run_direction(mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], weights: LayerWeights,
                    lengths: Optional[Tensor], reverse: bool, zoneout_h: Optional[Tensor] = None,
                    zoneout_c: Optional[Tensor] = None):
-    """One layer, one direction over x [T, B, I]. Steps at or past a sequence's length leave its
-    state unchanged and output zeros, so the final state is the state at its last valid step
-    (the reverse direction of a sequence of length n starts at step n-1), as torch's packed
-    sequences give. Zoneout (weights m [T, B, H] for h and, LSTM, c): the new state is
-    m * previous + (1 - m) * the cell's, and is also the step's output."""
+    """One layer, one direction over x [T, B, I] (see `scan` for lengths and reverse). Zoneout
+    (weights m [T, B, H] for h and, LSTM, c): the new state is m * previous + (1 - m) * the
+    cell's, and is also the step's output."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
     cell = CELLS[mode]
-    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
-    outputs: list[Optional[Tensor]] = [None] * x.shape[0]
-    for t in steps:
+
+    def step(t, h, c):
         if mode == "lstm":
             h_new, c_new = cell(x[t], (h, c), w_ih, w_hh, b_ih, b_hh)
             if w_hr is not None:
@@ -96,11 +93,26 @@ def _run_direction(mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], weights
             h_new = zoneout_h[t] * h + (1 - zoneout_h[t]) * h_new
         if zoneout_c is not None:
             c_new = zoneout_c[t] * c + (1 - zoneout_c[t]) * c_new
+        return h_new, c_new
+
+    return scan(step, x.shape[0], h, c, lengths, reverse)
+
+
+def scan(step, steps: int, h: Tensor, c: Optional[Tensor], lengths: Optional[Tensor],
+         reverse: bool):
+    """Run step(t, h, c) -> (h_new, c_new) over t = 0..steps-1 (reverse: steps-1..0). Steps at or
+    past a sequence's length leave its state unchanged and output zeros, so the final state is
+    the state at its last valid step (the reverse direction of a sequence of length n starts at
+    step n-1), as torch's packed sequences give. Returns (outputs [T, B, H], h, c)."""
+    order = range(steps - 1, -1, -1) if reverse else range(steps)
+    outputs: list[Optional[Tensor]] = [None] * steps
+    for t in order:
+        h_new, c_new = step(t, h, c)
         if lengths is None:
             h, c = h_new, c_new
             outputs[t] = h_new
         else:
-            valid = (t < lengths).to(x.dtype).unsqueeze(1)  # [B, 1]
+            valid = (t < lengths).to(h_new.dtype).unsqueeze(1)  # [B, 1]
             h = valid * h_new + (1 - valid) * h
             if c is not None:
                 c = valid * c_new + (1 - valid) * c
