@@ -15,9 +15,11 @@ Forward, per step (a barrier between phases: they exchange values through scratc
   B  gates = gates_x + a_hh * LN(p) + b_hh; the cell: LSTM c_t into cbuf (and o into pbuf),
      GRU h_t (done)
   LSTM only:  C1  row variance of c_t   C2  h_t = o tanh(a_c * LN(c_t) + b_c)
-Workspace per step and row: the plain layer's (LSTM i, f, g, o, c_t; GRU r, z, n, W_hn-part)
-followed by the normalized recurrent projection LN(p) without its gain (G*H columns); stats
-[T, B, S]: 1/std of p, then the LSTM's mean and 1/std of c_t (fp32).
+Workspace per step and row: the plain layer's (LSTM i, f, g, o, c_t; GRU r, z, n, W_hn-part),
+the LSTM's LN(c_t) without gain and shift, then the normalized recurrent projection LN(p)
+without its gain (G*H columns); stats [T, B, S]: 1/std of p, then the LSTM's 1/std of c_t
+(fp32). LN(c_t) is saved rather than recomputed from c_t: in bf16 the saved c_t is rounded, and
+(c_t - mean) * rstd from it lost up to 5x the accuracy of torch's bf16 gradients (H=5).
 
 Backward, per step (opposite order): LSTM 1) da = dL/d(a_c LN(c_t) + b_c), the o gate, and the
 row sums of LN's backward over H; 2) dc_t, the i, f, g gates, dc_{t-1}, and the row sums of the
@@ -30,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output, sigmoid, tanh
-from .rnn_cell_layout import GATES, LAYER_WORKSPACE, LN_STATS, LN_WORKSPACE, MODE_IDS
+from .rnn_cell_layout import GATES, LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE, MODE_IDS
 from .rnn_layer import _batch_tile, _step_index
 from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
 
@@ -78,7 +80,7 @@ def _ln_rnn_forward_kernel(
     gx_ptr, h0_ptr, c0_ptr, w_hh_ptr, b_hh_ptr, a_hh_ptr, a_c_ptr, b_c_ptr, len_ptr,
     y_ptr, hn_ptr, cn_ptr, ws_ptr, stats_ptr, hbuf_ptr, cbuf_ptr, pbuf_ptr,
     T, B, H, eps,
-    MODE: tl.constexpr, G: tl.constexpr, WS: tl.constexpr, LWS: tl.constexpr, S: tl.constexpr,
+    MODE: tl.constexpr, G: tl.constexpr, WS: tl.constexpr, NP: tl.constexpr, S: tl.constexpr,
     HAS_B_HH: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, SAVE_WS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -151,7 +153,7 @@ def _ln_rnn_forward_kernel(
                                              H, mask, G, ACC_DTYPE)
             ws = ws_ptr + t64 * B * WS * H + rows_b[:, None] * (WS * H) + offs_h[None, :]
             if SAVE_WS:
-                _store_gates(ws + LWS * H, H, mask, n0, n1, n2, n3, G)
+                _store_gates(ws + NP * H, H, mask, n0, n1, n2, n3, G)
             h_prev = tl.load(h_read + state, mask=mask, other=0.0)
             if MODE == 0:
                 c_prev = tl.load(cbuf_ptr + state, mask=mask, other=0.0)
@@ -190,13 +192,16 @@ def _ln_rnn_forward_kernel(
                 o = tl.load(pbuf_ptr + rows_b[:, None] * GH + 3 * H + offs_h[None, :], mask=mask, other=0.0)
                 a_c = tl.load(a_c_ptr + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)
                 b_c = tl.load(b_c_ptr + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)
-                h_new = o * tanh((c_new - c_mean[:, None]) * c_rstd[:, None] * a_c[None, :] + b_c[None, :])
+                c_hat = (c_new - c_mean[:, None]) * c_rstd[:, None]
+                h_new = o * tanh(c_hat * a_c[None, :] + b_c[None, :])
+                if SAVE_WS:
+                    ws = ws_ptr + t64 * B * WS * H + rows_b[:, None] * (WS * H) + offs_h[None, :]
+                    tl.store(ws + 5 * H, c_hat.to(out_ty), mask=mask)
                 h_new = tl.where(valid, h_new, tl.load(h_read + state, mask=mask, other=0.0))
                 tl.store(h_write + state, h_new, mask=mask)
                 tl.store(y_ptr + t64 * BH + state, tl.where(valid, h_new, 0.0).to(out_ty), mask=mask)
             if SAVE_WS:
-                tl.store(stats + 1, c_mean, mask=mask_b)
-                tl.store(stats + 2, c_rstd, mask=mask_b)
+                tl.store(stats + 1, c_rstd, mask=mask_b)
         tl.debug_barrier()
 
     final = hbuf_ptr + (T % 2) * BH
@@ -215,7 +220,7 @@ def _ln_rnn_backward_kernel(
     stats_ptr, len_ptr,
     dgx_ptr, dq_ptr, dp_ptr, da_ptr, dh0_ptr, dc0_ptr, dhbuf_ptr, dcbuf_ptr, dqbuf_ptr,
     T, B, H,
-    MODE: tl.constexpr, G: tl.constexpr, WS: tl.constexpr, LWS: tl.constexpr, S: tl.constexpr,
+    MODE: tl.constexpr, G: tl.constexpr, WS: tl.constexpr, NP: tl.constexpr, S: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_GRAD_CN: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -252,11 +257,9 @@ def _ln_rnn_backward_kernel(
         stats = stats_ptr + t64 * B * S + rows_b * S
         p_rstd = tl.load(stats, mask=mask_b, other=1.0).to(ACC_DTYPE)
         if MODE == 0:
-            c_mean = tl.load(stats + 1, mask=mask_b, other=0.0).to(ACC_DTYPE)
-            c_rstd = tl.load(stats + 2, mask=mask_b, other=1.0).to(ACC_DTYPE)
+            c_rstd = tl.load(stats + 1, mask=mask_b, other=1.0).to(ACC_DTYPE)
         else:
-            c_mean = tl.zeros((BLOCK_B,), ACC_DTYPE)
-            c_rstd = c_mean + 1.0
+            c_rstd = tl.full((BLOCK_B,), 1.0, ACC_DTYPE)
         ws_rows = ws_ptr + t64 * B * WS * H + rows_b[:, None] * (WS * H)
 
         # LSTM 1: the row sums of the cell-state layer norm's backward, from
@@ -273,7 +276,7 @@ def _ln_rnn_backward_kernel(
                     tl.where(valid, tl.load(gy_ptr + t64 * BH + state, mask=mask, other=0.0).to(ACC_DTYPE), 0.0)
                 ws = ws_rows + offs_h[None, :]
                 o = tl.load(ws + 3 * H, mask=mask, other=0.0).to(ACC_DTYPE)
-                c_hat = (tl.load(ws + 4 * H, mask=mask, other=0.0).to(ACC_DTYPE) - c_mean[:, None]) * c_rstd[:, None]
+                c_hat = tl.load(ws + 5 * H, mask=mask, other=0.0).to(ACC_DTYPE)
                 a_c = tl.load(a_c_ptr + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)[None, :]
                 b_c = tl.load(b_c_ptr + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)[None, :]
                 u = tanh(c_hat * a_c + b_c)
@@ -300,8 +303,7 @@ def _ln_rnn_backward_kernel(
             w0, w1, w2, w3 = load_saved(ws, H, mask, MODE, ACC_DTYPE, dh)
             zero = tl.zeros_like(dh)
             if MODE == 0:
-                c_new = tl.load(ws + 4 * H, mask=mask, other=0.0).to(ACC_DTYPE)
-                c_hat = (c_new - c_mean[:, None]) * c_rstd[:, None]
+                c_hat = tl.load(ws + 5 * H, mask=mask, other=0.0).to(ACC_DTYPE)
                 a_c = tl.load(a_c_ptr + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)[None, :]
                 b_c = tl.load(b_c_ptr + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)[None, :]
                 u = tanh(c_hat * a_c + b_c)
@@ -342,7 +344,7 @@ def _ln_rnn_backward_kernel(
             _store_gates(dgx_ptr + t64 * B * GH + rows_b[:, None] * GH + offs_h[None, :], H, mask,
                          d0, d1, d2, d3, G)
             _store_gates(dqbuf_ptr + rows_b[:, None] * GH + offs_h[None, :], H, mask, r0, r1, r2, r3, G)
-            n0, n1, n2, n3 = _load_gates(ws + LWS * H, H, mask, G, ACC_DTYPE)
+            n0, n1, n2, n3 = _load_gates(ws + NP * H, H, mask, G, ACC_DTYPE)
             a0, a1, a2, a3 = _load_gates(a_hh_ptr + offs_h, H, mask_h, G, ACC_DTYPE)
             dn0 = r0 * a0[None, :]
             dn1 = r1 * a1[None, :]
@@ -360,7 +362,7 @@ def _ln_rnn_backward_kernel(
             mask_h = offs_h < H
             mask = mask_b[:, None] & mask_h[None, :]
             r0, r1, r2, r3 = _load_gates(dqbuf_ptr + rows_b[:, None] * GH + offs_h[None, :], H, mask, G, ACC_DTYPE)
-            n0, n1, n2, n3 = _load_gates(ws_rows + offs_h[None, :] + LWS * H, H, mask, G, ACC_DTYPE)
+            n0, n1, n2, n3 = _load_gates(ws_rows + offs_h[None, :] + NP * H, H, mask, G, ACC_DTYPE)
             a0, a1, a2, a3 = _load_gates(a_hh_ptr + offs_h, H, mask_h, G, ACC_DTYPE)
             scale = tl.where(valid, p_rstd[:, None], 0.0)
             dp0 = scale * (r0 * a0[None, :] - dn_m1[:, None] - n0 * dn_m2[:, None])
@@ -398,12 +400,15 @@ def _ln_rnn_backward_kernel(
             tl.store(dc0_ptr + state, tl.load(dcbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
 
 
-def layer_norm_config(dtype: torch.dtype) -> dict:
+def layer_norm_config(dtype: torch.dtype, kernel: str) -> dict:
     """16 batch rows and 16 units per tile, at every batch size: the plain layer kernels' tile
     (kernels/rnn_layer.py: layer_config) with its narrower column tile, as these keep more alive
-    (four gates of p, their normalized values, gains and input shares in phase B)."""
+    (four gates of p, their normalized values, gains and input shares in phase B). The fp32 and
+    fp64 LSTM forward spilled (LDL/STL in the sm_90 SASS) with 4 warps and does not with 8
+    (tests/test_triton_gpu_compile.py)."""
     wide = dtype in (torch.float32, torch.float64)
-    return {"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 16 if wide else 32, "num_warps": 4}
+    warps = 8 if wide and kernel == "forward" else 4
+    return {"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 16 if wide else 32, "num_warps": warps}
 
 
 def _acc_tl(acc: torch.dtype):
@@ -434,7 +439,7 @@ def layer_norm_rnn_forward(mode, gates_x, h0, c0, w_hh, b_hh, ln_hh_weight, ln_c
     hbuf = torch.empty((2, B, H), dtype=acc, device=gates_x.device)
     cbuf = torch.empty((B if lstm else 1, H), dtype=acc, device=gates_x.device)
     pbuf = torch.empty((B, GH), dtype=acc, device=gates_x.device)
-    config = layer_norm_config(gates_x.dtype)
+    config = layer_norm_config(gates_x.dtype, "forward")
     grid = (triton.cdiv(B, config["BLOCK_B"]),)
     _ln_rnn_forward_kernel[grid](
         gates_x, h0, c0 if lstm else h0, w_hh, b_hh if b_hh is not None else h0, ln_hh_weight,
@@ -443,7 +448,7 @@ def layer_norm_rnn_forward(mode, gates_x, h0, c0, w_hh, b_hh, ln_hh_weight, ln_c
         y, h_n, c_n if lstm else h_n, ws if ws.numel() else y, stats if stats.numel() else hbuf,
         hbuf, cbuf, pbuf,
         T, B, H, eps,
-        MODE=MODE_IDS[mode], G=GATES[mode], WS=LN_WORKSPACE[mode], LWS=LAYER_WORKSPACE[mode],
+        MODE=MODE_IDS[mode], G=GATES[mode], WS=LN_WORKSPACE[mode], NP=LN_PROJECTION_COLUMN[mode],
         S=LN_STATS[mode],
         HAS_B_HH=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
         SAVE_WS=ws.numel() > 0, PRECISION=dot_precision(gates_x.dtype), UPCAST=INTERPRETED,
@@ -478,7 +483,7 @@ def layer_norm_rnn_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, ln_h
     dhbuf = torch.empty((B, H), dtype=acc, device=y.device)
     dcbuf = torch.empty((B if lstm else 1, H), dtype=acc, device=y.device)
     dqbuf = torch.empty((B, G * H), dtype=acc, device=y.device)
-    config = layer_norm_config(y.dtype)
+    config = layer_norm_config(y.dtype, "backward")
     grid = (triton.cdiv(B, config["BLOCK_B"]),)
     _ln_rnn_backward_kernel[grid](
         grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0, c0 if lstm else h0,
@@ -487,7 +492,7 @@ def layer_norm_rnn_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, ln_h
         dgx, dq if gru else dgx, dp, da if lstm else dgx, dh0, dc0 if lstm else dh0,
         dhbuf, dcbuf, dqbuf,
         T, B, H,
-        MODE=MODE_IDS[mode], G=G, WS=LN_WORKSPACE[mode], LWS=LAYER_WORKSPACE[mode], S=LN_STATS[mode],
+        MODE=MODE_IDS[mode], G=G, WS=LN_WORKSPACE[mode], NP=LN_PROJECTION_COLUMN[mode], S=LN_STATS[mode],
         HAS_LENGTHS=lengths is not None, HAS_GRAD_CN=grad_c_n is not None, REVERSE=reverse,
         PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED, ACC_DTYPE=_acc_tl(acc), **config,
     )

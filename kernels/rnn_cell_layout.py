@@ -14,8 +14,9 @@ LAYER_WORKSPACE = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
 # The kernels' MODE constexpr (0 LSTM, 1 GRU, 2 RNN-tanh, 3 RNN-relu).
 MODE_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 # Layer-normalized LSTM/GRU sequences (kernels/layer_norm_rnn_layer.py): the plain layer's
-# workspace columns followed by the normalized recurrent projection (one per gate), and the
-# statistics per step and row: 1/std of the recurrent projection, then the LSTM's mean and
-# 1/std of its cell state.
-LN_WORKSPACE = {"lstm": LAYER_WORKSPACE["lstm"] + GATES["lstm"], "gru": LAYER_WORKSPACE["gru"] + GATES["gru"]}
-LN_STATS = {"lstm": 3, "gru": 1}
+# workspace columns, the LSTM's normalized cell state, then the normalized recurrent projection
+# (one column per gate, from LN_PROJECTION_COLUMN); the statistics per step and row: 1/std of
+# the recurrent projection, then the LSTM's 1/std of its cell state.
+LN_PROJECTION_COLUMN = {"lstm": LAYER_WORKSPACE["lstm"] + 1, "gru": LAYER_WORKSPACE["gru"]}
+LN_WORKSPACE = {mode: LN_PROJECTION_COLUMN[mode] + GATES[mode] for mode in ("lstm", "gru")}
+LN_STATS = {"lstm": 2, "gru": 1}

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from fastseq.kernels import rnn_cell, rnn_layer
+from fastseq.kernels import layer_norm_rnn_layer, rnn_cell, rnn_layer
+from fastseq.kernels.rnn_cell_layout import LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE
 
 HERE = pathlib.Path(__file__).resolve().parent
 MODES = {"lstm": (0, 4), "gru": (1, 3), "rnn_tanh": (2, 1), "rnn_relu": (3, 1)}
@@ -67,10 +68,29 @@ def layer_spec(kernel, mode, dtype, batch, zoneout=False):
             "num_warps": num_warps, "constexprs": constexprs}
 
 
+def layer_norm_spec(kernel, mode, dtype):
+    """What kernels.layer_norm_rnn_layer would launch (reverse, lengths, biases, workspace)."""
+    mode_id, gates = MODES[mode]
+    constexprs, num_warps = launch_options(layer_norm_rnn_layer.layer_norm_config(dtype, kernel))
+    constexprs.update(MODE=mode_id, G=gates, WS=LN_WORKSPACE[mode], NP=LN_PROJECTION_COLUMN[mode],
+                      S=LN_STATS[mode], HAS_LENGTHS=True, REVERSE=True, PRECISION="ieee",
+                      UPCAST=False, ACC_DTYPE="tl.fp64" if dtype == torch.float64 else "tl.fp32")
+    if kernel == "forward":
+        constexprs.update(HAS_B_HH=True, SAVE_WS=True)
+    else:
+        constexprs.update(HAS_GRAD_CN=True)
+    state = "fp64" if dtype == torch.float64 else "fp32"
+    overrides = {"len_ptr": "i32", "stats_ptr": state, "hbuf_ptr": state, "cbuf_ptr": state,
+                 "pbuf_ptr": state, "dhbuf_ptr": state, "dcbuf_ptr": state, "dqbuf_ptr": state}
+    return {"module": "layer_norm_rnn_layer", "kernel": f"_ln_rnn_{kernel}_kernel", "arch": 90,
+            "pointer_dtype": POINTER_DTYPES[dtype], "pointer_overrides": overrides,
+            "scalar_overrides": {"eps": "fp32"}, "num_warps": num_warps, "constexprs": constexprs}
+
+
 # Cell step: every mode in bf16 and fp32 at the three batch-tile sizes (16, 32, 64 rows), fp16
 # and fp64 on the largest cell (LSTM), every backward in bf16 and fp32. Sequence layer: forward
 # and backward of each mode in bf16 and fp32 (one tile shape at every batch size), and of the
-# LSTM and GRU with zoneout.
+# LSTM and GRU with zoneout; the layer-normalized LSTM and GRU, forward and backward.
 SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.float32)
           for b in (1, 32, 100)]
          + [forward_spec("lstm", d, b) for d in (torch.float16, torch.float64) for b in (1, 100)]
@@ -78,7 +98,9 @@ SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.f
          + [layer_spec(k, m, d, 1) for k in ("forward", "backward") for m in MODES
             for d in (torch.bfloat16, torch.float32)]
          + [layer_spec(k, m, d, 1, zoneout=True) for k in ("forward", "backward")
-            for m in ("lstm", "gru") for d in (torch.bfloat16, torch.float32)])
+            for m in ("lstm", "gru") for d in (torch.bfloat16, torch.float32)]
+         + [layer_norm_spec(k, m, d) for k in ("forward", "backward") for m in ("lstm", "gru")
+            for d in (torch.bfloat16, torch.float32)])
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +119,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(compiled):
 
 
 def test_half_precision_gate_gemms_use_tensor_cores(compiled):
-    gemm_kernels = ("_rnn_cell_forward_kernel", "_rnn_layer_forward_kernel", "_rnn_layer_backward_kernel")
+    gemm_kernels = ("_rnn_cell_forward_kernel", "_rnn_layer_forward_kernel", "_rnn_layer_backward_kernel",
+                    "_ln_rnn_forward_kernel", "_ln_rnn_backward_kernel")
     for spec, result in zip(SPECS, compiled):
         if spec["kernel"] in gemm_kernels and spec["pointer_dtype"] in ("bf16", "fp16"):
             assert {"HMMA", "HGMMA"} & set(result["opcodes"]), (spec["constexprs"], result)

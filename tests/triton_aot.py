@@ -3,7 +3,8 @@ what the SASS uses. Run as a script (no TRITON_INTERPRET in its environment):
 
     python triton_aot.py KERNEL_SPEC_JSON   ->  prints one JSON line per spec
 A spec: {"module": "rnn_cell", "kernel": "_rnn_cell_forward_kernel", "pointer_dtype": "bf16",
-         "pointer_overrides": {"len_ptr": "i32"}, "constexprs": {...}, "arch": 90, "num_warps": 4}
+         "pointer_overrides": {"len_ptr": "i32"}, "scalar_overrides": {"eps": "fp32"},
+         "constexprs": {...}, "arch": 90, "num_warps": 4}
 """
 import importlib
 import json
@@ -37,7 +38,7 @@ def compile_spec(spec: dict) -> dict:
         elif name.endswith("_ptr"):
             signature[name] = "*" + spec.get("pointer_overrides", {}).get(name, spec["pointer_dtype"])
         else:
-            signature[name] = "i32"
+            signature[name] = spec.get("scalar_overrides", {}).get(name, "i32")
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", spec["arch"], 32),
                               options={"num_warps": spec.get("num_warps", 4)})

@@ -1,5 +1,6 @@
-"""Drop-in nn.Module layers built on fastseq's ops."""
+"""Drop-in nn.Module layers built on fastseq's ops, and layers torch does not have."""
+from .layer_norm_rnn import LayerNormGRU, LayerNormLSTM
 from .rnn import GRU, LSTM, RNN
 from .rnn_cell import GRUCell, LSTMCell, RNNCell
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU"]

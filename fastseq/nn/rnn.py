@@ -50,6 +50,9 @@ class _FastRNNBase(torch.nn.RNNBase):
         self.backend = backend
         self.zoneout_h, self.zoneout_c = _zoneout_probabilities(mode, zoneout)
 
+    def _display_name(self) -> str:
+        return _MODULE_NAMES[self.mode]
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self.zoneout_h or self.zoneout_c:
@@ -61,7 +64,7 @@ class _FastRNNBase(torch.nn.RNNBase):
         return self._fastseq_forward(input, hx, lengths)
 
     def _fastseq_forward(self, input, hx, lengths):
-        op = _MODULE_NAMES[self.mode]
+        op = self._display_name()
         if lengths is not None and isinstance(input, PackedSequence):
             raise InputError(f"{op}: lengths is for padded input; a PackedSequence carries its own")
         requested = _backends.requested_backend(self.backend)
@@ -119,15 +122,9 @@ class _FastRNNBase(torch.nn.RNNBase):
             for direction in range(directions):
                 k = layer * directions + direction
                 sfx = f"_l{layer}" + ("_reverse" if direction else "")
-                w_ih, w_hh = getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx)
-                b_ih = getattr(self, "bias_ih" + sfx) if self.bias else None
-                b_hh = getattr(self, "bias_hh" + sfx) if self.bias else None
-                w_hr = getattr(self, "weight_hr" + sfx) if getattr(self, "proj_size", 0) > 0 else None
                 state = (h0[k], c0[k]) if lstm else h0[k]
-                zoneout_h, zoneout_c = self._zoneout_weights(layer_input)
-                y, final = ops.rnn_layer(mode, layer_input, state, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr,
-                                         lengths=lengths, reverse=direction == 1,
-                                         zoneout_h=zoneout_h, zoneout_c=zoneout_c, backend=backend)
+                y, final = self._run_layer(mode, sfx, layer_input, state, lengths, direction == 1,
+                                           backend)
                 outs.append(y)
                 h_n.append(final[0] if lstm else final)
                 if lstm:
@@ -146,6 +143,17 @@ class _FastRNNBase(torch.nn.RNNBase):
         elif self.batch_first:
             out = out.transpose(0, 1).contiguous()  # torch returns a contiguous batch-first output
         return out, ((h_n, c_n) if lstm else h_n)
+
+    def _run_layer(self, mode, sfx, x, state, lengths, reverse, backend):
+        """One layer and direction (parameter suffix `sfx`, e.g. "_l1_reverse") over x [T, B, I]."""
+        w_ih, w_hh = getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx)
+        b_ih = getattr(self, "bias_ih" + sfx) if self.bias else None
+        b_hh = getattr(self, "bias_hh" + sfx) if self.bias else None
+        w_hr = getattr(self, "weight_hr" + sfx) if getattr(self, "proj_size", 0) > 0 else None
+        zoneout_h, zoneout_c = self._zoneout_weights(x)
+        return ops.rnn_layer(mode, x, state, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, lengths=lengths,
+                             reverse=reverse, zoneout_h=zoneout_h, zoneout_c=zoneout_c,
+                             backend=backend)
 
     def _zoneout_weights(self, x):
         """Per-step weights of one layer and direction: fresh Bernoulli(p) masks in training,
@@ -175,7 +183,7 @@ class _FastRNNBase(torch.nn.RNNBase):
         for name, state, want, size_name in (("h0", h0, shape, size), ("c0", c0, cell_shape, "hidden_size")):
             if state is not None and tuple(state.shape) != want:
                 raise InputError(
-                    f"{_MODULE_NAMES[self.mode]}: {name} must have shape [num_layers*num_directions, "
+                    f"{self._display_name()}: {name} must have shape [num_layers*num_directions, "
                     f"batch, {size_name}] = {list(want)}, got {list(state.shape)}")
         return h0, c0
 

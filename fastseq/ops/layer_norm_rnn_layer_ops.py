@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels.rnn_cell_layout import GATES, LAYER_WORKSPACE, LN_STATS, LN_WORKSPACE
+from ..kernels.rnn_cell_layout import GATES, LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE
 from ._registration import contiguous_or_none, register_fakes_and_autograd
 from .rnn_layer_ops import previous_states
 
@@ -110,7 +110,7 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace, _grad_stats):
     steps, batch, hidden = y.shape
     rows = steps * batch
     columns = GATES[mode] * hidden
-    plain = LAYER_WORKSPACE[mode] * hidden
+    projection = LN_PROJECTION_COLUMN[mode] * hidden
     # Sums over every step and row, in fp32 (fp64 for fp64) whatever the input's dtype.
     acc = stats.dtype
     d_w_hh = d_b_hh = d_ln_hh = d_ln_c = d_b_c = None
@@ -120,10 +120,10 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace, _grad_stats):
     if need[5]:
         d_b_hh = dq.reshape(rows, columns).to(acc).sum(0).to(y.dtype)
     if need[6]:
-        normalized = workspace[..., plain:plain + columns]
+        normalized = workspace[..., projection:projection + columns]
         d_ln_hh = (dq.to(acc) * normalized.to(acc)).reshape(rows, columns).sum(0).to(y.dtype)
     if lstm and (need[7] or need[8]):
-        c_hat = (workspace[..., 4 * hidden:5 * hidden].to(acc) - stats[..., 1:2]) * stats[..., 2:3]
+        c_hat = workspace[..., 5 * hidden:6 * hidden].to(acc)  # LN(c_t), saved by the forward
         d_ln_c = (da.to(acc) * c_hat).reshape(rows, hidden).sum(0).to(y.dtype) if need[7] else None
         d_b_c = da.reshape(rows, hidden).to(acc).sum(0).to(y.dtype) if need[8] else None
     return (None, dgx if need[1] else None, dh0 if need[2] else None,
