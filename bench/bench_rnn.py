@@ -23,10 +23,13 @@ if DEVICE.type == "cuda":
     # (B, H, T, layers, bidirectional, dtype, packed). First the target, cuDNN's
     # persistent case (B=16, H=768, T=1024, bf16, 1 layer, ~2 us a step forward); then where
     # cuDNN leaves its persistent path (fp32; 2 layers bidirectional; H=300, not a multiple of
-    # 128; packed variable lengths), a training batch (B=64) and B=1.
+    # 128; packed variable lengths), training batches (B=64, 256) and B=1.
+    # The grid is covered dimension by dimension (B 1-256, H 256-1024, T 100/1000+, 1-2
+    # layers, uni/bi, fp32/bf16, packed), not as a full product (1024 cases x 4 providers).
     CASES = [(16, 768, 1024, 1, False, torch.bfloat16, False), (1, 512, 1024, 1, False, torch.bfloat16, False),
              (64, 512, 100, 1, False, torch.bfloat16, False), (16, 768, 1024, 1, False, torch.float32, False),
-             (16, 300, 100, 2, True, torch.float32, False), (16, 768, 1024, 1, False, torch.bfloat16, True)]
+             (16, 300, 100, 2, True, torch.float32, False), (16, 768, 1024, 1, False, torch.bfloat16, True),
+             (256, 1024, 100, 1, False, torch.bfloat16, False), (16, 256, 1000, 2, True, torch.bfloat16, False)]
     PROVIDERS = {"fastseq-persistent": "native", "fastseq-loop": "native",
                  "fastseq-triton": "triton", "torch": None}
 else:

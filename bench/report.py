@@ -1,5 +1,6 @@
 """Print pytest-benchmark JSON from fastseq's suites as a comparison table: per case, each
-provider's median time, its speed-up over torch, the best GFLOP/s and (recurrences) the best
+provider's median time, each fastseq provider's speed-up over each peer (torch, the reference),
+the best GFLOP/s and (recurrences) the best
 time per step.
 
     python bench/report.py bench/out/latest.json [--markdown out.md]
@@ -26,21 +27,22 @@ def load_rows(path):
 
 
 def table(cases):
-    providers = sorted({p for row in cases.values() for p in row}, key=lambda p: (p == "torch", p))
+    """One row per case: each provider's time, then the speed-up of every fastseq provider over
+    every peer (a provider not named fastseq-*: torch, the reference, ...)."""
+    providers = sorted({p for row in cases.values() for p in row},
+                       key=lambda p: (not p.startswith("fastseq"), p))
+    ours = [p for p in providers if p.startswith("fastseq")]
+    peers = [p for p in providers if not p.startswith("fastseq")]
     header = list(CASE_KEYS) + [f"{p} (us)" for p in providers] + \
-        [f"torch/{p}" for p in providers if p != "torch"] + ["best GFLOP/s", "best us/step"]
+        [f"{peer}/{p}" for peer in peers for p in ours] + ["best GFLOP/s", "best us/step"]
     lines = [header]
     for key in sorted(cases):
         row = cases[key]
         cells = list(key)
         cells += [f"{row[p][0] * 1e6:.1f}" if p in row else "-" for p in providers]
-        for p in providers:
-            if p == "torch":
-                continue
-            if p in row and "torch" in row:
-                cells.append(f"{row['torch'][0] / row[p][0]:.2f}x")
-            else:
-                cells.append("-")
+        for peer in peers:
+            for p in ours:
+                cells.append(f"{row[peer][0] / row[p][0]:.2f}x" if p in row and peer in row else "-")
         best = min(row.values(), key=lambda v: v[0])
         cells.append(f"{best[1] / best[0]:.1f}" if best[1] else "-")
         # Recurrences: time per step (layers x steps, both directions sharing a step).
@@ -58,7 +60,7 @@ def main():
     lines = table(cases)
     widths = [max(len(str(r[i])) for r in lines) for i in range(len(lines[0]))]
     print(f"\nfastseq benchmark on {device} ({machine.get('cpu', {}).get('brand_raw', '')}); "
-          "medians per call; torch/X > 1 means X is faster than torch")
+          "medians per call; peer/X > 1 means X is faster than that peer")
     for r in lines:
         print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
     if args.markdown:

@@ -1,0 +1,50 @@
+"""Layer-normalized LSTM/GRU (fastseq.nn.LayerNormLSTM/GRU), GPU only.
+
+Providers: fastseq-triton (the fused recurrence: both layer norms inside the kernel),
+reference (the same math step by step in PyTorch ops: what a user writes without fastseq,
+~15 launches a step) and torch-no-layernorm (torch.nn.LSTM/GRU on cuDNN, without any layer
+norm: the price of the normalization, not a like-for-like peer; cuDNN has none). On a CPU
+fastseq's only layer-normalized path is that reference (Triton runs there only through its
+interpreter), so there is nothing to compare and no case is collected.
+"""
+import pytest
+import torch
+
+import fastseq
+
+from conftest import DEVICE, run_timed
+
+LAYERS = {"lstm": (fastseq.nn.LayerNormLSTM, torch.nn.LSTM), "gru": (fastseq.nn.LayerNormGRU, torch.nn.GRU)}
+GATES = {"lstm": 4, "gru": 3}
+# (B, H, T, dtype): a small-batch long sequence, a training batch, fp32.
+CASES = [(16, 768, 256, torch.bfloat16), (64, 512, 100, torch.bfloat16), (16, 512, 100, torch.float32)] \
+    if DEVICE.type == "cuda" else []
+PROVIDERS = ["fastseq-triton", "reference", "torch-no-layernorm"]
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}_H{c[1]}_T{c[2]}_{str(c[3]).split('.')[1]}")
+@pytest.mark.parametrize("mode", list(LAYERS))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def bench_layer_norm_layer(benchmark, provider, mode, case, passes):
+    batch, hidden, steps, dtype = case
+    fast_cls, torch_cls = LAYERS[mode]
+    if provider == "torch-no-layernorm":
+        layer = torch_cls(hidden, hidden, device=DEVICE, dtype=dtype)
+    else:
+        layer = fast_cls(hidden, hidden, device=DEVICE, dtype=dtype,
+                         backend="triton" if provider == "fastseq-triton" else "reference")
+    x = torch.randn(steps, batch, hidden, device=DEVICE, dtype=dtype, requires_grad=passes != "fwd")
+
+    if passes == "fwd":
+        def step():
+            with torch.no_grad():
+                return layer(x)
+    else:
+        def step():
+            layer(x)[0].sum().backward()
+
+    per_step = 2 * batch * 2 * hidden * GATES[mode] * hidden
+    run_timed(benchmark, step, calls_per_round=3, op="layer_norm_rnn", cell=mode, provider=provider,
+              shape=f"B={batch} H={hidden} T={steps}", dtype=str(dtype).split(".")[1], passes=passes,
+              steps=steps, gflop=per_step * steps * (3 if passes == "fwd+bwd" else 1) / 1e9)
