@@ -1,4 +1,6 @@
-"""Triton kernels for one recurrent layer in one direction over a whole sequence.
+"""Triton kernels for one recurrent layer over a whole sequence, in one direction or in both
+at once (a bidirectional call stacks every per-direction tensor on a leading dimension of 2 and
+launches a second row of programs, program_id(1), for the other direction).
 
 The input projection of every step (x W_ih^T + b_ih) is one GEMM done before the kernel; the
 kernel runs the recurrence. One program owns a tile of BLOCK_B batch rows and all hidden units,
@@ -38,6 +40,17 @@ def _step_index(step, T, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _runs_reversed(REVERSE: tl.constexpr):
+    """Whether this program's direction runs from the last step: direction 0 as REVERSE says,
+    direction 1 (program_id(1) of a bidirectional call) the other way."""
+    if REVERSE:
+        reverse = tl.program_id(1) == 0
+    else:
+        reverse = tl.program_id(1) == 1
+    return reverse
+
+
+@triton.jit
 def _batch_tile(len_ptr, T, B, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
     """This program's batch rows (offsets, mask, int64 rows) and their sequence lengths (T for
     every row when no lengths are given)."""
@@ -64,6 +77,22 @@ def _rnn_layer_forward_kernel(
     offs_b, mask_b, rows_b, lengths = _batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
     out_ty = y_ptr.dtype.element_ty
     BH = B * H
+    # Direction d = program_id(1) of a stacked (bidirectional) call: its slice of every tensor.
+    d = tl.program_id(1).to(tl.int64)
+    reverse = _runs_reversed(REVERSE)
+    gx_ptr += d * T * B * G * H
+    h0_ptr += d * BH
+    c0_ptr += d * BH
+    w_hh_ptr += d * G * H * H
+    b_hh_ptr += d * G * H
+    zh_ptr += d * T * BH
+    zc_ptr += d * T * BH
+    y_ptr += d * T * BH
+    hn_ptr += d * BH
+    cn_ptr += d * BH
+    ws_ptr += d * T * B * WS * H
+    hbuf_ptr += d * 2 * BH
+    cbuf_ptr += d * BH
 
     # State buffers start as h0 (buffer 0) and c0.
     for j0 in range(0, H, BLOCK_H):
@@ -76,7 +105,7 @@ def _rnn_layer_forward_kernel(
     tl.debug_barrier()
 
     for step in range(0, T):
-        t = _step_index(step, T, REVERSE)
+        t = tl.where(reverse, T - 1 - step, step)
         h_read = hbuf_ptr + (step % 2) * BH
         h_write = hbuf_ptr + ((step + 1) % 2) * BH
         valid = (t < lengths)[:, None]
@@ -163,6 +192,24 @@ def _rnn_layer_backward_kernel(
     out_ty = dgx_ptr.dtype.element_ty
     BH = B * H
     GH = G * H
+    d = tl.program_id(1).to(tl.int64)  # as in the forward
+    reverse = _runs_reversed(REVERSE)
+    gy_ptr += d * T * BH
+    ghn_ptr += d * BH
+    gcn_ptr += d * BH
+    h0_ptr += d * BH
+    c0_ptr += d * BH
+    w_hh_ptr += d * GH * H
+    y_ptr += d * T * BH
+    ws_ptr += d * T * B * WS * H
+    zh_ptr += d * T * BH
+    zc_ptr += d * T * BH
+    dgx_ptr += d * T * B * GH
+    dgh_ptr += d * T * B * GH
+    dh0_ptr += d * BH
+    dc0_ptr += d * BH
+    dhbuf_ptr += d * BH
+    dcbuf_ptr += d * BH
     # dgh holds the gradients of the recurrent pre-activations: the GRU's differ from dgx in
     # the n gate; the other cells share dgx.
     if MODE == 1:
@@ -186,14 +233,11 @@ def _rnn_layer_backward_kernel(
 
     for step in range(0, T):
         # Steps in the opposite order of the forward.
-        t = _step_index(step, T, not REVERSE)
+        t = tl.where(reverse, step, T - 1 - step)
         valid = (t < lengths)[:, None]
-        if REVERSE:  # the previous state of step t came from step t+1, or h0 at the row's end
-            t_prev = t + 1
-            has_prev = (t_prev < lengths)[:, None]
-        else:
-            t_prev = t - 1
-            has_prev = (t_prev >= 0) & (lengths > 0)[:, None]
+        # The previous state of step t came from step t+1 (reverse; h0 at the row's end) or t-1.
+        t_prev = tl.where(reverse, t + 1, t - 1)
+        has_prev = tl.where(reverse, t_prev < lengths, (t_prev >= 0) & (lengths > 0))[:, None]
         t_prev_safe = tl.minimum(tl.maximum(t_prev, 0), T - 1).to(tl.int64)
         t64 = t.to(tl.int64)
 
@@ -294,79 +338,96 @@ def layer_config(batch: int, dtype: torch.dtype, kernel: str, zoneout: bool = Fa
     return {"BLOCK_B": 16, "BLOCK_H": block_h, "BLOCK_K": block_k, "num_warps": 4}
 
 
+def _stacked(*tensors):
+    """Per-direction inputs with a leading direction dimension (added when absent)."""
+    return [t.unsqueeze(0) if t is not None else None for t in tensors]
+
+
 def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
                       save_workspace):
     """Launch the forward kernel. gates_x [T, B, G*H] (x W_ih^T + b_ih), h0/c0 [B, H], lengths
     int32 [B] or None, zoneout weights [T, B, H] or None. Returns (y [T, B, H], h_n, c_n,
-    workspace [T, B, WS*H])."""
-    T, B, _ = gates_x.shape
-    H = h0.shape[1]
-    y = new_output((T, B, H), gates_x)
-    h_n = new_output((B, H), gates_x)
-    c_n = new_output((B if mode == "lstm" else 0, H), gates_x)
+    workspace [T, B, WS*H]).
+
+    Bidirectional: every per-direction tensor (all but lengths) stacked on a leading dimension
+    of 2 (gates_x [2, T, B, G*H], w_hh [2, G*H, H], ...), outputs likewise; direction 1 runs
+    against direction 0 (which `reverse` describes), both in one launch."""
+    stacked = gates_x.dim() == 4
+    if not stacked:
+        gates_x, h0, c0, w_hh, b_hh, zoneout_h, zoneout_c = _stacked(
+            gates_x, h0, c0, w_hh, b_hh, zoneout_h, zoneout_c)
+    D, T, B, _ = gates_x.shape
+    H = h0.shape[-1]
+    lstm = mode == "lstm"
+    y = new_output((D, T, B, H), gates_x)
+    h_n = new_output((D, B, H), gates_x)
+    c_n = new_output((D, B if lstm else 0, H), gates_x)
     ws_columns = LAYER_WORKSPACE[mode] * H if save_workspace else 0
-    ws = new_output((T if ws_columns else 0, B, ws_columns), gates_x)
-    if B == 0 or H == 0:
-        return y, h_n, c_n, ws
-    if T == 0:
+    ws = new_output((D, T if ws_columns else 0, B, ws_columns), gates_x)
+    outputs = (y, h_n, c_n, ws)
+    if B > 0 and H > 0 and T == 0:
         h_n.copy_(h0)
-        if mode == "lstm":
+        if lstm:
             c_n.copy_(c0)
-        return y, h_n, c_n, ws
-    acc = accumulator_dtype(gates_x.dtype)  # state and accumulation: fp32 (fp64 for fp64 input)
-    hbuf = torch.empty((2, B, H), dtype=acc, device=gates_x.device)
-    cbuf = torch.empty((B if mode == "lstm" else 1, H), dtype=acc, device=gates_x.device)
-    config = layer_config(B, gates_x.dtype, "forward", zoneout_h is not None or zoneout_c is not None)
-    grid = (triton.cdiv(B, config["BLOCK_B"]),)
-    _rnn_layer_forward_kernel[grid](
-        gates_x, h0, c0 if c0 is not None else h0, w_hh, b_hh if b_hh is not None else h0,
-        lengths if lengths is not None else h0,
-        zoneout_h if zoneout_h is not None else h0, zoneout_c if zoneout_c is not None else h0,
-        y, h_n, c_n if c_n.numel() else h_n, ws if ws.numel() else y, hbuf, cbuf,
-        T, B, H,
-        MODE=MODE_IDS[mode], G=GATES[mode], WS=max(LAYER_WORKSPACE[mode], 1),
-        HAS_B_HH=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
-        SAVE_WS=ws.numel() > 0, HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
-        PRECISION=dot_precision(gates_x.dtype), UPCAST=INTERPRETED,
-        ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,
-    )
-    return y, h_n, c_n, ws
+    elif B > 0 and H > 0:
+        acc = accumulator_dtype(gates_x.dtype)  # state and accumulation: fp32 (fp64 for fp64 input)
+        hbuf = torch.empty((D, 2, B, H), dtype=acc, device=gates_x.device)
+        cbuf = torch.empty((D, B if lstm else 1, H), dtype=acc, device=gates_x.device)
+        config = layer_config(B, gates_x.dtype, "forward", zoneout_h is not None or zoneout_c is not None)
+        grid = (triton.cdiv(B, config["BLOCK_B"]), D)
+        _rnn_layer_forward_kernel[grid](
+            gates_x, h0, c0 if c0 is not None else h0, w_hh, b_hh if b_hh is not None else h0,
+            lengths if lengths is not None else h0,
+            zoneout_h if zoneout_h is not None else h0, zoneout_c if zoneout_c is not None else h0,
+            y, h_n, c_n if c_n.numel() else h_n, ws if ws.numel() else y, hbuf, cbuf,
+            T, B, H,
+            MODE=MODE_IDS[mode], G=GATES[mode], WS=max(LAYER_WORKSPACE[mode], 1),
+            HAS_B_HH=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
+            SAVE_WS=ws.numel() > 0, HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
+            PRECISION=dot_precision(gates_x.dtype), UPCAST=INTERPRETED,
+            ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,
+        )
+    return outputs if stacked else tuple(t[0] for t in outputs)
 
 
 def rnn_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths,
                        zoneout_h, zoneout_c, reverse):
     """Launch the backward kernel. Returns (dgates_x [T, B, G*H], dgates_h [T, B, G*H] (GRU,
-    else empty), dh0 [B, H], dc0 [B, H] (LSTM, else empty))."""
-    T, B, H = y.shape
+    else empty), dh0 [B, H], dc0 [B, H] (LSTM, else empty)); stacked directions as the
+    forward's."""
+    stacked = y.dim() == 4
+    if not stacked:
+        grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, zoneout_h, zoneout_c = _stacked(
+            grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, zoneout_h, zoneout_c)
+    D, T, B, H = y.shape
     G = GATES[mode]
     gru, lstm = mode == "gru", mode == "lstm"
-    dgx = new_output((T, B, G * H), y)
-    dgh = new_output((T if gru else 0, B, G * H), y)
-    dh0 = new_output((B, H), y)
-    dc0 = new_output((B if lstm else 0, H), y)
-    if B == 0 or H == 0:
-        return dgx, dgh, dh0, dc0
-    if T == 0:
+    dgx = new_output((D, T, B, G * H), y)
+    dgh = new_output((D, T if gru else 0, B, G * H), y)
+    dh0 = new_output((D, B, H), y)
+    dc0 = new_output((D, B if lstm else 0, H), y)
+    outputs = (dgx, dgh, dh0, dc0)
+    if B > 0 and H > 0 and T == 0:
         dh0.copy_(grad_h_n)
         if lstm:
             dc0.copy_(grad_c_n if grad_c_n is not None else torch.zeros_like(dc0))
-        return dgx, dgh, dh0, dc0
-    acc = accumulator_dtype(y.dtype)
-    dhbuf = torch.empty((B, H), dtype=acc, device=y.device)
-    dcbuf = torch.empty((B if lstm else 1, H), dtype=acc, device=y.device)
-    config = layer_config(B, y.dtype, "backward", zoneout_h is not None or zoneout_c is not None)
-    grid = (triton.cdiv(B, config["BLOCK_B"]),)
-    _rnn_layer_backward_kernel[grid](
-        grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0,
-        c0 if c0 is not None else h0, w_hh, y, workspace if workspace.numel() else y,
-        lengths if lengths is not None else h0,
-        zoneout_h if zoneout_h is not None else h0, zoneout_c if zoneout_c is not None else h0,
-        dgx, dgh if gru else dgx, dh0, dc0 if lstm else dh0, dhbuf, dcbuf,
-        T, B, H,
-        MODE=MODE_IDS[mode], G=G, WS=max(LAYER_WORKSPACE[mode], 1),
-        HAS_LENGTHS=lengths is not None, HAS_GRAD_CN=grad_c_n is not None, REVERSE=reverse,
-        HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
-        PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED,
-        ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,
-    )
-    return dgx, dgh, dh0, dc0
+    elif B > 0 and H > 0:
+        acc = accumulator_dtype(y.dtype)
+        dhbuf = torch.empty((D, B, H), dtype=acc, device=y.device)
+        dcbuf = torch.empty((D, B if lstm else 1, H), dtype=acc, device=y.device)
+        config = layer_config(B, y.dtype, "backward", zoneout_h is not None or zoneout_c is not None)
+        grid = (triton.cdiv(B, config["BLOCK_B"]), D)
+        _rnn_layer_backward_kernel[grid](
+            grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0,
+            c0 if c0 is not None else h0, w_hh, y, workspace if workspace.numel() else y,
+            lengths if lengths is not None else h0,
+            zoneout_h if zoneout_h is not None else h0, zoneout_c if zoneout_c is not None else h0,
+            dgx, dgh if gru else dgx, dh0, dc0 if lstm else dh0, dhbuf, dcbuf,
+            T, B, H,
+            MODE=MODE_IDS[mode], G=G, WS=max(LAYER_WORKSPACE[mode], 1),
+            HAS_LENGTHS=lengths is not None, HAS_GRAD_CN=grad_c_n is not None, REVERSE=reverse,
+            HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
+            PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED,
+            ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,
+        )
+    return outputs if stacked else tuple(t[0] for t in outputs)

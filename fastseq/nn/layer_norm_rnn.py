@@ -80,6 +80,17 @@ class _LayerNormRNNBase(_FastRNNBase):
                 "layer (it has: triton, reference; torch and cuDNN have no layer-normalized RNN)")
         return self._sequence_forward(input, hx, lengths, requested)
 
+    def _run_both_directions(self, mode, layer, x, states, lengths, backend):
+        """The two directions one after the other (the layer-normalized kernel runs one)."""
+        results = []
+        for d, sfx in enumerate((f"_l{layer}", f"_l{layer}_reverse")):
+            state = (states[0][d], states[1][d]) if mode == "lstm" else states[d]
+            results.append(self._run_layer(mode, sfx, x, state, lengths, d == 1, backend))
+        out = torch.cat([r[0] for r in results], dim=-1)
+        if mode == "lstm":
+            return out, tuple(torch.stack([r[1][i] for r in results]) for i in range(2))
+        return out, torch.stack([r[1] for r in results])
+
     def _run_layer(self, mode, sfx, x, state, lengths, reverse, backend):
         p = lambda name: getattr(self, name + sfx, None)  # noqa: E731
         biases = (p("bias_ih"), p("bias_hh")) if self.bias else (None, None)

@@ -118,22 +118,23 @@ class _FastRNNBase(torch.nn.RNNBase):
         layer_input = x
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            outs = []
-            for direction in range(directions):
-                k = layer * directions + direction
-                sfx = f"_l{layer}" + ("_reverse" if direction else "")
-                state = (h0[k], c0[k]) if lstm else h0[k]
-                y, final = self._run_layer(mode, sfx, layer_input, state, lengths, direction == 1,
-                                           backend)
-                outs.append(y)
-                h_n.append(final[0] if lstm else final)
-                if lstm:
-                    c_n.append(final[1])
-            layer_input = torch.cat(outs, dim=-1) if directions == 2 else outs[0]
+            k = layer * directions
+            states = (h0[k:k + directions], c0[k:k + directions]) if lstm else h0[k:k + directions]
+            if directions == 2:
+                layer_input, final = self._run_both_directions(mode, layer, layer_input, states,
+                                                               lengths, backend)
+            else:
+                state = (states[0][0], states[1][0]) if lstm else states[0]
+                layer_input, final = self._run_layer(mode, f"_l{layer}", layer_input, state,
+                                                     lengths, False, backend)
+                final = (final[0].unsqueeze(0), final[1].unsqueeze(0)) if lstm else final.unsqueeze(0)
+            h_n.append(final[0] if lstm else final)
+            if lstm:
+                c_n.append(final[1])
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
-        h_n = torch.stack(h_n)
-        c_n = torch.stack(c_n) if lstm else None
+        h_n = torch.cat(h_n)
+        c_n = torch.cat(c_n) if lstm else None
         out = layer_input
         if packed:
             out = _pack_like(out, input)
@@ -154,6 +155,23 @@ class _FastRNNBase(torch.nn.RNNBase):
         return ops.rnn_layer(mode, x, state, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, lengths=lengths,
                              reverse=reverse, zoneout_h=zoneout_h, zoneout_c=zoneout_c,
                              backend=backend)
+
+    def _run_both_directions(self, mode, layer, x, states, lengths, backend):
+        """Both directions of layer `layer`: (output [T, B, 2H], final states [2, B, H] (a pair
+        for the LSTM)), through fastseq.ops.rnn_bidirectional_layer (one launch for both on
+        Triton)."""
+        weights = []
+        for sfx in (f"_l{layer}", f"_l{layer}_reverse"):
+            biases = (getattr(self, "bias_ih" + sfx), getattr(self, "bias_hh" + sfx)) if self.bias \
+                else (None, None)
+            w_hr = getattr(self, "weight_hr" + sfx) if getattr(self, "proj_size", 0) > 0 else None
+            weights.append((getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx),
+                            *biases, w_hr))
+        masks = [self._zoneout_weights(x) for _ in range(2)]
+        zoneout_h, zoneout_c = (torch.stack([m[i] for m in masks]) if masks[0][i] is not None
+                                else None for i in range(2))
+        return ops.rnn_bidirectional_layer(mode, x, states, weights[0], weights[1], lengths=lengths,
+                                           zoneout_h=zoneout_h, zoneout_c=zoneout_c, backend=backend)
 
     def _zoneout_weights(self, x):
         """Per-step weights of one layer and direction: fresh Bernoulli(p) masks in training,

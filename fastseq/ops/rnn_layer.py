@@ -99,6 +99,98 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     return (y, (h_n, c_n)) if lstm else (y, h_n)
 
 
+def rnn_bidirectional_layer(mode: str, input: Tensor, hx, forward_weights: Sequence[Optional[Tensor]],
+                            reverse_weights: Sequence[Optional[Tensor]], *,
+                            lengths: Optional[Union[Tensor, Sequence[int]]] = None,
+                            zoneout_h: Optional[Tensor] = None, zoneout_c: Optional[Tensor] = None,
+                            backend: Optional[str] = None):
+    """Both directions of one bidirectional layer over input [T, B, I]: fastseq.ops.rnn_layer
+    forwards with forward_weights and reverse=True with reverse_weights, outputs concatenated as
+    torch's bidirectional layers do. On the Triton backend both directions run in one launch
+    (forward and backward) and their input projections are one GEMM.
+
+    forward_weights, reverse_weights: (w_ih, w_hh, b_ih, b_hh) or (..., w_hr). hx: None, h0
+    [2, B, H] or (h0, c0) for the LSTM, direction-major. zoneout_h, zoneout_c: None or [2, T, B,
+    H]. Returns (output [T, B, 2H], h_n [2, B, H]), h_n = (h_n, c_n) for the LSTM.
+    """
+    if mode not in GATES:
+        fail(OP, f"mode must be one of {', '.join(GATES)}, got {mode!r}")
+    lstm = mode == "lstm"
+    if lstm and hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+        fail(OP, f"hx must be a tuple (h0, c0) or None for the lstm, got {type(hx).__name__}")
+    h0, c0 = (hx if hx is not None else (None, None)) if lstm else (hx, None)
+    for name, state in (("h0", h0), ("c0", c0)):
+        if state is not None and (state.dim() != 3 or state.shape[0] != 2):
+            fail(OP, f"{name} of a bidirectional layer must be [2, batch, size] (forward, reverse), "
+                     f"got shape {list(state.shape)}")
+    for name, mask in (("zoneout_h", zoneout_h), ("zoneout_c", zoneout_c)):
+        if mask is not None and (mask.dim() != 4 or mask.shape[0] != 2):
+            fail(OP, f"{name} of a bidirectional layer must be [2, steps, batch, hidden_size], "
+                     f"got shape {list(mask.shape)}")
+    weights = [tuple(forward_weights) + (None,) * (5 - len(forward_weights)),
+               tuple(reverse_weights) + (None,) * (5 - len(reverse_weights))]
+    per_direction = []
+    for d in range(2):
+        direction_hx = None
+        if h0 is not None or c0 is not None:
+            direction_hx = (h0[d] if h0 is not None else None, c0[d] if c0 is not None else None) \
+                if lstm else h0[d]
+        per_direction.append(direction_hx)
+
+    def one_direction(d, chosen):
+        return rnn_layer(mode, input, per_direction[d], *weights[d][:4], w_hr=weights[d][4],
+                         lengths=lengths, reverse=d == 1,
+                         zoneout_h=zoneout_h[d] if zoneout_h is not None else None,
+                         zoneout_c=zoneout_c[d] if zoneout_c is not None else None, backend=chosen)
+
+    device = input.device
+    projection = weights[0][4] is not None or weights[1][4] is not None
+    requested = _backends.requested_backend(backend)
+    fused = requested == "triton" or (requested == "auto" and device.type == "cuda")
+    if not fused or projection or _backends.triton_unavailable(device) is not None:
+        results = [one_direction(d, backend) for d in range(2)]
+        return _joined(lstm, results)
+    # The fused path: validate each direction as rnn_layer would, then one launch for both.
+    cell_sizes = []
+    for d in range(2):
+        state_h, state_c = (per_direction[d] if per_direction[d] is not None else (None, None)) \
+            if lstm else (per_direction[d], None)
+        cell_sizes.append(_validate(mode, input, state_h, state_c, *weights[d]))
+        _validate_zoneout(mode, input, cell_sizes[d][1],
+                          zoneout_h[d] if zoneout_h is not None else None,
+                          zoneout_c[d] if zoneout_c is not None else None)
+    if cell_sizes[0] != cell_sizes[1]:
+        fail(OP, f"both directions must have the same hidden size, got {cell_sizes[0][1]} and "
+                 f"{cell_sizes[1][1]}")
+    steps, batch = input.shape[0], input.shape[1]
+    hidden = cell_sizes[0][1]
+    lengths = _checked_lengths(lengths, steps, batch, device)
+    (w_ih_f, w_hh_f, b_ih_f, b_hh_f, _), (w_ih_r, w_hh_r, b_ih_r, b_hh_r, _) = weights
+    bias = b_ih_f is not None
+    h0 = h0 if h0 is not None else input.new_zeros(2, batch, hidden)
+    c0 = (c0 if c0 is not None else input.new_zeros(2, batch, hidden)) if lstm else None
+    # One GEMM for both directions' input projections, then [2, T, B, G*H] direction-major.
+    gates_x = F.linear(input, torch.cat([w_ih_f, w_ih_r]), torch.cat([b_ih_f, b_ih_r]) if bias else None)
+    gates_x = gates_x.unflatten(-1, (2, -1)).permute(2, 0, 1, 3)
+    w_hh = torch.stack([w_hh_f, w_hh_r])
+    b_hh = torch.stack([b_hh_f, b_hh_r]) if bias else None
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (input, h0, c0, w_ih_f, w_ih_r, w_hh_f, w_hh_r, b_ih_f, b_ih_r, b_hh_f, b_hh_r))
+    y, h_n, c_n, _workspace = torch.ops.fastseq.rnn_bidirectional_layer_forward_triton(
+        mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, False, needs_grad)
+    out = torch.cat([y[0], y[1]], dim=-1)
+    return (out, (h_n, c_n)) if lstm else (out, h_n)
+
+
+def _joined(lstm: bool, results):
+    """Two directions' (output, h_n) joined as torch's bidirectional layers give them."""
+    out = torch.cat([results[0][0], results[1][0]], dim=-1)
+    if lstm:
+        return out, (torch.stack([r[1][0] for r in results]), torch.stack([r[1][1] for r in results]))
+    return out, torch.stack([r[1] for r in results])
+
+
 def _validate(mode, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) -> tuple[int, int]:
     """Checks every argument; returns (cell, hidden): the cell state's and the hidden state's
     (and output's) sizes, equal but with a projection (then hidden = proj_size)."""

@@ -6,6 +6,9 @@ their autograd. Two implementations share one schema (csrc/ops.cpp):
   torch.ops.fastseq.rnn_layer_forward_persistent / ..._backward_persistent
       the persistent kernel only (CUDA; raises where it does not fit) and its CPU twin
   torch.ops.fastseq.rnn_layer_forward_triton / rnn_layer_backward_triton  Triton (kernels/)
+  torch.ops.fastseq.rnn_bidirectional_layer_forward_triton / ..._backward_triton
+      both directions of a layer in one launch each way: every tensor but lengths stacked on a
+      leading dimension of 2 (direction 1 runs against direction 0, which `reverse` describes)
 
   forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
           save_workspace) -> (y, h_n, c_n, workspace)
@@ -34,14 +37,12 @@ PERSISTENT_FORWARD = "fastseq::rnn_layer_forward_persistent"
 PERSISTENT_BACKWARD = "fastseq::rnn_layer_backward_persistent"
 TRITON_FORWARD = "fastseq::rnn_layer_forward_triton"
 TRITON_BACKWARD = "fastseq::rnn_layer_backward_triton"
+BIDIRECTIONAL_FORWARD = "fastseq::rnn_bidirectional_layer_forward_triton"
+BIDIRECTIONAL_BACKWARD = "fastseq::rnn_bidirectional_layer_backward_triton"
 
 
-@torch.library.custom_op(TRITON_FORWARD, mutates_args=())
-def rnn_layer_forward_triton(
-    mode: str, gates_x: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
-    b_hh: Optional[Tensor], lengths: Optional[Tensor], zoneout_h: Optional[Tensor],
-    zoneout_c: Optional[Tensor], reverse: bool, save_workspace: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _triton_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
+                    save_workspace):
     from ..kernels import rnn_layer
 
     gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c = contiguous_or_none(
@@ -50,15 +51,11 @@ def rnn_layer_forward_triton(
                                        b_hh, lengths, zoneout_h, zoneout_c, reverse, save_workspace)
 
 
-@torch.library.custom_op(TRITON_BACKWARD, mutates_args=())
-def rnn_layer_backward_triton(
-    mode: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], h0: Tensor,
-    c0: Optional[Tensor], w_hh: Tensor, y: Tensor, workspace: Tensor, lengths: Optional[Tensor],
-    zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _triton_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths,
+                     zoneout_h, zoneout_c, reverse):
     from ..kernels import rnn_layer
 
-    if LAYER_WORKSPACE[mode] and workspace.numel() == 0 and y.shape[0] > 0:
+    if LAYER_WORKSPACE[mode] and workspace.numel() == 0 and y.numel() > 0:
         raise RuntimeError("fastseq: the workspace is empty: the forward ran with "
                            "save_workspace=False, so it cannot be differentiated")
     lstm = mode == "lstm"
@@ -67,24 +64,68 @@ def rnn_layer_backward_triton(
     return rnn_layer.rnn_layer_backward(mode, *args, reverse)
 
 
+@torch.library.custom_op(TRITON_FORWARD, mutates_args=())
+def rnn_layer_forward_triton(
+    mode: str, gates_x: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+    b_hh: Optional[Tensor], lengths: Optional[Tensor], zoneout_h: Optional[Tensor],
+    zoneout_c: Optional[Tensor], reverse: bool, save_workspace: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _triton_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c,
+                           reverse, save_workspace)
+
+
+@torch.library.custom_op(TRITON_BACKWARD, mutates_args=())
+def rnn_layer_backward_triton(
+    mode: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], h0: Tensor,
+    c0: Optional[Tensor], w_hh: Tensor, y: Tensor, workspace: Tensor, lengths: Optional[Tensor],
+    zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _triton_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths,
+                            zoneout_h, zoneout_c, reverse)
+
+
+# The same schema with every per-direction tensor stacked [2, ...]: a separate op, so that a
+# shape is never ambiguous between "T" and "directions".
+@torch.library.custom_op(BIDIRECTIONAL_FORWARD, mutates_args=())
+def rnn_bidirectional_layer_forward_triton(
+    mode: str, gates_x: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+    b_hh: Optional[Tensor], lengths: Optional[Tensor], zoneout_h: Optional[Tensor],
+    zoneout_c: Optional[Tensor], reverse: bool, save_workspace: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _triton_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c,
+                           reverse, save_workspace)
+
+
+@torch.library.custom_op(BIDIRECTIONAL_BACKWARD, mutates_args=())
+def rnn_bidirectional_layer_backward_triton(
+    mode: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], h0: Tensor,
+    c0: Optional[Tensor], w_hh: Tensor, y: Tensor, workspace: Tensor, lengths: Optional[Tensor],
+    zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _triton_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths,
+                            zoneout_h, zoneout_c, reverse)
+
+
 def _forward_fake(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
                   save_workspace):
-    steps, batch, _ = gates_x.shape
-    hidden = h0.shape[1]
+    *directions, steps, batch, _ = gates_x.shape  # directions: [] or [2] (stacked)
+    hidden = h0.shape[-1]
     ws_columns = LAYER_WORKSPACE[mode] * hidden if save_workspace else 0
-    return (gates_x.new_empty(steps, batch, hidden), gates_x.new_empty(batch, hidden),
-            gates_x.new_empty(batch if mode == "lstm" else 0, hidden),
-            gates_x.new_empty(steps if ws_columns else 0, batch, ws_columns))
+    return (gates_x.new_empty(*directions, steps, batch, hidden),
+            gates_x.new_empty(*directions, batch, hidden),
+            gates_x.new_empty(*directions, batch if mode == "lstm" else 0, hidden),
+            gates_x.new_empty(*directions, steps if ws_columns else 0, batch, ws_columns))
 
 
 def _backward_fake(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths, zoneout_h,
                    zoneout_c, reverse):
-    steps, batch, hidden = y.shape
+    *directions, steps, batch, hidden = y.shape
     gates = GATES[mode]
     gru, lstm = mode == "gru", mode == "lstm"
-    return (y.new_empty(steps, batch, gates * hidden),
-            y.new_empty(steps if gru else 0, batch, gates * hidden),
-            y.new_empty(batch, hidden), y.new_empty(batch if lstm else 0, hidden))
+    return (y.new_empty(*directions, steps, batch, gates * hidden),
+            y.new_empty(*directions, steps if gru else 0, batch, gates * hidden),
+            y.new_empty(*directions, batch, hidden),
+            y.new_empty(*directions, batch if lstm else 0, hidden))
 
 
 def previous_states(y: Tensor, h0: Tensor, lengths: Optional[Tensor], reverse: bool) -> Tensor:
@@ -121,12 +162,17 @@ def _autograd_backward(backward_op):
             dgh = dgx
         need = ctx.needs_input_grad
         d_w_hh = d_b_hh = None
-        rows = dgh.shape[0] * dgh.shape[1]
-        if need[4]:  # one GEMM over all steps
-            h_prev = previous_states(y, h0, lengths, ctx.reverse)
-            d_w_hh = dgh.reshape(rows, -1).t() @ h_prev.reshape(rows, -1)
+        stacked = y.dim() == 4  # both directions, direction 1 against direction 0
+        if need[4]:  # one GEMM over all steps (a batched one for stacked directions)
+            if stacked:
+                h_prev = torch.stack([previous_states(y[d], h0[d], lengths, ctx.reverse != (d == 1))
+                                      for d in range(y.shape[0])])
+                d_w_hh = dgh.flatten(1, 2).transpose(1, 2) @ h_prev.flatten(1, 2)
+            else:
+                h_prev = previous_states(y, h0, lengths, ctx.reverse)
+                d_w_hh = dgh.flatten(0, 1).t() @ h_prev.flatten(0, 1)
         if need[5]:
-            d_b_hh = dgh.reshape(rows, -1).sum(0)
+            d_b_hh = dgh.sum((-3, -2))
         return (None, dgx if need[1] else None, dh0 if need[2] else None,
                 dc0 if lstm and need[3] else None, d_w_hh, d_b_hh, None, None, None, None, None)
 
@@ -140,6 +186,7 @@ def _register(forward_name: str, backward_name: str) -> None:
 
 
 _register(TRITON_FORWARD, TRITON_BACKWARD)
+_register(BIDIRECTIONAL_FORWARD, BIDIRECTIONAL_BACKWARD)
 if _extension.is_built():
     _register(NATIVE_FORWARD, NATIVE_BACKWARD)
     _register(PERSISTENT_FORWARD, PERSISTENT_BACKWARD)
