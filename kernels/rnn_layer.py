@@ -70,6 +70,7 @@ def _rnn_layer_forward_kernel(
     T, B, H,
     MODE: tl.constexpr, G: tl.constexpr, WS: tl.constexpr,
     HAS_B_HH: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, SAVE_WS: tl.constexpr,
+    DIRECTIONS: tl.constexpr,
     HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -78,21 +79,25 @@ def _rnn_layer_forward_kernel(
     out_ty = y_ptr.dtype.element_ty
     BH = B * H
     # Direction d = program_id(1) of a stacked (bidirectional) call: its slice of every tensor.
-    d = tl.program_id(1).to(tl.int64)
-    reverse = _runs_reversed(REVERSE)
-    gx_ptr += d * T * B * G * H
-    h0_ptr += d * BH
-    c0_ptr += d * BH
-    w_hh_ptr += d * G * H * H
-    b_hh_ptr += d * G * H
-    zh_ptr += d * T * BH
-    zc_ptr += d * T * BH
-    y_ptr += d * T * BH
-    hn_ptr += d * BH
-    cn_ptr += d * BH
-    ws_ptr += d * T * B * WS * H
-    hbuf_ptr += d * 2 * BH
-    cbuf_ptr += d * BH
+    # A constexpr, so that one-direction kernels carry none of it (the offsets made the bf16
+    # backward spill on sm_90).
+    reverse = REVERSE
+    if DIRECTIONS == 2:
+        d = tl.program_id(1).to(tl.int64)
+        reverse = _runs_reversed(REVERSE)
+        gx_ptr += d * T * B * G * H
+        h0_ptr += d * BH
+        c0_ptr += d * BH
+        w_hh_ptr += d * G * H * H
+        b_hh_ptr += d * G * H
+        zh_ptr += d * T * BH
+        zc_ptr += d * T * BH
+        y_ptr += d * T * BH
+        hn_ptr += d * BH
+        cn_ptr += d * BH
+        ws_ptr += d * T * B * WS * H
+        hbuf_ptr += d * 2 * BH
+        cbuf_ptr += d * BH
 
     # State buffers start as h0 (buffer 0) and c0.
     for j0 in range(0, H, BLOCK_H):
@@ -183,7 +188,7 @@ def _rnn_layer_backward_kernel(
     dgx_ptr, dgh_ptr, dh0_ptr, dc0_ptr, dhbuf_ptr, dcbuf_ptr,
     T, B, H,
     MODE: tl.constexpr, G: tl.constexpr, WS: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_GRAD_CN: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_GRAD_CN: tl.constexpr, REVERSE: tl.constexpr, DIRECTIONS: tl.constexpr,
     HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -192,24 +197,26 @@ def _rnn_layer_backward_kernel(
     out_ty = dgx_ptr.dtype.element_ty
     BH = B * H
     GH = G * H
-    d = tl.program_id(1).to(tl.int64)  # as in the forward
-    reverse = _runs_reversed(REVERSE)
-    gy_ptr += d * T * BH
-    ghn_ptr += d * BH
-    gcn_ptr += d * BH
-    h0_ptr += d * BH
-    c0_ptr += d * BH
-    w_hh_ptr += d * GH * H
-    y_ptr += d * T * BH
-    ws_ptr += d * T * B * WS * H
-    zh_ptr += d * T * BH
-    zc_ptr += d * T * BH
-    dgx_ptr += d * T * B * GH
-    dgh_ptr += d * T * B * GH
-    dh0_ptr += d * BH
-    dc0_ptr += d * BH
-    dhbuf_ptr += d * BH
-    dcbuf_ptr += d * BH
+    reverse = REVERSE  # the direction's slices, as in the forward
+    if DIRECTIONS == 2:
+        d = tl.program_id(1).to(tl.int64)
+        reverse = _runs_reversed(REVERSE)
+        gy_ptr += d * T * BH
+        ghn_ptr += d * BH
+        gcn_ptr += d * BH
+        h0_ptr += d * BH
+        c0_ptr += d * BH
+        w_hh_ptr += d * GH * H
+        y_ptr += d * T * BH
+        ws_ptr += d * T * B * WS * H
+        zh_ptr += d * T * BH
+        zc_ptr += d * T * BH
+        dgx_ptr += d * T * B * GH
+        dgh_ptr += d * T * B * GH
+        dh0_ptr += d * BH
+        dc0_ptr += d * BH
+        dhbuf_ptr += d * BH
+        dcbuf_ptr += d * BH
     # dgh holds the gradients of the recurrent pre-activations: the GRU's differ from dgx in
     # the n gate; the other cells share dgx.
     if MODE == 1:
@@ -323,7 +330,8 @@ def _rnn_layer_backward_kernel(
             tl.store(dc0_ptr + state, tl.load(dcbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
 
 
-def layer_config(batch: int, dtype: torch.dtype, kernel: str, zoneout: bool = False) -> dict:
+def layer_config(batch: int, dtype: torch.dtype, kernel: str, zoneout: bool = False,
+                 directions: int = 1) -> dict:
     """One program per 16 batch rows, at every batch size: programs are this kernel's only
     parallelism (B=64 gives 4 of them), and 16-row tiles were the only ones free of spills in
     the sm_90 SASS of every mode in bf16 and fp32 (tests/test_triton_gpu_compile.py). These
@@ -331,9 +339,11 @@ def layer_config(batch: int, dtype: torch.dtype, kernel: str, zoneout: bool = Fa
     pointer blocks at 2 registers per element): with 32 or 64 rows ptxas capped them at 128
     registers (256 threads) and spilled 36+ bytes in 3-14 of 16 configurations. The backward
     needs BLOCK_H=16 (fp32 LSTM spilled at 32), and so does the forward with zoneout in fp32
-    (the LSTM with both masks spilled at 32). BLOCK_K as the cell kernel's."""
+    (the LSTM with both masks spilled at 32). BLOCK_K as the cell kernel's, but 16 for the
+    backward of both directions at once: with 32, the bf16 RNN and zoneout-LSTM backward spilled
+    (the direction's pointer offsets), with 4 warps or 8."""
     wide = dtype in (torch.float32, torch.float64)
-    block_k = 16 if wide else 32
+    block_k = 16 if wide or (kernel == "backward" and directions == 2) else 32
     block_h = 32 if kernel == "forward" and not (zoneout and wide) else 16
     return {"BLOCK_B": 16, "BLOCK_H": block_h, "BLOCK_K": block_k, "num_warps": 4}
 
@@ -373,7 +383,7 @@ def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zon
         acc = accumulator_dtype(gates_x.dtype)  # state and accumulation: fp32 (fp64 for fp64 input)
         hbuf = torch.empty((D, 2, B, H), dtype=acc, device=gates_x.device)
         cbuf = torch.empty((D, B if lstm else 1, H), dtype=acc, device=gates_x.device)
-        config = layer_config(B, gates_x.dtype, "forward", zoneout_h is not None or zoneout_c is not None)
+        config = layer_config(B, gates_x.dtype, "forward", zoneout_h is not None or zoneout_c is not None, D)
         grid = (triton.cdiv(B, config["BLOCK_B"]), D)
         _rnn_layer_forward_kernel[grid](
             gates_x, h0, c0 if c0 is not None else h0, w_hh, b_hh if b_hh is not None else h0,
@@ -382,7 +392,7 @@ def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zon
             y, h_n, c_n if c_n.numel() else h_n, ws if ws.numel() else y, hbuf, cbuf,
             T, B, H,
             MODE=MODE_IDS[mode], G=GATES[mode], WS=max(LAYER_WORKSPACE[mode], 1),
-            HAS_B_HH=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
+            HAS_B_HH=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, DIRECTIONS=D,
             SAVE_WS=ws.numel() > 0, HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
             PRECISION=dot_precision(gates_x.dtype), UPCAST=INTERPRETED,
             ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,
@@ -415,7 +425,7 @@ def rnn_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, worksp
         acc = accumulator_dtype(y.dtype)
         dhbuf = torch.empty((D, B, H), dtype=acc, device=y.device)
         dcbuf = torch.empty((D, B if lstm else 1, H), dtype=acc, device=y.device)
-        config = layer_config(B, y.dtype, "backward", zoneout_h is not None or zoneout_c is not None)
+        config = layer_config(B, y.dtype, "backward", zoneout_h is not None or zoneout_c is not None, D)
         grid = (triton.cdiv(B, config["BLOCK_B"]), D)
         _rnn_layer_backward_kernel[grid](
             grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0,
@@ -426,6 +436,7 @@ def rnn_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, worksp
             T, B, H,
             MODE=MODE_IDS[mode], G=G, WS=max(LAYER_WORKSPACE[mode], 1),
             HAS_LENGTHS=lengths is not None, HAS_GRAD_CN=grad_c_n is not None, REVERSE=reverse,
+            DIRECTIONS=D,
             HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
             PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED,
             ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,

@@ -47,14 +47,14 @@ def backward_spec(mode, dtype):
             "pointer_dtype": POINTER_DTYPES[dtype], "num_warps": num_warps, "constexprs": constexprs}
 
 
-def layer_spec(kernel, mode, dtype, batch, zoneout=False):
+def layer_spec(kernel, mode, dtype, batch, zoneout=False, directions=1):
     """What kernels.rnn_layer would launch (reverse direction and lengths: the longest path;
-    with zoneout, the masks the mode takes)."""
+    with zoneout, the masks the mode takes; directions=2: a bidirectional launch)."""
     mode_id, gates = MODES[mode]
-    constexprs, num_warps = launch_options(rnn_layer.layer_config(batch, dtype, kernel, zoneout))
+    constexprs, num_warps = launch_options(rnn_layer.layer_config(batch, dtype, kernel, zoneout, directions))
     constexprs.update(MODE=mode_id, G=gates, WS=max(rnn_layer.LAYER_WORKSPACE[mode], 1),
-                      HAS_LENGTHS=True, REVERSE=True, PRECISION="ieee", UPCAST=False,
-                      HAS_ZH=zoneout, HAS_ZC=zoneout and mode == "lstm",
+                      HAS_LENGTHS=True, REVERSE=True, DIRECTIONS=directions, PRECISION="ieee",
+                      UPCAST=False, HAS_ZH=zoneout, HAS_ZC=zoneout and mode == "lstm",
                       ACC_DTYPE="tl.fp64" if dtype == torch.float64 else "tl.fp32")
     if kernel == "forward":
         constexprs.update(HAS_B_HH=True, SAVE_WS=True)
@@ -90,7 +90,8 @@ def layer_norm_spec(kernel, mode, dtype):
 # Cell step: every mode in bf16 and fp32 at the three batch-tile sizes (16, 32, 64 rows), fp16
 # and fp64 on the largest cell (LSTM), every backward in bf16 and fp32. Sequence layer: forward
 # and backward of each mode in bf16 and fp32 (one tile shape at every batch size), and of the
-# LSTM and GRU with zoneout; the layer-normalized LSTM and GRU, forward and backward.
+# LSTM and GRU with zoneout, both directions at once (every mode; the LSTM with zoneout); the
+# layer-normalized LSTM and GRU, forward and backward.
 SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.float32)
           for b in (1, 32, 100)]
          + [forward_spec("lstm", d, b) for d in (torch.float16, torch.float64) for b in (1, 100)]
@@ -99,6 +100,9 @@ SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.f
             for d in (torch.bfloat16, torch.float32)]
          + [layer_spec(k, m, d, 1, zoneout=True) for k in ("forward", "backward")
             for m in ("lstm", "gru") for d in (torch.bfloat16, torch.float32)]
+         + [layer_spec(k, m, d, 1, zoneout=z, directions=2) for k in ("forward", "backward")
+            for m in MODES for d in (torch.bfloat16, torch.float32)
+            for z in ((False, True) if m == "lstm" else (False,))]
          + [layer_norm_spec(k, m, d) for k in ("forward", "backward") for m in ("lstm", "gru")
             for d in (torch.bfloat16, torch.float32)])
 

@@ -41,8 +41,11 @@ BIDIRECTIONAL_FORWARD = "fastseq::rnn_bidirectional_layer_forward_triton"
 BIDIRECTIONAL_BACKWARD = "fastseq::rnn_bidirectional_layer_backward_triton"
 
 
-def _triton_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
-                    save_workspace):
+def _triton_forward(
+    mode: str, gates_x: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+    b_hh: Optional[Tensor], lengths: Optional[Tensor], zoneout_h: Optional[Tensor],
+    zoneout_c: Optional[Tensor], reverse: bool, save_workspace: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import rnn_layer
 
     gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c = contiguous_or_none(
@@ -51,8 +54,11 @@ def _triton_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneo
                                        b_hh, lengths, zoneout_h, zoneout_c, reverse, save_workspace)
 
 
-def _triton_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths,
-                     zoneout_h, zoneout_c, reverse):
+def _triton_backward(
+    mode: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], h0: Tensor,
+    c0: Optional[Tensor], w_hh: Tensor, y: Tensor, workspace: Tensor, lengths: Optional[Tensor],
+    zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import rnn_layer
 
     if LAYER_WORKSPACE[mode] and workspace.numel() == 0 and y.numel() > 0:
@@ -64,46 +70,14 @@ def _triton_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspac
     return rnn_layer.rnn_layer_backward(mode, *args, reverse)
 
 
-@torch.library.custom_op(TRITON_FORWARD, mutates_args=())
-def rnn_layer_forward_triton(
-    mode: str, gates_x: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
-    b_hh: Optional[Tensor], lengths: Optional[Tensor], zoneout_h: Optional[Tensor],
-    zoneout_c: Optional[Tensor], reverse: bool, save_workspace: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _triton_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c,
-                           reverse, save_workspace)
-
-
-@torch.library.custom_op(TRITON_BACKWARD, mutates_args=())
-def rnn_layer_backward_triton(
-    mode: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], h0: Tensor,
-    c0: Optional[Tensor], w_hh: Tensor, y: Tensor, workspace: Tensor, lengths: Optional[Tensor],
-    zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _triton_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths,
-                            zoneout_h, zoneout_c, reverse)
-
-
-# The same schema with every per-direction tensor stacked [2, ...]: a separate op, so that a
-# shape is never ambiguous between "T" and "directions".
-@torch.library.custom_op(BIDIRECTIONAL_FORWARD, mutates_args=())
-def rnn_bidirectional_layer_forward_triton(
-    mode: str, gates_x: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
-    b_hh: Optional[Tensor], lengths: Optional[Tensor], zoneout_h: Optional[Tensor],
-    zoneout_c: Optional[Tensor], reverse: bool, save_workspace: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _triton_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c,
-                           reverse, save_workspace)
-
-
-@torch.library.custom_op(BIDIRECTIONAL_BACKWARD, mutates_args=())
-def rnn_bidirectional_layer_backward_triton(
-    mode: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], h0: Tensor,
-    c0: Optional[Tensor], w_hh: Tensor, y: Tensor, workspace: Tensor, lengths: Optional[Tensor],
-    zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], reverse: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _triton_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, workspace, lengths,
-                            zoneout_h, zoneout_c, reverse)
+# One direction, and both stacked [2, ...]: the same implementation under two ops, so that a
+# shape is never ambiguous between "steps" and "directions".
+rnn_layer_forward_triton = torch.library.custom_op(TRITON_FORWARD, mutates_args=())(_triton_forward)
+rnn_layer_backward_triton = torch.library.custom_op(TRITON_BACKWARD, mutates_args=())(_triton_backward)
+rnn_bidirectional_layer_forward_triton = torch.library.custom_op(
+    BIDIRECTIONAL_FORWARD, mutates_args=())(_triton_forward)
+rnn_bidirectional_layer_backward_triton = torch.library.custom_op(
+    BIDIRECTIONAL_BACKWARD, mutates_args=())(_triton_backward)
 
 
 def _forward_fake(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
