@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .common import INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output, sigmoid, tanh
 from .rnn_cell_layout import GATES, LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE, MODE_IDS
-from .rnn_layer import _batch_tile, _step_index
+from .rnn_layer import _batch_tile, _step_index, add_state_gradient, store_state
 from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
 
 
@@ -204,14 +204,7 @@ def _ln_rnn_forward_kernel(
                 tl.store(stats + 1, c_rstd, mask=mask_b)
         tl.debug_barrier()
 
-    final = hbuf_ptr + (T % 2) * BH
-    for j0 in range(0, H, BLOCK_H):
-        offs_h = j0 + tl.arange(0, BLOCK_H)
-        mask = mask_b[:, None] & (offs_h < H)[None, :]
-        state = rows_b[:, None] * H + offs_h[None, :]
-        tl.store(hn_ptr + state, tl.load(final + state, mask=mask, other=0.0).to(out_ty), mask=mask)
-        if MODE == 0:
-            tl.store(cn_ptr + state, tl.load(cbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
+    store_state(hbuf_ptr + (T % 2) * BH, cbuf_ptr, hn_ptr, cn_ptr, rows_b, mask_b, H, MODE, BLOCK_H)
 
 
 @triton.jit
@@ -374,30 +367,11 @@ def _ln_rnn_backward_kernel(
         tl.debug_barrier()
 
         # 4: dh_{t-1} += dp @ W_hh, reducing over the G*H gate columns.
-        for k0 in range(0, H, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            mask_k = offs_k < H
-            mask = mask_b[:, None] & mask_k[None, :]
-            state = rows_b[:, None] * H + offs_k[None, :]
-            acc = tl.load(dhbuf_ptr + state, mask=mask, other=0.0)
-            for j0 in range(0, GH, BLOCK_K):
-                offs_j = j0 + tl.arange(0, BLOCK_K)
-                mask_j = offs_j < GH
-                a = tl.load(dp_ptr + t64 * B * GH + rows_b[:, None] * GH + offs_j[None, :],
-                            mask=mask_b[:, None] & mask_j[None, :], other=0.0)
-                w = tl.load(w_hh_ptr + offs_j.to(tl.int64)[:, None] * H + offs_k[None, :],
-                            mask=mask_j[:, None] & mask_k[None, :], other=0.0)
-                acc = dot_acc(a.to(w.dtype), w, acc, PRECISION, UPCAST)
-            tl.store(dhbuf_ptr + state, acc, mask=mask)
+        add_state_gradient(dhbuf_ptr, dp_ptr + t64 * B * GH, w_hh_ptr, rows_b, mask_b, H, GH,
+                           BLOCK_H, BLOCK_K, PRECISION, UPCAST)
         tl.debug_barrier()
 
-    for j0 in range(0, H, BLOCK_H):
-        offs_h = j0 + tl.arange(0, BLOCK_H)
-        mask = mask_b[:, None] & (offs_h < H)[None, :]
-        state = rows_b[:, None] * H + offs_h[None, :]
-        tl.store(dh0_ptr + state, tl.load(dhbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
-        if MODE == 0:
-            tl.store(dc0_ptr + state, tl.load(dcbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
+    store_state(dhbuf_ptr, dcbuf_ptr, dh0_ptr, dc0_ptr, rows_b, mask_b, H, MODE, BLOCK_H)
 
 
 def layer_norm_config(dtype: torch.dtype, kernel: str) -> dict:

@@ -64,6 +64,44 @@ def _batch_tile(len_ptr, T, B, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr)
 
 
 @triton.jit
+def add_state_gradient(dh_ptr, dgates_ptr, w_hh_ptr, rows_b, mask_b, H, GH,
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    """dh[rows_b] += dgates[rows_b] @ W_hh: the recurrent gates' share of dh_{t-1}, reducing
+    over the G*H gate columns; dh [B, H] (fp32 scratch), dgates [B, G*H] (one step's),
+    W_hh [G*H, H]."""
+    for k0 in range(0, H, BLOCK_H):
+        offs_k = k0 + tl.arange(0, BLOCK_H)
+        mask_k = offs_k < H
+        mask = mask_b[:, None] & mask_k[None, :]
+        state = rows_b[:, None] * H + offs_k[None, :]
+        acc = tl.load(dh_ptr + state, mask=mask, other=0.0)
+        for j0 in range(0, GH, BLOCK_K):
+            offs_j = j0 + tl.arange(0, BLOCK_K)
+            mask_j = offs_j < GH
+            a = tl.load(dgates_ptr + rows_b[:, None] * GH + offs_j[None, :],
+                        mask=mask_b[:, None] & mask_j[None, :], other=0.0)
+            w = tl.load(w_hh_ptr + offs_j.to(tl.int64)[:, None] * H + offs_k[None, :],
+                        mask=mask_j[:, None] & mask_k[None, :], other=0.0)
+            acc = dot_acc(a.to(w.dtype), w, acc, PRECISION, UPCAST)
+        tl.store(dh_ptr + state, acc, mask=mask)
+
+
+@triton.jit
+def store_state(h_src, c_src, h_dst, c_dst, rows_b, mask_b, H, MODE: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """Copy the rows' state (h, and c for the LSTM) from scratch to outputs, cast to theirs."""
+    for j0 in range(0, H, BLOCK_H):
+        offs_h = j0 + tl.arange(0, BLOCK_H)
+        mask = mask_b[:, None] & (offs_h < H)[None, :]
+        state = rows_b[:, None] * H + offs_h[None, :]
+        tl.store(h_dst + state, tl.load(h_src + state, mask=mask, other=0.0).to(h_dst.dtype.element_ty), mask=mask)
+        if MODE == 0:
+            tl.store(c_dst + state, tl.load(c_src + state, mask=mask, other=0.0).to(c_dst.dtype.element_ty),
+                     mask=mask)
+
+
+@triton.jit
 def _rnn_layer_forward_kernel(
     gx_ptr, h0_ptr, c0_ptr, w_hh_ptr, b_hh_ptr, len_ptr, zh_ptr, zc_ptr,
     y_ptr, hn_ptr, cn_ptr, ws_ptr, hbuf_ptr, cbuf_ptr,
@@ -172,14 +210,7 @@ def _rnn_layer_forward_kernel(
                     tl.store(ws + 4 * H, c_new.to(out_ty), mask=mask)
         tl.debug_barrier()
 
-    final = hbuf_ptr + (T % 2) * BH
-    for j0 in range(0, H, BLOCK_H):
-        offs_h = j0 + tl.arange(0, BLOCK_H)
-        mask = mask_b[:, None] & (offs_h < H)[None, :]
-        state = rows_b[:, None] * H + offs_h[None, :]
-        tl.store(hn_ptr + state, tl.load(final + state, mask=mask, other=0.0).to(out_ty), mask=mask)
-        if MODE == 0:
-            tl.store(cn_ptr + state, tl.load(cbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
+    store_state(hbuf_ptr + (T % 2) * BH, cbuf_ptr, hn_ptr, cn_ptr, rows_b, mask_b, H, MODE, BLOCK_H)
 
 
 @triton.jit
@@ -304,30 +335,11 @@ def _rnn_layer_backward_kernel(
         tl.debug_barrier()
 
         # Phase 2: dh_{t-1} += dgates_rec(t) @ W_hh, reducing over the G*H gate columns.
-        for k0 in range(0, H, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            mask_k = offs_k < H
-            mask = mask_b[:, None] & mask_k[None, :]
-            state = rows_b[:, None] * H + offs_k[None, :]
-            acc = tl.load(dhbuf_ptr + state, mask=mask, other=0.0)
-            for j0 in range(0, GH, BLOCK_K):
-                offs_j = j0 + tl.arange(0, BLOCK_K)
-                mask_j = offs_j < GH
-                a = tl.load(drec_ptr + t64 * B * GH + rows_b[:, None] * GH + offs_j[None, :],
-                            mask=mask_b[:, None] & mask_j[None, :], other=0.0)
-                w = tl.load(w_hh_ptr + offs_j.to(tl.int64)[:, None] * H + offs_k[None, :],
-                            mask=mask_j[:, None] & mask_k[None, :], other=0.0)
-                acc = dot_acc(a.to(w.dtype), w, acc, PRECISION, UPCAST)
-            tl.store(dhbuf_ptr + state, acc, mask=mask)
+        add_state_gradient(dhbuf_ptr, drec_ptr + t64 * B * GH, w_hh_ptr, rows_b, mask_b, H, GH,
+                           BLOCK_H, BLOCK_K, PRECISION, UPCAST)
         tl.debug_barrier()
 
-    for j0 in range(0, H, BLOCK_H):
-        offs_h = j0 + tl.arange(0, BLOCK_H)
-        mask = mask_b[:, None] & (offs_h < H)[None, :]
-        state = rows_b[:, None] * H + offs_h[None, :]
-        tl.store(dh0_ptr + state, tl.load(dhbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
-        if MODE == 0:
-            tl.store(dc0_ptr + state, tl.load(dcbuf_ptr + state, mask=mask, other=0.0).to(out_ty), mask=mask)
+    store_state(dhbuf_ptr, dcbuf_ptr, dh0_ptr, dc0_ptr, rows_b, mask_b, H, MODE, BLOCK_H)
 
 
 def layer_config(batch: int, dtype: torch.dtype, kernel: str, zoneout: bool = False,
