@@ -158,3 +158,6 @@ def test_errors():
         op("gru", x, None, directions[0][2:], directions[1][2:], zoneout_h=torch.zeros(4, 3, 5))
     with pytest.raises(fastseq.InputError, match="mode must be one of"):
         op("lstmx", x, None, directions[0][2:], directions[1][2:])
+    if "triton" in layer_backends("cpu"):  # the fused path checks the two directions together
+        with pytest.raises(fastseq.InputError, match="both directions must have biases, or neither"):
+            op("gru", x, None, directions[0][2:], directions[1][2:4], backend="triton")

@@ -159,6 +159,8 @@ def rnn_bidirectional_layer(mode: str, input: Tensor, hx, forward_weights: Seque
         _validate_zoneout(mode, input, cell_sizes[d][1],
                           zoneout_h[d] if zoneout_h is not None else None,
                           zoneout_c[d] if zoneout_c is not None else None)
+    if (weights[0][2] is None) != (weights[1][2] is None):
+        fail(OP, "both directions must have biases, or neither (torch's layers have both or neither)")
     if cell_sizes[0] != cell_sizes[1]:
         fail(OP, f"both directions must have the same hidden size, got {cell_sizes[0][1]} and "
                  f"{cell_sizes[1][1]}")
