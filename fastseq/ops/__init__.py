@@ -1,8 +1,9 @@
 """fastseq's functional API: each function validates its input, picks a backend
 (fastseq.backend) and calls a registered op (torch.ops.fastseq.*) with fake and autograd."""
+from .attention import attention
 from .rnn_cell import gru_cell, lstm_cell, rnn_relu_cell, rnn_tanh_cell
 from .layer_norm_rnn_layer import layer_norm_rnn_layer
 from .rnn_layer import rnn_bidirectional_layer, rnn_layer
 
 __all__ = ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "rnn_layer", "rnn_bidirectional_layer",
-           "layer_norm_rnn_layer"]
+           "layer_norm_rnn_layer", "attention"]

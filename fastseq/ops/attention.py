@@ -1,0 +1,165 @@
+"""Scaled dot-product attention: fastseq.ops.attention, a drop-in for
+torch.nn.functional.scaled_dot_product_attention.
+
+Same arguments and semantics (query [..., Hq, L, E], key [..., Hk, S, E], value [..., Hk, S, Ev];
+a bool mask keeps True entries, a float mask is added to the scores; any mask shape that
+broadcasts to [..., Hq, L, S]; causal is torch's top-left alignment; enable_gqa lets Hq be a
+multiple of Hk), with deliberate differences:
+  * a query row with no visible key gives zeros, and zero gradients (torch gives NaN);
+  * is_causal and attn_mask may be given together (both apply; torch refuses the pair);
+  * return_lse=True also returns the log-sum-exp of each row's scaled, masked scores
+    ([..., Hq, L], fp32; fp64 for fp64 inputs; -inf for a row with nothing visible), and a
+    gradient flowing into it is honoured.
+The Triton backend (auto's choice on CUDA) runs one fused forward kernel and two fused backward
+kernels (kernels/attention.py); its backward is deterministic (no atomics). fp32 inputs use TF32
+tensor-core dots exactly when torch.backends.cuda.matmul.allow_tf32 is set, else exact fp32.
+Dropout is drawn from torch's generator (one seed per call), so torch.manual_seed fixes it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backends
+from ..reference import attention as _reference
+from . import attention_ops as _registered_ops  # noqa: F401  (registers the ops)
+from ._checks import check_same_dtype_device, check_tensor, fail
+
+OP = "fastseq.ops.attention"
+MAX_HEAD_DIM = 256  # the Triton kernels keep a BLOCK_M x head-dim accumulator in registers
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+              dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+              enable_gqa: bool = False, *, return_lse: bool = False,
+              backend: Optional[str] = None):
+    """softmax(query key^T * scale + mask) value, with dropout on the probabilities.
+    Returns out [..., Hq, L, Ev], or (out, lse) with return_lse."""
+    heads_q, heads_k = _validate(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    device = query.device
+    chosen = _backends.choose(
+        OP, _backends.requested_backend(backend),
+        ("triton", "torch", "reference") if device.type == "cuda"
+        else ("torch", "reference", "triton"),
+        {"triton": lambda: _triton_unavailable(query, value),
+         "torch": lambda: _torch_unavailable(attn_mask, is_causal, return_lse),
+         "reference": lambda: None})
+    empty = query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0
+    if chosen == "reference" or (chosen == "triton" and empty):
+        # Empty shapes have nothing to launch; the reference gives the same (empty or zero) answer.
+        return _reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+            return_lse=return_lse)
+    if chosen == "torch":
+        return _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                enable_gqa)
+    out, lse = _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                 heads_q, heads_k)
+    return (out, lse) if return_lse else out
+
+
+def _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, heads_q,
+                      heads_k):
+    L, E = query.shape[-2:]
+    S, EV = value.shape[-2:]
+    q = query.reshape(-1, heads_q, L, E)
+    k = key.reshape(-1, heads_k, S, E)
+    v = value.reshape(-1, heads_k, S, EV)
+    mask = None
+    if attn_mask is not None:
+        # A view: broadcast dimensions keep stride 0, so a [B, 1, 1, S] padding mask is read in
+        # place (a reshape copies only when batch dimensions beyond one cannot be merged).
+        mask = attn_mask.expand(*query.shape[:-1], S).reshape(q.shape[0], heads_q, L, S)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=query.device)
+    out, lse = torch.ops.fastseq.attention_forward_triton(q, k, v, mask, seed, float(dropout_p),
+                                                          bool(is_causal), scale)
+    return out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1])
+
+
+def _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    if attn_mask is not None:
+        # fastseq's rule for rows with no visible key (torch gives NaN on some backends).
+        visible = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
+        out = torch.where(visible.any(-1, keepdim=True), out, out.new_zeros(()))
+    return out
+
+
+def _triton_unavailable(query: Tensor, value: Tensor) -> Optional[str]:
+    reason = _backends.triton_unavailable(query.device)
+    if reason is not None:
+        return reason
+    if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+        return (f"head dims up to {MAX_HEAD_DIM} (got query {query.shape[-1]}, "
+                f"value {value.shape[-1]})")
+    return None
+
+
+def _torch_unavailable(attn_mask, is_causal, return_lse) -> Optional[str]:
+    if return_lse:
+        return "torch's scaled_dot_product_attention does not return the log-sum-exp"
+    if is_causal and attn_mask is not None:
+        return "torch refuses is_causal together with attn_mask"
+    return None
+
+
+def _validate(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> tuple[int, int]:
+    """Checks every argument; returns (query heads, key/value heads)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(OP, name, t)
+        if t.dim() < 2:
+            fail(OP, f"{name} must have at least 2 dims [..., length, head dim], "
+                     f"got shape {list(t.shape)}")
+    check_same_dtype_device(OP, ("query", query), (("key", key), ("value", value)))
+    if not (query.dim() == key.dim() == value.dim()):
+        fail(OP, f"query, key and value must have the same number of dims, got shapes "
+                 f"{list(query.shape)}, {list(key.shape)}, {list(value.shape)}")
+    if key.shape[-1] != query.shape[-1]:
+        fail(OP, f"key must have the query's head dim {query.shape[-1]} in its last dim, "
+                 f"got shape {list(key.shape)}")
+    if value.shape[-2] != key.shape[-2]:
+        fail(OP, f"value must have as many positions as key ({key.shape[-2]}) in dim -2, "
+                 f"got shape {list(value.shape)}")
+    heads_q = query.shape[-3] if query.dim() >= 3 else 1
+    heads_k = key.shape[-3] if key.dim() >= 3 else 1
+    if query.dim() >= 3:
+        if value.shape[-3] != heads_k:
+            fail(OP, f"value must have key's {heads_k} heads in dim -3, got shape "
+                     f"{list(value.shape)}")
+        if heads_q != heads_k and not (enable_gqa and heads_k > 0 and heads_q % heads_k == 0):
+            want = ("a multiple of key's heads" if enable_gqa
+                    else "key's heads (or pass enable_gqa=True)")
+            fail(OP, f"query's heads (dim -3) must be {want}: query {list(query.shape)}, "
+                     f"key {list(key.shape)}")
+        lead = query.shape[:-3]
+        if key.shape[:-3] != lead or value.shape[:-3] != lead:
+            fail(OP, f"query, key and value must have the same batch dims before the heads, got "
+                     f"{list(query.shape)}, {list(key.shape)}, {list(value.shape)}")
+    if attn_mask is not None:
+        check_tensor(OP, "attn_mask", attn_mask)
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            fail(OP, f"attn_mask must be bool or the query's dtype {query.dtype}, got "
+                     f"{attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            fail(OP, f"attn_mask must be on {query.device} (query's device), got "
+                     f"{attn_mask.device}")
+        target = (*query.shape[:-1], key.shape[-2])
+        try:
+            broadcast = torch.broadcast_shapes(attn_mask.shape, target)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != torch.Size(target):
+            fail(OP, f"attn_mask must broadcast to [..., Hq, L, S] = {list(target)}, got shape "
+                     f"{list(attn_mask.shape)}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        fail(OP, f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        fail(OP, f"scale must be a number or None, got {type(scale).__name__}")
+    return heads_q, heads_k

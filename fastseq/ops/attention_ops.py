@@ -1,0 +1,81 @@
+"""The registered attention ops (torch.ops.fastseq.attention_{forward,backward}_triton): custom
+ops around kernels/attention_launch.py, their fakes, and autograd on the forward op.
+
+Tensors here are already in the kernels' layout: q [B, H, L, E], k [B, Hk, S, E],
+v [B, Hk, S, EV], mask a [B, H, L, S] view (broadcast strides allowed) or None, seed int64 [1]
+or None. The public function (fastseq/ops/attention.py) validates and reshapes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..kernels import attention_launch as _launch
+from ._registration import register_fakes_and_autograd
+
+FORWARD = "fastseq::attention_forward_triton"
+BACKWARD = "fastseq::attention_backward_triton"
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op(FORWARD, mutates_args=())
+def attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                             seed: Optional[Tensor], dropout_p: float, is_causal: bool,
+                             scale: float) -> tuple[Tensor, Tensor]:
+    return _launch.attention_forward(q, k, v, mask, seed, dropout_p, is_causal, scale)
+
+
+@torch.library.custom_op(BACKWARD, mutates_args=())
+def attention_backward_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
+                              delta: Tensor, mask: Optional[Tensor], mask_grad: bool,
+                              seed: Optional[Tensor], dropout_p: float, is_causal: bool,
+                              scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _launch.attention_backward(dout, q, k, v, lse.contiguous(), delta.contiguous(), mask,
+                                      mask_grad, seed, dropout_p, is_causal, scale)
+
+
+def _forward_fake(q, k, v, mask, seed, dropout_p, is_causal, scale):
+    B, H, L, _ = q.shape
+    return (q.new_empty(B, H, L, v.shape[3]),
+            q.new_empty(B, H, L, dtype=_accumulator(q.dtype)))
+
+
+def _backward_fake(dout, q, k, v, lse, delta, mask, mask_grad, seed, dropout_p, is_causal, scale):
+    dmask = (q.new_empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=mask.dtype)
+             if mask_grad else q.new_empty(0))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, seed, dropout_p, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.options = (dropout_p, is_causal, scale)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask, seed = ctx.saved_tensors
+        dropout_p, is_causal, scale = ctx.options
+        acc = _accumulator(q.dtype)
+        # delta_i = sum_j P_ij dP_ij = dout_i . out_i (dropout included in out); a gradient
+        # reaching the log-sum-exp adds dlse_i * P_ij to dS_ij, i.e. subtracts it from delta.
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(acc)
+        mask_grad = mask is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dmask = backward_op(dout, q, k, v, lse, delta, mask, mask_grad, seed,
+                                        dropout_p, is_causal, scale)
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None
+
+    return backward
+
+
+register_fakes_and_autograd(FORWARD, BACKWARD, forward_fake=_forward_fake,
+                            backward_fake=_backward_fake, setup_context=_setup_context,
+                            make_backward=_make_backward)
