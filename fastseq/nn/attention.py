@@ -1,0 +1,144 @@
+"""fastseq.nn.MultiheadAttention: torch.nn.MultiheadAttention on fastseq's fused attention.
+
+A subclass of torch's module: the same constructor, parameters (in_proj_weight or
+q/k/v_proj_weight when kdim/vdim differ, in_proj_bias, out_proj, bias_k/bias_v), state_dict keys
+and forward arguments and outputs, batch_first either way, unbatched inputs. Differences:
+  * a query that sees no key (every key masked) gets zeros, not NaN;
+  * need_weights=True (torch's default) computes the weights in plain PyTorch (the L x S
+    probabilities must exist to be returned); pass need_weights=False, as torch's Transformer
+    layers do, for the fused kernel;
+  * is_causal=True is taken at its word, as torch's hint asks: the kernel applies the causal
+    rule itself (skipping hidden blocks) and attn_mask, if given, is not read.
+Heads are views of the projections ([N, L, H, D] seen as [N, H, L, D]): no copies before the
+kernel, which reads any strides.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..reference import attention as _reference
+
+OP = "fastseq.nn.MultiheadAttention"
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"{OP}: query, key and value must all be 3-D (batched) or 2-D "
+                             f"(unbatched), got shapes {list(query.shape)}, {list(key.shape)}, "
+                             f"{list(value.shape)}")
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = self._attend(query, key, value, key_padding_mask, need_weights,
+                                    attn_mask, average_attn_weights, is_causal)
+        if not batched:
+            return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _attend(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                average_attn_weights, is_causal):
+        """Batch-first [N, L, E] inputs -> ([N, L, E], weights or None)."""
+        N, L, E = query.shape
+        if E != self.embed_dim:
+            raise ValueError(f"{OP}: query must have embed_dim {self.embed_dim} features, got "
+                             f"shape {list(query.shape)}")
+        q, k, v = self._project(query, key, value)
+        heads, head_dim = self.num_heads, self.head_dim
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(N, 1, E)], 1)
+            v = torch.cat([v, self.bias_v.expand(N, 1, E)], 1)
+        q, k, v = (t.unflatten(-1, (heads, head_dim)).transpose(1, 2) for t in (q, k, v))
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(N, heads, 1, head_dim)], 2)
+            v = torch.cat([v, v.new_zeros(N, heads, 1, head_dim)], 2)
+        S = k.shape[2]
+        extra = S - key.shape[1]  # bias_k and the zero key: visible to every query
+        causal = is_causal and not need_weights
+        mask = self._merged_mask(None if causal else attn_mask, key_padding_mask, N, L, S,
+                                 extra, query)
+        dropout_p = self.dropout if self.training else 0.0
+        if need_weights:
+            out, weights = _weighted(q, k, v, mask, dropout_p, is_causal and attn_mask is None)
+            weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            out, weights = ops.attention(q, k, v, mask, dropout_p, causal), None
+        out = F.linear(out.transpose(1, 2).reshape(N, L, E), self.out_proj.weight,
+                       self.out_proj.bias)
+        return out, weights
+
+    def _project(self, query, key, value):
+        E = self.embed_dim
+        if self._qkv_same_embed_dim:
+            w, b = self.in_proj_weight, self.in_proj_bias
+            if query is key and key is value:  # self-attention: one GEMM for q, k and v
+                return F.linear(query, w, b).chunk(3, dim=-1)
+            ws, bs = w.split(E), (b.split(E) if b is not None else (None,) * 3)
+        else:
+            ws = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+            b = self.in_proj_bias
+            bs = b.split(E) if b is not None else (None,) * 3
+        return tuple(F.linear(x, w, bias) for x, w, bias in zip((query, key, value), ws, bs))
+
+    def _merged_mask(self, attn_mask, key_padding_mask, N, L, S, extra, query):
+        """torch's masks (bool True = hidden) as one fastseq mask (bool True = visible, or
+        additive float) that broadcasts to [N, H, L, S]; None when nothing is masked."""
+        masks = []
+        if attn_mask is not None:
+            heads = self.num_heads
+            if attn_mask.dim() == 2 and attn_mask.shape == (L, S - extra):
+                m = attn_mask
+            elif attn_mask.dim() == 3 and attn_mask.shape == (N * heads, L, S - extra):
+                m = attn_mask.view(N, heads, L, S - extra)
+            else:
+                raise ValueError(f"{OP}: attn_mask must have shape (L, S) = {[L, S - extra]} or "
+                                 f"(N * num_heads, L, S) = {[N * heads, L, S - extra]}, got "
+                                 f"{list(attn_mask.shape)}")
+            masks.append(m)
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (N, S - extra):
+                raise ValueError(f"{OP}: key_padding_mask must have shape (N, S) = "
+                                 f"{[N, S - extra]}, got {list(key_padding_mask.shape)}")
+            masks.append(key_padding_mask.view(N, 1, 1, S - extra))
+        if not masks:
+            return None
+        if all(m.dtype == torch.bool for m in masks):
+            merged = ~masks[0] if len(masks) == 1 else ~(masks[0] | masks[1])
+            return F.pad(merged, (0, extra), value=True) if extra else merged
+        merged = sum(_additive(m, query.dtype) for m in masks)
+        return F.pad(merged, (0, extra), value=0.0) if extra else merged
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _weighted(q, k, v, mask, dropout_p, causal):
+    """The need_weights path in plain PyTorch: (out [N, H, L, D], probabilities [N, H, L, S]
+    after dropout, as torch returns them)."""
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    visible, bias = _reference.visible_and_bias(scores, mask, causal)
+    if bias is not None:
+        scores = scores + bias
+    probs, _ = _reference.masked_softmax(scores, visible)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v, probs
