@@ -1,6 +1,9 @@
 """Drop-in nn.Module layers built on fastseq's ops, and layers torch does not have."""
+from .attention import MultiheadAttention
 from .layer_norm_rnn import LayerNormGRU, LayerNormLSTM
 from .rnn import GRU, LSTM, RNN
 from .rnn_cell import GRUCell, LSTMCell, RNNCell
+from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU",
+           "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer"]

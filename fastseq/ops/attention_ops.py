@@ -48,7 +48,8 @@ def _forward_fake(q, k, v, mask, seed, dropout_p, is_causal, scale):
 def _backward_fake(dout, q, k, v, lse, delta, mask, mask_grad, seed, dropout_p, is_causal, scale):
     dmask = (q.new_empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=mask.dtype)
              if mask_grad else q.new_empty(0))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    # Contiguous like the kernels' outputs (empty_like would copy a strided input's layout).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def _setup_context(ctx, inputs, output):

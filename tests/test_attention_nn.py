@@ -1,0 +1,215 @@
+"""fastseq.nn.MultiheadAttention and the Transformer layers against torch's, with the same
+weights (state_dicts loaded both ways): outputs, attention weights and gradients of the inputs
+and every parameter, on the Triton backend (interpreter) and on auto (torch's SDPA on CPU)."""
+import pytest
+import torch
+
+import fastseq
+
+BACKENDS = ["triton", "auto"]
+
+
+def backend_or_skip(name):
+    if name == "triton" and fastseq.backend.triton_unavailable(torch.device("cpu")) is not None:
+        pytest.skip("the Triton interpreter is off")
+    return fastseq.use_backend(name)
+
+
+def twin(torch_module, fastseq_class, *args, **kwargs):
+    """A fastseq module with torch_module's weights (loaded through the state_dict)."""
+    ours = fastseq_class(*args, **kwargs)
+    ours.load_state_dict(torch_module.state_dict())
+    return ours
+
+
+def assert_same_forward_backward(theirs, ours, inputs, call):
+    """call(module, *inputs) -> tensor or tuple; outputs and gradients of inputs and params."""
+    leaves_a = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    leaves_b = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out_a, out_b = call(theirs, *leaves_a), call(ours, *leaves_b)
+    out_a = out_a if isinstance(out_a, tuple) else (out_a,)
+    out_b = out_b if isinstance(out_b, tuple) else (out_b,)
+    for a, b in zip(out_a, out_b):
+        if a is None:
+            assert b is None
+            continue
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
+    loss_a = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out_a if o is not None)
+    loss_b = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out_b if o is not None)
+    params_a, params_b = list(theirs.parameters()), list(ours.parameters())
+    grads_a = torch.autograd.grad(loss_a, [t for t in leaves_a if t.requires_grad] + params_a)
+    grads_b = torch.autograd.grad(loss_b, [t for t in leaves_b if t.requires_grad] + params_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_with_padding_and_float_mask(backend, batch_first):
+    N, L, E, H = 3, 13, 24, 4
+    theirs = torch.nn.MultiheadAttention(E, H, batch_first=batch_first)
+    ours = twin(theirs, fastseq.nn.MultiheadAttention, E, H, batch_first=batch_first)
+    x = torch.randn(N, L, E) if batch_first else torch.randn(L, N, E)
+    padding = torch.zeros(N, L, dtype=torch.bool)
+    padding[1, 9:] = True
+    padding[2, 4:] = True
+    mask = torch.randn(L, L)
+
+    def call(m, x, mask):
+        return m(x, x, x, key_padding_mask=padding, attn_mask=mask, need_weights=False)
+
+    with backend_or_skip(backend):
+        assert_same_forward_backward(theirs, ours, (x, mask), call)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_attention_kdim_vdim_bias_kv_zero_attn(backend):
+    N, L, S, E, H = 2, 7, 11, 16, 2
+    kwargs = dict(kdim=10, vdim=6, add_bias_kv=True, add_zero_attn=True, batch_first=True)
+    theirs = torch.nn.MultiheadAttention(E, H, **kwargs)
+    ours = twin(theirs, fastseq.nn.MultiheadAttention, E, H, **kwargs)
+    assert "q_proj_weight" in dict(ours.named_parameters()) and ours.bias_k is not None
+    q, k, v = torch.randn(N, L, E), torch.randn(N, S, 10), torch.randn(N, S, 6)
+    mask = torch.rand(N * H, L, S) < 0.3  # bool, True = hidden (torch's convention)
+    padding = torch.zeros(N, S, dtype=torch.bool)
+    padding[0, -3:] = True
+
+    def call(m, q, k, v):
+        return m(q, k, v, key_padding_mask=padding, attn_mask=mask, need_weights=False)
+
+    with backend_or_skip(backend):
+        assert_same_forward_backward(theirs, ours, (q, k, v), call)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_need_weights_returns_torchs_weights(average):
+    N, L, E, H = 2, 6, 12, 3
+    theirs = torch.nn.MultiheadAttention(E, H, batch_first=True)
+    ours = twin(theirs, fastseq.nn.MultiheadAttention, E, H, batch_first=True)
+    x, mem = torch.randn(N, L, E), torch.randn(N, L + 2, E)
+    padding = torch.zeros(N, L + 2)
+    padding[1, -2:] = float("-inf")  # a float key_padding_mask
+
+    def call(m, x, mem):
+        return m(x, mem, mem, key_padding_mask=padding, average_attn_weights=average)
+
+    assert_same_forward_backward(theirs, ours, (x, mem), call)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unbatched_and_causal_hint(backend):
+    L, E, H = 9, 8, 2
+    theirs = torch.nn.MultiheadAttention(E, H)
+    ours = twin(theirs, fastseq.nn.MultiheadAttention, E, H)
+    x = torch.randn(L, E)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(L)
+
+    def call(m, x):
+        return m(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)
+
+    with backend_or_skip(backend):
+        assert_same_forward_backward(theirs, ours, (x,), call)
+
+
+def test_state_dict_both_ways_and_fully_masked_rows_give_zeros():
+    theirs = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    ours = fastseq.nn.MultiheadAttention(8, 2, batch_first=True)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 8)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1] = True  # the second sequence hides every key: torch gives NaN, fastseq zeros
+    out, _ = ours(x, x, x, key_padding_mask=padding, need_weights=False)
+    bias_only = ours.out_proj.bias.expand(5, 8)
+    torch.testing.assert_close(out[1], bias_only)
+
+
+def test_errors_name_the_argument():
+    m = fastseq.nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"attn_mask must have shape \(L, S\) = \[5, 5\]"):
+        m(x, x, x, attn_mask=torch.zeros(4, 5))
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(N, S\) = \[2, 5\]"):
+        m(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="embed_dim 8"):
+        m(torch.randn(2, 5, 6), x, x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_layer_matches_torch(backend, norm_first):
+    kwargs = dict(d_model=16, nhead=4, dim_feedforward=32, dropout=0.0, activation="gelu",
+                  batch_first=True, norm_first=norm_first)
+    torch.manual_seed(1)
+    theirs = torch.nn.TransformerEncoderLayer(**kwargs)
+    torch.manual_seed(1)
+    ours = fastseq.nn.TransformerEncoderLayer(**kwargs)
+    for a, b in zip(theirs.state_dict().values(), ours.state_dict().values()):
+        assert torch.equal(a, b), "the same seed gives torch's initial weights"
+    x = torch.randn(3, 10, 16)
+    padding = torch.zeros(3, 10, dtype=torch.bool)
+    padding[0, 6:] = True
+
+    def call(m, x):
+        return m(x, src_key_padding_mask=padding)
+
+    with backend_or_skip(backend):
+        assert_same_forward_backward(theirs, ours, (x,), call)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoder_layer_seq2seq_matches_torch(backend):
+    kwargs = dict(d_model=16, nhead=2, dim_feedforward=24, dropout=0.0, batch_first=False)
+    theirs = torch.nn.TransformerDecoderLayer(**kwargs)
+    ours = twin(theirs, fastseq.nn.TransformerDecoderLayer, **kwargs)
+    tgt, memory = torch.randn(7, 2, 16), torch.randn(12, 2, 16)
+    tgt_mask = torch.nn.Transformer.generate_square_subsequent_mask(7)
+    memory_padding = torch.zeros(2, 12, dtype=torch.bool)
+    memory_padding[1, 8:] = True
+
+    def call(m, tgt, memory):
+        return m(tgt, memory, tgt_mask=tgt_mask, memory_key_padding_mask=memory_padding,
+                 tgt_is_causal=True)
+
+    with backend_or_skip(backend):
+        assert_same_forward_backward(theirs, ours, (tgt, memory), call)
+
+
+def test_dropout_is_applied_in_training_only():
+    m = fastseq.nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+    x = torch.randn(2, 6, 8)
+    m.eval()
+    a, _ = m(x, x, x, need_weights=False)
+    b, _ = m(x, x, x, need_weights=False)
+    assert torch.equal(a, b)
+    m.train()
+    torch.manual_seed(3)
+    c, _ = m(x, x, x, need_weights=False)
+    torch.manual_seed(3)
+    d, _ = m(x, x, x, need_weights=False)
+    assert torch.equal(c, d) and not torch.allclose(a, c)
+
+
+def test_compile_fullgraph_encoder_decoder():
+    """A small seq2seq step (encoder layer, decoder layer with causal self-attention and
+    cross-attention) under torch.compile(fullgraph=True) on the Triton path."""
+    if fastseq.backend.triton_unavailable(torch.device("cpu")) is not None:
+        pytest.skip("the Triton interpreter is off")
+    enc = fastseq.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    dec = fastseq.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    src, tgt = torch.randn(2, 9, 16), torch.randn(2, 5, 16)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+
+    def step(src, tgt):
+        memory = enc(src, src_key_padding_mask=padding)
+        return dec(tgt, memory, memory_key_padding_mask=padding, tgt_is_causal=True).sum()
+
+    params = list(enc.parameters()) + list(dec.parameters())
+    with fastseq.use_backend("triton"):
+        torch._dynamo.reset()
+        eager = torch.autograd.grad(step(src, tgt), params)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        got = torch.autograd.grad(compiled(src, tgt), params)
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e)
