@@ -27,7 +27,9 @@ import triton.language as tl
 
 from .common import dot_acc
 
-NO_MASK, BOOL_MASK, FLOAT_MASK = 0, 1, 2  # MASK_KIND
+# MASK_KIND: none, a bool or float [L, S] tile per (batch, head), or one bool or float row of S
+# keys shared by every query
+NO_MASK, BOOL_MASK, FLOAT_MASK, BOOL_KEY_MASK, FLOAT_KEY_MASK = 0, 1, 2, 3, 4
 
 
 @triton.jit
@@ -42,7 +44,7 @@ def scores_base2(qk, offs_m, offs_n, L, S, mask_ptr, stride_mm, stride_mn, qk_sc
                  CHECK_COLUMNS: tl.constexpr):
     """The scores of a tile in base 2, -inf where a key is not visible to a query."""
     s = qk * qk_scale2
-    if MASK_KIND != 0:
+    if MASK_KIND == 1 or MASK_KIND == 2:
         in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < S)
         ptrs = mask_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         if MASK_KIND == 1:
@@ -51,6 +53,17 @@ def scores_base2(qk, offs_m, offs_n, L, S, mask_ptr, stride_mm, stride_mn, qk_sc
         else:
             bias = tl.load(ptrs, mask=in_bounds, other=0.0).to(s.dtype)
             s = s + bias * 1.4426950408889634
+    if MASK_KIND == 3 or MASK_KIND == 4:
+        # One mask row for every query (stride 0 over rows: key padding [B, 1, 1, S]): a
+        # BLOCK_N vector instead of a tile of per-element pointers (a 128 x 64 tile of them is
+        # 128 registers a thread at 4 warps and made the forward spill on sm_90).
+        ptrs = mask_ptr + offs_n * stride_mn
+        if MASK_KIND == 3:
+            keep = tl.load(ptrs, mask=offs_n < S, other=0)
+            s = tl.where(keep[None, :] != 0, s, float("-inf"))
+        else:
+            bias = tl.load(ptrs, mask=offs_n < S, other=0.0).to(s.dtype)
+            s = s + bias[None, :] * 1.4426950408889634
     if CHECK_CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     if CHECK_COLUMNS:

@@ -11,7 +11,8 @@ the causal diagonal.
 import torch
 import triton
 
-from .attention import (BOOL_MASK, FLOAT_MASK, NO_MASK, attention_backward_key_kernel,
+from .attention import (BOOL_KEY_MASK, BOOL_MASK, FLOAT_KEY_MASK, FLOAT_MASK, NO_MASK,
+                        attention_backward_key_kernel,
                         attention_backward_query_kernel, attention_forward_kernel)
 from .common import INTERPRETED, accumulator_dtype, dot_precision, new_output
 
@@ -76,12 +77,14 @@ def _length_bucket(*lengths: int) -> int:
 
 
 def _mask_arguments(mask, like):
-    """(pointer tensor, kind, its 4 strides) of a [B, H, L, S] mask view; bool masks as uint8."""
+    """(pointer tensor, kind, its 4 strides) of a [B, H, L, S] mask view; bool masks as uint8.
+    A mask broadcast over the query rows (stride 0, e.g. key padding) is read as one row."""
     if mask is None:
         return like, NO_MASK, (0, 0, 0, 0)
+    one_row = mask.stride(2) == 0 or mask.shape[2] == 1
     if mask.dtype == torch.bool:
-        return mask.view(torch.uint8), BOOL_MASK, mask.stride()
-    return mask, FLOAT_MASK, mask.stride()
+        return mask.view(torch.uint8), BOOL_KEY_MASK if one_row else BOOL_MASK, mask.stride()
+    return mask, FLOAT_KEY_MASK if one_row else FLOAT_MASK, mask.stride()
 
 
 def _common(q, k, v, scale, is_causal, dropout_p):

@@ -22,7 +22,7 @@ CASES = {
     "gqa": (1, 4, 2, 33, 20, 16, 16),
     "mqa-d96": (2, 2, 1, 7, 34, 96, 32),
 }
-MASKS = ["none", "causal", "key-padding", "float-causal", "bool-2d"]
+MASKS = ["none", "causal", "key-padding", "float-key-padding", "float-causal", "bool-2d"]
 
 
 def triton_or_skip():
@@ -49,6 +49,10 @@ def make_mask(kind, case, dtype=torch.float64):
         mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
         for b in range(1, B):
             mask[b, ..., S - 1 - S // (b + 2):] = False
+        return mask, False
+    if kind == "float-key-padding":  # [B, 1, 1, S] additive, read by the kernels as one row
+        mask = torch.randn(B, 1, 1, S, dtype=dtype)
+        mask[-1, ..., S // 2:] = float("-inf")
         return mask, False
     if kind == "bool-2d":  # [L, S], one row with nothing visible
         mask = torch.rand(L, S) > 0.4

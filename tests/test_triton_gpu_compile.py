@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from fastseq.kernels import layer_norm_rnn_layer, rnn_cell, rnn_layer
+from fastseq.kernels import attention_launch, layer_norm_rnn_layer, rnn_cell, rnn_layer
 from fastseq.kernels.rnn_cell_layout import LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -85,6 +85,32 @@ def layer_norm_spec(kernel, mode, dtype):
     return {"module": "layer_norm_rnn_layer", "kernel": f"_ln_rnn_{kernel}_kernel", "arch": 90,
             "pointer_dtype": POINTER_DTYPES[dtype], "pointer_overrides": overrides,
             "scalar_overrides": {"eps": "fp32"}, "num_warps": num_warps, "constexprs": constexprs}
+
+
+ATTENTION_KERNELS = {"forward": "attention_forward_kernel",
+                     "backward_key": "attention_backward_key_kernel",
+                     "backward_query": "attention_backward_query_kernel"}
+
+
+def attention_specs(kernel, dtype, head_dim, mask_kind=1):
+    """Every autotuning candidate of an attention kernel at one head dim, on its longest path:
+    causal, a mask (1 bool, 2 float with its gradient), dropout."""
+    specs = []
+    for config in attention_launch.candidate_configs(kernel, dtype, head_dim):
+        constexprs = dict(config.kwargs, BLOCK_D=head_dim, BLOCK_DV=head_dim, IS_CAUSAL=True,
+                          MASK_KIND=mask_kind, DROPOUT=True, PRECISION="ieee", UPCAST=False,
+                          ACC_DTYPE="tl.fp64" if dtype == torch.float64 else "tl.fp32")
+        if kernel == "backward_key":
+            constexprs["MASK_GRAD"] = mask_kind == 2
+        acc = "fp64" if dtype == torch.float64 else "fp32"
+        overrides = {"lse_ptr": acc, "delta_ptr": acc, "seed_ptr": "i64",
+                     "mask_ptr": "u8" if mask_kind == 1 else POINTER_DTYPES[dtype]}
+        specs.append({"module": "attention", "kernel": ATTENTION_KERNELS[kernel], "arch": 90,
+                      "pointer_dtype": POINTER_DTYPES[dtype], "pointer_overrides": overrides,
+                      "scalar_overrides": {"qk_scale2": "fp32", "scale": "fp32",
+                                           "dropout_p": "fp32"},
+                      "num_warps": config.num_warps, "constexprs": constexprs})
+    return specs
 
 
 # Cell step: every mode in bf16 and fp32 at the three batch-tile sizes (16, 32, 64 rows), fp16

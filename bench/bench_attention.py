@@ -1,0 +1,165 @@
+"""Scaled dot-product attention: fastseq's fused Triton kernel against torch's SDPA (each CUDA
+backend named: default dispatch, flash, cuDNN, memory-efficient where it is the one taking
+masks), flash-attn when installed, and nn.MultiheadAttention for the layer.
+
+FLOP counts (the issue's convention): forward 4 B H L S D, halved for causal; backward 2.5x the
+forward. Lengths run at a fixed number of tokens (B * L = 16k), so every case does the same
+work per token pair row and the table reads as TFLOP/s against L.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseq
+
+from conftest import DEVICE, run_timed
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+if DEVICE.type == "cuda":
+    TOKENS, HEAD_WIDTH = 16384, 2048  # B * L tokens; heads * D = 2048 (16 heads of 128)
+    LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
+    HEAD_DIMS = [64, 128]
+    DTYPES = [torch.bfloat16, torch.float16]
+    PROVIDERS = ["fastseq-triton", "torch-sdpa", "torch-sdpa-flash", "torch-sdpa-cudnn"] + \
+        (["flash-attn"] if flash_attn_func is not None else [])
+else:
+    # A 2-core CPU: one small case per pass (B=2, 4 heads), seconds not minutes.
+    TOKENS, HEAD_WIDTH = 512, 256
+    LENGTHS, HEAD_DIMS, DTYPES = [256], [64], [torch.float32]
+    PROVIDERS = ["fastseq", "torch-sdpa", "reference"]
+SDPA_BACKENDS = {"torch-sdpa-flash": "FLASH_ATTENTION", "torch-sdpa-cudnn": "CUDNN_ATTENTION",
+                 "torch-sdpa-efficient": "EFFICIENT_ATTENTION"}
+
+
+def sdpa_context(provider):
+    if provider not in SDPA_BACKENDS:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[provider]))
+
+
+def attention_call(provider, mask=None, causal=False):
+    """f(q, k, v) in [B, H, L, D] for the provider."""
+    if provider in ("fastseq-triton", "fastseq"):
+        backend = "triton" if provider == "fastseq-triton" else None
+        return lambda q, k, v: fastseq.ops.attention(q, k, v, mask, is_causal=causal,
+                                                     backend=backend)
+    if provider == "reference":
+        return lambda q, k, v: fastseq.reference.attention.scaled_dot_product_attention(
+            q, k, v, mask, is_causal=causal)
+    if provider == "flash-attn":  # [B, L, H, D] layout
+        return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), causal=causal).transpose(1, 2)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal)
+
+
+def time_attention(benchmark, provider, fn, q, k, v, passes, flop_fwd, **info):
+    leaves = [t.requires_grad_(passes != "fwd") for t in (q, k, v)]
+    grad = torch.randn_like(q[..., :v.shape[-1]])
+    if passes == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(*leaves)
+        flop = flop_fwd
+    elif passes == "bwd":  # the backward alone, from one saved forward
+        out = fn(*leaves)
+
+        def step():
+            torch.autograd.grad(out, leaves, grad, retain_graph=True)
+        flop = 2.5 * flop_fwd
+    else:
+        def step():
+            torch.autograd.grad(fn(*leaves), leaves, grad)
+        flop = 3.5 * flop_fwd
+    with sdpa_context(provider):
+        step()  # a provider that cannot run the case fails here, before timing
+        run_timed(benchmark, step, calls_per_round=5, op="attention", provider=provider,
+                  passes=passes, gflop=flop / 1e9, **info)
+
+
+def inputs(batch, heads, length, dim, dtype, kv_length=None):
+    kv_length = kv_length or length
+    q = torch.randn(batch, heads, length, dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(batch, heads, kv_length, dim, device=DEVICE, dtype=dtype)
+    v = torch.randn(batch, heads, kv_length, dim, device=DEVICE, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("passes", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def bench_attention(benchmark, provider, dtype, dim, length, causal, passes):
+    if dtype == torch.float16 and length != 4096:
+        pytest.skip("fp16 at one length (L=4k); bf16 covers the sweep")
+    if provider == "torch-sdpa-cudnn" and passes != "fwd" and causal and length > 8192:
+        pytest.skip("measured separately if cuDNN's causal backward is wanted at 16k")
+    batch, heads = max(TOKENS // length, 1), HEAD_WIDTH // dim
+    q, k, v = inputs(batch, heads, length, dim, dtype)
+    flop = 4 * batch * heads * length * length * dim / (2 if causal else 1)
+    time_attention(benchmark, provider, attention_call(provider, causal=causal), q, k, v, passes,
+                   flop, shape=f"B={batch} H={heads} L={length} D={dim}"
+                   f"{' causal' if causal else ''}", dtype=str(dtype).split(".")[1])
+
+
+MASKED_PROVIDERS = [p for p in PROVIDERS if p not in ("torch-sdpa-flash", "flash-attn")] + \
+    (["torch-sdpa-efficient"] if DEVICE.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("mask_kind", ["key-padding", "arbitrary"])
+@pytest.mark.parametrize("provider", MASKED_PROVIDERS)
+def bench_masked_attention(benchmark, provider, mask_kind, passes):
+    """Where SDPA leaves its flash path: a padded batch (key_padding_mask [B, 1, 1, S], lengths
+    spread over [L/4, L]) and an arbitrary bool mask [B, 1, L, S]."""
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    batch, heads, length, dim = (8, 16, 2048, 128) if DEVICE.type == "cuda" else (2, 4, 128, 64)
+    q, k, v = inputs(batch, heads, length, dim, dtype)
+    if mask_kind == "key-padding":
+        lengths = torch.linspace(length, length // 4, batch, device=DEVICE).long()
+        mask = (torch.arange(length, device=DEVICE) < lengths[:, None]).view(batch, 1, 1, length)
+    else:
+        mask = torch.rand(batch, 1, length, length, device=DEVICE) < 0.7
+    flop = 4 * batch * heads * length * length * dim
+    time_attention(benchmark, provider, attention_call(provider, mask=mask), q, k, v, passes,
+                   flop, shape=f"B={batch} H={heads} L={length} D={dim} {mask_kind}",
+                   dtype=str(dtype).split(".")[1])
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", ["fastseq", "torch"])
+def bench_multihead_attention(benchmark, provider, passes):
+    """The layer (projections included), batch-first self-attention with key padding, in the
+    need_weights=False mode Transformer layers use."""
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    batch, length, embed, heads = (8, 2048, 1024, 16) if DEVICE.type == "cuda" else (2, 128, 256, 4)
+    cls = fastseq.nn.MultiheadAttention if provider == "fastseq" else torch.nn.MultiheadAttention
+    layer = cls(embed, heads, batch_first=True, device=DEVICE, dtype=dtype)
+    x = torch.randn(batch, length, embed, device=DEVICE, dtype=dtype,
+                    requires_grad=passes != "fwd")
+    padding = torch.arange(length, device=DEVICE) >= torch.linspace(
+        length, length // 2, batch, device=DEVICE).long()[:, None]
+
+    def call():
+        return layer(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+    if passes == "fwd":
+        def step():
+            with torch.no_grad():
+                return call()
+    else:
+        def step():
+            call().sum().backward()
+    flop = 4 * batch * heads * length * length * (embed // heads) + 8 * batch * length * embed ** 2
+    run_timed(benchmark, step, calls_per_round=5, op="multihead_attention", provider=provider,
+              passes=passes, gflop=flop * (1 if passes == "fwd" else 3) / 1e9,
+              shape=f"B={batch} L={length} E={embed} H={heads} padded",
+              dtype=str(dtype).split(".")[1])
