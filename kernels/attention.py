@@ -33,20 +33,23 @@ NO_MASK, BOOL_MASK, FLOAT_MASK, BOOL_KEY_MASK, FLOAT_KEY_MASK = 0, 1, 2, 3, 4
 
 
 @triton.jit
-def dropout_keep(seed, offs_m, offs_n, S, dropout_p):
-    """The keep-mask of a [BLOCK_M, BLOCK_N] tile: Philox(seed of this batch-head, i*S + j)."""
-    return tl.rand(seed, offs_m[:, None] * S + offs_n[None, :]) >= dropout_p
+def dropout_keep(seed, query_rows, key_cols, S, dropout_p):
+    """The keep-mask of a tile: Philox(seed of this batch-head, i*S + j). query_rows and
+    key_cols are the tile's query and key indices shaped to broadcast ([M, 1] and [1, N], or
+    [1, M] and [N, 1] for a transposed tile)."""
+    return tl.rand(seed, query_rows * S + key_cols) >= dropout_p
 
 
 @triton.jit
-def scores_base2(qk, offs_m, offs_n, L, S, mask_ptr, stride_mm, stride_mn, qk_scale2,
+def scores_base2(qk, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn, qk_scale2,
                  MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
                  CHECK_COLUMNS: tl.constexpr):
-    """The scores of a tile in base 2, -inf where a key is not visible to a query."""
+    """The scores of a tile in base 2, -inf where a key is not visible to a query. query_rows
+    and key_cols as in dropout_keep, so the same code serves q k^T tiles and k q^T tiles."""
     s = qk * qk_scale2
     if MASK_KIND == 1 or MASK_KIND == 2:
-        in_bounds = (offs_m[:, None] < L) & (offs_n[None, :] < S)
-        ptrs = mask_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        in_bounds = (query_rows < L) & (key_cols < S)
+        ptrs = mask_ptr + query_rows * stride_mm + key_cols * stride_mn
         if MASK_KIND == 1:
             keep = tl.load(ptrs, mask=in_bounds, other=0)
             s = tl.where(keep != 0, s, float("-inf"))
@@ -57,17 +60,17 @@ def scores_base2(qk, offs_m, offs_n, L, S, mask_ptr, stride_mm, stride_mn, qk_sc
         # One mask row for every query (stride 0 over rows: key padding [B, 1, 1, S]): a
         # BLOCK_N vector instead of a tile of per-element pointers (a 128 x 64 tile of them is
         # 128 registers a thread at 4 warps and made the forward spill on sm_90).
-        ptrs = mask_ptr + offs_n * stride_mn
+        ptrs = mask_ptr + key_cols * stride_mn
         if MASK_KIND == 3:
-            keep = tl.load(ptrs, mask=offs_n < S, other=0)
-            s = tl.where(keep[None, :] != 0, s, float("-inf"))
+            keep = tl.load(ptrs, mask=key_cols < S, other=0)
+            s = tl.where(keep != 0, s, float("-inf"))
         else:
-            bias = tl.load(ptrs, mask=offs_n < S, other=0.0).to(s.dtype)
-            s = s + bias[None, :] * 1.4426950408889634
+            bias = tl.load(ptrs, mask=key_cols < S, other=0.0).to(s.dtype)
+            s = s + bias * 1.4426950408889634
     if CHECK_CAUSAL:
-        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        s = tl.where(key_cols <= query_rows, s, float("-inf"))
     if CHECK_COLUMNS:
-        s = tl.where(offs_n[None, :] < S, s, float("-inf"))
+        s = tl.where(key_cols < S, s, float("-inf"))
     return s
 
 
@@ -83,8 +86,8 @@ def forward_block(acc, l_i, m_i, q, start_n, offs_m, offs_n0, offs_d, offs_dv, k
     k_t = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                   mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
     qk = dot_acc(q, k_t, tl.zeros((q.shape[0], k_t.shape[1]), acc.dtype), PRECISION, UPCAST)
-    s = scores_base2(qk, offs_m, offs_n, L, S, mask_ptr, stride_mm, stride_mn, qk_scale2,
-                     MASK_KIND, CHECK_CAUSAL, CHECK_COLUMNS)
+    s = scores_base2(qk, offs_m[:, None], offs_n[None, :], L, S, mask_ptr, stride_mm,
+                     stride_mn, qk_scale2, MASK_KIND, CHECK_CAUSAL, CHECK_COLUMNS)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen nothing visible yet keeps m = -inf: shift by 0 so no -inf - -inf.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -92,7 +95,7 @@ def forward_block(acc, l_i, m_i, q, start_n, offs_m, offs_n0, offs_d, offs_dv, k
     alpha = tl.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        p = tl.where(dropout_keep(seed, offs_m, offs_n, S, dropout_p), p, 0.0)
+        p = tl.where(dropout_keep(seed, offs_m[:, None], offs_n[None, :], S, dropout_p), p, 0.0)
     v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0)
     acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
@@ -174,8 +177,8 @@ def probabilities(q, k, offs_m, offs_n, lse2, L, S, mask_ptr, stride_mm, stride_
     """The softmax probabilities of a tile, recomputed from the forward's log-sum-exp (base 2;
     lse2 is 0 for a row with nothing visible, whose scores are all -inf)."""
     qk = dot_acc(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), lse2.dtype), PRECISION, UPCAST)
-    s = scores_base2(qk, offs_m, offs_n, L, S, mask_ptr, stride_mm, stride_mn, qk_scale2,
-                     MASK_KIND, CHECK_CAUSAL, CHECK_COLUMNS)
+    s = scores_base2(qk, offs_m[:, None], offs_n[None, :], L, S, mask_ptr, stride_mm,
+                     stride_mn, qk_scale2, MASK_KIND, CHECK_CAUSAL, CHECK_COLUMNS)
     return tl.exp2(s - lse2[:, None])
 
 
@@ -196,7 +199,7 @@ def score_gradient(p, do, v, offs_m, offs_n, delta, S, seed, dropout_p,
     dp = dot_acc(do, tl.trans(v), tl.zeros_like(p), PRECISION, UPCAST)
     p_used = p
     if DROPOUT:
-        keep = dropout_keep(seed, offs_m, offs_n, S, dropout_p)
+        keep = dropout_keep(seed, offs_m[:, None], offs_n[None, :], S, dropout_p)
         p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     return p * (dp - delta[:, None]), p_used
@@ -210,23 +213,36 @@ def key_block_gradients(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv,
                         DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         ACC_DTYPE: tl.constexpr):
-    """One query block's share of dK and dV (and of the float mask's gradient) for a key block."""
+    """One query block's share of dK and dV (and of the float mask's gradient) for a key block.
+
+    Computed transposed, as Triton's fused-attention tutorial does: P^T = exp2(k q^T - lse) is
+    [BLOCK_N, BLOCK_M], so dV += P^T dO and dK += dS^T q take the tiles as they come out of the
+    dots; only loaded operands are transposed. (Transposing the computed P and dS instead made
+    every candidate configuration of this kernel spill on sm_90 at head dim 64.)"""
     offs_m = start_m + offs_m0
-    rows = offs_m[:, None] < L
-    q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=rows & (offs_d[None, :] < E), other=0.0)
+    query_rows = offs_m[None, :]
+    key_cols = offs_n[:, None]
+    q_t = tl.load(q_ptr + query_rows * stride_qm + offs_d[:, None] * stride_qd,
+                  mask=(query_rows < L) & (offs_d[:, None] < E), other=0.0)
     do = tl.load(do_ptr + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=rows & (offs_dv[None, :] < EV), other=0.0)
+                 mask=(offs_m[:, None] < L) & (offs_dv[None, :] < EV), other=0.0)
     lse2, delta = load_row_stats(lse_ptr, delta_ptr, offs_m, L, ACC_DTYPE)
-    p = probabilities(q, k, offs_m, offs_n, lse2, L, S, mask_ptr, stride_mm, stride_mn,
-                      qk_scale2, MASK_KIND, CHECK_CAUSAL, False, PRECISION, UPCAST)
-    ds, p_used = score_gradient(p, do, v, offs_m, offs_n, delta, S, seed, dropout_p, DROPOUT,
-                                PRECISION, UPCAST)
-    dv = dot_acc(tl.trans(p_used.to(do.dtype)), do, dv, PRECISION, UPCAST)
-    dk = dot_acc(tl.trans(ds.to(q.dtype)), q, dk, PRECISION, UPCAST)
+    qk_t = dot_acc(k, q_t, tl.zeros((k.shape[0], q_t.shape[1]), ACC_DTYPE), PRECISION, UPCAST)
+    s_t = scores_base2(qk_t, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn,
+                       qk_scale2, MASK_KIND, CHECK_CAUSAL, False)
+    p_t = tl.exp2(s_t - lse2[None, :])
+    dp_t = dot_acc(v, tl.trans(do), tl.zeros_like(p_t), PRECISION, UPCAST)
+    p_used = p_t
+    if DROPOUT:
+        keep = dropout_keep(seed, query_rows, key_cols, S, dropout_p)
+        p_used = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
+        dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dv = dot_acc(p_used.to(do.dtype), do, dv, PRECISION, UPCAST)
+    dk = dot_acc(ds_t.to(q_t.dtype), tl.trans(q_t), dk, PRECISION, UPCAST)
     if MASK_GRAD:
-        tl.store(dmask_ptr + offs_m[:, None] * S + offs_n[None, :],
-                 ds.to(dmask_ptr.dtype.element_ty), mask=rows & (offs_n[None, :] < S))
+        tl.store(dmask_ptr + query_rows * S + key_cols, ds_t.to(dmask_ptr.dtype.element_ty),
+                 mask=(query_rows < L) & (key_cols < S))
     return dk, dv
 
 
