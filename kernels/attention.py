@@ -19,8 +19,8 @@ Dropout draws a Philox number per (batch, head, row, column) from a seed drawn f
 generator by the caller: the backward regenerates exactly the forward's keep-mask.
 
 Backward (deterministic, no atomics): delta = rowsum(dO * O) - dlse comes from the caller; one
-kernel per key block accumulates dK and dV over every query block (and over the G query heads of
-its key/value head), another per query block accumulates dQ.
+kernel per key block and query head accumulates dK and dV over every query block (GQA: the
+group's heads are summed afterwards), another per query block accumulates dQ.
 """
 import triton
 import triton.language as tl
@@ -258,14 +258,16 @@ def attention_backward_key_kernel(
         BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
         DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Program (key block, batch * key/value head): dK and dV of BLOCK_N keys, summed over every
-    query block that sees them and over the GROUP query heads sharing this key/value head.
-    dk [B, H/G, S, E] and dv [B, H/G, S, EV] are contiguous; so is dmask [B, H, L, S]."""
+    """Program (key block, batch * query head): dK and dV of BLOCK_N keys, summed over every
+    query block that sees them, for one query head. dk [B, H, S, E] and dv [B, H, S, EV] are
+    contiguous, per query head: with GQA the launcher sums each group's heads afterwards (as
+    FlashAttention-2 does; deterministic, and G times the programs; looping over the group
+    inside the program made more configurations spill on sm_90). dmask [B, H, L, S] likewise."""
     pid_n = tl.program_id(0)
-    bkv = tl.program_id(1)
-    kv_heads = H // GROUP
-    b = bkv // kv_heads
-    kv_h = bkv % kv_heads
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kv_h = h // GROUP
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -287,32 +289,30 @@ def attention_backward_key_kernel(
     else:
         first = 0
         free_start = 0
-    for g in range(0, GROUP):
-        h = kv_h * GROUP + g
-        bh = b * H + h
-        seed = 0
-        if DROPOUT:
-            seed = tl.load(seed_ptr) + bh
-        q_h = q_ptr + b * stride_qb + h * stride_qh
-        do_h = do_ptr + b * stride_dob + h * stride_doh
-        mask_h = mask_ptr + b * stride_mb + h * stride_mh
-        dmask_h = dmask_ptr + bh.to(tl.int64) * L * S
-        for start_m in range(first, free_start, BLOCK_M):
-            dk, dv = key_block_gradients(
-                dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv, q_h, do_h,
-                lse_ptr + bh * L, delta_ptr + bh * L, dmask_h, stride_qm, stride_qd, stride_dom,
-                stride_dod, E, EV, L, S, mask_h, stride_mm, stride_mn, qk_scale2, seed,
-                dropout_p, MASK_KIND, IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION, UPCAST,
-                ACC_DTYPE)
-        for start_m in range(free_start, L, BLOCK_M):
-            dk, dv = key_block_gradients(
-                dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv, q_h, do_h,
-                lse_ptr + bh * L, delta_ptr + bh * L, dmask_h, stride_qm, stride_qd, stride_dom,
-                stride_dod, E, EV, L, S, mask_h, stride_mm, stride_mn, qk_scale2, seed,
-                dropout_p, MASK_KIND, False, DROPOUT, MASK_GRAD, PRECISION, UPCAST, ACC_DTYPE)
-    out_rows = bkv.to(tl.int64) * S + offs_n
-    tl.store(dk_ptr + out_rows[:, None] * E + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=cols & (offs_d[None, :] < E))
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr) + bh
+    q_ptr += b * stride_qb + h * stride_qh
+    do_ptr += b * stride_dob + h * stride_doh
+    mask_ptr += b * stride_mb + h * stride_mh
+    dmask_ptr += bh.to(tl.int64) * L * S
+    lse_ptr += bh * L
+    delta_ptr += bh * L
+    for start_m in range(first, free_start, BLOCK_M):
+        dk, dv = key_block_gradients(
+            dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv, q_ptr, do_ptr, lse_ptr,
+            delta_ptr, dmask_ptr, stride_qm, stride_qd, stride_dom, stride_dod, E, EV, L, S,
+            mask_ptr, stride_mm, stride_mn, qk_scale2, seed, dropout_p, MASK_KIND, IS_CAUSAL,
+            DROPOUT, MASK_GRAD, PRECISION, UPCAST, ACC_DTYPE)
+    for start_m in range(free_start, L, BLOCK_M):
+        dk, dv = key_block_gradients(
+            dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv, q_ptr, do_ptr, lse_ptr,
+            delta_ptr, dmask_ptr, stride_qm, stride_qd, stride_dom, stride_dod, E, EV, L, S,
+            mask_ptr, stride_mm, stride_mn, qk_scale2, seed, dropout_p, MASK_KIND, False,
+            DROPOUT, MASK_GRAD, PRECISION, UPCAST, ACC_DTYPE)
+    out_rows = bh.to(tl.int64) * S + offs_n
+    tl.store(dk_ptr + out_rows[:, None] * E + offs_d[None, :],
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=cols & (offs_d[None, :] < E))
     tl.store(dv_ptr + out_rows[:, None] * EV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=cols & (offs_dv[None, :] < EV))
 

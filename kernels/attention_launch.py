@@ -1,10 +1,10 @@
 """Block sizes and launchers of the attention kernels (kernels/attention.py).
 
-On a GPU each kernel is autotuned (triton.autotune) over a few configurations chosen by dtype
-and head dim, keyed on the power-of-two bucket of the longest length, so a new length in the
-same bucket reuses the choice instead of benchmarking again (~0.3 s per key). The lists are
-starting points in the FlashAttention-2 / Triton-tutorial range, not yet measured on an H100
-(no GPU has been lent to this project): bench/NOTES.md records what to measure. Under the
+On a GPU each kernel is autotuned (triton.autotune) over a few configurations chosen by dtype,
+head dim and feature set, keyed on the power-of-two bucket of the longest length, so a new
+length in the same bucket reuses the choice instead of benchmarking again. The candidates are
+the configurations that compiled for sm_90 without register spills; their speed has not been
+measured (no GPU has been lent to this project): bench/NOTES.md records what to measure. Under the
 interpreter one fixed 16 x 16 configuration, so CI's small odd shapes cross several blocks and
 the causal diagonal.
 """
@@ -30,46 +30,78 @@ def _configs(shapes):
             for m, n, w, s in shapes]
 
 
-def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int) -> list:
-    """(BLOCK_M, BLOCK_N, warps, stages) candidates. Larger head dims and wider dtypes take
-    smaller tiles: a 128 x 128 fp32 accumulator alone is 64 KB of registers across 4 warps."""
-    if dtype == torch.float64:
-        return _configs([(16, 32, 4, 1), (32, 32, 4, 1)])
-    wide = dtype == torch.float32
-    if kernel == "forward":
-        if block_d <= 64 and not wide:
-            shapes = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
-        elif block_d <= 128 and not wide:
-            shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
-        else:
-            shapes = [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
-    elif kernel == "backward_key":  # BLOCK_N keys owned, BLOCK_M query rows streamed
-        if block_d <= 128 and not wide:
-            shapes = [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2)]
-        else:
-            shapes = [(32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)]
-    else:  # backward_query: BLOCK_M rows owned, BLOCK_N keys streamed
-        if block_d <= 128 and not wide:
-            shapes = [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
-        else:
-            shapes = [(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)]
-    return _configs(shapes)
+# (BLOCK_M, BLOCK_N, warps) candidates per kernel, head-dim class (<= 64, <= 128, <= 256) and
+# whether the launch reads a mask tile or draws dropout ("heavy": a [L, S] mask's per-element
+# pointers or the Philox state cost registers). Every entry compiled for sm_90 without
+# register spills on its own feature set (tests/test_triton_gpu_compile.py; the sweep that
+# chose them is in bench/NOTES.md, 2026-12-01); most larger tiles spilled. For the dK/dV
+# kernel BLOCK_N is the key block a program owns and BLOCK_M the query rows it streams.
+HALF_CANDIDATES = {
+    ("forward", 64, False): [(128, 64, 4), (128, 64, 8), (64, 64, 4)],
+    ("forward", 64, True): [(128, 32, 8), (64, 32, 4)],
+    ("forward", 128, False): [(128, 64, 8), (128, 32, 8), (64, 64, 8)],
+    ("forward", 128, True): [(64, 32, 4), (64, 32, 8), (128, 16, 8)],
+    ("forward", 256, False): [(32, 32, 4)],
+    ("forward", 256, True): [(32, 32, 4)],
+    ("backward_key", 64, False): [(32, 128, 8), (64, 64, 8), (32, 64, 4)],
+    ("backward_key", 64, True): [(32, 32, 4), (16, 64, 4)],
+    ("backward_key", 128, False): [(32, 32, 8), (32, 32, 4), (16, 32, 4)],
+    ("backward_key", 128, True): [(32, 32, 8), (16, 32, 4), (32, 16, 4)],
+    ("backward_key", 256, False): [(16, 16, 4)],
+    ("backward_key", 256, True): [(16, 16, 8)],
+    ("backward_query", 64, False): [(128, 32, 8), (64, 64, 8), (64, 32, 4)],
+    ("backward_query", 64, True): [(128, 32, 8), (64, 64, 8), (64, 32, 4)],
+    ("backward_query", 128, False): [(32, 32, 8), (32, 16, 4), (16, 32, 4)],
+    ("backward_query", 128, True): [(32, 32, 8), (32, 16, 4), (16, 32, 4)],
+    ("backward_query", 256, False): [(16, 32, 4)],
+    ("backward_query", 256, True): [(16, 32, 4)],
+}
+# fp32 dots run on FMA units (exact fp32) or as TF32: operands stay in registers, so tiles are
+# smaller still.
+FP32_CANDIDATES = {
+    ("forward", 64): [(32, 32, 4)],
+    ("forward", 128): [(16, 16, 4)],
+    ("backward_key", 64): [(16, 16, 4)],
+    ("backward_key", 128): [(16, 16, 4)],
+    ("backward_query", 64): [(64, 16, 4)],
+    ("backward_query", 128): [(16, 16, 4)],
+}
+
+
+def head_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int, heavy: bool) -> list:
+    """The autotuner's candidates for this kernel, dtype, padded head dim and feature set."""
+    if dtype == torch.float64:  # gradcheck-sized work only
+        return _configs([(16, 16, 4, 1)])
+    if dtype == torch.float32:
+        shapes = FP32_CANDIDATES[(kernel, min(head_class(block_d), 128))]
+        return _configs([(m, n, w, 2) for m, n, w in shapes])
+    shapes = HALF_CANDIDATES[(kernel, head_class(block_d), heavy)]
+    return _configs([(m, n, w, 3) for m, n, w in shapes])
 
 
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 _tuned: dict = {}
 
 
-def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int):
-    """The interpreter's plain kernel, or on a GPU the autotuned wrapper for this dtype and
-    head-dim class (built once per class)."""
+def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int, heavy: bool):
+    """The interpreter's plain kernel, or on a GPU the autotuned wrapper for this dtype,
+    head-dim class and feature set (built once per combination)."""
     if INTERPRETED:
         return fn, dict(INTERPRETER_CONFIG, num_warps=4)
-    key = (kernel, dtype, block_d)
+    key = (kernel, dtype, block_d, heavy)
     if key not in _tuned:
-        _tuned[key] = triton.autotune(candidate_configs(kernel, dtype, block_d),
+        _tuned[key] = triton.autotune(candidate_configs(kernel, dtype, block_d, heavy),
                                       key=["length_bucket"])(fn)
     return _tuned[key], {}
+
+
+def _heavy(mask_kind: int, dropout_p: float) -> bool:
+    """A mask tile or dropout: the launches that need the smaller candidate tiles."""
+    return mask_kind in (BOOL_MASK, FLOAT_MASK) or dropout_p > 0.0
 
 
 def _length_bucket(*lengths: int) -> int:
@@ -108,7 +140,7 @@ def attention_forward(q, k, v, mask, seed, dropout_p: float, is_causal: bool, sc
     lse = new_output((B, H, L), q.new_empty(0, dtype=accumulator_dtype(q.dtype)))
     mask_arg, mask_kind, mask_strides = _mask_arguments(mask, q)
     kernel, launch = _kernel_for("forward", attention_forward_kernel, q.dtype,
-                                 constexprs["BLOCK_D"])
+                                 constexprs["BLOCK_D"], _heavy(mask_kind, dropout_p))
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](q, k, v, out, lse, mask_arg, seed if seed is not None else lse,
                  *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
@@ -125,8 +157,12 @@ def attention_backward(dout, q, k, v, lse, delta, mask, mask_grad: bool, seed,
     B, H, L, S, E, EV, constexprs, scalars, qk_scale2 = _common(q, k, v, scale, is_causal,
                                                                  dropout_p)
     dq = new_output(q.shape, q)
-    dk = new_output(k.shape, k)
-    dv = new_output(v.shape, v)
+    # Per query head; summed over each group of G heads below (GQA). Accumulated in fp32 when
+    # there is a sum to do, so the group's sum rounds once.
+    group = H // k.shape[1]
+    wide = q.new_empty(0, dtype=accumulator_dtype(q.dtype)) if group > 1 else q
+    dk = new_output((B, H, S, E), wide)
+    dv = new_output((B, H, S, EV), wide)
     # Entries no program visits (keys hidden by the causal rule) have gradient 0: zeros.
     dmask = (torch.zeros((B, H, L, S), dtype=mask.dtype, device=q.device) if mask_grad
              else q.new_empty(0))
@@ -134,17 +170,21 @@ def attention_backward(dout, q, k, v, lse, delta, mask, mask_grad: bool, seed,
     seed_arg = seed if seed is not None else lse
     bucket = _length_bucket(L, S)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mask_strides)
+    heavy = _heavy(mask_kind, dropout_p)
     kernel, launch = _kernel_for("backward_key", attention_backward_key_kernel, q.dtype,
-                                 constexprs["BLOCK_D"])
-    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * k.shape[1])  # noqa: E731
+                                 constexprs["BLOCK_D"], heavy)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731
     kernel[grid](q, k, v, dout, lse, delta, mask_arg, seed_arg, dk, dv,
                  dmask if mask_grad else q, *strides, *scalars, qk_scale2, float(scale),
                  float(dropout_p), bucket, MASK_KIND=mask_kind, MASK_GRAD=mask_grad,
                  **constexprs, **launch)
     kernel, launch = _kernel_for("backward_query", attention_backward_query_kernel, q.dtype,
-                                 constexprs["BLOCK_D"])
+                                 constexprs["BLOCK_D"], heavy)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](q, k, v, dout, lse, delta, mask_arg, seed_arg, dq, *strides, *scalars,
                  qk_scale2, float(scale), float(dropout_p), bucket, MASK_KIND=mask_kind,
                  **constexprs, **launch)
+    if group > 1:
+        dk = dk.view(B, k.shape[1], group, S, E).sum(2).to(k.dtype)
+        dv = dv.view(B, k.shape[1], group, S, EV).sum(2).to(v.dtype)
     return dq, dk, dv, dmask

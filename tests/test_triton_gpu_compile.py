@@ -92,24 +92,29 @@ ATTENTION_KERNELS = {"forward": "attention_forward_kernel",
                      "backward_query": "attention_backward_query_kernel"}
 
 
-def attention_specs(kernel, dtype, head_dim, mask_kind=1):
-    """Every autotuning candidate of an attention kernel at one head dim, on its longest path:
-    causal, a mask (1 bool, 2 float with its gradient), dropout."""
+def attention_specs(kernel, dtype, head_dim, heavy):
+    """Every autotuning candidate of an attention kernel for one dtype, head dim and feature
+    set, causal, compiled on the longest path of that set: heavy = a float mask tile with its
+    gradient and dropout; light = a key-padding mask (one row of S keys)."""
     specs = []
-    for config in attention_launch.candidate_configs(kernel, dtype, head_dim):
+    mask_kind = 2 if heavy else 3
+    for config in attention_launch.candidate_configs(kernel, dtype, head_dim, heavy):
         constexprs = dict(config.kwargs, BLOCK_D=head_dim, BLOCK_DV=head_dim, IS_CAUSAL=True,
-                          MASK_KIND=mask_kind, DROPOUT=True, PRECISION="ieee", UPCAST=False,
+                          MASK_KIND=mask_kind, DROPOUT=heavy, PRECISION="ieee", UPCAST=False,
                           ACC_DTYPE="tl.fp64" if dtype == torch.float64 else "tl.fp32")
         if kernel == "backward_key":
-            constexprs["MASK_GRAD"] = mask_kind == 2
+            constexprs["MASK_GRAD"] = heavy
         acc = "fp64" if dtype == torch.float64 else "fp32"
         overrides = {"lse_ptr": acc, "delta_ptr": acc, "seed_ptr": "i64",
-                     "mask_ptr": "u8" if mask_kind == 1 else POINTER_DTYPES[dtype]}
+                     "mask_ptr": POINTER_DTYPES[dtype] if heavy else "u8"}
+        if kernel == "backward_key":  # per-head dK/dV in fp32 (summed over GQA groups after)
+            overrides.update(dk_ptr=acc, dv_ptr=acc)
         specs.append({"module": "attention", "kernel": ATTENTION_KERNELS[kernel], "arch": 90,
                       "pointer_dtype": POINTER_DTYPES[dtype], "pointer_overrides": overrides,
                       "scalar_overrides": {"qk_scale2": "fp32", "scale": "fp32",
                                            "dropout_p": "fp32"},
-                      "num_warps": config.num_warps, "constexprs": constexprs})
+                      "num_warps": config.num_warps, "num_stages": config.num_stages,
+                      "constexprs": constexprs})
     return specs
 
 
@@ -117,7 +122,8 @@ def attention_specs(kernel, dtype, head_dim, mask_kind=1):
 # and fp64 on the largest cell (LSTM), every backward in bf16 and fp32. Sequence layer: forward
 # and backward of each mode in bf16 and fp32 (one tile shape at every batch size), and of the
 # LSTM and GRU with zoneout, both directions at once (every mode; the LSTM with zoneout); the
-# layer-normalized LSTM and GRU, forward and backward.
+# layer-normalized LSTM and GRU, forward and backward. Attention: every autotuning candidate of
+# the three kernels in bf16 at head dims 64/128/256, light and heavy, and in fp32 at 64/128.
 SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.float32)
           for b in (1, 32, 100)]
          + [forward_spec("lstm", d, b) for d in (torch.float16, torch.float64) for b in (1, 100)]
@@ -130,7 +136,11 @@ SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.f
             for m in MODES for d in (torch.bfloat16, torch.float32)
             for z in ((False, True) if m == "lstm" else (False,))]
          + [layer_norm_spec(k, m, d) for k in ("forward", "backward") for m in ("lstm", "gru")
-            for d in (torch.bfloat16, torch.float32)])
+            for d in (torch.bfloat16, torch.float32)]
+         + [spec for k in ATTENTION_KERNELS for d in (64, 128, 256) for heavy in (False, True)
+            for spec in attention_specs(k, torch.bfloat16, d, heavy)]
+         + [spec for k in ATTENTION_KERNELS for d in (64, 128)
+            for spec in attention_specs(k, torch.float32, d, False)])
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +160,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(compiled):
 
 def test_half_precision_gate_gemms_use_tensor_cores(compiled):
     gemm_kernels = ("_rnn_cell_forward_kernel", "_rnn_layer_forward_kernel", "_rnn_layer_backward_kernel",
-                    "_ln_rnn_forward_kernel", "_ln_rnn_backward_kernel")
+                    "_ln_rnn_forward_kernel", "_ln_rnn_backward_kernel", *ATTENTION_KERNELS.values())
     for spec, result in zip(SPECS, compiled):
         if spec["kernel"] in gemm_kernels and spec["pointer_dtype"] in ("bf16", "fp16"):
             assert {"HMMA", "HGMMA"} & set(result["opcodes"]), (spec["constexprs"], result)

@@ -41,7 +41,8 @@ def compile_spec(spec: dict) -> dict:
             signature[name] = spec.get("scalar_overrides", {}).get(name, "i32")
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", spec["arch"], 32),
-                              options={"num_warps": spec.get("num_warps", 4)})
+                              options={"num_warps": spec.get("num_warps", 4),
+                                       "num_stages": spec.get("num_stages", 3)})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
