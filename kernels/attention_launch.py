@@ -4,9 +4,9 @@ On a GPU each kernel is autotuned (triton.autotune) over a few configurations ch
 head dim and feature set, keyed on the power-of-two bucket of the longest length, so a new
 length in the same bucket reuses the choice instead of benchmarking again. The candidates are
 the configurations that compiled for sm_90 without register spills; their speed has not been
-measured (no GPU has been lent to this project): bench/NOTES.md records what to measure. Under the
-interpreter one fixed 16 x 16 configuration, so CI's small odd shapes cross several blocks and
-the causal diagonal.
+measured (no GPU has been lent to this project): bench/NOTES.md records what to measure.
+Under the interpreter one fixed 16 x 16 configuration, so CI's small odd shapes cross several
+blocks and the causal diagonal.
 """
 import torch
 import triton
@@ -17,7 +17,6 @@ from .attention import (BOOL_KEY_MASK, BOOL_MASK, FLOAT_KEY_MASK, FLOAT_MASK, NO
 from .common import INTERPRETED, accumulator_dtype, dot_precision, new_output
 
 LOG2E = 1.4426950408889634
-TL_ACC = {torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def head_block(dim: int) -> int:
@@ -76,7 +75,7 @@ def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int, heavy: bool
     """The autotuner's candidates for this kernel, dtype, padded head dim and feature set."""
     if dtype == torch.float64:  # gradcheck-sized work only
         return _configs([(16, 16, 4, 1)])
-    if dtype == torch.float32:
+    if dtype == torch.float32:  # head dims above 128 reuse the 128 list (not AOT-checked)
         shapes = FP32_CANDIDATES[(kernel, min(head_class(block_d), 128))]
         return _configs([(m, n, w, 2) for m, n, w in shapes])
     shapes = HALF_CANDIDATES[(kernel, head_class(block_d), heavy)]
