@@ -243,6 +243,29 @@ def test_opcheck(variant):
                            seed, p, causal, 0.3))
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "float-causal"])
+def test_float16(mask_kind):
+    """fp16 within the rule (one odd case; bf16 and fp32 sweep every case above)."""
+    test_triton_matches_reference(CASES["odd"], mask_kind, torch.float16)
+
+
+def test_dropout_under_compile_follows_torchs_seed():
+    """Compiled (fullgraph) and eager calls draw the same dropout mask after the same
+    torch.manual_seed: the op's seed is an ordinary torch random draw in the graph."""
+    triton_or_skip()
+    q, k, v = [t.float() for t in make_inputs((1, 2, 2, 9, 12, 16, 16))]
+
+    def f(q, k, v):
+        return fastseq.ops.attention(q, k, v, dropout_p=0.4, backend="triton")
+
+    torch._dynamo.reset()
+    torch.manual_seed(21)
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(21)
+    torch.testing.assert_close(compiled(q, k, v), eager)
+
+
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compile_fullgraph(compiler):
     triton_or_skip()
