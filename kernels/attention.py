@@ -41,6 +41,24 @@ def dropout_keep(seed, query_rows, key_cols, S, dropout_p):
 
 
 @triton.jit
+def program_heads(bh, H, GROUP):
+    """(batch, query head, key/value head) of program axis 1 (batch * query heads)."""
+    h = bh % H
+    return bh // H, h, h // GROUP
+
+
+@triton.jit
+def query_block_key_range(start_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          IS_CAUSAL: tl.constexpr):
+    """(end of the key blocks the query block [start_m, start_m + BLOCK_M) sees with no causal
+    or column check, end of all the keys it sees): keys j <= start_m are visible to every row
+    of the block, so the blocks wholly left of the diagonal and inside S need no masking."""
+    if IS_CAUSAL:
+        return tl.minimum(start_m + 1, S) // BLOCK_N * BLOCK_N, tl.minimum(S, start_m + BLOCK_M)
+    return S // BLOCK_N * BLOCK_N, S
+
+
+@triton.jit
 def scores_base2(qk, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn, qk_scale2,
                  MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
                  CHECK_COLUMNS: tl.constexpr):
@@ -117,9 +135,7 @@ def attention_forward_kernel(
     unused here: it is the autotuner's key (kernels/attention_launch.py)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kv_h = h // GROUP
+    b, h, kv_h = program_heads(bh, H, GROUP)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -137,13 +153,7 @@ def attention_forward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
-    if IS_CAUSAL:
-        # Keys j <= start_m are visible to every row of the block: no causal check needed there.
-        free_end = tl.minimum(start_m + 1, S) // BLOCK_N * BLOCK_N
-        end = tl.minimum(S, start_m + BLOCK_M)
-    else:
-        free_end = S // BLOCK_N * BLOCK_N
-        end = S
+    free_end, end = query_block_key_range(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, free_end, BLOCK_N):
         acc, l_i, m_i = forward_block(
             acc, l_i, m_i, q, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
@@ -265,9 +275,7 @@ def attention_backward_key_kernel(
     inside the program made more configurations spill on sm_90). dmask [B, H, L, S] likewise."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kv_h = h // GROUP
+    b, h, kv_h = program_heads(bh, H, GROUP)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -352,9 +360,7 @@ def attention_backward_query_kernel(
     """Program (query block, batch * head): dQ of BLOCK_M rows (dq [B, H, L, E] contiguous)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kv_h = h // GROUP
+    b, h, kv_h = program_heads(bh, H, GROUP)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -373,12 +379,7 @@ def attention_backward_query_kernel(
     if DROPOUT:
         seed = tl.load(seed_ptr) + bh
     dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
-    if IS_CAUSAL:
-        free_end = tl.minimum(start_m + 1, S) // BLOCK_N * BLOCK_N
-        end = tl.minimum(S, start_m + BLOCK_M)
-    else:
-        free_end = S // BLOCK_N * BLOCK_N
-        end = S
+    free_end, end = query_block_key_range(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, free_end, BLOCK_N):
         dq = query_block_gradient(
             dq, q, do, lse2, delta, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
