@@ -213,3 +213,17 @@ def test_compile_fullgraph_encoder_decoder():
         got = torch.autograd.grad(compiled(src, tgt), params)
     for g, e in zip(got, eager):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_projects_with_one_gemm(batch_first, monkeypatch):
+    """query is key is value: one F.linear for q, k and v (plus the output projection), in
+    either layout."""
+    m = fastseq.nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    x = torch.randn(2, 5, 8)
+    calls = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda *a, **k: calls.append(a[1].shape) or real_linear(*a, **k))
+    m(x, x, x, need_weights=False)
+    assert calls == [torch.Size([24, 8]), torch.Size([8, 8])]

@@ -37,13 +37,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise ValueError(f"{OP}: query, key and value must all be 3-D (batched) or 2-D "
                              f"(unbatched), got shapes {list(query.shape)}, {list(key.shape)}, "
                              f"{list(value.shape)}")
-        if not batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        out, weights = self._attend(query, key, value, key_padding_mask, need_weights,
+        if not batched and key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+
+        def batch_first(t):
+            return t.unsqueeze(0) if not batched else t if self.batch_first else t.transpose(0, 1)
+
+        # Self-attention stays recognisable (query is key is value) after the layout change, so
+        # _project makes q, k and v with one GEMM.
+        query_b = batch_first(query)
+        key_b = query_b if key is query else batch_first(key)
+        value_b = key_b if value is key else batch_first(value)
+        out, weights = self._attend(query_b, key_b, value_b, key_padding_mask, need_weights,
                                     attn_mask, average_attn_weights, is_causal)
         if not batched:
             return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
@@ -104,7 +109,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if attn_mask.dim() == 2 and attn_mask.shape == (L, S - extra):
                 m = attn_mask
             elif attn_mask.dim() == 3 and attn_mask.shape == (N * heads, L, S - extra):
-                m = attn_mask.view(N, heads, L, S - extra)
+                m = attn_mask.reshape(N, heads, L, S - extra)
             else:
                 raise ValueError(f"{OP}: attn_mask must have shape (L, S) = {[L, S - extra]} or "
                                  f"(N * num_heads, L, S) = {[N * heads, L, S - extra]}, got "
@@ -114,7 +119,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if key_padding_mask.shape != (N, S - extra):
                 raise ValueError(f"{OP}: key_padding_mask must have shape (N, S) = "
                                  f"{[N, S - extra]}, got {list(key_padding_mask.shape)}")
-            masks.append(key_padding_mask.view(N, 1, 1, S - extra))
+            masks.append(key_padding_mask.reshape(N, 1, 1, S - extra))
         if not masks:
             return None
         if all(m.dtype == torch.bool for m in masks):
