@@ -328,3 +328,16 @@ def test_head_dim_limit_is_stated():
     q = torch.randn(1, 1, 3, 300)
     with pytest.raises(fastseq.BackendError, match="head dims up to 256"):
         fastseq.ops.attention(q, q, q, backend="triton")
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 5, 6), (2, 2, 0, 6), (2, 2, 5, 0)], ids=["B0", "L0", "S0"])
+def test_empty_shapes(shape):
+    """Nothing to launch: B=0 and L=0 give empty outputs; S=0 (no key at all) gives zeros."""
+    triton_or_skip()
+    B, H, L, S = shape
+    q = torch.randn(B, H, L, 8, requires_grad=True)
+    k, v = torch.randn(B, H, S, 8, requires_grad=True), torch.randn(B, H, S, 4, requires_grad=True)
+    out = fastseq.ops.attention(q, k, v, backend="triton")
+    assert out.shape == (B, H, L, 4) and torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
