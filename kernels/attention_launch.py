@@ -14,7 +14,8 @@ import triton
 from .attention import (BOOL_KEY_MASK, BOOL_MASK, FLOAT_KEY_MASK, FLOAT_MASK, NO_MASK,
                         attention_backward_key_kernel,
                         attention_backward_query_kernel, attention_forward_kernel)
-from .common import INTERPRETED, accumulator_dtype, dot_precision, new_output
+from .common import (INTERPRETED, accumulator_dtype, dot_precision, new_output,
+                     tl_accumulator_dtype)
 
 LOG2E = 1.4426950408889634
 
@@ -126,8 +127,7 @@ def _common(q, k, v, scale, is_causal, dropout_p):
     S, EV = k.shape[2], v.shape[3]
     constexprs = {"BLOCK_D": head_block(E), "BLOCK_DV": head_block(EV), "IS_CAUSAL": is_causal,
                   "DROPOUT": dropout_p > 0.0, "PRECISION": dot_precision(q.dtype),
-                  "UPCAST": INTERPRETED, "ACC_DTYPE": triton.language.float64
-                  if q.dtype == torch.float64 else triton.language.float32}
+                  "UPCAST": INTERPRETED, "ACC_DTYPE": tl_accumulator_dtype(q.dtype)}
     scalars = (H, H // k.shape[1], L, S, E, EV)
     return B, H, L, S, E, EV, constexprs, scalars, float(scale) * LOG2E
 

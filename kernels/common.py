@@ -31,6 +31,11 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tl_accumulator_dtype(dtype: torch.dtype):
+    """The kernels' ACC_DTYPE constexpr for inputs of `dtype` (fp64 stays fp64, else fp32)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 @triton.jit
 def dot_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b. UPCAST converts the operands to the accumulator's dtype first: needed under

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output, sigmoid, tanh
+from .common import (INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output, sigmoid,
+                     tanh, tl_accumulator_dtype)
 from .rnn_cell_layout import GATES, LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE, MODE_IDS
 from .rnn_layer import _batch_tile, _step_index, add_state_gradient, store_state
 from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
@@ -385,10 +386,6 @@ def layer_norm_config(dtype: torch.dtype, kernel: str) -> dict:
     return {"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 16 if wide else 32, "num_warps": warps}
 
 
-def _acc_tl(acc: torch.dtype):
-    return tl.float64 if acc == torch.float64 else tl.float32
-
-
 def layer_norm_rnn_forward(mode, gates_x, h0, c0, w_hh, b_hh, ln_hh_weight, ln_c_weight, ln_c_bias,
                            lengths, eps, reverse, save_workspace):
     """Launch the forward kernel. gates_x [T, B, G*H] = LN(x W_ih^T; a_ih) + b_ih. Returns
@@ -426,7 +423,7 @@ def layer_norm_rnn_forward(mode, gates_x, h0, c0, w_hh, b_hh, ln_hh_weight, ln_c
         S=LN_STATS[mode],
         HAS_B_HH=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
         SAVE_WS=ws.numel() > 0, PRECISION=dot_precision(gates_x.dtype), UPCAST=INTERPRETED,
-        ACC_DTYPE=_acc_tl(acc), **config,
+        ACC_DTYPE=tl_accumulator_dtype(acc), **config,
     )
     return y, h_n, c_n, ws, stats
 
@@ -468,6 +465,7 @@ def layer_norm_rnn_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, ln_h
         T, B, H,
         MODE=MODE_IDS[mode], G=G, WS=LN_WORKSPACE[mode], NP=LN_PROJECTION_COLUMN[mode], S=LN_STATS[mode],
         HAS_LENGTHS=lengths is not None, HAS_GRAD_CN=grad_c_n is not None, REVERSE=reverse,
-        PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED, ACC_DTYPE=_acc_tl(acc), **config,
+        PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED,
+        ACC_DTYPE=tl_accumulator_dtype(acc), **config,
     )
     return dgx, dq, dp, da, dh0, dc0

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, accumulator_dtype, dot_precision, new_output
+from .common import INTERPRETED, dot_precision, new_output, tl_accumulator_dtype
 from .rnn_cell_layout import GATES, MODE_IDS, WORKSPACE
 from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
 
@@ -143,10 +143,6 @@ def _rnn_cell_backward_kernel(
         tl.store(dh_direct_ptr + state, dh_direct.to(out_ty), mask=mask)
 
 
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def forward_config(batch: int, dtype: torch.dtype) -> dict:
     """Launch configuration of the forward kernel: block sizes and warps.
 
@@ -188,7 +184,7 @@ def rnn_cell_forward(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, save_workspace
         MODE=MODE_IDS[mode], G=GATES[mode],
         HAS_B_IH=b_ih is not None, HAS_B_HH=b_hh is not None, SAVE_WS=ws.numel() > 0,
         PRECISION=dot_precision(input.dtype), UPCAST=INTERPRETED,
-        ACC_DTYPE=_tl_dtype(accumulator_dtype(input.dtype)),
+        ACC_DTYPE=tl_accumulator_dtype(input.dtype),
         **config,
     )
     return hy, cy, ws
@@ -213,6 +209,6 @@ def rnn_cell_backward(mode, grad_hy, grad_cy, hx, cx, hy, cy, workspace):
         dg_ih, dg_hh if gru else dg_ih, dh_direct if gru else dg_ih, dcx if lstm else dg_ih,
         B, H,
         MODE=MODE_IDS[mode], G=G, HAS_GRAD_CY=grad_cy is not None,
-        ACC_DTYPE=_tl_dtype(accumulator_dtype(hy.dtype)), **BACKWARD_CONFIG,
+        ACC_DTYPE=tl_accumulator_dtype(hy.dtype), **BACKWARD_CONFIG,
     )
     return dg_ih, dg_hh, dh_direct, dcx

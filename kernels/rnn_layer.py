@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output
+from .common import (INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output,
+                     tl_accumulator_dtype)
 from .rnn_cell_layout import GATES, LAYER_WORKSPACE, MODE_IDS
 from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
 
@@ -407,7 +408,7 @@ def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zon
             HAS_B_HH=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, DIRECTIONS=D,
             SAVE_WS=ws.numel() > 0, HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
             PRECISION=dot_precision(gates_x.dtype), UPCAST=INTERPRETED,
-            ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,
+            ACC_DTYPE=tl_accumulator_dtype(acc), **config,
         )
     return outputs if stacked else tuple(t[0] for t in outputs)
 
@@ -451,6 +452,6 @@ def rnn_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, worksp
             DIRECTIONS=D,
             HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
             PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED,
-            ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, **config,
+            ACC_DTYPE=tl_accumulator_dtype(acc), **config,
         )
     return outputs if stacked else tuple(t[0] for t in outputs)

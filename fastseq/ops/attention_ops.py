@@ -13,14 +13,11 @@ import torch
 from torch import Tensor
 
 from ..kernels import attention_launch as _launch
+from ..kernels.common import accumulator_dtype
 from ._registration import register_fakes_and_autograd
 
 FORWARD = "fastseq::attention_forward_triton"
 BACKWARD = "fastseq::attention_backward_triton"
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op(FORWARD, mutates_args=())
@@ -42,7 +39,7 @@ def attention_backward_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse
 def _forward_fake(q, k, v, mask, seed, dropout_p, is_causal, scale):
     B, H, L, _ = q.shape
     return (q.new_empty(B, H, L, v.shape[3]),
-            q.new_empty(B, H, L, dtype=_accumulator(q.dtype)))
+            q.new_empty(B, H, L, dtype=accumulator_dtype(q.dtype)))
 
 
 def _backward_fake(dout, q, k, v, lse, delta, mask, mask_grad, seed, dropout_p, is_causal, scale):
@@ -63,7 +60,7 @@ def _make_backward(backward_op):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, mask, seed = ctx.saved_tensors
         dropout_p, is_causal, scale = ctx.options
-        acc = _accumulator(q.dtype)
+        acc = accumulator_dtype(q.dtype)
         # delta_i = sum_j P_ij dP_ij = dout_i . out_i (dropout included in out); a gradient
         # reaching the log-sum-exp adds dlse_i * P_ij to dS_ij, i.e. subtracts it from delta.
         delta = (dout.to(acc) * out.to(acc)).sum(-1)
