@@ -59,12 +59,11 @@ def query_block_key_range(start_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def scores_base2(qk, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn, qk_scale2,
-                 MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
-                 CHECK_COLUMNS: tl.constexpr):
-    """The scores of a tile in base 2, -inf where a key is not visible to a query. query_rows
-    and key_cols as in dropout_keep, so the same code serves q k^T tiles and k q^T tiles."""
-    s = qk * qk_scale2
+def apply_mask(s, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn,
+               MASK_KIND: tl.constexpr):
+    """Base-2 scores s with the attention mask applied (-inf where a bool mask hides a key, a
+    float mask added in base 2). query_rows and key_cols are the tile's query and key indices
+    shaped to broadcast ([M, 1] and [1, N], or [1, M] and [N, 1] for a transposed tile)."""
     if MASK_KIND == 1 or MASK_KIND == 2:
         in_bounds = (query_rows < L) & (key_cols < S)
         ptrs = mask_ptr + query_rows * stride_mm + key_cols * stride_mn
@@ -85,11 +84,47 @@ def scores_base2(qk, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn,
         else:
             bias = tl.load(ptrs, mask=key_cols < S, other=0.0).to(s.dtype)
             s = s + bias * 1.4426950408889634
+    return s
+
+
+@triton.jit
+def scores_base2(qk, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn, qk_scale2,
+                 MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
+                 CHECK_COLUMNS: tl.constexpr):
+    """The scores of a tile in base 2, -inf where a key is not visible to a query. query_rows
+    and key_cols as in apply_mask, so the same code serves q k^T tiles and k q^T tiles."""
+    s = apply_mask(qk * qk_scale2, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn,
+                   MASK_KIND)
     if CHECK_CAUSAL:
         s = tl.where(key_cols <= query_rows, s, float("-inf"))
     if CHECK_COLUMNS:
         s = tl.where(key_cols < S, s, float("-inf"))
     return s
+
+
+@triton.jit
+def online_softmax(s, m_i, l_i):
+    """One key block of the online softmax over base-2 scores s [M, N]: (p = exp2(s - m_new),
+    alpha = the factor that rescales the running sums, l_new, m_new)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen nothing visible yet keeps m = -inf: shift by 0 so no -inf - -inf.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def finish_rows(acc, l_i, m_i, dropout_p, DROPOUT: tl.constexpr):
+    """(out = acc / l (scaled by 1/(1-p) under dropout), lse in natural log) of finished rows;
+    a row that saw no visible key gives zeros and lse = -inf."""
+    seen = l_i > 0
+    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    if DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    return acc * inv_l[:, None], lse
 
 
 @triton.jit
@@ -106,12 +141,7 @@ def forward_block(acc, l_i, m_i, q, start_n, offs_m, offs_n0, offs_d, offs_dv, k
     qk = dot_acc(q, k_t, tl.zeros((q.shape[0], k_t.shape[1]), acc.dtype), PRECISION, UPCAST)
     s = scores_base2(qk, offs_m[:, None], offs_n[None, :], L, S, mask_ptr, stride_mm,
                      stride_mn, qk_scale2, MASK_KIND, CHECK_CAUSAL, CHECK_COLUMNS)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen nothing visible yet keeps m = -inf: shift by 0 so no -inf - -inf.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_shift[:, None])
-    alpha = tl.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
     if DROPOUT:
         p = tl.where(dropout_keep(seed, offs_m[:, None], offs_n[None, :], S, dropout_p), p, 0.0)
     v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
@@ -166,13 +196,7 @@ def attention_forward_kernel(
             stride_kn, stride_kd, stride_vn, stride_vd, E, EV, L, S, mask_ptr, stride_mm,
             stride_mn, qk_scale2, seed, dropout_p, MASK_KIND, IS_CAUSAL, True, DROPOUT,
             PRECISION, UPCAST)
-    seen = l_i > 0
-    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
-    if DROPOUT:
-        inv_l = inv_l / (1.0 - dropout_p)
-    out = acc * inv_l[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    out, lse = finish_rows(acc, l_i, m_i, dropout_p, DROPOUT)
     row_ok = offs_m < L
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
              + offs_dv[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),

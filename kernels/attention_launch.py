@@ -102,16 +102,16 @@ def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int, heavy: bool):
     return _tuned[key], {}
 
 
-def _heavy(mask_kind: int, dropout_p: float) -> bool:
+def heavy_launch(mask_kind: int, dropout_p: float) -> bool:
     """A mask tile or dropout: the launches that need the smaller candidate tiles."""
     return mask_kind in (BOOL_MASK, FLOAT_MASK) or dropout_p > 0.0
 
 
-def _length_bucket(*lengths: int) -> int:
+def length_bucket(*lengths: int) -> int:
     return triton.next_power_of_2(max(lengths))
 
 
-def _mask_arguments(mask, like):
+def mask_arguments(mask, like):
     """(pointer tensor, kind, its 4 strides) of a [B, H, L, S] mask view; bool masks as uint8.
     A mask broadcast over the query rows (stride 0, e.g. key padding) is read as one row."""
     if mask is None:
@@ -140,13 +140,13 @@ def attention_forward(q, k, v, mask, seed, dropout_p: float, is_causal: bool, sc
                                                                  dropout_p)
     out = new_output((B, H, L, EV), q)
     lse = new_output((B, H, L), q.new_empty(0, dtype=accumulator_dtype(q.dtype)))
-    mask_arg, mask_kind, mask_strides = _mask_arguments(mask, q)
+    mask_arg, mask_kind, mask_strides = mask_arguments(mask, q)
     kernel, launch = _kernel_for("forward", attention_forward_kernel, q.dtype,
-                                 constexprs["BLOCK_D"], _heavy(mask_kind, dropout_p))
+                                 constexprs["BLOCK_D"], heavy_launch(mask_kind, dropout_p))
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](q, k, v, out, lse, mask_arg, seed if seed is not None else lse,
                  *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-                 *scalars, qk_scale2, float(dropout_p), _length_bucket(L, S),
+                 *scalars, qk_scale2, float(dropout_p), length_bucket(L, S),
                  MASK_KIND=mask_kind, **constexprs, **launch)
     return out, lse
 
@@ -168,11 +168,11 @@ def attention_backward(dout, q, k, v, lse, delta, mask, mask_grad: bool, seed,
     # Entries no program visits (keys hidden by the causal rule) have gradient 0: zeros.
     dmask = (torch.zeros((B, H, L, S), dtype=mask.dtype, device=q.device) if mask_grad
              else q.new_empty(0))
-    mask_arg, mask_kind, mask_strides = _mask_arguments(mask, q)
+    mask_arg, mask_kind, mask_strides = mask_arguments(mask, q)
     seed_arg = seed if seed is not None else lse
-    bucket = _length_bucket(L, S)
+    bucket = length_bucket(L, S)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mask_strides)
-    heavy = _heavy(mask_kind, dropout_p)
+    heavy = heavy_launch(mask_kind, dropout_p)
     kernel, launch = _kernel_for("backward_key", attention_backward_key_kernel, q.dtype,
                                  constexprs["BLOCK_D"], heavy)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731

@@ -1,0 +1,192 @@
+"""Block sizes and launchers of the relative-position attention kernels
+(kernels/rel_attention.py, kernels/rel_attention_backward.py).
+
+The forward, dK/dV and dQ kernels are autotuned on a GPU like the attention kernels (same key:
+the length bucket and the constexprs that change the work per tile), over configurations that
+compiled for sm_90 without register spills (tests/test_triton_gpu_compile.py); their speed is
+unmeasured (no GPU has been lent to this project). The band of pos rows a tile reads is
+BAND = next_power_of_two(BLOCK_M + BLOCK_N - 1) rows. The d(pos) kernel runs one fixed square
+tile per dtype: its workspace is sized by the tile, so it is chosen before the launch.
+Under the interpreter one 16 x 16 configuration, as for attention.
+"""
+import torch
+import triton
+
+from .attention_launch import head_block, heavy_launch, length_bucket, mask_arguments
+from .common import (INTERPRETED, accumulator_dtype, dot_precision, new_output,
+                     tl_accumulator_dtype)
+from .rel_attention import rel_attention_forward_kernel
+from .rel_attention_backward import (rel_attention_backward_key_kernel,
+                                     rel_attention_backward_pos_kernel,
+                                     rel_attention_backward_query_kernel)
+
+LOG2E = 1.4426950408889634
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    band = triton.next_power_of_2(block_m + block_n - 1)
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BAND": band},
+                         num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, warps) per kernel, head-dim class (<= 64, <= 128) and whether a mask tile or
+# dropout is present ("heavy"), for bf16/fp16; each compiled spill-free for sm_90 on the longest
+# path of its set (bench/NOTES.md, 2026-12-01, fifth session). Square tiles waste least of the
+# band GEMM (BAND = 2 * BLOCK exactly).
+HALF_CANDIDATES = {
+    ("forward", 64, False): [(64, 64, 4), (64, 32, 4), (32, 32, 4)],
+    ("forward", 64, True): [(64, 32, 4), (32, 32, 4)],
+    ("forward", 128, False): [(64, 32, 8), (32, 32, 4)],
+    ("forward", 128, True): [(32, 32, 4)],
+    ("backward_key", 64, False): [(32, 64, 8), (32, 32, 4)],
+    ("backward_key", 64, True): [(32, 32, 4)],
+    ("backward_key", 128, False): [(32, 32, 8), (16, 32, 4)],
+    ("backward_key", 128, True): [(16, 32, 4)],
+    ("backward_query", 64, False): [(64, 32, 8), (32, 32, 4)],
+    ("backward_query", 64, True): [(32, 32, 4)],
+    ("backward_query", 128, False): [(32, 32, 8), (32, 16, 4)],
+    ("backward_query", 128, True): [(32, 16, 4)],
+}
+FP32_CANDIDATES = {"forward": [(16, 16, 4)], "backward_key": [(16, 16, 4)],
+                   "backward_query": [(16, 16, 4)]}
+# The d(pos) kernel's square tile and warps per dtype class.
+POS_TILE = {"half": (32, 4), "fp32": (16, 4)}
+INTERPRETER_BLOCK = 16
+MAX_HEAD_DIM = 128
+_tuned: dict = {}
+
+
+def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int, heavy: bool) -> list:
+    """The autotuner's candidates for this kernel, dtype, padded head dim and feature set."""
+    if dtype == torch.float64:
+        return [_config(16, 16, 4, 1)]
+    if dtype == torch.float32:
+        return [_config(m, n, w, 2) for m, n, w in FP32_CANDIDATES[kernel]]
+    shapes = HALF_CANDIDATES[(kernel, 64 if block_d <= 64 else 128, heavy)]
+    return [_config(m, n, w, 3) for m, n, w in shapes]
+
+
+def pos_tile(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK, warps) of the d(pos) kernel."""
+    if INTERPRETED:
+        return INTERPRETER_BLOCK, 4
+    return POS_TILE["half" if dtype in (torch.float16, torch.bfloat16) else "fp32"]
+
+
+def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int, heavy: bool):
+    if INTERPRETED:
+        config = _config(INTERPRETER_BLOCK, INTERPRETER_BLOCK, 4, 1)
+        return fn, dict(config.kwargs, num_warps=4)
+    key = (kernel, dtype, block_d, heavy)
+    if key not in _tuned:
+        _tuned[key] = triton.autotune(
+            candidate_configs(kernel, dtype, block_d, heavy),
+            key=["length_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_WINDOW", "MASK_KIND",
+                 "DROPOUT"])(fn)
+    return _tuned[key], {}
+
+
+def _common(qu, k, v, pos, is_causal, window, dropout_p):
+    B, H, L, E = qu.shape
+    S, EV = k.shape[2], v.shape[3]
+    constexprs = {"BLOCK_D": head_block(E), "BLOCK_DV": head_block(EV), "IS_CAUSAL": is_causal,
+                  "HAS_WINDOW": window is not None, "DROPOUT": dropout_p > 0.0,
+                  "PRECISION": dot_precision(qu.dtype), "UPCAST": INTERPRETED,
+                  "ACC_DTYPE": tl_accumulator_dtype(qu.dtype)}
+    return B, H, L, S, E, EV, pos.shape[0], constexprs
+
+
+def rel_attention_forward(qu, qv, k, v, pos, mask, seed, dropout_p: float, is_causal: bool,
+                          window, pos_offset: int, scale: float):
+    """qu, qv [B, H, L, E] (same strides), k [B, H, S, E], v [B, H, S, EV], pos [P, H, E], mask
+    a [B, H, L, S] view or None, seed int64 [1] (read when dropout_p > 0), window an int or
+    None. Returns (out [B, H, L, EV], lse [B, H, L] in the accumulator dtype)."""
+    B, H, L, S, E, EV, P, constexprs = _common(qu, k, v, pos, is_causal, window, dropout_p)
+    out = new_output((B, H, L, EV), qu)
+    lse = new_output((B, H, L), qu.new_empty(0, dtype=accumulator_dtype(qu.dtype)))
+    mask_arg, mask_kind, mask_strides = mask_arguments(mask, qu)
+    kernel, launch = _kernel_for("forward", rel_attention_forward_kernel, qu.dtype,
+                                 constexprs["BLOCK_D"], heavy_launch(mask_kind, dropout_p))
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    kernel[grid](qu, qv, k, v, pos, out, lse, mask_arg, seed if seed is not None else lse,
+                 *qu.stride(), *k.stride(), *v.stride(), *pos.stride(), *out.stride(),
+                 *mask_strides, H, L, S, E, EV, P, int(pos_offset),
+                 int(window) if window is not None else 0, float(scale) * LOG2E,
+                 float(dropout_p), length_bucket(L, S), MASK_KIND=mask_kind, **constexprs,
+                 **launch)
+    return out, lse
+
+
+def rel_attention_backward(dout, qu, qv, k, v, pos, lse, delta, mask, mask_grad: bool, seed,
+                           dropout_p: float, is_causal: bool, window, pos_offset: int,
+                           scale: float):
+    """Gradients of rel_attention_forward: (d(qu), d(qv), dk, dv, dpos, dmask), dmask
+    [B, H, L, S] in the mask's dtype when mask_grad, else an empty tensor. lse and delta
+    (rowsum(dout * out) - dlse) [B, H, L] contiguous in the accumulator dtype."""
+    B, H, L, S, E, EV, P, constexprs = _common(qu, k, v, pos, is_causal, window, dropout_p)
+    dqu = new_output(qu.shape, qu)
+    dqv = new_output(qu.shape, qu)
+    dk = new_output(k.shape, k)
+    dv = new_output(v.shape, v)
+    dmask = (torch.zeros((B, H, L, S), dtype=mask.dtype, device=qu.device) if mask_grad
+             else qu.new_empty(0))
+    mask_arg, mask_kind, mask_strides = mask_arguments(mask, qu)
+    heavy = heavy_launch(mask_kind, dropout_p)
+    arguments = (qu, qv, k, v, pos, dout, lse, delta, mask_arg,
+                 seed if seed is not None else lse)
+    strides = (*qu.stride(), *k.stride(), *v.stride(), *pos.stride(), *dout.stride(),
+               *mask_strides)
+    scalars = (L, S, E, EV, P, int(pos_offset), int(window) if window is not None else 0,
+               float(scale) * LOG2E, float(scale), float(dropout_p), length_bucket(L, S))
+
+    kernel, launch = _kernel_for("backward_key", rel_attention_backward_key_kernel, qu.dtype,
+                                 constexprs["BLOCK_D"], heavy)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731
+    kernel[grid](*arguments, dk, dv, dmask if mask_grad else qu, *strides, H, *scalars,
+                 MASK_KIND=mask_kind, MASK_GRAD=mask_grad, **constexprs, **launch)
+
+    kernel, launch = _kernel_for("backward_query", rel_attention_backward_query_kernel,
+                                 qu.dtype, constexprs["BLOCK_D"], heavy)
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    kernel[grid](*arguments, dqu, dqv, *strides, H, *scalars, MASK_KIND=mask_kind,
+                 **constexprs, **launch)
+
+    block, warps = pos_tile(qu.dtype)
+    diagonals = triton.cdiv(L, block) + triton.cdiv(S, block) - 1
+    dband = new_output((H, diagonals, 2 * block, E),
+                       qu.new_empty(0, dtype=accumulator_dtype(qu.dtype)))
+    rel_attention_backward_pos_kernel[(diagonals, H)](
+        *arguments, dband, *strides, B, H, *scalars, BLOCK=block, BAND=2 * block,
+        MASK_KIND=mask_kind, **constexprs, num_warps=warps)
+    dpos = fold_band_gradient(dband, L, S, P, block, int(pos_offset)).to(pos.dtype)
+    return dqu, dqv, dk, dv, dpos, dmask
+
+
+def fold_band_gradient(dband, L: int, S: int, P: int, block: int, pos_offset: int):
+    """d(pos) [P, H, E] from the per-diagonal bands [H, T, 2 * block, E] of the d(pos) kernel.
+
+    Band t covers the distances first + t * block + [0, 2 * block) with
+    first = (S - L) - (key blocks - 1) * block - (block - 1): its upper half and the lower half
+    of band t + 1 are the same distances, so the sum by distance is the bands' halves added
+    with a shift of one block. Distance d reads row clamp(d + pos_offset, 0, P - 1): the rows
+    in between take one distance each, rows 0 and P - 1 the sums of everything clamped onto
+    them. Plain torch sums in a fixed order (deterministic)."""
+    H, T, _, E = dband.shape
+    first = (S - L) - (triton.cdiv(S, block) - 1) * block - (block - 1)
+    by_block = dband.new_zeros(H, T + 1, block, E)
+    by_block[:, :T] += dband[:, :, :block]
+    by_block[:, 1:] += dband[:, :, block:]
+    by_distance = by_block.reshape(H, (T + 1) * block, E)
+    count = by_distance.shape[1]
+    row0 = first + pos_offset  # the unclamped row of by_distance[:, 0]
+    dpos = dband.new_zeros(P, H, E)
+    if P == 1:
+        dpos[0] = by_distance.sum(1)
+        return dpos
+    low_end = min(max(1 - row0, 0), count)        # entries whose row clamps to 0
+    high_start = min(max(P - 1 - row0, 0), count)  # entries whose row clamps to P - 1
+    dpos[0] += by_distance[:, :low_end].sum(1)
+    dpos[P - 1] += by_distance[:, high_start:].sum(1)
+    if high_start > low_end:
+        dpos[row0 + low_end:row0 + high_start] += by_distance[:, low_end:high_start].transpose(0, 1)
+    return dpos
