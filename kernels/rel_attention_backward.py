@@ -156,6 +156,8 @@ def rel_attention_backward_key_kernel(
         hi = L
         free_hi = tl.cdiv(L, BLOCK_M) * BLOCK_M
     free_lo, free_hi = split_range(lo, free_lo, free_hi, hi)
+    # Rows from free_lo on see every key of the block causally, so the last loop (the window's
+    # edge) checks the window only.
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr) + bh
@@ -190,7 +192,7 @@ def rel_attention_backward_key_kernel(
             gather_index_t, qu_ptr, qv_ptr, do_ptr, pos_ptr, lse_ptr, delta_ptr, dmask_ptr,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_pp, stride_pd, E, EV, L, S, P,
             MEM, pos_offset, window, mask_ptr, stride_mm, stride_mn, qk_scale2, seed, dropout_p,
-            BLOCK_N, MASK_KIND, IS_CAUSAL, HAS_WINDOW, DROPOUT, MASK_GRAD, PRECISION, UPCAST,
+            BLOCK_N, MASK_KIND, False, HAS_WINDOW, DROPOUT, MASK_GRAD, PRECISION, UPCAST,
             ACC_DTYPE)
     out_rows = bh.to(tl.int64) * S + offs_n
     tl.store(dk_ptr + out_rows[:, None] * E + offs_d[None, :],

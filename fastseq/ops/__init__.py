@@ -3,7 +3,8 @@
 from .attention import attention
 from .rnn_cell import gru_cell, lstm_cell, rnn_relu_cell, rnn_tanh_cell
 from .layer_norm_rnn_layer import layer_norm_rnn_layer
+from .rel_attention import rel_attention
 from .rnn_layer import rnn_bidirectional_layer, rnn_layer
 
 __all__ = ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "rnn_layer", "rnn_bidirectional_layer",
-           "layer_norm_rnn_layer", "attention"]
+           "layer_norm_rnn_layer", "attention", "rel_attention"]

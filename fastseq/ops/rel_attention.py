@@ -1,0 +1,135 @@
+"""Transformer-XL relative-position attention: fastseq.ops.rel_attention.
+
+The math is fastseq.reference.rel_attention's (Dai et al. 2019, with memory, clamped positions,
+a window and a bidirectional offset):
+
+    score[i, j] = ((q_i + content_bias) . k_j + (q_i + position_bias) . pos[row(i, j)]) * scale
+
+with M = Lk - Lq memory keys first, distance d = M + i - j, row = clamp(d + pos_offset, 0,
+P - 1); key j is visible to query i iff d >= 0 (is_causal), d < window (when given; the
+original's same_length is window = mem_len) and attn_mask allows it (bool: True = visible;
+float: added to the scores). A row with nothing visible gives zeros. Dropout acts on the
+probabilities (one seed drawn from torch's generator per call, as fastseq.ops.attention).
+
+The Triton backend (auto's choice on CUDA) computes the position term inside each tile: one
+GEMM against the band of pos rows the tile's distances need, then a gather along the diagonals,
+so neither the Lq x Lk position term nor the original's padded shift ever exists in memory. Its
+backward is deterministic (no atomics; d(pos) summed per block diagonal, then folded onto the
+rows in torch). On CPU, auto uses the reference (plain PyTorch).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backends
+from ..kernels.rel_attention_launch import MAX_HEAD_DIM
+from ..reference import rel_attention as _reference
+from . import rel_attention_ops as _registered_ops  # noqa: F401  (registers the ops)
+from ._checks import check_same_dtype_device, check_shape, check_tensor, fail
+
+OP = "fastseq.ops.rel_attention"
+
+
+def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, content_bias: Tensor,
+                  position_bias: Tensor, *, attn_mask: Optional[Tensor] = None,
+                  is_causal: bool = True, window: Optional[int] = None, pos_offset: int = 0,
+                  dropout_p: float = 0.0, scale: Optional[float] = None,
+                  return_lse: bool = False, backend: Optional[str] = None):
+    """query [B, H, Lq, D]; key [B, H, Lk, D] and value [B, H, Lk, Dv] with Lk >= Lq (the first
+    Lk - Lq positions are the memory); pos [P, H, D] (row r: the projected embedding of
+    distance r - pos_offset); content_bias and position_bias [H, D]. Returns out
+    [B, H, Lq, Dv], or (out, lse [B, H, Lq]) with return_lse."""
+    _validate(query, key, value, pos, content_bias, position_bias, attn_mask, is_causal, window,
+              pos_offset, dropout_p, scale)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    device = query.device
+    chosen = _backends.choose(
+        OP, _backends.requested_backend(backend),
+        ("triton", "reference") if device.type == "cuda" else ("reference", "triton"),
+        {"triton": lambda: _triton_unavailable(query, value), "reference": lambda: None})
+    if chosen == "reference" or query.numel() == 0 or value.shape[-1] == 0:
+        # Empty shapes have nothing to launch; the reference gives the same (empty) answer.
+        return _reference.rel_attention(
+            query, key, value, pos, content_bias, position_bias, attn_mask=attn_mask,
+            is_causal=is_causal, window=window, pos_offset=pos_offset, dropout_p=dropout_p,
+            scale=scale, return_lse=return_lse)
+    B, H, L, _ = query.shape
+    mask = None
+    if attn_mask is not None:
+        # A view: broadcast dimensions keep stride 0 (a [B, 1, 1, Lk] padding mask is read as
+        # one row of keys).
+        mask = attn_mask.expand(B, H, L, key.shape[-2])
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
+    qu = query + content_bias[:, None, :]
+    qv = query + position_bias[:, None, :]
+    out, lse = torch.ops.fastseq.rel_attention_forward_triton(
+        qu, qv, key, value, pos, mask, seed, float(dropout_p), bool(is_causal),
+        None if window is None else int(window), int(pos_offset), scale)
+    return (out, lse) if return_lse else out
+
+
+def _triton_unavailable(query: Tensor, value: Tensor) -> Optional[str]:
+    reason = _backends.triton_unavailable(query.device)
+    if reason is not None:
+        return reason
+    if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+        return (f"head dims up to {MAX_HEAD_DIM} (got query {query.shape[-1]}, "
+                f"value {value.shape[-1]})")
+    return None
+
+
+def _validate(query, key, value, pos, content_bias, position_bias, attn_mask, is_causal,
+              window, pos_offset, dropout_p, scale) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(OP, name, t, ndims=(4,))
+    check_tensor(OP, "pos", pos, ndims=(3,))
+    check_tensor(OP, "content_bias", content_bias, ndims=(2,))
+    check_tensor(OP, "position_bias", position_bias, ndims=(2,))
+    check_same_dtype_device(OP, ("query", query), (
+        ("key", key), ("value", value), ("pos", pos), ("content_bias", content_bias),
+        ("position_bias", position_bias)))
+    B, H, L, D = query.shape
+    S = key.shape[2]
+    check_shape(OP, "key", key, (B, H, S, D), "[B, H, Lk, D]")
+    check_shape(OP, "value", value, (B, H, S, value.shape[3]), "[B, H, Lk, Dv]")
+    if S < L:
+        fail(OP, f"key length {S} must be >= query length {L} (the memory comes first: "
+                 f"Lk = memory + Lq), got key {list(key.shape)}, query {list(query.shape)}")
+    if pos.shape[0] < 1:
+        fail(OP, f"pos must have at least one row [P >= 1, H, D], got {list(pos.shape)}")
+    check_shape(OP, "pos", pos, (pos.shape[0], H, D), "[P, H, D]")
+    check_shape(OP, "content_bias", content_bias, (H, D), "[H, D]")
+    check_shape(OP, "position_bias", position_bias, (H, D), "[H, D]")
+    if attn_mask is not None:
+        check_tensor(OP, "attn_mask", attn_mask)
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            fail(OP, f"attn_mask must be bool or the query's dtype {query.dtype}, got "
+                     f"{attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            fail(OP, f"attn_mask must be on {query.device} (query's device), got "
+                     f"{attn_mask.device}")
+        try:
+            broadcast = torch.broadcast_shapes(attn_mask.shape, (B, H, L, S))
+        except RuntimeError:
+            broadcast = None
+        if broadcast != torch.Size((B, H, L, S)):
+            fail(OP, f"attn_mask must broadcast to [B, H, Lq, Lk] = {[B, H, L, S]}, got shape "
+                     f"{list(attn_mask.shape)}")
+    if not isinstance(is_causal, bool):
+        fail(OP, f"is_causal must be a bool, got {is_causal!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        fail(OP, f"window must be None or an int >= 1 (keys at distance < window are visible), "
+                 f"got {window!r}")
+    if isinstance(pos_offset, bool) or not isinstance(pos_offset, int) or pos_offset < 0:
+        fail(OP, f"pos_offset must be an int >= 0, got {pos_offset!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        fail(OP, f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        fail(OP, f"scale must be a number or None, got {type(scale).__name__}")
