@@ -4,6 +4,9 @@ from .layer_norm_rnn import LayerNormGRU, LayerNormLSTM
 from .rnn import GRU, LSTM, RNN
 from .rnn_cell import GRUCell, LSTMCell, RNNCell
 from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
+from .transformer_xl import (PositionwiseFF, RelPartialLearnableMultiHeadAttn, TransformerXL,
+                             TransformerXLLayer)
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU",
-           "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer"]
+           "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
+           "RelPartialLearnableMultiHeadAttn", "PositionwiseFF", "TransformerXLLayer", "TransformerXL"]
