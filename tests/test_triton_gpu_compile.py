@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from fastseq.kernels import attention_launch, layer_norm_rnn_layer, rnn_cell, rnn_layer
+from fastseq.kernels import (attention_launch, layer_norm_rnn_layer, rel_attention_launch, rnn_cell,
+                             rnn_layer)
 from fastseq.kernels.rnn_cell_layout import LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -118,12 +119,41 @@ def attention_specs(kernel, dtype, head_dim, heavy):
     return specs
 
 
+REL_KERNELS = {"forward": ("rel_attention", "rel_attention_forward_kernel"),
+               "backward_key": ("rel_attention_backward", "rel_attention_backward_key_kernel"),
+               "backward_query": ("rel_attention_backward",
+                                  "rel_attention_backward_query_kernel")}
+
+
+def rel_attention_specs(kernel, head_dim, heavy):
+    """The relative-attention candidates checked so far (bf16, causal with a window: the
+    longest path; heavy = a float mask tile with its gradient and dropout)."""
+    specs = []
+    module, name = REL_KERNELS[kernel]
+    for config in rel_attention_launch.candidate_configs(kernel, torch.bfloat16, head_dim, heavy):
+        constexprs = dict(config.kwargs, BLOCK_D=head_dim, BLOCK_DV=head_dim, IS_CAUSAL=True,
+                          HAS_WINDOW=True, MASK_KIND=2 if heavy else 3, DROPOUT=heavy,
+                          PRECISION="ieee", UPCAST=False, ACC_DTYPE="tl.fp32")
+        if kernel == "backward_key":
+            constexprs["MASK_GRAD"] = heavy
+        specs.append({"module": module, "kernel": name, "arch": 90, "pointer_dtype": "bf16",
+                      "pointer_overrides": {"lse_ptr": "fp32", "delta_ptr": "fp32",
+                                            "seed_ptr": "i64",
+                                            "mask_ptr": "bf16" if heavy else "u8"},
+                      "scalar_overrides": {"qk_scale2": "fp32", "scale": "fp32",
+                                           "dropout_p": "fp32"},
+                      "num_warps": config.num_warps, "num_stages": config.num_stages,
+                      "constexprs": constexprs})
+    return specs
+
+
 # Cell step: every mode in bf16 and fp32 at the three batch-tile sizes (16, 32, 64 rows), fp16
 # and fp64 on the largest cell (LSTM), every backward in bf16 and fp32. Sequence layer: forward
 # and backward of each mode in bf16 and fp32 (one tile shape at every batch size), and of the
 # LSTM and GRU with zoneout, both directions at once (every mode; the LSTM with zoneout); the
 # layer-normalized LSTM and GRU, forward and backward. Attention: every autotuning candidate of
 # the three kernels in bf16 at head dims 64/128/256, light and heavy, and in fp32 at 64/128.
+# Relative attention: the candidates checked so far (head dim 64 each kernel; dK/dV at 128).
 SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.float32)
           for b in (1, 32, 100)]
          + [forward_spec("lstm", d, b) for d in (torch.float16, torch.float64) for b in (1, 100)]
@@ -140,7 +170,12 @@ SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.f
          + [spec for k in ATTENTION_KERNELS for d in (64, 128, 256) for heavy in (False, True)
             for spec in attention_specs(k, torch.bfloat16, d, heavy)]
          + [spec for k in ATTENTION_KERNELS for d in (64, 128)
-            for spec in attention_specs(k, torch.float32, d, False)])
+            for spec in attention_specs(k, torch.float32, d, False)]
+         + [spec for k, d, heavy in (("forward", 64, False), ("forward", 64, True),
+                                     ("backward_key", 64, False), ("backward_key", 64, True),
+                                     ("backward_key", 128, False), ("backward_query", 64, False),
+                                     ("backward_query", 64, True))
+            for spec in rel_attention_specs(k, d, heavy)])
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +195,8 @@ def test_every_kernel_compiles_for_sm90_without_spills(compiled):
 
 def test_half_precision_gate_gemms_use_tensor_cores(compiled):
     gemm_kernels = ("_rnn_cell_forward_kernel", "_rnn_layer_forward_kernel", "_rnn_layer_backward_kernel",
-                    "_ln_rnn_forward_kernel", "_ln_rnn_backward_kernel", *ATTENTION_KERNELS.values())
+                    "_ln_rnn_forward_kernel", "_ln_rnn_backward_kernel", *ATTENTION_KERNELS.values(),
+                    *(name for _, name in REL_KERNELS.values()))
     for spec, result in zip(SPECS, compiled):
         if spec["kernel"] in gemm_kernels and spec["pointer_dtype"] in ("bf16", "fp16"):
             assert {"HMMA", "HGMMA"} & set(result["opcodes"]), (spec["constexprs"], result)
