@@ -83,17 +83,24 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
 
 def _torch_rel_attention(query, key, value, pos, content_bias, position_bias, attn_mask,
                          is_causal, window, pos_offset, dropout_p, scale, return_lse):
-    """Plain PyTorch at the original code's cost (the CPU choice): AC, the position term as
-    (q+v) . pos^T for every pos row gathered by distance (O(Lq Lk) like the original's shifted
-    BD), masked_fill and softmax; rows with nothing visible zeroed (softmax gives NaN there,
-    and masked_fill's backward gives their scores zero gradient)."""
+    """Plain PyTorch at the original code's cost (the CPU choice): AC plus the position term
+    (the original's shifted BD when causal, else (q+v) . pos^T for every pos row gathered by
+    distance), masked_fill and softmax; rows with nothing visible zeroed (softmax gives NaN
+    there, and masked_fill's backward gives their scores zero gradient)."""
     L, S, P = query.shape[-2], key.shape[-2], pos.shape[0]
-    _, row = _reference.relative_rows(L, S, P, pos_offset, query.device)
+    distance, row = _reference.relative_rows(L, S, P, pos_offset, query.device)
     content = (query + content_bias[:, None, :]) @ key.transpose(-2, -1)
-    every_row = (query + position_bias[:, None, :]) @ pos.permute(1, 2, 0)
-    scores = (content + every_row.gather(-1, row.expand(*every_row.shape[:-1], S))) * scale
-    distance = row.new_tensor(S - L) + torch.arange(L, device=query.device)[:, None] - \
-        torch.arange(S, device=query.device)
+    qv = query + position_bias[:, None, :]
+    if is_causal and pos_offset == 0:
+        # The original's way, the cheapest here: BD against one row per key position
+        # (distances Lk-1 ... 0, clamped), aligned by the pad-and-reshape shift; its entries
+        # for negative distances are garbage, and causal hides them all.
+        by_key = pos[torch.arange(S - 1, -1, -1, device=query.device).clamp(max=P - 1)]
+        position = _reference.rel_shift(qv @ by_key.permute(1, 2, 0))
+    else:
+        every_row = qv @ pos.permute(1, 2, 0)
+        position = every_row.gather(-1, row.expand(*every_row.shape[:-1], S))
+    scores = (content + position) * scale
     hidden = torch.zeros_like(distance, dtype=torch.bool)
     if is_causal:
         hidden |= distance < 0

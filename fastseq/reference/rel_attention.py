@@ -76,7 +76,7 @@ def rel_attention(
     return (out, lse) if return_lse else out
 
 
-def _rel_shift(x: Tensor) -> Tensor:
+def rel_shift(x: Tensor) -> Tensor:
     """The original's shift of BD [..., Lq, R] (R = Lk positions ordered by distance Lk-1 ... 0):
     pad a zero column in front, view as [R + 1, Lq], drop the first row, view back. Afterwards
     column j of row i holds distance M + i - j (entries for negative distances are garbage,
@@ -100,7 +100,7 @@ def rel_attention_original(query: Tensor, key: Tensor, value: Tensor, r: Tensor,
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     ac = (query + r_w_bias[:, None, :]) @ key.transpose(-2, -1)
     bd = torch.einsum("bhid,rhd->bhir", query + r_r_bias[:, None, :], r)
-    scores = (ac + _rel_shift(bd)) * scale
+    scores = (ac + rel_shift(bd)) * scale
 
     ones = torch.ones(q_len, k_len, device=query.device)
     masked = torch.triu(ones, diagonal=1 + memory)
