@@ -15,6 +15,17 @@ import pytest  # noqa: E402
 import fastseq  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Where the Triton tests of the attention families run: the GPU when there is one, else the CPU
+# through the interpreter.
+TRITON_TEST_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def on_triton_test_device():
+    """Tensors made inside the test are created on TRITON_TEST_DEVICE (torch's default-device
+    context), so one test body runs under the interpreter in CI and on CUDA in the GPU run."""
+    with TRITON_TEST_DEVICE:
+        yield
 
 
 def backends_for(device: str) -> list[str]:

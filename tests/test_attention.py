@@ -11,7 +11,10 @@ import torch.nn.functional as F
 import fastseq
 from fastseq.reference import attention as reference
 
+from conftest import TRITON_TEST_DEVICE
 from numerics import assert_within_rule
+
+pytestmark = pytest.mark.usefixtures("on_triton_test_device")
 
 # (B, Hq, Hk, L, S, E, Ev): L=1, odd lengths crossing 16-row blocks, padded head dims (40, 80,
 # 96), a value head dim unlike the query's, GQA and MQA, Lq > Lk and Lq < Lk.
@@ -26,11 +29,11 @@ MASKS = ["none", "causal", "key-padding", "float-key-padding", "float-causal", "
 
 
 def triton_or_skip():
-    if fastseq.backend.triton_unavailable(torch.device("cpu")) is not None:
+    if fastseq.backend.triton_unavailable(TRITON_TEST_DEVICE) is not None:
         pytest.skip("the Triton interpreter is off (a GPU run tests Triton on CUDA instead)")
 
 
-def make_inputs(case, dtype=torch.float64, device="cpu"):
+def make_inputs(case, dtype=torch.float64, device=None):
     B, Hq, Hk, L, S, E, EV = case
     q = torch.randn(B, Hq, L, E, dtype=dtype, device=device)
     k = torch.randn(B, Hk, S, E, dtype=dtype, device=device)
@@ -296,11 +299,14 @@ def test_other_backends_follow_the_same_rules(backend):
 
 
 def test_auto_on_cpu_is_torch_and_can_return_lse():
-    q, k, v = [t.float() for t in make_inputs((1, 2, 2, 4, 6, 8, 8))]
-    torch.testing.assert_close(fastseq.ops.attention(q, k, v, is_causal=True),
-                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    out, lse = fastseq.ops.attention(q, k, v, return_lse=True)  # torch cannot: the next backend
-    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) / math.sqrt(8), -1))
+    with torch.device("cpu"):  # auto's CPU choice, also in a GPU run
+        q, k, v = [t.float() for t in make_inputs((1, 2, 2, 4, 6, 8, 8))]
+        torch.testing.assert_close(fastseq.ops.attention(q, k, v, is_causal=True),
+                                   F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        # torch cannot return the lse: the next backend serves the call
+        out, lse = fastseq.ops.attention(q, k, v, return_lse=True)
+        torch.testing.assert_close(lse,
+                                   torch.logsumexp(q @ k.transpose(-1, -2) / math.sqrt(8), -1))
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -6,11 +6,15 @@ import torch
 
 import fastseq
 
+from conftest import TRITON_TEST_DEVICE
+
+pytestmark = pytest.mark.usefixtures("on_triton_test_device")
+
 BACKENDS = ["triton", "auto"]
 
 
 def backend_or_skip(name):
-    if name == "triton" and fastseq.backend.triton_unavailable(torch.device("cpu")) is not None:
+    if name == "triton" and fastseq.backend.triton_unavailable(TRITON_TEST_DEVICE) is not None:
         pytest.skip("the Triton interpreter is off")
     return fastseq.use_backend(name)
 
@@ -193,7 +197,7 @@ def test_dropout_is_applied_in_training_only():
 def test_compile_fullgraph_encoder_decoder():
     """A small seq2seq step (encoder layer, decoder layer with causal self-attention and
     cross-attention) under torch.compile(fullgraph=True) on the Triton path."""
-    if fastseq.backend.triton_unavailable(torch.device("cpu")) is not None:
+    if fastseq.backend.triton_unavailable(TRITON_TEST_DEVICE) is not None:
         pytest.skip("the Triton interpreter is off")
     enc = fastseq.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     dec = fastseq.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)

@@ -11,7 +11,10 @@ import torch
 import fastseq
 from fastseq import reference
 
+from conftest import TRITON_TEST_DEVICE
 from numerics import assert_within_rule
+
+pytestmark = pytest.mark.usefixtures("on_triton_test_device")
 
 # (B, H, Lq, memory, P, D, Dv): Lq = 1 without memory; odd lengths crossing the 16-row blocks;
 # memory longer than the segment; clamped positions (P < Lk); padded head dims (40 -> 64) and a
@@ -26,7 +29,7 @@ VARIANTS = ["causal", "window", "bidirectional", "key-padding", "float-mask"]
 
 
 def triton_or_skip():
-    if fastseq.backend.triton_unavailable(torch.device("cpu")) is not None:
+    if fastseq.backend.triton_unavailable(TRITON_TEST_DEVICE) is not None:
         pytest.skip("the Triton interpreter is off (a GPU run tests Triton on CUDA instead)")
 
 
@@ -287,11 +290,12 @@ def test_torch_backend_matches_reference(variant):
 
 
 def test_auto_on_cpu_is_the_torch_backend():
-    tensors, _ = make_inputs((1, 2, 4, 3, None, 8, 8), dtype=torch.float32)
-    torch.testing.assert_close(fastseq.ops.rel_attention(*tensors),
-                               fastseq.ops.rel_attention(*tensors, backend="torch"))
-    torch.testing.assert_close(fastseq.ops.rel_attention(*tensors),
-                               reference.relative_attention(*tensors))
+    with torch.device("cpu"):  # auto's CPU choice, also in a GPU run
+        tensors, _ = make_inputs((1, 2, 4, 3, None, 8, 8), dtype=torch.float32)
+        torch.testing.assert_close(fastseq.ops.rel_attention(*tensors),
+                                   fastseq.ops.rel_attention(*tensors, backend="torch"))
+        torch.testing.assert_close(fastseq.ops.rel_attention(*tensors),
+                                   reference.relative_attention(*tensors))
 
 
 @pytest.mark.parametrize("shape", [(0, 2, 5, 3), (2, 2, 0, 3), (2, 2, 0, 0)],

@@ -11,11 +11,15 @@ import fastseq
 from fastseq import reference
 from fastseq.nn import RelPartialLearnableMultiHeadAttn, TransformerXL, TransformerXLLayer
 
+from conftest import TRITON_TEST_DEVICE
+
+pytestmark = pytest.mark.usefixtures("on_triton_test_device")
+
 H, DH, DM = 2, 8, 16
 
 
 def triton_backend():
-    if fastseq.backend.triton_unavailable(torch.device("cpu")) is not None:
+    if fastseq.backend.triton_unavailable(TRITON_TEST_DEVICE) is not None:
         pytest.skip("the Triton interpreter is off")
     return fastseq.use_backend("triton")
 
@@ -28,7 +32,10 @@ def original_attention(m, w, r, r_w_bias, r_r_bias, mems=None, same_length=False
     w_heads = m.qkv_net(m.layer_norm(cat) if m.pre_lnorm else cat)
     q, k, v = torch.chunk(w_heads, 3, dim=-1)
     q = q[-qlen:]
-    heads = lambda t: t.reshape(t.shape[0], bsz, m.n_head, m.d_head).permute(1, 2, 0, 3)  # noqa: E731
+
+    def heads(t):
+        return t.reshape(t.shape[0], bsz, m.n_head, m.d_head).permute(1, 2, 0, 3)
+
     r_head_k = m.r_net(r).view(r.shape[0], m.n_head, m.d_head)
     out = reference.rel_attention_original(heads(q), heads(k), heads(v), r_head_k, r_w_bias,
                                            r_r_bias, same_length=same_length, mem_len=mem_len,
