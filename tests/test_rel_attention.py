@@ -17,13 +17,14 @@ from numerics import assert_within_rule
 pytestmark = pytest.mark.usefixtures("on_triton_test_device")
 
 # (B, H, Lq, memory, P, D, Dv): Lq = 1 without memory; odd lengths crossing the 16-row blocks;
-# memory longer than the segment; clamped positions (P < Lk); padded head dims (40 -> 64) and a
-# value head dim unlike the query's. P = None: one row per distance (P = Lk).
+# memory shorter and longer than the segment; clamped positions (P < Lk); padded head dims
+# (40 -> 64), the largest (128), value head dims unlike the query's. P = None: P = Lk.
 CASES = {
     "Lq1-M0": (1, 1, 1, 0, None, 16, 16),
     "Lq7-M5-d40": (2, 3, 7, 5, None, 40, 24),
     "Lq33-M0-d64": (2, 2, 33, 0, None, 64, 64),
-    "Lq20-M64-clamped": (1, 2, 20, 64, 30, 16, 16),
+    "Lq100-M64-clamped": (1, 2, 100, 64, 30, 16, 16),
+    "Lq9-M4-d128": (1, 2, 9, 4, None, 128, 96),
 }
 VARIANTS = ["causal", "window", "bidirectional", "key-padding", "float-mask"]
 
@@ -278,7 +279,7 @@ def test_compile_fullgraph(compiler):
 def test_torch_backend_matches_reference(variant):
     """The plain-PyTorch backend (auto's CPU choice, the original code's cost): outputs, lse and
     every gradient equal the reference in float64, rows with nothing visible included."""
-    tensors, kwargs = make_inputs(CASES["Lq20-M64-clamped"], variant)
+    tensors, kwargs = make_inputs(CASES["Lq100-M64-clamped"], variant)
     out, lse, _ = run("plain", tensors, kwargs, torch.float64)
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
     expected = run("plain", tensors, kwargs, torch.float64, grad_out, grad_lse)
