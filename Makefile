@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CUDA build of torch: its headers let CI compile every .cu file on a CPU-only machine.
 TORCH_SPEC ?= torch==2.14.1
-DEV_DEPS := numpy pytest pytest-benchmark hypothesis expecttest "cmake>=3.26" ninja setuptools wheel
+DEV_DEPS := numpy pytest pytest-benchmark matplotlib hypothesis expecttest "cmake>=3.26" ninja setuptools wheel
 # torch's cpp_extension would otherwise guess /usr/local, which has nvcc but no libcudart.
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
@@ -29,10 +29,10 @@ install: $(VENV)/.deps-installed
 test: install
 	$(VENV)/bin/pytest tests -q
 
+# The kernel benchmarks: the device's default cases (on a CPU the CPU suite); results in
+# bench/out (bench.json, table.md, PNG plots). BENCH_ARGS passes options, e.g. --quick.
 bench: install
-	mkdir -p bench/out
-	$(VENV)/bin/pytest bench -q --benchmark-json=bench/out/latest.json --benchmark-columns=median,iqr,rounds
-	$(PY) bench/report.py bench/out/latest.json --markdown bench/out/latest.md
+	$(VENV)/bin/fastseq-bench --out bench/out $(BENCH_ARGS)
 
 clean:
 	rm -rf build bench/out *.egg-info

@@ -122,8 +122,10 @@ class CMakeBuild(build_ext):
 ext_modules = [] if env_flag("FASTSEQ_SKIP_EXTENSION") else [CMakeExtension("fastseq._C")]
 
 setup(
-    packages=find_packages(include=["fastseq", "fastseq.*"]) + ["fastseq.kernels"],
-    package_dir={"fastseq.kernels": "kernels"},
+    # kernels/ and bench/ (the benchmark suites fastseq-bench runs) install inside fastseq.
+    packages=find_packages(include=["fastseq", "fastseq.*"]) + ["fastseq.kernels",
+                                                                 "fastseq.bench_suites"],
+    package_dir={"fastseq.kernels": "kernels", "fastseq.bench_suites": "bench"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 
 import fastseq
 
-from conftest import DEVICE, run_timed
+from .conftest import DEVICE, GPU_CASES, PRESET, record_error, run_timed
 
 try:
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
 
-if DEVICE.type == "cuda":
+if GPU_CASES:
     TOKENS, HEAD_WIDTH = 16384, 2048  # B * L tokens; heads * D = 2048 (16 heads of 128)
     LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
     HEAD_DIMS = [64, 128]
@@ -57,6 +57,19 @@ def attention_call(provider, mask=None, causal=False):
         return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2),
                                                v.transpose(1, 2), causal=causal).transpose(1, 2)
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal)
+
+
+def check_attention(benchmark, fn, q, k, v, mask=None, causal=False):
+    """The case's correctness check: batch 0, head 0 of its output against the float64
+    reference (the whole [L, S] problem of one head, so the check stays cheap at 16k)."""
+    with torch.no_grad():
+        got = fn(q, k, v)[:1, :1]
+    one = [t[:1, :1].double() for t in (q, k, v)]
+    one_mask = None if mask is None else mask[:1]
+    expected = fastseq.reference.attention.scaled_dot_product_attention(
+        *one, one_mask if one_mask is None or one_mask.dtype == torch.bool else one_mask.double(),
+        is_causal=causal)
+    record_error(benchmark, got, expected)
 
 
 def time_attention(benchmark, provider, fn, q, k, v, passes, flop_fwd, **info):
@@ -98,16 +111,19 @@ def inputs(batch, heads, length, dim, dtype, kv_length=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def bench_attention(benchmark, provider, dtype, dim, length, causal, passes):
-    if dtype == torch.float16 and length != 4096:
-        pytest.skip("fp16 at one length (L=4k); bf16 covers the sweep")
+    if dtype == torch.float16 and length != 4096 and PRESET != "full":
+        pytest.skip("fp16 at one length (L=4k) unless --full; bf16 covers the sweep")
     if provider == "torch-sdpa-cudnn" and passes != "fwd" and causal and length > 8192:
         pytest.skip("measured separately if cuDNN's causal backward is wanted at 16k")
     batch, heads = max(TOKENS // length, 1), HEAD_WIDTH // dim
     q, k, v = inputs(batch, heads, length, dim, dtype)
     flop = 4 * batch * heads * length * length * dim / (2 if causal else 1)
-    time_attention(benchmark, provider, attention_call(provider, causal=causal), q, k, v, passes,
-                   flop, shape=f"B={batch} H={heads} L={length} D={dim}"
-                   f"{' causal' if causal else ''}", dtype=str(dtype).split(".")[1])
+    fn = attention_call(provider, causal=causal)
+    with sdpa_context(provider):
+        check_attention(benchmark, fn, q, k, v, causal=causal)
+    time_attention(benchmark, provider, fn, q, k, v, passes, flop,
+                   shape=f"B={batch} H={heads} L={length} D={dim}{' causal' if causal else ''}",
+                   dtype=str(dtype).split(".")[1], length=length)
 
 
 MASKED_PROVIDERS = [p for p in PROVIDERS if p not in ("torch-sdpa-flash", "flash-attn")] + \
@@ -120,8 +136,8 @@ MASKED_PROVIDERS = [p for p in PROVIDERS if p not in ("torch-sdpa-flash", "flash
 def bench_masked_attention(benchmark, provider, mask_kind, passes):
     """Where SDPA leaves its flash path: a padded batch (key_padding_mask [B, 1, 1, S], lengths
     spread over [L/4, L]) and an arbitrary bool mask [B, 1, L, S]."""
-    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-    batch, heads, length, dim = (8, 16, 2048, 128) if DEVICE.type == "cuda" else (2, 4, 128, 64)
+    dtype = torch.bfloat16 if GPU_CASES else torch.float32
+    batch, heads, length, dim = (8, 16, 2048, 128) if GPU_CASES else (2, 4, 128, 64)
     q, k, v = inputs(batch, heads, length, dim, dtype)
     if mask_kind == "key-padding":
         lengths = torch.linspace(length, length // 4, batch, device=DEVICE).long()
@@ -129,9 +145,12 @@ def bench_masked_attention(benchmark, provider, mask_kind, passes):
     else:
         mask = torch.rand(batch, 1, length, length, device=DEVICE) < 0.7
     flop = 4 * batch * heads * length * length * dim
-    time_attention(benchmark, provider, attention_call(provider, mask=mask), q, k, v, passes,
-                   flop, shape=f"B={batch} H={heads} L={length} D={dim} {mask_kind}",
-                   dtype=str(dtype).split(".")[1])
+    fn = attention_call(provider, mask=mask)
+    with sdpa_context(provider):
+        check_attention(benchmark, fn, q, k, v, mask=mask)
+    time_attention(benchmark, provider, fn, q, k, v, passes, flop,
+                   shape=f"B={batch} H={heads} L={length} D={dim} {mask_kind}",
+                   dtype=str(dtype).split(".")[1], length=length)
 
 
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
@@ -139,8 +158,8 @@ def bench_masked_attention(benchmark, provider, mask_kind, passes):
 def bench_multihead_attention(benchmark, provider, passes):
     """The layer (projections included), batch-first self-attention with key padding, in the
     need_weights=False mode Transformer layers use."""
-    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-    batch, length, embed, heads = (8, 2048, 1024, 16) if DEVICE.type == "cuda" else (2, 128, 256, 4)
+    dtype = torch.bfloat16 if GPU_CASES else torch.float32
+    batch, length, embed, heads = (8, 2048, 1024, 16) if GPU_CASES else (2, 128, 256, 4)
     cls = fastseq.nn.MultiheadAttention if provider == "fastseq" else torch.nn.MultiheadAttention
     layer = cls(embed, heads, batch_first=True, device=DEVICE, dtype=dtype)
     x = torch.randn(batch, length, embed, device=DEVICE, dtype=dtype,
@@ -150,6 +169,15 @@ def bench_multihead_attention(benchmark, provider, passes):
 
     def call():
         return layer(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+    # The check: torch's layer in float64 with the same weights.
+    twin = torch.nn.MultiheadAttention(embed, heads, batch_first=True, device=DEVICE,
+                                       dtype=torch.float64)
+    twin.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        wide = x.detach().double()
+        record_error(benchmark, call(), twin(wide, wide, wide, key_padding_mask=padding,
+                                             need_weights=False)[0])
 
     if passes == "fwd":
         def step():
@@ -162,4 +190,4 @@ def bench_multihead_attention(benchmark, provider, passes):
     run_timed(benchmark, step, calls_per_round=5, op="multihead_attention", provider=provider,
               passes=passes, gflop=flop * (1 if passes == "fwd" else 3) / 1e9,
               shape=f"B={batch} L={length} E={embed} H={heads} padded",
-              dtype=str(dtype).split(".")[1])
+              dtype=str(dtype).split(".")[1], length=length)

@@ -12,13 +12,13 @@ import torch
 
 import fastseq
 
-from conftest import DEVICE, run_timed
+from .conftest import DEVICE, GPU_CASES, record_error, run_timed
 
 LAYERS = {"lstm": (fastseq.nn.LayerNormLSTM, torch.nn.LSTM), "gru": (fastseq.nn.LayerNormGRU, torch.nn.GRU)}
 GATES = {"lstm": 4, "gru": 3}
 # (B, H, T, dtype): a small-batch long sequence, a training batch, fp32.
 CASES = [(16, 768, 256, torch.bfloat16), (64, 512, 100, torch.bfloat16), (16, 512, 100, torch.float32)] \
-    if DEVICE.type == "cuda" else []
+    if GPU_CASES else []
 PROVIDERS = ["fastseq-triton", "reference", "torch-no-layernorm"]
 
 
@@ -36,6 +36,15 @@ def bench_layer_norm_layer(benchmark, provider, mode, case, passes):
                          backend="triton" if provider == "fastseq-triton" else "reference")
     x = torch.randn(steps, batch, hidden, device=DEVICE, dtype=dtype, requires_grad=passes != "fwd")
 
+    # The check: the float64 reference of the same layer (torch's for the plain LSTM/GRU).
+    if provider == "torch-no-layernorm":
+        twin = torch_cls(hidden, hidden, device=DEVICE, dtype=torch.float64)
+    else:
+        twin = fast_cls(hidden, hidden, device=DEVICE, dtype=torch.float64, backend="reference")
+    twin.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        record_error(benchmark, layer(x)[0], twin(x.detach().double())[0])
+
     if passes == "fwd":
         def step():
             with torch.no_grad():
@@ -47,4 +56,4 @@ def bench_layer_norm_layer(benchmark, provider, mode, case, passes):
     per_step = 2 * batch * 2 * hidden * GATES[mode] * hidden
     run_timed(benchmark, step, calls_per_round=3, op="layer_norm_rnn", cell=mode, provider=provider,
               shape=f"B={batch} H={hidden} T={steps}", dtype=str(dtype).split(".")[1], passes=passes,
-              steps=steps, gflop=per_step * steps * (3 if passes == "fwd+bwd" else 1) / 1e9)
+              steps=steps, length=steps, gflop=per_step * steps * (3 if passes == "fwd+bwd" else 1) / 1e9)

@@ -8,7 +8,8 @@ FLOPs: the visible (query, key) pairs of the causal band with memory, Lq * M + L
 times 6 D (content q.k, position q.pos, p.v: two FLOPs per multiply-add each); backward 2.5x.
 The plain-attention peer runs unmasked over all Lk keys and counts 4 B H Lq Lk D, so the two
 TFLOP/s columns compare kernel efficiency, not time.
-Peak memory: the largest allocation above the inputs during one call (extra_info peak_mib).
+Peak memory (GPU): the largest allocation above the inputs during one call (peak_mib, measured
+by conftest.run_timed).
 """
 import pytest
 import torch
@@ -16,14 +17,14 @@ import torch
 import fastseq
 from fastseq import reference
 
-from conftest import DEVICE, run_timed
+from .conftest import DEVICE, GPU_CASES, record_error, run_timed
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:
     flex_attention = None
 
-if DEVICE.type == "cuda":
+if GPU_CASES:
     BATCH, HEADS, DIM, DTYPE = 16, 16, 64, torch.bfloat16
     LENGTHS = [256, 512, 1024, 2048]
     PROVIDERS = ["fastseq-triton", "original", "fastseq-attention"] + \
@@ -104,17 +105,18 @@ def bench_rel_attention(benchmark, provider, length, passes):
         def step():
             torch.autograd.grad(fn(*leaves), leaves, grad)
         flop = 3.5 * flop_fwd
-    peak = None
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    else:
-        step()  # a provider that cannot run the case fails here, before timing
+    # The check: batch 0, head 0 against the float64 reference (the plain-attention peer
+    # computes another function and records none).
+    if provider != "fastseq-attention":
+        with torch.no_grad():
+            got = fn(*leaves)[:1, :1]
+        q, k, v, pos, u, w = (t.detach() for t in leaves)
+        expected = reference.relative_attention(
+            q[:1, :1].double(), k[:1, :1].double(), v[:1, :1].double(), pos[:, :1].double(),
+            u[:1].double(), w[:1].double())
+        record_error(benchmark, got, expected)
+    step()  # a provider that cannot run the case fails here, before timing
     run_timed(benchmark, step, calls_per_round=5, op="rel_attention", provider=provider,
-              passes=passes, gflop=flop / 1e9, peak_mib=peak,
+              passes=passes, gflop=flop / 1e9,
               shape=f"B={BATCH} H={HEADS} Lq={length} M={length} D={DIM} causal",
-              dtype=str(DTYPE).split(".")[1])
+              dtype=str(DTYPE).split(".")[1], length=length)

@@ -14,12 +14,12 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastseq
 
-from conftest import DEVICE, run_timed
+from .conftest import DEVICE, GPU_CASES, record_error, run_timed
 
 GATES = {"lstm": 4, "gru": 3}
 TORCH_LAYERS = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 FAST_LAYERS = {"lstm": fastseq.nn.LSTM, "gru": fastseq.nn.GRU}
-if DEVICE.type == "cuda":
+if GPU_CASES:
     # (B, H, T, layers, bidirectional, dtype, packed). First the target, cuDNN's
     # persistent case (B=16, H=768, T=1024, bf16, 1 layer, ~2 us a step forward); then where
     # cuDNN leaves its persistent path (fp32; 2 layers bidirectional; H=300, not a multiple of
@@ -82,6 +82,15 @@ def bench_layer(benchmark, persistent_switch, provider, mode, case, passes):
         out = result[0]
         return out.data if packed else out
 
+    # The check: torch's layer in float64 with the same weights, on the same input.
+    twin = TORCH_LAYERS[mode](hidden, hidden, num_layers=layers, bidirectional=bidirectional,
+                              device=DEVICE, dtype=torch.float64)
+    twin.load_state_dict(layer.state_dict())
+    wide = (PackedSequence(x.data.detach().double(), x.batch_sizes, x.sorted_indices,
+                           x.unsorted_indices) if packed else x.detach().double())
+    with torch.no_grad():
+        record_error(benchmark, output(layer(x)), output(twin(wide)))
+
     if passes == "fwd":
         def step():
             with torch.no_grad():
@@ -94,5 +103,5 @@ def bench_layer(benchmark, persistent_switch, provider, mode, case, passes):
     run_timed(benchmark, step, calls_per_round=3, op="rnn_layer", cell=mode, provider=provider,
               shape=f"B={batch} H={hidden} T={steps} L={layers}{' bi' if bidirectional else ''}"
                     f"{' packed' if packed else ''}",
-              dtype=str(dtype).split(".")[1], passes=passes, steps=steps * layers,
+              dtype=str(dtype).split(".")[1], passes=passes, steps=steps * layers, length=steps,
               gflop=gflop(mode, batch, hidden, steps_run, layers, 2 if bidirectional else 1, passes))

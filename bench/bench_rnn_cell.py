@@ -5,13 +5,13 @@ import torch
 
 import fastseq
 
-from conftest import DEVICE, run_timed
+from .conftest import DEVICE, GPU_CASES, record_error, run_timed
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1}
 TORCH_CELLS = {"lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell, "rnn_tanh": torch.nn.RNNCell}
 FAST_CELLS = {"lstm": fastseq.nn.LSTMCell, "gru": fastseq.nn.GRUCell, "rnn_tanh": fastseq.nn.RNNCell}
 
-if DEVICE.type == "cuda":
+if GPU_CASES:
     # Decoding (B=1), a training batch, a large batch; H=1024 and 2048.
     SHAPES = [(1, 1024, 1024), (64, 1024, 1024), (256, 1024, 1024), (64, 2048, 2048)]
     DTYPES = [torch.float32, torch.bfloat16]
@@ -45,6 +45,13 @@ def bench_cell(benchmark, provider, mode, shape, dtype, passes):
     x = torch.randn(batch, input_size, device=DEVICE, dtype=dtype, requires_grad=passes != "fwd")
     h = torch.randn(batch, hidden, device=DEVICE, dtype=dtype)
     state = (h, torch.randn_like(h)) if mode == "lstm" else h
+
+    # The check: torch's cell in float64 with the same weights.
+    twin = TORCH_CELLS[mode](input_size, hidden, device=DEVICE, dtype=torch.float64)
+    twin.load_state_dict(cell.state_dict())
+    with torch.no_grad():
+        wide_state = tuple(s.double() for s in state) if mode == "lstm" else state.double()
+        record_error(benchmark, cell(x, state), twin(x.double(), wide_state))
 
     if passes == "fwd":
         def step():

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (device tool): build fastseq in place with that machine's
 # python3 (torch, triton, cmake, ninja, pytest-benchmark preinstalled; no network), run the
-# whole test suite on CUDA, run the benchmarks, and leave logs, JSON and tables under $OUT
-# (8 files: the device tool returns at most 8). Commit what comes back under bench/results/.
+# whole test suite on CUDA, run the benchmarks (fastseq-bench), and leave logs, JSON and tables
+# under $OUT. Commit what comes back under bench/results/.
 #
 #   device run: bash bench/gpu_run.sh            (OUT is set by the device tool)
 set -uo pipefail
@@ -47,6 +47,9 @@ echo "== FASTSEQ_PERSISTENT=0 tests/test_rnn_layer_ops.py" >> "$OUT/tests.log"
 FASTSEQ_PERSISTENT=0 run_pytest "$REPO/tests/test_rnn_layer_ops.py" -q -x >> "$OUT/tests.log" 2>&1 || status=1
 tail -2 "$OUT/tests.log"
 
-run_pytest "$REPO/bench" -q --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1 || status=1
-python3 bench/report.py "$OUT/bench.json" --markdown "$OUT/bench.md" || status=1
+# The benchmarks through the installed command (its suites are fastseq.bench_suites): bench.json
+# (pytest-benchmark's JSON + fastseq's fields), table.md; plots only where matplotlib exists
+# (redo them here with `fastseq-bench --report bench/results/<run>/bench.json --out ...`).
+(cd /tmp && python3 -m fastseq.benchmark.cli --out "$OUT/bench") > "$OUT/bench.log" 2>&1 || status=1
+tail -40 "$OUT/bench.log"
 exit $status

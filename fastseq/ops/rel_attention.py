@@ -96,9 +96,9 @@ def _torch_rel_attention(query, key, value, pos, content_bias, position_bias, at
         # (distances Lk-1 ... 0, clamped), aligned by the pad-and-reshape shift; its entries
         # for negative distances are garbage, and causal hides them all.
         by_key = pos[torch.arange(S - 1, -1, -1, device=query.device).clamp(max=P - 1)]
-        position = _reference.rel_shift(qv @ by_key.permute(1, 2, 0))
+        position = _reference.rel_shift(torch.einsum("bhid,shd->bhis", qv, by_key))
     else:
-        every_row = qv @ pos.permute(1, 2, 0)
+        every_row = torch.einsum("bhid,phd->bhip", qv, pos)
         position = every_row.gather(-1, row.expand(*every_row.shape[:-1], S))
     scores = (content + position) * scale
     hidden = torch.zeros_like(distance, dtype=torch.bool)
