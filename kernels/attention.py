@@ -264,6 +264,19 @@ def key_block_gradients(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv,
     qk_t = dot_acc(k, q_t, tl.zeros((k.shape[0], q_t.shape[1]), ACC_DTYPE), PRECISION, UPCAST)
     s_t = scores_base2(qk_t, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn,
                        qk_scale2, MASK_KIND, CHECK_CAUSAL, False)
+    return accumulate_key_gradients(dk, dv, s_t, q_t, v, do, lse2, delta, query_rows,
+                                    key_cols, L, S, dmask_ptr, seed, dropout_p, DROPOUT,
+                                    MASK_GRAD, PRECISION, UPCAST)
+
+
+@triton.jit
+def accumulate_key_gradients(dk, dv, s_t, q_t, v, do, lse2, delta, query_rows, key_cols, L, S,
+                             dmask_ptr, seed, dropout_p, DROPOUT: tl.constexpr,
+                             MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                             UPCAST: tl.constexpr):
+    """A tile's share of dV += P^T dO and dK += dS^T q (and of the float mask's gradient), from
+    its transposed base-2 scores s_t [BLOCK_N, BLOCK_M] and the query operand q_t [D, BLOCK_M]
+    the scores were computed with; query_rows [1, BLOCK_M], key_cols [BLOCK_N, 1]."""
     p_t = tl.exp2(s_t - lse2[None, :])
     dp_t = dot_acc(v, tl.trans(do), tl.zeros_like(p_t), PRECISION, UPCAST)
     p_used = p_t

@@ -18,7 +18,8 @@ probabilities from the forward's log-sum-exp (delta = rowsum(dO * O) - dlse from
 import triton
 import triton.language as tl
 
-from .attention import apply_mask, dropout_keep, load_row_stats, score_gradient
+from .attention import (accumulate_key_gradients, apply_mask, load_row_stats,
+                        score_gradient)
 from .common import dot_acc
 from .rel_attention import (band_index, pos_band_rows, query_block_key_ranges,
                             relative_visibility, split_range)
@@ -91,20 +92,9 @@ def rel_key_block_gradients(dk, dv, k, v, start_m, start_n, offs_n, offs_m0, off
                      stride_mn, MASK_KIND)
     s_t = relative_visibility(s_t, query_rows, key_cols, S, MEM, window, CHECK_CAUSAL,
                               CHECK_WINDOW, False)
-    p_t = tl.exp2(s_t - lse2[None, :])
-    dp_t = dot_acc(v, tl.trans(do), tl.zeros_like(p_t), PRECISION, UPCAST)
-    p_used = p_t
-    if DROPOUT:
-        keep = dropout_keep(seed, query_rows, key_cols, S, dropout_p)
-        p_used = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
-        dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dv = dot_acc(p_used.to(do.dtype), do, dv, PRECISION, UPCAST)
-    dk = dot_acc(ds_t.to(qu_t.dtype), tl.trans(qu_t), dk, PRECISION, UPCAST)
-    if MASK_GRAD:
-        tl.store(dmask_ptr + query_rows * S + key_cols, ds_t.to(dmask_ptr.dtype.element_ty),
-                 mask=(query_rows < L) & (key_cols < S))
-    return dk, dv
+    return accumulate_key_gradients(dk, dv, s_t, qu_t, v, do, lse2, delta, query_rows,
+                                    key_cols, L, S, dmask_ptr, seed, dropout_p, DROPOUT,
+                                    MASK_GRAD, PRECISION, UPCAST)
 
 
 @triton.jit

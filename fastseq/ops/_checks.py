@@ -47,3 +47,21 @@ def check_same_dtype_device(op: str, reference: tuple[str, torch.Tensor], others
         if value.device != ref.device:
             fail(op, f"{name} must be on device {ref.device} (the device of {ref_name}), "
                      f"got {value.device}")
+
+
+def check_mask(op: str, attn_mask, query: torch.Tensor, target: tuple, spelled: str) -> None:
+    """An attention mask: a bool or query-dtype tensor on the query's device that broadcasts to
+    `target` (spelled in words as `spelled`, e.g. "[B, H, Lq, Lk]")."""
+    check_tensor(op, "attn_mask", attn_mask)
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        fail(op, f"attn_mask must be bool or the query's dtype {query.dtype}, got "
+                 f"{attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        fail(op, f"attn_mask must be on {query.device} (query's device), got {attn_mask.device}")
+    try:
+        broadcast = torch.broadcast_shapes(attn_mask.shape, target)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != torch.Size(target):
+        fail(op, f"attn_mask must broadcast to {spelled} = {list(target)}, got shape "
+                 f"{list(attn_mask.shape)}")

@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import backend as _backends
 from ..reference import attention as _reference
 from . import attention_ops as _registered_ops  # noqa: F401  (registers the ops)
-from ._checks import check_same_dtype_device, check_tensor, fail
+from ._checks import check_mask, check_same_dtype_device, check_tensor, fail
 
 OP = "fastseq.ops.attention"
 MAX_HEAD_DIM = 256  # the Triton kernels keep a BLOCK_M x head-dim accumulator in registers
@@ -143,21 +143,7 @@ def _validate(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> tup
             fail(OP, f"query, key and value must have the same batch dims before the heads, got "
                      f"{list(query.shape)}, {list(key.shape)}, {list(value.shape)}")
     if attn_mask is not None:
-        check_tensor(OP, "attn_mask", attn_mask)
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            fail(OP, f"attn_mask must be bool or the query's dtype {query.dtype}, got "
-                     f"{attn_mask.dtype}")
-        if attn_mask.device != query.device:
-            fail(OP, f"attn_mask must be on {query.device} (query's device), got "
-                     f"{attn_mask.device}")
-        target = (*query.shape[:-1], key.shape[-2])
-        try:
-            broadcast = torch.broadcast_shapes(attn_mask.shape, target)
-        except RuntimeError:
-            broadcast = None
-        if broadcast != torch.Size(target):
-            fail(OP, f"attn_mask must broadcast to [..., Hq, L, S] = {list(target)}, got shape "
-                     f"{list(attn_mask.shape)}")
+        check_mask(OP, attn_mask, query, (*query.shape[:-1], key.shape[-2]), "[..., Hq, L, S]")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         fail(OP, f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if scale is not None and not isinstance(scale, (int, float)):

@@ -30,7 +30,7 @@ from .. import backend as _backends
 from ..kernels.rel_attention_launch import MAX_HEAD_DIM
 from ..reference import rel_attention as _reference
 from . import rel_attention_ops as _registered_ops  # noqa: F401  (registers the ops)
-from ._checks import check_same_dtype_device, check_shape, check_tensor, fail
+from ._checks import check_mask, check_same_dtype_device, check_shape, check_tensor, fail
 
 OP = "fastseq.ops.rel_attention"
 
@@ -155,20 +155,7 @@ def _validate(query, key, value, pos, content_bias, position_bias, attn_mask, is
     check_shape(OP, "content_bias", content_bias, (H, D), "[H, D]")
     check_shape(OP, "position_bias", position_bias, (H, D), "[H, D]")
     if attn_mask is not None:
-        check_tensor(OP, "attn_mask", attn_mask)
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            fail(OP, f"attn_mask must be bool or the query's dtype {query.dtype}, got "
-                     f"{attn_mask.dtype}")
-        if attn_mask.device != query.device:
-            fail(OP, f"attn_mask must be on {query.device} (query's device), got "
-                     f"{attn_mask.device}")
-        try:
-            broadcast = torch.broadcast_shapes(attn_mask.shape, (B, H, L, S))
-        except RuntimeError:
-            broadcast = None
-        if broadcast != torch.Size((B, H, L, S)):
-            fail(OP, f"attn_mask must broadcast to [B, H, Lq, Lk] = {[B, H, L, S]}, got shape "
-                     f"{list(attn_mask.shape)}")
+        check_mask(OP, attn_mask, query, (B, H, L, S), "[B, H, Lq, Lk]")
     if not isinstance(is_causal, bool):
         fail(OP, f"is_causal must be a bool, got {is_causal!r}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)
