@@ -82,6 +82,19 @@ def triton_unavailable(device: torch.device) -> str | None:
     return f"Triton runs on CUDA tensors (and CPU ones through its interpreter), not {device.type}"
 
 
+def triton_attention_unavailable(query: torch.Tensor, value: torch.Tensor,
+                                 max_head_dim: int) -> str | None:
+    """Why a Triton attention kernel cannot take these tensors: the device, or a head dim above
+    the kernel's limit (its accumulators hold a block of rows x head dim in registers)."""
+    reason = triton_unavailable(query.device)
+    if reason is not None:
+        return reason
+    if max(query.shape[-1], value.shape[-1]) > max_head_dim:
+        return (f"head dims up to {max_head_dim} (got query {query.shape[-1]}, "
+                f"value {value.shape[-1]})")
+    return None
+
+
 def native_unavailable(device: torch.device) -> str | None:
     """Why the native (C++/CUDA) backend cannot run on `device`, or None if it can."""
     if not _extension.is_built():

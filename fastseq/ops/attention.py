@@ -45,7 +45,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
         OP, _backends.requested_backend(backend),
         ("triton", "torch", "reference") if device.type == "cuda"
         else ("torch", "reference", "triton"),
-        {"triton": lambda: _triton_unavailable(query, value),
+        {"triton": lambda: _backends.triton_attention_unavailable(query, value, MAX_HEAD_DIM),
          "torch": lambda: _torch_unavailable(attn_mask, is_causal, return_lse),
          "reference": lambda: None})
     empty = query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0
@@ -90,16 +90,6 @@ def _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
         visible = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
         out = torch.where(visible.any(-1, keepdim=True), out, out.new_zeros(()))
     return out
-
-
-def _triton_unavailable(query: Tensor, value: Tensor) -> Optional[str]:
-    reason = _backends.triton_unavailable(query.device)
-    if reason is not None:
-        return reason
-    if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
-        return (f"head dims up to {MAX_HEAD_DIM} (got query {query.shape[-1]}, "
-                f"value {value.shape[-1]})")
-    return None
 
 
 def _torch_unavailable(attn_mask, is_causal, return_lse) -> Optional[str]:

@@ -52,8 +52,8 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
         OP, _backends.requested_backend(backend),
         ("triton", "torch", "reference") if device.type == "cuda"
         else ("torch", "reference", "triton"),
-        {"triton": lambda: _triton_unavailable(query, value), "torch": lambda: None,
-         "reference": lambda: None})
+        {"triton": lambda: _backends.triton_attention_unavailable(query, value, MAX_HEAD_DIM),
+         "torch": lambda: None, "reference": lambda: None})
     if chosen == "torch":
         return _torch_rel_attention(query, key, value, pos, content_bias, position_bias,
                                     attn_mask, is_causal, window, pos_offset, dropout_p, scale,
@@ -120,16 +120,6 @@ def _torch_rel_attention(query, key, value, pos, content_bias, position_bias, at
     if not return_lse:
         return out
     return out, torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, -1)
-
-
-def _triton_unavailable(query: Tensor, value: Tensor) -> Optional[str]:
-    reason = _backends.triton_unavailable(query.device)
-    if reason is not None:
-        return reason
-    if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
-        return (f"head dims up to {MAX_HEAD_DIM} (got query {query.shape[-1]}, "
-                f"value {value.shape[-1]})")
-    return None
 
 
 def _validate(query, key, value, pos, content_bias, position_bias, attn_mask, is_causal,
