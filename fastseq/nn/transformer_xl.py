@@ -34,7 +34,8 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
     forward(w [qlen, B, d_model], r [rlen, (1,) d_model], r_w_bias, r_r_bias [n_head, d_head],
     attn_mask=None, mems [mlen, B, d_model] or None) -> [qlen, B, d_model]. With
     own_biases=True the module holds its own r_w_bias and r_r_bias (the untied variant) and
-    uses them when forward gets None."""
+    uses them when forward gets None. tgt_len, ext_len and mem_len are accepted for the
+    original's signature and unused (as there)."""
 
     def __init__(self, n_head: int, d_model: int, d_head: int, dropout: float,
                  dropatt: float = 0.0, tgt_len=None, ext_len=None, mem_len=None,
@@ -226,10 +227,11 @@ class TransformerXL(nn.Module):
         pos_emb = self.drop(self.pos_emb(pos_seq).to(self.word_emb.weight.dtype))
         core_out = self.drop(self.word_emb(tokens) * self.emb_scale)
         window = self.mem_len if self.same_length and self.mem_len > 0 else None
+        # Untied: each layer's own biases (None here makes the layer use them).
+        r_w_bias = None if self.untie_r else self.r_w_bias
+        r_r_bias = None if self.untie_r else self.r_r_bias
         hids = [core_out]
         for i, layer in enumerate(self.layers):
-            r_w_bias = None if self.untie_r else self.r_w_bias
-            r_r_bias = None if self.untie_r else self.r_r_bias
             core_out = layer(core_out, pos_emb, r_w_bias, r_r_bias,
                              mems=mems[i] if mems else None, is_causal=True, window=window)
             hids.append(core_out)
