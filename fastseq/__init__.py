@@ -5,6 +5,7 @@
     fastseq.ops.lstm_cell(...)       # functional ops (torch.ops.fastseq.* underneath)
     fastseq.nn.LSTMCell(...)         # drop-in layers
     with fastseq.use_backend("triton"): ...
+    fastseq.patch(model)             # swap torch's layers inside a model for fastseq's
 """
 import importlib.util
 
@@ -22,8 +23,9 @@ from . import _extension
 from .backend import BackendError, backends, use_backend
 from . import ops, nn, reference  # noqa: E402
 from .ops._checks import InputError
+from .patching import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 __all__ = ["backends", "use_backend", "BackendError", "InputError", "ops", "nn", "reference",
-           "build_info"]
+           "build_info", "patch", "unpatch", "PatchReport"]
 build_info = _extension.build_info

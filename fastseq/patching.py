@@ -1,0 +1,118 @@
+"""fastseq.patch(model) and fastseq.unpatch(model): swap torch's recurrent, attention and
+Transformer layers inside an existing model for fastseq's drop-ins, in place, and back.
+
+    report = fastseq.patch(model)       # torch.nn.LSTM -> fastseq.nn.LSTM, ... in place
+    print(report)                       # what was replaced, what was left and why
+    fastseq.unpatch(model)              # and back to torch's classes
+
+The swap changes each module's class and nothing else: every fastseq drop-in subclasses the
+same torch base (torch.nn.RNNBase for the RNNs, torch's own class for the cells,
+nn.MultiheadAttention and the Transformer layers) and only adds a forward and a few attributes,
+so the parameters stay the very same tensors, on their device, in their dtype, under the same
+state_dict keys, and optimizers holding them keep working.
+
+Only modules of exactly torch's class are swapped. A user's subclass of torch.nn.LSTM (say) is
+left alone and reported: its own methods may rely on torch's forward. fastseq's RNNs are not
+instances of torch.nn.LSTM/GRU/RNN after the swap (they derive from RNNBase, because
+torch.compile refuses any instance of those classes), so code that checks
+isinstance(m, torch.nn.LSTM) sees the difference. A torch.nn.TransformerEncoder is told not to
+convert its input to nested tensors (its fast path would skip the layers' forward); unpatch
+restores its setting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import nn as fnn
+
+# torch class -> fastseq drop-in, and the attributes each drop-in's __init__ adds (their
+# defaults: what a swapped-in module gets).
+SWAPS = {
+    torch.nn.LSTM: fnn.LSTM, torch.nn.GRU: fnn.GRU, torch.nn.RNN: fnn.RNN,
+    torch.nn.LSTMCell: fnn.LSTMCell, torch.nn.GRUCell: fnn.GRUCell, torch.nn.RNNCell: fnn.RNNCell,
+    torch.nn.MultiheadAttention: fnn.MultiheadAttention,
+    torch.nn.TransformerEncoderLayer: fnn.TransformerEncoderLayer,
+    torch.nn.TransformerDecoderLayer: fnn.TransformerDecoderLayer,
+}
+UNSWAPS = {fast: plain for plain, fast in SWAPS.items()}
+_RNNS = (fnn.LSTM, fnn.GRU, fnn.RNN)
+_CELLS = (fnn.LSTMCell, fnn.GRUCell, fnn.RNNCell)
+_NESTED_FLAG = "_fastseq_saved_nested_tensor"
+
+
+def _added_attributes(cls: type, backend: Optional[str]) -> dict:
+    if cls in _RNNS:
+        return {"backend": backend, "zoneout_h": 0.0, "zoneout_c": 0.0}
+    if cls in _CELLS:
+        return {"backend": backend}
+    return {}
+
+
+@dataclass
+class PatchReport:
+    """replaced: (module name, old class, new class); left: (module name, class, reason)."""
+    replaced: list = field(default_factory=list)
+    left: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"replaced {len(self.replaced)} module(s)"]
+        lines += [f"  {name or '<model>'}: {old} -> {new}" for name, old, new in self.replaced]
+        if self.left:
+            lines.append(f"left {len(self.left)} module(s)")
+            lines += [f"  {name or '<model>'}: {cls}: {why}" for name, cls, why in self.left]
+        return "\n".join(lines)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def patch(model: torch.nn.Module, *, backend: Optional[str] = None) -> PatchReport:
+    """Swap every torch.nn.LSTM, GRU, RNN, their cells, MultiheadAttention,
+    TransformerEncoderLayer and TransformerDecoderLayer inside `model` (the model itself
+    included) for fastseq's, in place. backend: pinned on the swapped recurrent modules
+    (None: fastseq's `auto`). Returns what was replaced and what was left, and why."""
+    report = PatchReport()
+    fast_classes = tuple(UNSWAPS)
+    for name, module in model.named_modules():
+        cls = type(module)
+        if cls in SWAPS:
+            new = SWAPS[cls]
+            module.__class__ = new
+            for attribute, value in _added_attributes(new, backend).items():
+                setattr(module, attribute, value)
+            report.replaced.append((name, _qualname(cls), _qualname(new)))
+        elif isinstance(module, fast_classes):
+            report.left.append((name, _qualname(cls), "already fastseq's"))
+        elif isinstance(module, tuple(SWAPS)):
+            report.left.append((name, _qualname(cls), "a subclass of a torch layer: its own "
+                                "code may rely on torch's forward, so it is not swapped"))
+        if isinstance(module, torch.nn.TransformerEncoder) and not hasattr(module, _NESTED_FLAG):
+            setattr(module, _NESTED_FLAG, (module.enable_nested_tensor, module.use_nested_tensor))
+            module.enable_nested_tensor = module.use_nested_tensor = False
+    return report
+
+
+def unpatch(model: torch.nn.Module) -> PatchReport:
+    """Swap fastseq's drop-ins inside `model` back to torch's classes (whether patch() put them
+    there or they were built as fastseq's), in place. A recurrent module with zoneout is left:
+    torch's has none."""
+    report = PatchReport()
+    for name, module in model.named_modules():
+        cls = type(module)
+        if cls in UNSWAPS:
+            if getattr(module, "zoneout_h", 0.0) or getattr(module, "zoneout_c", 0.0):
+                report.left.append((name, _qualname(cls), "uses zoneout, which torch's "
+                                    "module does not have"))
+                continue
+            for attribute in _added_attributes(cls, None):
+                delattr(module, attribute)
+            module.__class__ = UNSWAPS[cls]
+            report.replaced.append((name, _qualname(cls), _qualname(UNSWAPS[cls])))
+        if isinstance(module, torch.nn.TransformerEncoder) and hasattr(module, _NESTED_FLAG):
+            module.enable_nested_tensor, module.use_nested_tensor = getattr(module, _NESTED_FLAG)
+            delattr(module, _NESTED_FLAG)
+    return report
