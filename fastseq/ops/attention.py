@@ -26,12 +26,14 @@ from torch import Tensor
 from .. import backend as _backends
 from ..reference import attention as _reference
 from . import attention_ops as _registered_ops  # noqa: F401  (registers the ops)
+from ._autocast import autocast_op
 from ._checks import check_mask, check_same_dtype_device, check_tensor, fail
 
 OP = "fastseq.ops.attention"
 MAX_HEAD_DIM = 256  # the Triton kernels keep a BLOCK_M x head-dim accumulator in registers
 
 
+@autocast_op("attention")
 def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
               enable_gqa: bool = False, *, return_lse: bool = False,

@@ -16,12 +16,14 @@ from torch import Tensor
 from .. import backend as _backends
 from ..reference import layer_norm_recurrent as _reference
 from . import layer_norm_rnn_layer_ops as _registered_ops  # noqa: F401  (registers the ops)
+from ._autocast import autocast_op, recurrent_mode
 from ._checks import check_same_dtype_device, check_shape, check_tensor, fail
 from .rnn_layer import _checked_lengths, _validate
 
 OP = "fastseq.ops.layer_norm_rnn_layer"
 
 
+@autocast_op(recurrent_mode)  # as the mode's plain layer: torch has no layer-norm RNN
 def layer_norm_rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
                          b_ih: Optional[Tensor], b_hh: Optional[Tensor], ln_ih_weight: Tensor,
                          ln_hh_weight: Tensor, ln_c_weight: Optional[Tensor] = None,

@@ -30,11 +30,13 @@ from .. import backend as _backends
 from ..kernels.rel_attention_launch import MAX_HEAD_DIM
 from ..reference import rel_attention as _reference
 from . import rel_attention_ops as _registered_ops  # noqa: F401  (registers the ops)
+from ._autocast import autocast_op
 from ._checks import check_mask, check_same_dtype_device, check_shape, check_tensor, fail
 
 OP = "fastseq.ops.rel_attention"
 
 
+@autocast_op("rel_attention")
 def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, content_bias: Tensor,
                   position_bias: Tensor, *, attn_mask: Optional[Tensor] = None,
                   is_causal: bool = True, window: Optional[int] = None, pos_offset: int = 0,

@@ -16,6 +16,7 @@ from .. import backend as _backends
 from ..kernels.rnn_cell_layout import GATES
 from ..reference import recurrent as _reference
 from . import rnn_cell_ops as _registered_ops  # noqa: F401  (registers the ops)
+from ._autocast import autocast_op
 from ._checks import check_same_dtype_device, check_shape, check_tensor, fail
 
 _CELL_NAMES = {
@@ -38,6 +39,7 @@ _REFERENCE_CELLS = {
 }
 
 
+@autocast_op("lstm_cell")
 def lstm_cell(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
               backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
@@ -48,6 +50,7 @@ def lstm_cell(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], w_ih: Tensor, 
     return _cell("lstm", input, h, c, w_ih, w_hh, b_ih, b_hh, backend)
 
 
+@autocast_op("gru_cell")
 def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
              backend: Optional[str] = None) -> Tensor:
@@ -55,6 +58,7 @@ def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
     return _cell("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
 
 
+@autocast_op("rnn_tanh_cell")
 def rnn_tanh_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                   b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
                   backend: Optional[str] = None) -> Tensor:
@@ -62,6 +66,7 @@ def rnn_tanh_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tenso
     return _cell("rnn_tanh", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
 
 
+@autocast_op("rnn_relu_cell")
 def rnn_relu_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                   b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
                   backend: Optional[str] = None) -> Tensor:

@@ -16,6 +16,7 @@ from .. import backend as _backends
 from ..kernels.rnn_cell_layout import GATES
 from ..reference import recurrent as _reference
 from . import rnn_layer_ops as _registered_ops  # noqa: F401  (registers the ops)
+from ._autocast import autocast_op, recurrent_mode
 from ._checks import check_same_dtype_device, check_shape, check_tensor, fail
 
 OP = "fastseq.ops.rnn_layer"
@@ -23,6 +24,7 @@ _TORCH_LAYERS = {"lstm": torch.lstm, "gru": torch.gru, "rnn_tanh": torch.rnn_tan
                  "rnn_relu": torch.rnn_relu}
 
 
+@autocast_op(recurrent_mode)
 def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
               w_hr: Optional[Tensor] = None,
@@ -99,6 +101,7 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     return (y, (h_n, c_n)) if lstm else (y, h_n)
 
 
+@autocast_op(recurrent_mode)
 def rnn_bidirectional_layer(mode: str, input: Tensor, hx, forward_weights: Sequence[Optional[Tensor]],
                             reverse_weights: Sequence[Optional[Tensor]], *,
                             lengths: Optional[Union[Tensor, Sequence[int]]] = None,
