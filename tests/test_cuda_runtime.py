@@ -1,0 +1,99 @@
+"""CUDA runtime behaviour of the fused ops (runs in the GPU run, bench/gpu_run.sh; a CPU has
+nothing to check here): CUDA-graph capture of forward and backward, the current stream
+honoured, memory flat over repeated calls, a tensor on cuda:1 served on cuda:1."""
+import pytest
+import torch
+
+import fastseq
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="CUDA runtime checks: they run in the GPU run")
+
+
+def attention_inputs(device="cuda"):
+    torch.manual_seed(0)
+    return [torch.randn(2, 4, 300, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)]
+
+
+def rel_inputs(device="cuda"):
+    torch.manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16,  # noqa: E731
+                               requires_grad=True)
+    return [r(2, 4, 100, 64), r(2, 4, 180, 64), r(2, 4, 180, 64), r(180, 4, 64), r(4, 64),
+            r(4, 64)]
+
+
+CASES = {
+    "attention": (attention_inputs, lambda *t: fastseq.ops.attention(*t, is_causal=True)),
+    "rel_attention": (rel_inputs, lambda *t: fastseq.ops.rel_attention(*t, window=120)),
+}
+
+
+def forward_backward(fn, leaves, grad):
+    out = fn(*leaves)
+    return (out, *torch.autograd.grad(out, leaves, grad))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_graph_capture_of_forward_and_backward(name):
+    make, fn = CASES[name]
+    leaves = make()
+    grad = torch.randn_like(fn(*leaves))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: autotuning and compilation happen outside capture
+        for _ in range(3):
+            eager = forward_backward(fn, leaves, grad)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = forward_backward(fn, leaves, grad)
+    with torch.no_grad():
+        for t in leaves:
+            t.mul_(0.5)  # new input values in place: the replay must see them
+    eager = forward_backward(fn, leaves, grad)
+    graph.replay()
+    torch.cuda.synchronize()
+    for c, e in zip(captured, eager):
+        torch.testing.assert_close(c, e)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_current_stream_is_honoured(name):
+    make, fn = CASES[name]
+    leaves = make()
+    grad = torch.randn_like(fn(*leaves))
+    expected = forward_backward(fn, leaves, grad)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(10_000_000)  # the side stream is busy: a launch elsewhere would race
+        got = forward_backward(fn, leaves, grad)
+    torch.cuda.current_stream().wait_stream(stream)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_memory_stays_flat(name):
+    make, fn = CASES[name]
+    leaves = make()
+    grad = torch.randn_like(fn(*leaves))
+    forward_backward(fn, leaves, grad)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(10):
+        forward_backward(fn, leaves, grad)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+@pytest.mark.parametrize("name", list(CASES))
+def test_second_device(name):
+    make, fn = CASES[name]
+    expected = fn(*make("cuda:0"))
+    got = fn(*make("cuda:1"))
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), expected.cpu())
