@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CUDA build of torch: its headers let CI compile every .cu file on a CPU-only machine.
 TORCH_SPEC ?= torch==2.14.1
-DEV_DEPS := numpy pytest pytest-benchmark matplotlib hypothesis expecttest "cmake>=3.26" ninja setuptools wheel
+DEV_DEPS := numpy pytest pytest-benchmark matplotlib hypothesis expecttest build "cmake>=3.26" ninja setuptools wheel
 # torch's cpp_extension would otherwise guess /usr/local, which has nvcc but no libcudart.
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
