@@ -12,13 +12,18 @@ gradients are the sums of d(qu) and d(qv)). Key j is visible to query i iff d >=
 d < window (when there is a window) and the extra mask allows it.
 
 The position term inside a tile. A query block [i0, i0 + BLOCK_M) and a key block
-[j0, j0 + BLOCK_N) meet at BLOCK_M + BLOCK_N - 1 consecutive distances, from
-d0 = M + i0 - j0 - (BLOCK_N - 1) up. So the kernel loads that band of pos rows (BAND rows, the
-next power of two), computes one tile GEMM band = qv . pos_band^T [BLOCK_M, BAND], and takes
-element (a, c) of the tile from band[a, a - c + BLOCK_N - 1] (tl.gather along the diagonals),
-accumulating qu . k^T on top. The GEMM spends BAND / BLOCK_N times the content term's FLOPs
-(2x for square tiles) in exchange for never materialising the Lq x Lk term nor the original's
-pad-and-reshape shift.
+[j0, j0 + BLOCK_N) meet at BLOCK_M + BLOCK_N - 1 consecutive distances (the band), from
+d0 = M + i0 - j0 - (BLOCK_N - 1) up; tile element (a, c) needs band column a - c + BLOCK_N - 1.
+A GEMM qv . pos_band^T followed by a gather along the diagonals (tl.gather) computes the term
+without ever materialising the Lq x Lk matrix or the original's pad-and-reshape shift.
+  * The forward keeps its query block while it streams key blocks, and the band of key block
+    j0 + BLOCK_N is the band of j0 moved down by BLOCK_N distances. So it cuts the band into
+    chunks of BLOCK_N distances, computes only chunk 0 of each key block (one
+    [BLOCK_M, BLOCK_N] GEMM, as much work as q k^T), and carries the previous one or two blocks'
+    chunk 0 (BLOCK_M = BLOCK_N or 2 BLOCK_N) to serve as this block's chunks 1 and 2.
+  * The backward kernels stream query blocks (dK/dV) or read every tile of a block diagonal
+    (d(pos)), where no chunk repeats: they compute the whole band, BAND = the next power of two
+    of BLOCK_M + BLOCK_N - 1 rows (2 BLOCK_N for square tiles: twice the q k^T GEMM's work).
 
 Layout: qu, qv [B, H, Lq, E], k [B, H, Lk, E], v [B, H, Lk, EV], pos [P, H, E], all with any
 strides; out [B, H, Lq, EV]; lse [B, H, Lq] (natural log). Masks, dropout, exp2 softmax and
@@ -94,25 +99,48 @@ def band_index(offs_m0, offs_n0, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def rel_forward_block(acc, l_i, m_i, qu, qv, start_m, start_n, offs_m, offs_n0, offs_d,
-                      offs_dv, offs_band, gather_index, k_ptr, v_ptr, pos_ptr, stride_kn,
-                      stride_kd, stride_vn, stride_vd, stride_pp, stride_pd, E, EV, L, S, P,
-                      MEM, pos_offset, window, mask_ptr, stride_mm, stride_mn, qk_scale2, seed,
-                      dropout_p, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
-                      CHECK_CAUSAL: tl.constexpr, CHECK_WINDOW: tl.constexpr,
-                      CHECK_COLUMNS: tl.constexpr, DROPOUT: tl.constexpr,
-                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One key block of the online softmax: the band GEMM, the diagonal gather, qu k^T on top,
-    then the running sums and p @ v as in the attention kernel."""
+def first_chunk_scores(qv, pos_ptr, start_m, start_n, offs_n0, offs_d, stride_pp, stride_pd, E,
+                      P, MEM, pos_offset, half_index, BLOCK_N: tl.constexpr,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """qv . pos^T over chunk 0 of the key block's band (its BLOCK_N smallest distances, from
+    MEM + start_m - start_n - (BLOCK_N - 1)), gathered to tile coordinates by half_index:
+    element (a, c) holds column a - c - 1 (mod BLOCK_N) of the chunk."""
+    rows = pos_band_rows(MEM + start_m - start_n - (BLOCK_N - 1), offs_n0, P, pos_offset)
+    pos_t = tl.load(pos_ptr + rows[None, :] * stride_pp + offs_d[:, None] * stride_pd,
+                    mask=offs_d[:, None] < E, other=0.0)
+    half = dot_acc(qv, pos_t, tl.zeros((qv.shape[0], BLOCK_N), ACC_DTYPE), PRECISION, UPCAST)
+    return tl.gather(half, half_index, axis=1)
+
+
+@triton.jit
+def rel_forward_block(acc, l_i, m_i, older, old, qu, qv, start_m, start_n, offs_m, offs_n0,
+                      offs_d, offs_dv, half_index, chunk, k_ptr, v_ptr, pos_ptr, stride_kn,
+                      stride_kd, stride_vn, stride_vd, stride_pp, stride_pd, E, EV, L, S, P, MEM,
+                      pos_offset, window, mask_ptr, stride_mm, stride_mn, qk_scale2, seed,
+                      dropout_p, BLOCK_N: tl.constexpr, THREE_CHUNKS: tl.constexpr,
+                      MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
+                      CHECK_WINDOW: tl.constexpr, CHECK_COLUMNS: tl.constexpr,
+                      DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One key block of the online softmax. Its band of BLOCK_M + BLOCK_N - 1 distances is cut
+    into chunks of BLOCK_N; chunk k of this key block is chunk 0 of the block k before it. So
+    only chunk 0 is computed here, one [BLOCK_M, BLOCK_N] GEMM (as much work as q k^T), and the
+    loop carries the previous blocks' chunk 0, already gathered: `old` (one block back) and
+    `older` (two back; with THREE_CHUNKS, BLOCK_M = 2 BLOCK_N, else a [1, 1] placeholder that
+    costs no registers). Element (a, c) of the tile takes chunk
+    `chunk[a, c]`. Then qu k^T on top, the running sums and p @ v as in the attention kernel.
+    Returns the new (older, old) as well."""
     offs_n = start_n + offs_n0
     k_t = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                   mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
-    rows = pos_band_rows(MEM + start_m - start_n - (BLOCK_N - 1), offs_band, P, pos_offset)
-    pos_t = tl.load(pos_ptr + rows[None, :] * stride_pp + offs_d[:, None] * stride_pd,
-                    mask=offs_d[:, None] < E, other=0.0)
-    band = dot_acc(qv, pos_t, tl.zeros((qv.shape[0], pos_t.shape[1]), acc.dtype), PRECISION,
-                   UPCAST)
-    qk = dot_acc(qu, k_t, tl.gather(band, gather_index, axis=1), PRECISION, UPCAST)
+    current = first_chunk_scores(qv, pos_ptr, start_m, start_n, offs_n0, offs_d, stride_pp,
+                                stride_pd, E, P, MEM, pos_offset, half_index, BLOCK_N, PRECISION,
+                                UPCAST, acc.dtype)
+    if THREE_CHUNKS:
+        position = tl.where(chunk == 0, current, tl.where(chunk == 1, old, older))
+        older = old
+    else:
+        position = tl.where(chunk == 0, current, old)
+    qk = dot_acc(qu, k_t, position, PRECISION, UPCAST)
     s = apply_mask(qk * qk_scale2, offs_m[:, None], offs_n[None, :], L, S, mask_ptr, stride_mm,
                    stride_mn, MASK_KIND)
     s = relative_visibility(s, offs_m[:, None], offs_n[None, :], S, MEM, window, CHECK_CAUSAL,
@@ -123,7 +151,7 @@ def rel_forward_block(acc, l_i, m_i, qu, qv, start_m, start_n, offs_m, offs_n0, 
     v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=(offs_n[:, None] < S) & (offs_dv[None, :] < EV), other=0.0)
     acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
-    return acc, l_i, m_new
+    return acc, l_i, m_new, older, current
 
 
 @triton.jit
@@ -150,7 +178,6 @@ def rel_attention_forward_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_band = tl.arange(0, BAND)
     q_offsets = (b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
                  + offs_d[None, :] * stride_qd)
     q_mask = (offs_m[:, None] < L) & (offs_d[None, :] < E)
@@ -163,34 +190,50 @@ def rel_attention_forward_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr) + bh
-    gather_index = band_index(offs_m0, offs_n0, BLOCK_N)
+    tl.static_assert(BLOCK_M == BLOCK_N or BLOCK_M == 2 * BLOCK_N,
+                     "the forward's band chunks need BLOCK_M = BLOCK_N or 2 BLOCK_N")
+    # Tile element (a, c) reads band column a - c + BLOCK_N - 1: chunk (a - c + BLOCK_N - 1) //
+    # BLOCK_N, column a - c - 1 (mod BLOCK_N) within it.
+    diff = offs_m0[:, None] - offs_n0[None, :] - 1
+    half_index = (diff + BLOCK_N) % BLOCK_N
+    chunk = (diff + BLOCK_N) // BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     lo, free_lo, free_hi, hi = query_block_key_ranges(start_m, S, MEM, window, BLOCK_M, BLOCK_N,
                                                       IS_CAUSAL, HAS_WINDOW)
+    # The first block's chunks 1 and 2: chunk 0 of the one and two blocks before it.
+    old = first_chunk_scores(qv, pos_ptr, start_m, lo - BLOCK_N, offs_n0, offs_d, stride_pp,
+                            stride_pd, E, P, MEM, pos_offset, half_index, BLOCK_N, PRECISION,
+                            UPCAST, ACC_DTYPE)
+    older = tl.zeros((1, 1), ACC_DTYPE)
+    if BLOCK_M > BLOCK_N:
+        older = first_chunk_scores(qv, pos_ptr, start_m, lo - 2 * BLOCK_N, offs_n0, offs_d,
+                                  stride_pp, stride_pd, E, P, MEM, pos_offset, half_index,
+                                  BLOCK_N, PRECISION, UPCAST, ACC_DTYPE)
     # Three loops over one block function: the window's edge, the blocks every row sees whole,
-    # the causal diagonal and the ragged last block.
+    # the causal diagonal and the ragged last block. Consecutive blocks throughout, so each
+    # passes its chunk 0 on to the next ones.
     for start_n in range(lo, free_lo, BLOCK_N):
-        acc, l_i, m_i = rel_forward_block(
-            acc, l_i, m_i, qu, qv, start_m, start_n, offs_m, offs_n0, offs_d, offs_dv,
-            offs_band, gather_index, k_ptr, v_ptr, pos_ptr, stride_kn, stride_kd, stride_vn,
+        acc, l_i, m_i, older, old = rel_forward_block(
+            acc, l_i, m_i, older, old, qu, qv, start_m, start_n, offs_m, offs_n0, offs_d,
+            offs_dv, half_index, chunk, k_ptr, v_ptr, pos_ptr, stride_kn, stride_kd, stride_vn,
             stride_vd, stride_pp, stride_pd, E, EV, L, S, P, MEM, pos_offset, window, mask_ptr,
-            stride_mm, stride_mn, qk_scale2, seed, dropout_p, BLOCK_N, MASK_KIND, IS_CAUSAL,
+            stride_mm, stride_mn, qk_scale2, seed, dropout_p, BLOCK_N, BLOCK_M > BLOCK_N, MASK_KIND, IS_CAUSAL,
             HAS_WINDOW, True, DROPOUT, PRECISION, UPCAST)
     for start_n in range(free_lo, free_hi, BLOCK_N):
-        acc, l_i, m_i = rel_forward_block(
-            acc, l_i, m_i, qu, qv, start_m, start_n, offs_m, offs_n0, offs_d, offs_dv,
-            offs_band, gather_index, k_ptr, v_ptr, pos_ptr, stride_kn, stride_kd, stride_vn,
+        acc, l_i, m_i, older, old = rel_forward_block(
+            acc, l_i, m_i, older, old, qu, qv, start_m, start_n, offs_m, offs_n0, offs_d,
+            offs_dv, half_index, chunk, k_ptr, v_ptr, pos_ptr, stride_kn, stride_kd, stride_vn,
             stride_vd, stride_pp, stride_pd, E, EV, L, S, P, MEM, pos_offset, window, mask_ptr,
-            stride_mm, stride_mn, qk_scale2, seed, dropout_p, BLOCK_N, MASK_KIND, False, False,
+            stride_mm, stride_mn, qk_scale2, seed, dropout_p, BLOCK_N, BLOCK_M > BLOCK_N, MASK_KIND, False, False,
             False, DROPOUT, PRECISION, UPCAST)
     for start_n in range(free_hi, hi, BLOCK_N):
-        acc, l_i, m_i = rel_forward_block(
-            acc, l_i, m_i, qu, qv, start_m, start_n, offs_m, offs_n0, offs_d, offs_dv,
-            offs_band, gather_index, k_ptr, v_ptr, pos_ptr, stride_kn, stride_kd, stride_vn,
+        acc, l_i, m_i, older, old = rel_forward_block(
+            acc, l_i, m_i, older, old, qu, qv, start_m, start_n, offs_m, offs_n0, offs_d,
+            offs_dv, half_index, chunk, k_ptr, v_ptr, pos_ptr, stride_kn, stride_kd, stride_vn,
             stride_vd, stride_pp, stride_pd, E, EV, L, S, P, MEM, pos_offset, window, mask_ptr,
-            stride_mm, stride_mn, qk_scale2, seed, dropout_p, BLOCK_N, MASK_KIND, IS_CAUSAL,
+            stride_mm, stride_mn, qk_scale2, seed, dropout_p, BLOCK_N, BLOCK_M > BLOCK_N, MASK_KIND, IS_CAUSAL,
             HAS_WINDOW, True, DROPOUT, PRECISION, UPCAST)
     out, lse = finish_rows(acc, l_i, m_i, dropout_p, DROPOUT)
     row_ok = offs_m < L

@@ -30,17 +30,18 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
 
 
 # (BLOCK_M, BLOCK_N, warps) per kernel, head-dim class (<= 64, <= 128) and whether a mask tile or
-# dropout is present ("heavy"), for bf16/fp16. The band GEMM's [BLOCK_M, BAND] fp32 result and
-# its gather make these kernels hungrier for registers than plain attention's: every 64-row
-# forward tile spilled on sm_90 (64x64, 64x32, at 4 and 8 warps), 32x32 was clean at head dim
-# 64 (at 4 warps only without a mask tile), 32x32 spilled in both backward kernels; 16x16 was
-# clean in every kernel checked (bench/NOTES.md, 2026-12-01, fifth session). The entries
-# tests/test_triton_gpu_compile.py checks are marked; the others were not compiled yet.
+# dropout is present ("heavy"), for bf16/fp16; all compiled spill-free for sm_90 on the longest
+# path of their set (bench/NOTES.md, 2026-12-01, fifth session), the checked ones marked (the
+# others were not compiled yet). The position term's gathers and the carried band chunks make
+# these kernels hungrier for registers than plain attention's: the forward spilled at every
+# 64 x 64 tile and at 128 x 64; it runs BLOCK_M = BLOCK_N or 2 BLOCK_N (its band chunks), and
+# 64 x 32 at 8 warps is the one wgmma-sized tile that stayed clean. Both backward kernels
+# spilled at 32 x 32 and were clean at 16 x 16.
 HALF_CANDIDATES = {
-    ("forward", 64, False): [(32, 32, 4), (32, 32, 8), (16, 32, 4)],  # checked
-    ("forward", 64, True): [(32, 32, 8), (16, 16, 4)],                # checked
-    ("forward", 128, False): [(16, 16, 4)],
-    ("forward", 128, True): [(16, 16, 4)],
+    ("forward", 64, False): [(64, 32, 8), (32, 32, 8), (32, 16, 4)],  # checked
+    ("forward", 64, True): [(32, 32, 4), (32, 32, 8), (32, 16, 4)],   # checked
+    ("forward", 128, False): [(32, 32, 8), (16, 16, 4)],              # checked
+    ("forward", 128, True): [(16, 16, 4)],                            # checked
     ("backward_key", 64, False): [(16, 16, 4)],                        # checked
     ("backward_key", 64, True): [(16, 16, 4)],                         # checked
     ("backward_key", 128, False): [(16, 16, 4)],                       # checked
@@ -76,10 +77,15 @@ def pos_tile(dtype: torch.dtype) -> tuple[int, int]:
     return POS_TILE["half" if dtype in (torch.float16, torch.bfloat16) else "fp32"]
 
 
+# The interpreter's forward tile (BLOCK_M, BLOCK_N); a test sets (32, 16) to run the forward's
+# three-chunk path (BLOCK_M = 2 BLOCK_N).
+INTERPRETER_FORWARD_TILE = (INTERPRETER_BLOCK, INTERPRETER_BLOCK)
+
+
 def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int, heavy: bool):
     if INTERPRETED:
-        config = _config(INTERPRETER_BLOCK, INTERPRETER_BLOCK, 4, 1)
-        return fn, dict(config.kwargs, num_warps=4)
+        tile = INTERPRETER_FORWARD_TILE if kernel == "forward" else (INTERPRETER_BLOCK,) * 2
+        return fn, dict(_config(*tile, 4, 1).kwargs, num_warps=4)
     key = (kernel, dtype, block_d, heavy)
     if key not in _tuned:
         _tuned[key] = triton.autotune(

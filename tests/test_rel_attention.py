@@ -10,6 +10,7 @@ import torch
 
 import fastseq
 from fastseq import reference
+from fastseq.kernels import rel_attention_launch
 
 from conftest import TRITON_TEST_DEVICE
 from numerics import assert_within_rule
@@ -110,6 +111,21 @@ def test_triton_matches_reference(case, variant, dtype):
              "dw": pairs * DV, "dmask": DV}
     for name, f, p, r in zip(NAMES, fast[2], plain[2], ref[2]):
         assert_within_rule(name, f, p, r, terms=terms[name])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_with_query_blocks_twice_the_key_blocks(monkeypatch, variant):
+    """BLOCK_M = 2 BLOCK_N (the forward's three-chunk band, a tile a GPU autotunes to; the
+    interpreter runs 16 x 16 otherwise): outputs and lse equal the reference in float64."""
+    triton_or_skip()
+    if TRITON_TEST_DEVICE.type != "cpu":
+        pytest.skip("the interpreter's tile is what this sets; a GPU autotunes among both")
+    monkeypatch.setattr(rel_attention_launch, "INTERPRETER_FORWARD_TILE", (32, 16))
+    tensors, kwargs = make_inputs((2, 2, 45, 30, 50, 16, 24), variant)
+    out, lse, _ = run("triton", tensors, kwargs, torch.float64)
+    expected, expected_lse, _ = run("plain", tensors, kwargs, torch.float64)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("variant", ["causal", "float-mask"])

@@ -153,7 +153,8 @@ def rel_attention_specs(kernel, head_dim, heavy):
 # LSTM and GRU with zoneout, both directions at once (every mode; the LSTM with zoneout); the
 # layer-normalized LSTM and GRU, forward and backward. Attention: every autotuning candidate of
 # the three kernels in bf16 at head dims 64/128/256, light and heavy, and in fp32 at 64/128.
-# Relative attention: the candidates checked so far (head dim 64 each kernel; dK/dV at 128).
+# Relative attention: the candidates checked so far (head dim 64 each kernel; the forward and
+# dK/dV at 128).
 SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.float32)
           for b in (1, 32, 100)]
          + [forward_spec("lstm", d, b) for d in (torch.float16, torch.float64) for b in (1, 100)]
@@ -172,6 +173,7 @@ SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.f
          + [spec for k in ATTENTION_KERNELS for d in (64, 128)
             for spec in attention_specs(k, torch.float32, d, False)]
          + [spec for k, d, heavy in (("forward", 64, False), ("forward", 64, True),
+                                     ("forward", 128, False), ("forward", 128, True),
                                      ("backward_key", 64, False), ("backward_key", 64, True),
                                      ("backward_key", 128, False), ("backward_query", 64, False),
                                      ("backward_query", 64, True))
