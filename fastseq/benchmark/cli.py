@@ -151,7 +151,12 @@ def run_suites(args, out_dir: pathlib.Path) -> tuple[dict, int]:
                    "--rootdir", str(directory), f"--benchmark-json={raw}"]
     if args.k:
         pytest_args += ["-k", args.k]
-    import pytest
+    try:
+        import pytest
+        import pytest_benchmark  # noqa: F401
+    except ImportError as error:
+        raise SystemExit(f"fastseq-bench needs pytest and pytest-benchmark ({error}): "
+                         "pip install 'fastseq[bench]'") from error
 
     progress = Progress()
     code = pytest.main(pytest_args,
