@@ -20,6 +20,8 @@ import torch
 
 # Policy names (an op, or a recurrent mode) whose torch equivalent autocast leaves alone on CPU.
 _FULL_PRECISION_ON_CPU = frozenset({"gru", "lstm_cell", "gru_cell"})
+# Device types torch.autocast knows (asking about another, e.g. "meta", raises).
+_AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
 
 
 def _first_tensor(values):
@@ -48,7 +50,8 @@ def autocast_op(policy: Union[str, Callable[..., str]]):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             first = _first_tensor(list(args) + list(kwargs.values()))
-            if first is None or not torch.is_autocast_enabled(first.device.type):
+            if (first is None or first.device.type not in _AUTOCAST_DEVICES
+                    or not torch.is_autocast_enabled(first.device.type)):
                 return fn(*args, **kwargs)
             device_type = first.device.type
             name = policy(*args, **kwargs) if callable(policy) else policy
