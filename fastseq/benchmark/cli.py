@@ -87,8 +87,9 @@ class CaseFilter:
         return True
 
     def pytest_collection_modifyitems(self, config, items):
-        kept = [i for i in items if self.keep(i)]
-        dropped = [i for i in items if not self.keep(i)]
+        decisions = [(item, self.keep(item)) for item in items]
+        kept = [item for item, keep in decisions if keep]
+        dropped = [item for item, keep in decisions if not keep]
         if dropped:
             config.hook.pytest_deselected(items=dropped)
         items[:] = kept
@@ -161,6 +162,9 @@ def run_suites(args, out_dir: pathlib.Path) -> tuple[dict, int]:
     progress = Progress()
     code = pytest.main(pytest_args,
                        plugins=[CaseFilter(args.ops, args.dtypes, args.modes), progress])
+    if progress.failed:
+        print(f"fastseq-bench: {len(progress.failed)} case(s) failed: "
+              + ", ".join(name.split("::")[-1] for name in progress.failed), flush=True)
     if not raw.exists():
         return {"benchmarks": []}, int(code)
     return results.load(raw), int(code)
