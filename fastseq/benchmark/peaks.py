@@ -40,7 +40,6 @@ def measure_peaks(device: torch.device) -> dict:
         b = torch.randn(n, n, device=device, dtype=dtype)
         seconds = _median_seconds(lambda: a @ b, device, repeats)
         rates[str(dtype).split(".")[1]] = 2 * n ** 3 / seconds / 1e12
-        del a, b
     src = torch.empty(copy_bytes // 4, device=device, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
     seconds = _median_seconds(lambda: dst.copy_(src), device, repeats)
