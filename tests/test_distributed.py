@@ -1,7 +1,7 @@
-"""DDP over fastseq layers: two processes on the gloo backend (CPU), each with half of the
-batch, give the gradients of one process over the whole batch. The fastseq ops run on their
-Triton kernels (through the interpreter here), so DDP's gradient hooks see fastseq's
-registered backward ops."""
+"""DDP and FSDP2 (fully_shard) over fastseq layers: two processes on the gloo backend (CPU),
+each with half of the batch, give the gradients of one process over the whole batch. The
+fastseq ops run on their Triton kernels (through the interpreter here), so the wrappers'
+gradient hooks and FSDP2's parameter all-gathers meet fastseq's registered ops."""
 import os
 
 import pytest
@@ -37,31 +37,40 @@ def gradients(model):
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def worker(rank, world_size, init_file, out_file):
+def worker(rank, world_size, init_file, out_file, wrapper):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size)
     try:
         model, x = make_model_and_data()
-        ddp = nn.parallel.DistributedDataParallel(model)
+        if wrapper == "ddp":
+            run = nn.parallel.DistributedDataParallel(model)
+        else:  # FSDP2: parameters sharded as DTensors, gathered around each forward/backward
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            run = fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
         half = x.shape[0] // world_size
         with fastseq.use_backend("triton"):
-            ddp(x[rank * half:(rank + 1) * half]).backward()
+            run(x[rank * half:(rank + 1) * half]).backward()
+        grads = [p.grad.full_tensor() if wrapper == "fsdp2" else p.grad
+                 for p in model.parameters()]
         if rank == 0:
-            torch.save(gradients(model), out_file)
+            torch.save([g.detach().clone() for g in grads], out_file)
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_two_processes_match_one(tmp_path, wrapper):
     if fastseq.backend.triton_unavailable(torch.device("cpu")) is not None or \
             TRITON_TEST_DEVICE.type != "cpu":
         pytest.skip("runs the CPU (gloo) processes through the Triton interpreter")
     out_file = tmp_path / "grads.pt"
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
-    ddp_grads = torch.load(out_file)
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out_file), wrapper), nprocs=2,
+             join=True)
+    wrapped_grads = torch.load(out_file)
     model, x = make_model_and_data()
     with fastseq.use_backend("triton"):
         model(x).backward()
-    for got, expected in zip(ddp_grads, gradients(model)):
+    for got, expected in zip(wrapped_grads, gradients(model)):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
