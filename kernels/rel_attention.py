@@ -87,7 +87,7 @@ def relative_visibility(s, query_rows, key_cols, S, MEM, window, CHECK_CAUSAL: t
 
 @triton.jit
 def pos_band_rows(first_distance, offs_band, P, pos_offset):
-    """The pos rows of the band's distances first_distance + [0, BAND): clamped to [0, P), so
+    """The pos rows of the distances first_distance + offs_band: clamped to [0, P), so
     every load is in bounds (rows past the band's BLOCK_M + BLOCK_N - 1 are never gathered)."""
     return tl.minimum(tl.maximum(first_distance + offs_band + pos_offset, 0), P - 1)
 
@@ -161,10 +161,10 @@ def rel_attention_forward_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd, stride_pp, stride_ph, stride_pd,
         stride_ob, stride_oh, stride_om, stride_od, stride_mb, stride_mh, stride_mm, stride_mn,
         H, L, S, E, EV, P, pos_offset, window, qk_scale2, dropout_p, length_bucket,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-        PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Program (query block, batch * head): out and lse of BLOCK_M query rows. qu and qv share
     strides (the caller makes both from the same query). length_bucket: the autotuner's key."""
     pid_m = tl.program_id(0)

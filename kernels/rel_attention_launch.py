@@ -5,7 +5,8 @@ The forward, dK/dV and dQ kernels are autotuned on a GPU like the attention kern
 the length bucket and the constexprs that change the work per tile), over configurations that
 compiled for sm_90 without register spills (tests/test_triton_gpu_compile.py); their speed is
 unmeasured (no GPU has been lent to this project). The band of pos rows a tile reads is
-BAND = next_power_of_two(BLOCK_M + BLOCK_N - 1) rows. The d(pos) kernel runs one fixed square
+BAND = next_power_of_two(BLOCK_M + BLOCK_N - 1) rows in the backward kernels (the forward
+computes it in chunks of BLOCK_N). The d(pos) kernel runs one fixed square
 tile per dtype: its workspace is sized by the tile, so it is chosen before the launch.
 Under the interpreter one 16 x 16 configuration, as for attention.
 """
@@ -23,10 +24,13 @@ from .rel_attention_backward import (rel_attention_backward_key_kernel,
 LOG2E = 1.4426950408889634
 
 
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    band = triton.next_power_of_2(block_m + block_n - 1)
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BAND": band},
-                         num_warps=warps, num_stages=stages)
+def _config(kernel: str, block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    """A launch configuration; the backward kernels also take their band's row count (the
+    forward computes its band in chunks of BLOCK_N rows and needs none)."""
+    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    if kernel != "forward":
+        blocks["BAND"] = triton.next_power_of_2(block_m + block_n - 1)
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
 
 
 # (BLOCK_M, BLOCK_N, warps) per kernel, head-dim class (<= 64, <= 128) and whether a mask tile or
@@ -63,11 +67,11 @@ _tuned: dict = {}
 def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int, heavy: bool) -> list:
     """The autotuner's candidates for this kernel, dtype, padded head dim and feature set."""
     if dtype == torch.float64:
-        return [_config(16, 16, 4, 1)]
+        return [_config(kernel, 16, 16, 4, 1)]
     if dtype == torch.float32:
-        return [_config(m, n, w, 2) for m, n, w in FP32_CANDIDATES[kernel]]
+        return [_config(kernel, m, n, w, 2) for m, n, w in FP32_CANDIDATES[kernel]]
     shapes = HALF_CANDIDATES[(kernel, 64 if block_d <= 64 else 128, heavy)]
-    return [_config(m, n, w, 3) for m, n, w in shapes]
+    return [_config(kernel, m, n, w, 3) for m, n, w in shapes]
 
 
 def pos_tile(dtype: torch.dtype) -> tuple[int, int]:
@@ -85,7 +89,7 @@ INTERPRETER_FORWARD_TILE = (INTERPRETER_BLOCK, INTERPRETER_BLOCK)
 def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int, heavy: bool):
     if INTERPRETED:
         tile = INTERPRETER_FORWARD_TILE if kernel == "forward" else (INTERPRETER_BLOCK,) * 2
-        return fn, dict(_config(*tile, 4, 1).kwargs, num_warps=4)
+        return fn, dict(_config(kernel, *tile, 4, 1).kwargs, num_warps=4)
     key = (kernel, dtype, block_d, heavy)
     if key not in _tuned:
         _tuned[key] = triton.autotune(
