@@ -127,10 +127,12 @@ CellBackwardArgs prepare_cell_backward(c10::string_view mode, const at::Tensor& 
   check_tensor_like(grad_hy, "grad_hy", hy, "hy", {B, H});
   check_tensor_like(hx, "hx", hy, "hy", {B, H});
   const int64_t ws_columns = cell_workspace(a.mode) * H;
-  TORCH_CHECK(ws_columns == 0 || workspace.numel() > 0,
+  // An empty batch has an empty workspace however the forward ran (nothing to differentiate).
+  const bool needs_workspace = ws_columns > 0 && B > 0;
+  TORCH_CHECK(!needs_workspace || workspace.numel() > 0,
               "fastseq: the workspace is empty: the forward ran with save_workspace=False, so "
               "it cannot be differentiated");
-  if (ws_columns > 0) check_tensor_like(workspace, "workspace", hy, "hy", {B, ws_columns});
+  if (needs_workspace) check_tensor_like(workspace, "workspace", hy, "hy", {B, ws_columns});
   a.grad_hy = grad_hy.contiguous();
   a.hx = hx.contiguous();
   a.hy = hy.contiguous();

@@ -131,10 +131,12 @@ LayerBackwardArgs prepare_layer_backward(c10::string_view mode_name, const at::T
   check_tensor_like(grad_h_n, "grad_h_n", y_in, "y", {B, H});
   check_tensor_like(h0_in, "h0", y_in, "y", {B, H});
   check_tensor_like(w_hh_in, "w_hh", y_in, "y", {G * H, H});
-  TORCH_CHECK(WS == 0 || T == 0 || workspace_in.numel() > 0,
+  // No step or no row: an empty workspace however the forward ran (nothing to differentiate).
+  const bool needs_workspace = WS > 0 && T > 0 && B > 0;
+  TORCH_CHECK(!needs_workspace || workspace_in.numel() > 0,
               "fastseq: the workspace is empty: the forward ran with save_workspace=False, so "
               "it cannot be differentiated");
-  if (WS > 0 && T > 0) check_tensor_like(workspace_in, "workspace", y_in, "y", {T, B, WS * H});
+  if (needs_workspace) check_tensor_like(workspace_in, "workspace", y_in, "y", {T, B, WS * H});
   a.grad_y = grad_y_in.contiguous();
   a.y = y_in.contiguous();
   a.h0 = h0_in.contiguous();

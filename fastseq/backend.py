@@ -99,8 +99,12 @@ def native_unavailable(device: torch.device) -> str | None:
     """Why the native (C++/CUDA) backend cannot run on `device`, or None if it can."""
     if not _extension.is_built():
         return f"the extension fastseq._C is not built ({_extension.LOAD_ERROR})"
-    if device.type == "cuda" and not _extension.has_cuda_kernels():
-        return "fastseq._C was built without CUDA kernels (no nvcc at build time)"
+    if device.type == "cuda":
+        if not _extension.has_cuda_kernels():
+            return "fastseq._C was built without CUDA kernels (no nvcc at build time)"
+        # Dynamo folds get_device_properties to a constant; torch caches it per device.
+        properties = torch.cuda.get_device_properties(device)
+        return _extension.cuda_arch_mismatch((properties.major, properties.minor))
     if device.type not in ("cpu", "cuda"):
         return f"fastseq._C has kernels for CPU and CUDA tensors, not {device.type}"
     return None

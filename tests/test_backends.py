@@ -1,6 +1,7 @@
 """Backend choice: the report, the overrides (keyword, context manager, FASTSEQ_BACKEND) and
 the errors naming a backend and its reason."""
 import importlib.util
+import types
 
 import pytest
 import torch
@@ -87,3 +88,34 @@ def test_without_the_extension_native_says_why_and_auto_still_works(monkeypatch)
         fastseq.ops.lstm_cell(*lstm_args(), backend="native")
     h, c = fastseq.ops.lstm_cell(*lstm_args())  # auto: torch's own cell on CPU
     assert h.shape == (2, 4)
+
+
+@pytest.mark.parametrize("arch,capability,runs", [
+    ("90a", (9, 0), True), ("90a", (10, 0), False), ("90a", (8, 9), False),
+    ("80", (8, 6), True), ("80", (9, 0), True), ("80", (7, 5), False),
+    ("80-real", (8, 9), True), ("80-real", (9, 0), False), ("80-virtual", (12, 0), True),
+    ("100f", (10, 3), True), ("100f", (12, 0), False), ("120", (12, 0), True),
+    ("native", (7, 0), True),
+])
+def test_cuda_architecture_rule(arch, capability, runs):
+    """SASS runs within its major version, PTX forward from its version, 'a' code on its own
+    chip only (a wheel built for the H100, sm_90a, refuses an sm_100 GPU by name)."""
+    assert fastseq._extension.arch_runs_on(arch, capability) is runs
+
+
+def test_native_refuses_a_gpu_its_build_has_no_code_for(monkeypatch):
+    """The check native_unavailable makes for a CUDA device, with a build for 80 and 90a: an
+    sm_90 or sm_86 GPU is served, an sm_100 one gets the rebuild command instead of CUDA's 'no
+    kernel image' at launch (auto then moves on to another backend)."""
+    ext = fastseq._extension
+    monkeypatch.setattr(ext, "CUDA_ARCHS", ("80-real", "90a"))
+    assert ext.cuda_arch_mismatch((9, 0)) is None and ext.cuda_arch_mismatch((8, 6)) is None
+    reason = ext.cuda_arch_mismatch((10, 0))
+    assert "80-real, 90a only, not this GPU's sm_100" in reason
+    assert 'FASTSEQ_CUDA_ARCHS="100"' in reason
+    if ext.has_cuda_kernels():  # the backend's own answer for a (pretended) sm_100 device
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device=None: types.SimpleNamespace(major=10, minor=0))
+        assert backend_module.native_unavailable(torch.device("cuda")) == reason
+    monkeypatch.setattr(ext, "CUDA_ARCHS", ())
+    assert ext.cuda_arch_mismatch((10, 0)) is None  # no CUDA code: has_cuda_kernels says so

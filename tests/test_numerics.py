@@ -117,3 +117,76 @@ def test_repeated_calls_leave_nothing_behind(op):
     for _ in range(10):
         step()
     assert live_tensors() == before
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("T,B", [(0, 3), (4, 0)], ids=["T0", "B0"])
+def test_recurrent_layer_empty_shapes(mode, T, B):
+    """B=0 (torch allows it) and T=0 (torch refuses it; fastseq returns an empty output and h0
+    as the final state, what a sequence of length 0 in `lengths` gives) on every fastseq
+    backend, gradients included: d h_n / d h0 is the identity when no step runs. The torch
+    backend refuses T=0 by name, and auto passes over it."""
+    lstm = mode == "lstm"
+    g = {"lstm": 4, "gru": 3}.get(mode, 1)
+    x = torch.randn(T, B, 3)
+    h0, c0 = torch.randn(B, 5), torch.randn(B, 5)
+    weights = [torch.randn(g * 5, 3), torch.randn(g * 5, 5), torch.randn(g * 5), torch.randn(g * 5)]
+    names = layer_backends(TRITON_TEST_DEVICE.type) + ["torch", "auto"]
+    for backend in names:
+        leaves = [t.clone().requires_grad_() for t in [x, h0, c0] + weights]
+        hx = (leaves[1], leaves[2]) if lstm else leaves[1]
+        if T == 0 and backend == "torch":
+            with pytest.raises(fastseq.BackendError, match="zero-length sequences"):
+                fastseq.ops.rnn_layer(mode, leaves[0], hx, *leaves[3:], backend=backend)
+            continue
+        y, state = fastseq.ops.rnn_layer(mode, leaves[0], hx, *leaves[3:], backend=backend)
+        h_n, c_n = state if lstm else (state, None)
+        assert y.shape == (T, B, 5) and h_n.shape == (B, 5), backend
+        if T == 0:
+            assert torch.equal(h_n, h0) and (c_n is None or torch.equal(c_n, c0)), backend
+            grad_h0, = torch.autograd.grad(h_n, leaves[1], torch.ones_like(h_n))
+            assert torch.equal(grad_h0, torch.ones(B, 5)), backend
+        else:
+            total = y.sum() + h_n.sum() + (c_n.sum() if lstm else 0)
+            grads = torch.autograd.grad(total, [t for t in leaves if lstm or t is not leaves[2]],
+                                        allow_unused=True)
+            assert all(gr is None or torch.count_nonzero(gr) == 0 for gr in grads), backend
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_relu"])
+def test_recurrent_cell_empty_batch(mode):
+    """B=0 through a cell step, forward and backward, on every fastseq backend here."""
+    g = {"lstm": 4, "gru": 3}.get(mode, 1)
+    for backend in layer_backends(TRITON_TEST_DEVICE.type) + ["torch"]:
+        leaves = [torch.randn(0, 3), torch.randn(0, 5), torch.randn(0, 5), torch.randn(g * 5, 3),
+                  torch.randn(g * 5, 5), torch.randn(g * 5), torch.randn(g * 5)]
+        leaves = [t.requires_grad_() for t in leaves]
+        hx = (leaves[1], leaves[2]) if mode == "lstm" else leaves[1]
+        out = getattr(fastseq.ops, f"{mode}_cell")(leaves[0], hx, *leaves[3:], backend=backend)
+        outs = out if mode == "lstm" else (out,)
+        assert all(o.shape == (0, 5) for o in outs), backend
+        grads = torch.autograd.grad(sum(o.sum() for o in outs), leaves[3:])
+        assert all(torch.count_nonzero(gr) == 0 for gr in grads), backend
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "LayerNormLSTM"])
+def test_recurrent_modules_empty_shapes(cls):
+    """The layers (2 layers, bidirectional, batch_first) on each fastseq backend: B=0 as torch
+    gives it, T=0 with h0 passed through; the backward leaves zero parameter gradients."""
+    backends = layer_backends(TRITON_TEST_DEVICE.type)
+    if cls.startswith("LayerNorm"):  # no native layer-normalized recurrence
+        backends = [b for b in backends if b != "native"]
+    for backend in backends:
+        module = getattr(fastseq.nn, cls)(3, 4, num_layers=2, bidirectional=True, batch_first=True,
+                                          backend=backend)
+        for B, T in ((0, 5), (2, 0)):
+            x = torch.randn(B, T, 3, requires_grad=True)
+            out, state = module(x)
+            h_n = state[0] if isinstance(state, tuple) else state
+            assert out.shape == (B, T, 8) and h_n.shape == (4, B, 4), (backend, B, T)
+            assert T > 0 or torch.count_nonzero(h_n) == 0, backend
+            total = out.sum() + h_n.sum()
+            if not total.requires_grad:  # the reference at T=0: nothing touched a parameter
+                continue
+            grads = torch.autograd.grad(total, [x] + list(module.parameters()), allow_unused=True)
+            assert all(g is None or torch.count_nonzero(g) == 0 for g in grads), (backend, B, T)

@@ -44,7 +44,7 @@ def rnn_cell_backward_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels import rnn_cell
 
-    if WORKSPACE[mode] and workspace.numel() == 0:
+    if WORKSPACE[mode] and workspace.numel() == 0 and hy.shape[0] > 0:
         raise RuntimeError("fastseq: the workspace is empty: the forward ran with "
                            "save_workspace=False, so it cannot be differentiated")
     lstm = mode == "lstm"

@@ -68,7 +68,7 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     unsupported = {
         "triton": lambda: _backends.triton_unavailable(device) or projection,
         "native": lambda: _backends.native_unavailable(device) or projection,
-        "torch": lambda: _torch_unsupported(reverse, lengths, zoneout),
+        "torch": lambda: _torch_unsupported(reverse, lengths, zoneout, steps),
         "reference": lambda: None,
     }
     chosen = _backends.choose(OP, _backends.requested_backend(backend), _auto_preference(device),
@@ -264,7 +264,9 @@ def _checked_lengths(lengths, steps: int, batch: int, device: torch.device) -> O
     return lengths.to(device=device, dtype=torch.int32)
 
 
-def _torch_unsupported(reverse: bool, lengths, zoneout: bool) -> Optional[str]:
+def _torch_unsupported(reverse: bool, lengths, zoneout: bool, steps: int) -> Optional[str]:
+    if steps == 0:
+        return "torch's RNNs refuse zero-length sequences (fastseq's backends return h0)"
     if zoneout:
         return "torch's RNNs have no zoneout (fastseq's backends have)"
     if reverse:

@@ -106,8 +106,8 @@ def previous_states(y: Tensor, h0: Tensor, lengths: Optional[Tensor], reverse: b
     """h_{t-1} of every step t, [T, B, H]: the state each step started from. Forward: h0 then
     y[:-1]. Reverse: y[t+1] while t+1 is inside the row's sequence, else h0. (Steps past a
     row's end get zero gate gradients, so what stands there does not matter.)"""
-    if not reverse:
-        return torch.cat([h0.unsqueeze(0), y[:-1]])
+    if not reverse:  # [:T]: with T = 0 the cat holds h0 alone and no step started from it
+        return torch.cat([h0.unsqueeze(0), y[:-1]])[:y.shape[0]]
     steps = y.shape[0]
     shifted = torch.cat([y[1:], torch.zeros_like(y[:1])])
     t = torch.arange(steps, device=y.device).unsqueeze(1)

@@ -117,6 +117,8 @@ def scan(step, steps: int, h: Tensor, c: Optional[Tensor], lengths: Optional[Ten
             if c is not None:
                 c = valid * c_new + (1 - valid) * c
             outputs[t] = valid * h_new
+    if steps == 0:  # nothing to stack: an empty output, the initial state as the final one
+        return h.new_empty(0, *h.shape), h, c
     return torch.stack(outputs), h, c
 
 
