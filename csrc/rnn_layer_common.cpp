@@ -19,6 +19,13 @@ at::ScalarType accumulator_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// A fresh, contiguous copy the loop updates in place. Tensor::to(copy=true) alone keeps the
+// source's strides (MemoryFormat::Preserve): a transposed c0 came back transposed and the
+// kernels, which index rows as contiguous, read it scrambled.
+at::Tensor contiguous_copy(const at::Tensor& t, const at::TensorOptions& options) {
+  return t.to(options, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+}
+
 at::Tensor checked_lengths(const std::optional<at::Tensor>& lengths, const at::Tensor& like,
                            int64_t batch) {
   if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
@@ -82,11 +89,11 @@ LayerForwardArgs prepare_layer_forward(c10::string_view mode_name, const at::Ten
   a.zoneout_c = checked_zoneout(zoneout_c, "zoneout_c", a.mode, true, a.gates_x, a.T, a.B, a.H);
   const auto options = a.gates_x.options();
   const auto acc_options = options.dtype(accumulator_type(a.gates_x.scalar_type()));
-  a.h = h0_in.to(acc_options, /*non_blocking=*/false, /*copy=*/true);
+  a.h = contiguous_copy(h0_in, acc_options);
   if (lstm) {
     TORCH_CHECK(c0_in.has_value() && c0_in->defined(), "fastseq: the lstm needs c0");
     check_tensor_like(*c0_in, "c0", a.gates_x, "gates_x", {a.B, a.H});
-    a.c = c0_in->to(acc_options, false, true);
+    a.c = contiguous_copy(*c0_in, acc_options);
   }
   const int64_t ws_columns = save_workspace ? layer_workspace_columns(a.mode) * a.H : 0;
   a.y = new_output({a.T, a.B, a.H}, options);
@@ -147,14 +154,14 @@ LayerBackwardArgs prepare_layer_backward(c10::string_view mode_name, const at::T
   a.zoneout_c = checked_zoneout(zoneout_c, "zoneout_c", a.mode, true, a.y, T, B, H);
   const auto options = a.y.options();
   const auto acc_options = options.dtype(accumulator_type(a.y.scalar_type()));
-  a.dh = grad_h_n.to(acc_options, false, true);
+  a.dh = contiguous_copy(grad_h_n, acc_options);
   if (lstm) {
     TORCH_CHECK(c0_in.has_value() && c0_in->defined(), "fastseq: the lstm backward needs c0");
     check_tensor_like(*c0_in, "c0", a.y, "y", {B, H});
     a.c0 = c0_in->contiguous();
     if (grad_c_n.has_value() && grad_c_n->defined()) {
       check_tensor_like(*grad_c_n, "grad_c_n", a.y, "y", {B, H});
-      a.dc = grad_c_n->to(acc_options, false, true);
+      a.dc = contiguous_copy(*grad_c_n, acc_options);
     } else {
       a.dc = at::zeros({B, H}, acc_options);
     }
