@@ -224,3 +224,49 @@ def test_projection_compiles_fullgraph():
     expected, (h_e, c_e) = theirs(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c, c_e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto"] + layer_backends("cpu"))
+def test_layer_input_errors_name_the_argument(backend):
+    """The layer checks its input before any backend: the same message on every backend
+    (fastseq.ops would otherwise blame w_ih for an input of the wrong width)."""
+    lstm = fastseq.nn.LSTM(4, 5, batch_first=True, backend=backend)
+    x = torch.randn(2, 3, 4)
+    cases = [
+        (dict(input=torch.randn(2, 3, 6)), r"input must have input_size = 4 features in its last "
+                                           r"dim, got shape \[2, 3, 6\]"),
+        (dict(input=x.double()), "input is torch.float64 on cpu, the layer's parameters are "
+                                 "torch.float32 on cpu"),
+        (dict(input=x[..., None]), r"input must be 3-D \[batch, steps, input_size\] or 2-D"),
+        (dict(input=x, lengths=[3, 4]), r"lengths must lie in \[0, 3\] .* from 3 to 4"),
+        (dict(input=x, lengths=[3]), r"lengths must be 1-D with one length per batch row \[2\]"),
+        (dict(input=x, lengths=torch.tensor([1.0, 2.0])), "lengths must be integers"),
+        (dict(input=x[0], lengths=[3]), r"lengths is for a padded batch"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(fastseq.InputError, match="fastseq.nn.LSTM: " + message):
+            lstm(**kwargs)
+
+
+def test_zero_lengths_leave_torch_for_fastseq():
+    """A row of length 0 (torch's packing refuses it) or no step at all (torch's RNNs refuse
+    it): `auto` runs fastseq's sequence path (zeros out, h0 kept), an explicit torch backend
+    says why it cannot."""
+    theirs, ours = build("lstm", 2, True, True, torch.float32)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 4, 4)
+    out, (h_n, c_n) = ours(x, lengths=[4, 0, 2])
+    assert torch.count_nonzero(out[1]) == 0 and torch.count_nonzero(h_n[:, 1]) == 0
+    packed = pack_padded_sequence(x[[0, 2]], torch.tensor([4, 2]), batch_first=True)
+    expected, (h_e, c_e) = theirs(packed)  # rows 0 and 2 alone, by torch
+    expected, _ = pad_packed_sequence(expected, batch_first=True, total_length=4)
+    torch.testing.assert_close(out[[0, 2]], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_n[:, [0, 2]], h_e, rtol=1e-5, atol=1e-6)
+    h0 = torch.randn(4, 3, 6), torch.randn(4, 3, 6)
+    out, (h_n, c_n) = ours(x[:, :0], h0)  # no step at all
+    assert out.shape == (3, 0, 12) and torch.equal(h_n, h0[0]) and torch.equal(c_n, h0[1])
+    ours.backend = "torch"
+    with pytest.raises(fastseq.BackendError, match="torch's packed sequences refuse zero lengths"):
+        ours(x, lengths=[4, 0, 2])
+    with pytest.raises(fastseq.BackendError, match="torch's RNNs refuse zero-length sequences"):
+        ours(x[:, :0])

@@ -78,6 +78,8 @@ class _LayerNormRNNBase(_FastRNNBase):
             raise _backends.BackendError(
                 f"{self._display_name()}: backend {requested!r} has no implementation of this "
                 "layer (it has: triton, reference; torch and cuDNN have no layer-normalized RNN)")
+        self._check_input(input)
+        lengths = self._checked_lengths(input, lengths)
         return self._sequence_forward(input, hx, lengths, requested)
 
     def _run_both_directions(self, mode, layer, x, states, lengths, backend):

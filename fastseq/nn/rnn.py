@@ -32,7 +32,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import backend as _backends
 from .. import ops
-from ..ops._checks import InputError
+from ..ops._checks import InputError, checked_lengths
 
 _MODULE_NAMES = {"LSTM": "fastseq.nn.LSTM", "GRU": "fastseq.nn.GRU", "RNN_TANH": "fastseq.nn.RNN",
                  "RNN_RELU": "fastseq.nn.RNN"}
@@ -67,12 +67,21 @@ class _FastRNNBase(torch.nn.RNNBase):
         op = self._display_name()
         if lengths is not None and isinstance(input, PackedSequence):
             raise InputError(f"{op}: lengths is for padded input; a PackedSequence carries its own")
+        self._check_input(input)
+        lengths = self._checked_lengths(input, lengths)
         requested = _backends.requested_backend(self.backend)
         zoneout = self.zoneout_h > 0 or self.zoneout_c > 0
-        if zoneout and requested == "torch":
-            raise _backends.BackendError(f"{op}: backend 'torch' cannot run this call: torch's RNNs "
-                                         "have no zoneout (fastseq's backends have)")
-        if zoneout and requested == "auto" and not torch.compiler.is_compiling():
+        torch_refuses = None
+        if zoneout:
+            torch_refuses = "torch's RNNs have no zoneout (fastseq's backends have)"
+        elif not isinstance(input, PackedSequence) and \
+                input.shape[1 if self.batch_first and input.dim() == 3 else 0] == 0:
+            torch_refuses = "torch's RNNs refuse zero-length sequences (fastseq's backends keep h0)"
+        elif lengths is not None and not torch.compiler.is_compiling() and bool((lengths == 0).any()):
+            torch_refuses = "torch's packed sequences refuse zero lengths (fastseq's backends take them)"
+        if torch_refuses and requested == "torch":
+            raise _backends.BackendError(f"{op}: backend 'torch' cannot run this call: {torch_refuses}")
+        if torch_refuses and requested == "auto" and not torch.compiler.is_compiling():
             # torch's forward cannot: fastseq.ops.rnn_layer's own `auto` picks per layer.
             return self._sequence_forward(input, hx, lengths, "auto")
         if requested == "auto" and torch.compiler.is_compiling():
@@ -92,11 +101,45 @@ class _FastRNNBase(torch.nn.RNNBase):
                 "torch, triton, native, reference)")
         return self._sequence_forward(input, hx, lengths, requested)
 
+    def _check_input(self, input) -> None:
+        """What torch's own forward checks, named the same way on every backend (the ops below
+        would otherwise blame a weight for an input of the wrong width or dtype)."""
+        op = self._display_name()
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not isinstance(data, Tensor):
+            raise InputError(f"{op}: input must be a Tensor or a PackedSequence, got "
+                             f"{type(input).__name__}")
+        if not isinstance(input, PackedSequence) and data.dim() not in (2, 3):
+            layout = "[batch, steps, input_size]" if self.batch_first else "[steps, batch, input_size]"
+            raise InputError(f"{op}: input must be 3-D {layout} or 2-D unbatched [steps, "
+                             f"input_size], got shape {list(data.shape)}")
+        if data.shape[-1] != self.input_size:
+            raise InputError(f"{op}: input must have input_size = {self.input_size} features in "
+                             f"its last dim, got shape {list(data.shape)}")
+        weight = self.weight_ih_l0
+        # Under autocast the ops cast input and weights themselves (torch skips its check too).
+        other_dtype = data.dtype != weight.dtype and not torch._C._is_any_autocast_enabled()
+        if other_dtype or data.device != weight.device:
+            raise InputError(
+                f"{op}: input is {data.dtype} on {data.device}, the layer's parameters are "
+                f"{weight.dtype} on {weight.device}: convert one (input.to(...) or module.to(...))")
+
+    def _checked_lengths(self, input, lengths) -> Optional[Tensor]:
+        """lengths checked against the padded input (one per batch row, each in [0, steps]),
+        as a tensor where they were (torch's packing moves them to the CPU itself)."""
+        if lengths is None:
+            return None
+        if isinstance(input, PackedSequence) or input.dim() != 3:
+            raise InputError(f"{self._display_name()}: lengths is for a padded batch (3-D input)")
+        batch, steps = (input.shape[0], input.shape[1]) if self.batch_first else \
+            (input.shape[1], input.shape[0])
+        return checked_lengths(self._display_name(), lengths, steps, batch)
+
     def _torch_forward(self, input, hx, lengths):
         if lengths is None:
             return self._torch_class.forward(self, input, hx)
         time_dim = 1 if self.batch_first else 0
-        packed = pack_padded_sequence(input, torch.as_tensor(lengths).cpu(),
+        packed = pack_padded_sequence(input, lengths.cpu(),
                                       batch_first=self.batch_first, enforce_sorted=False)
         out, state = self._torch_class.forward(self, packed, hx)
         out, _ = pad_packed_sequence(out, batch_first=self.batch_first,

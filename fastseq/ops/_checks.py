@@ -65,3 +65,21 @@ def check_mask(op: str, attn_mask, query: torch.Tensor, target: tuple, spelled: 
     if broadcast != torch.Size(target):
         fail(op, f"attn_mask must broadcast to {spelled} = {list(target)}, got shape "
                  f"{list(attn_mask.shape)}")
+
+
+def checked_lengths(op: str, lengths, steps: int, batch: int) -> torch.Tensor:
+    """Per-row sequence lengths (a list or an integer tensor) as a tensor where they live, after
+    checking one per batch row, each in [0, steps]: a CPU list or tensor costs no GPU sync,
+    CUDA lengths are checked with one (not while compiling: no host read in a graph)."""
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 1 or lengths.shape[0] != batch:
+        fail(op, f"lengths must be 1-D with one length per batch row [{batch}], got shape "
+                 f"{list(lengths.shape)}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        fail(op, f"lengths must be integers, got {lengths.dtype}")
+    if not torch.compiler.is_compiling() and batch > 0:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > steps:
+            fail(op, f"lengths must lie in [0, {steps}] (the input's steps), got values from "
+                     f"{low} to {high}")
+    return lengths

@@ -17,7 +17,7 @@ from ..kernels.rnn_cell_layout import GATES
 from ..reference import recurrent as _reference
 from . import rnn_layer_ops as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op, recurrent_mode
-from ._checks import check_same_dtype_device, check_shape, check_tensor, fail
+from ._checks import check_same_dtype_device, check_shape, check_tensor, checked_lengths, fail
 
 OP = "fastseq.ops.rnn_layer"
 _TORCH_LAYERS = {"lstm": torch.lstm, "gru": torch.gru, "rnn_tanh": torch.rnn_tanh,
@@ -246,22 +246,10 @@ def _validate_zoneout(mode, input, hidden, zoneout_h, zoneout_c) -> None:
 
 
 def _checked_lengths(lengths, steps: int, batch: int, device: torch.device) -> Optional[Tensor]:
-    """lengths as int32 on the input's device, after checking them where they live (a CPU
-    list or tensor costs no GPU sync; CUDA lengths are checked with one)."""
+    """lengths as int32 on the input's device, after checking them where they live."""
     if lengths is None:
         return None
-    lengths = torch.as_tensor(lengths)
-    if lengths.dim() != 1 or lengths.shape[0] != batch:
-        fail(OP, f"lengths must be 1-D with one length per batch row [{batch}], got shape "
-                 f"{list(lengths.shape)}")
-    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-        fail(OP, f"lengths must be integers, got {lengths.dtype}")
-    if not torch.compiler.is_compiling() and batch > 0:
-        low, high = int(lengths.min()), int(lengths.max())
-        if low < 0 or high > steps:
-            fail(OP, f"lengths must lie in [0, {steps}] (the input's steps), got values from "
-                     f"{low} to {high}")
-    return lengths.to(device=device, dtype=torch.int32)
+    return checked_lengths(OP, lengths, steps, batch).to(device=device, dtype=torch.int32)
 
 
 def _torch_unsupported(reverse: bool, lengths, zoneout: bool, steps: int) -> Optional[str]:
