@@ -1,6 +1,8 @@
 """CUDA runtime behaviour of the fused ops (runs in the GPU run, bench/gpu_run.sh; a CPU has
 nothing to check here): CUDA-graph capture of forward and backward, the current stream
-honoured, memory flat over repeated calls, a tensor on cuda:1 served on cuda:1."""
+honoured, no host sync, memory flat over repeated calls, a tensor on cuda:1 served on cuda:1. Cases:
+attention, relative attention, an LSTM layer on Triton and on the native (persistent) kernel,
+a GRU cell step."""
 import pytest
 import torch
 
@@ -24,9 +26,29 @@ def rel_inputs(device="cuda"):
             r(4, 64)]
 
 
+def lstm_inputs(device="cuda"):
+    """A 50-step LSTM layer, batch 16, hidden 128, fp32 (the persistent kernel's size)."""
+    torch.manual_seed(0)
+    r = lambda *s: (torch.randn(*s, device=device) * 0.1).requires_grad_()  # noqa: E731
+    return [r(50, 16, 64), r(512, 64), r(512, 128), r(512), r(512)]
+
+
+def lstm_layer(backend):
+    def run(x, w_ih, w_hh, b_ih, b_hh):
+        return fastseq.ops.rnn_layer("lstm", x, None, w_ih, w_hh, b_ih, b_hh, backend=backend)[0]
+    return run
+
+
+def gru_cell(x, w_ih, w_hh, b_ih, b_hh):
+    return fastseq.ops.gru_cell(x[0], None, w_ih[:384], w_hh[:384, :128], b_ih[:384], b_hh[:384])
+
+
 CASES = {
     "attention": (attention_inputs, lambda *t: fastseq.ops.attention(*t, is_causal=True)),
     "rel_attention": (rel_inputs, lambda *t: fastseq.ops.rel_attention(*t, window=120)),
+    "lstm_triton": (lstm_inputs, lstm_layer("triton")),
+    "lstm_native": (lstm_inputs, lstm_layer("native")),  # the persistent (cooperative) kernel
+    "gru_cell": (lstm_inputs, gru_cell),
 }
 
 
@@ -97,3 +119,18 @@ def test_second_device(name):
     got = fn(*make("cuda:1"))
     assert got.device == torch.device("cuda:1")
     torch.testing.assert_close(got.cpu(), expected.cpu())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_no_host_sync_in_the_hot_path(name):
+    """After a warm-up call (compilation, autotuning), forward and backward make no call that
+    waits for the GPU: torch's sync debug mode turns any such call into an error."""
+    make, fn = CASES[name]
+    leaves = make()
+    grad = torch.randn_like(fn(*leaves))
+    forward_backward(fn, leaves, grad)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        forward_backward(fn, leaves, grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
