@@ -1,8 +1,8 @@
 """CUDA runtime behaviour of the fused ops (runs in the GPU run, bench/gpu_run.sh; a CPU has
 nothing to check here): CUDA-graph capture of forward and backward, the current stream
-honoured, no host sync, memory flat over repeated calls, a tensor on cuda:1 served on cuda:1. Cases:
-attention, relative attention, an LSTM layer on Triton and on the native (persistent) kernel,
-a GRU cell step."""
+honoured, no host sync, memory flat over repeated calls, a tensor on cuda:1 served on cuda:1.
+Cases: attention, relative attention, an LSTM layer on Triton and on the native (persistent)
+kernel, a GRU cell step."""
 import pytest
 import torch
 
