@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis): each op on every backend that runs here equals the
 reference in float64 (outputs and every gradient, to 1e-9) over random shapes, lengths, masks
 and options. float64 makes the property exact up to rounding, so no tolerance rule is needed
-and a wrong index shows at any size. Derandomized (the same examples every run) with a bounded
+and a wrong index shows at any size; in fp32, bf16 and fp16 (drawn too) the recurrent layers
+and attention keep to the tolerance rule. Derandomized (the same examples every run) with a bounded
 budget for CI: the Triton kernels run through the interpreter."""
 import pytest
 import torch
@@ -12,6 +13,7 @@ import fastseq
 from fastseq import reference
 
 from conftest import TRITON_TEST_DEVICE
+from numerics import assert_within_rule
 from recurrent_cases import MODES, layer_backends, make_grad_outputs, make_leaves, run
 
 pytestmark = pytest.mark.usefixtures("on_triton_test_device")
@@ -104,3 +106,98 @@ def test_rel_attention_equals_reference(data):
     weights = torch.randn_like(expected)
     for g, e in zip(grads_of(got, leaves, weights), grads_of(expected, leaves, weights)):
         torch.testing.assert_close(g, e, **F64)
+
+
+LOW_PRECISION = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+
+
+@BUDGET
+@given(data=st.data())
+def test_cells_equal_reference(data):
+    """One cell step on every backend here (torch's included), float64, batch 0 allowed."""
+    mode = data.draw(st.sampled_from(MODES), "mode")
+    B, I, H = (data.draw(st.integers(lo, hi), name)
+               for name, lo, hi in (("B", 0, 20), ("I", 1, 9), ("H", 1, 24)))
+    leaves = [t for t in make_leaves(mode, 1, B, I, H, TRITON_TEST_DEVICE.type)]
+    leaves[0] = leaves[0][0]  # one step: [B, I]
+    present = [t.requires_grad_() for t in leaves if t is not None]
+    x, h, c, w_ih, w_hh, b_ih, b_hh = leaves
+    hx = (h, c) if mode == "lstm" else h
+    expected = getattr(reference, f"{mode}_cell")(x, hx, w_ih, w_hh, b_ih, b_hh)
+    expected = list(expected) if mode == "lstm" else [expected]
+    weights = [torch.randn_like(e) for e in expected]
+    expected_grads = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights)),
+                                         present)
+    for backend in layer_backends(TRITON_TEST_DEVICE.type) + ["torch"]:
+        got = getattr(fastseq.ops, f"{mode}_cell")(x, hx, w_ih, w_hh, b_ih, b_hh, backend=backend)
+        got = list(got) if mode == "lstm" else [got]
+        grads = torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), present)
+        for g, e in zip(got + list(grads), expected + list(expected_grads)):
+            torch.testing.assert_close(g, e, **F64, msg=lambda m: f"{backend}: {m}")
+
+
+@BUDGET
+@given(data=st.data())
+def test_layer_norm_layer_equals_reference(data):
+    """The layer-normalized recurrence (Triton) against the plain-PyTorch reference, float64."""
+    triton_or_skip()
+    from test_layer_norm_rnn import make_leaves as layer_norm_leaves, run as layer_norm_run
+
+    mode = data.draw(st.sampled_from(["lstm", "gru"]), "mode")
+    T, B = data.draw(st.integers(1, 7), "T"), data.draw(st.integers(1, 18), "B")
+    I, H = data.draw(st.integers(1, 6), "I"), data.draw(st.integers(2, 24), "H")
+    lengths = data.draw(st.none() | st.lists(st.integers(0, T), min_size=B, max_size=B),
+                        "lengths")
+    reverse, bias = data.draw(st.booleans(), "reverse"), data.draw(st.booleans(), "bias")
+    leaves = layer_norm_leaves(mode, T, B, I, H, bias)
+    grad_outputs = [torch.randn(T, B, H, dtype=torch.float64)] + \
+        [torch.randn(B, H, dtype=torch.float64) for _ in range(2 if mode == "lstm" else 1)]
+    expected = layer_norm_run(mode, leaves, torch.float64, "reference", lengths, reverse,
+                              grad_outputs)
+    got = layer_norm_run(mode, leaves, torch.float64, "triton", lengths, reverse, grad_outputs)
+    for g, e in zip(got[0] + got[1], expected[0] + expected[1]):
+        torch.testing.assert_close(g, e, **F64)
+
+
+@BUDGET
+@given(data=st.data())
+def test_rnn_layer_low_precision_within_rule(data):
+    """fp32/bf16/fp16: every fastseq backend's outputs and gradients within the tolerance rule
+    (2x plain PyTorch's error in the same dtype, against float64)."""
+    from recurrent_cases import assert_backends_match_reference
+
+    mode, dtype = data.draw(st.sampled_from(MODES), "mode"), data.draw(LOW_PRECISION, "dtype")
+    T, B = data.draw(st.integers(1, 8), "T"), data.draw(st.integers(1, 18), "B")
+    I, H = data.draw(st.integers(1, 8), "I"), data.draw(st.integers(1, 24), "H")
+    lengths = data.draw(st.none() | st.lists(st.integers(0, T), min_size=B, max_size=B),
+                        "lengths")
+    reverse = data.draw(st.booleans(), "reverse")
+    device = TRITON_TEST_DEVICE.type
+    backends = [b for b in layer_backends(device) if b != "reference"]
+    assert_backends_match_reference(mode, make_leaves(mode, T, B, I, H, device), dtype, backends,
+                                    lengths, reverse, make_grad_outputs(mode, T, B, H, device))
+
+
+@BUDGET
+@given(data=st.data())
+def test_attention_low_precision_within_rule(data):
+    """fp32/bf16/fp16, random shapes and masks: output, lse and every gradient within the
+    tolerance rule."""
+    triton_or_skip()
+    from test_attention import run as attention_run
+
+    dtype = data.draw(LOW_PRECISION, "dtype")
+    q, k, v, mask, gqa = attention_case(data)
+    causal = data.draw(st.booleans(), "causal") and (mask is None or mask.dtype == torch.bool)
+    args = (q, k, v, mask, causal, gqa)
+    out64, lse64, _ = attention_run("plain", *args, torch.float64, torch.zeros(1), torch.zeros(1))
+    grad_out, grad_lse = torch.randn_like(out64), torch.randn_like(lse64)
+    ref = attention_run("plain", *args, torch.float64, grad_out, grad_lse)
+    plain = attention_run("plain", *args, dtype, grad_out, grad_lse)
+    fast = attention_run("triton", *args, dtype, grad_out, grad_lse)
+    assert_within_rule("out", fast[0], plain[0], ref[0])
+    finite = torch.isfinite(ref[1])
+    assert_within_rule("lse", fast[1][finite], plain[1][finite].float(), ref[1][finite])
+    terms = max(q.shape[-2], k.shape[-2]) * (q.shape[1] // k.shape[1])
+    for name, f, p, r in zip(["dq", "dk", "dv"], fast[2], plain[2], ref[2]):
+        assert_within_rule(name, f, p, r, terms=terms)
