@@ -231,3 +231,26 @@ def test_self_attention_projects_with_one_gemm(batch_first, monkeypatch):
                         lambda *a, **k: calls.append(a[1].shape) or real_linear(*a, **k))
     m(x, x, x, need_weights=False)
     assert calls == [torch.Size([24, 8]), torch.Size([8, 8])]
+
+
+def test_input_errors_name_the_argument():
+    """Widths, lengths, dtypes and mask dtypes checked in the module's own terms before any
+    projection (F.linear or the op would report them on projected, per-head shapes)."""
+    m = fastseq.nn.MultiheadAttention(8, 2, batch_first=True, kdim=6, vdim=5)
+    q, k, v = torch.randn(2, 3, 8), torch.randn(2, 4, 6), torch.randn(2, 4, 5)
+    cases = [
+        ((q, torch.randn(2, 4, 8), v), {}, r"key must have kdim 6 features in its last dim"),
+        ((q, k, torch.randn(2, 4, 6)), {}, r"value must have vdim 5 features in its last dim"),
+        ((q[..., :7], k, v), {}, r"query must have embed_dim 8 features"),
+        ((q, k, torch.randn(2, 5, 5)), {}, r"key and value must have the same batch and length"),
+        ((q, torch.randn(3, 4, 6), torch.randn(3, 4, 5)), {}, r"key must have the query's batch 2"),
+        ((q.double(), k, v), {}, r"query is torch.float64 on cpu, the module's parameters are "
+                                 r"torch.float32"),
+        ((q, k, v), dict(attn_mask=torch.zeros(3, 4, dtype=torch.int64)),
+         r"attn_mask must be bool \(True hides\) or floating"),
+        ((q, k, v), dict(key_padding_mask=torch.zeros(2, 4, dtype=torch.int32)),
+         r"key_padding_mask must be bool"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError, match="fastseq.nn.MultiheadAttention: " + message):
+            m(*args, need_weights=False, **kwargs)

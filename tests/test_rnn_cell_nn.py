@@ -94,3 +94,19 @@ def test_native_op_checks_its_own_arguments():
     with pytest.raises(RuntimeError, match="mode must be one of"):
         torch.ops.fastseq.rnn_cell_forward("lstmx", x, h, c, torch.randn(20, 4),
                                            torch.randn(20, 5), None, None, False)
+
+
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_input_errors_name_the_layer(cls):
+    """Width, dims, dtype checked by the cell before its op (which would blame weight_ih)."""
+    cell = getattr(fastseq.nn, cls)(4, 5)
+    name = f"fastseq.nn.{cls}"
+    with pytest.raises(fastseq.InputError, match=name + r": input must have input_size = 4 "
+                                                        r"features in its last dim, got shape \[2, 6\]"):
+        cell(torch.randn(2, 6))
+    with pytest.raises(fastseq.InputError,
+                       match=name + r": input must be 1-D or 2-D, got 3-D with shape \[2, 4, 1\]"):
+        cell(torch.randn(2, 4, 1))
+    with pytest.raises(fastseq.InputError, match=name + ": input is torch.float64 on cpu, the "
+                                                        "cell's parameters are torch.float32"):
+        cell(torch.randn(2, 4, dtype=torch.float64))

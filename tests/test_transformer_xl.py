@@ -224,3 +224,26 @@ def test_layer_runs_with_its_own_biases_and_dropout():
     assert torch.isfinite(a).all() and torch.equal(a, b)
     with pytest.raises(ValueError, match="own_biases=True"):
         TransformerXLLayer(H, DM, DH, 20, dropout=0.0)(w, r)
+
+
+def test_layer_input_errors_name_the_argument():
+    """Shapes, dtypes and masks checked by the attention module in its own terms (a wrong width
+    used to fail inside a GEMM, a memory of another batch inside torch.cat)."""
+    layer = TransformerXLLayer(H, DM, DH, 20, 0.0, own_biases=True)
+    w, r, mems = torch.randn(5, 2, DM), torch.randn(8, 1, DM), torch.randn(3, 2, DM)
+    cases = [
+        (dict(dec_inp=torch.randn(5, 2, DM + 1)), r"w must be \[qlen, batch, d_model="),
+        (dict(dec_inp=w[0]), r"w must be \[qlen, batch, d_model="),
+        (dict(r=torch.randn(8, 1, DM - 1)), r"r must be \[rlen >= 1, d_model="),
+        (dict(r=torch.randn(0, DM)), r"r must be \[rlen >= 1"),
+        (dict(mems=torch.randn(3, 3, DM)), r"mems must be \[mlen, batch=2"),
+        (dict(mems=mems, dec_attn_mask=torch.ones(5, 5)), r"attn_mask must be \[qlen, klen\] = "
+                                                          r"\[5, 8\]"),
+        (dict(dec_inp=w.double(), r=r.double()), r"w is torch.float64 on cpu"),
+        (dict(r_w_bias=torch.zeros(H, DH + 1), r_r_bias=torch.zeros(H, DH + 1)),
+         r"r_w_bias must be \[n_head, d_head\]"),
+    ]
+    for change, message in cases:
+        kwargs = dict(dec_inp=w, r=r) | change
+        with pytest.raises(fastseq.InputError, match="RelPartialLearnableMultiHeadAttn: " + message):
+            layer(**kwargs)

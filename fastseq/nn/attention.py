@@ -37,6 +37,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise ValueError(f"{OP}: query, key and value must all be 3-D (batched) or 2-D "
                              f"(unbatched), got shapes {list(query.shape)}, {list(key.shape)}, "
                              f"{list(value.shape)}")
+        self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if not batched and key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
 
@@ -56,13 +57,37 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             out = out.transpose(0, 1)
         return out, weights
 
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> None:
+        """Widths, lengths, dtypes and devices as torch's forward checks them, named here
+        (otherwise F.linear or the attention op reports them on projected, per-head shapes)."""
+        for name, t, size in (("query", query, "embed_dim"), ("key", key, "kdim"),
+                              ("value", value, "vdim")):
+            if t.shape[-1] != getattr(self, size):
+                raise ValueError(f"{OP}: {name} must have {size} {getattr(self, size)} features "
+                                 f"in its last dim, got shape {list(t.shape)}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"{OP}: key and value must have the same batch and length, got "
+                             f"shapes {list(key.shape)} and {list(value.shape)}")
+        batch_dim = 0 if self.batch_first else 1
+        if query.dim() == 3 and key.shape[batch_dim] != query.shape[batch_dim]:
+            raise ValueError(f"{OP}: key must have the query's batch {query.shape[batch_dim]} in "
+                             f"dim {batch_dim}, got shape {list(key.shape)}")
+        weight = self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight
+        autocast = torch._C._is_any_autocast_enabled()  # the projections cast there
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if (t.dtype != weight.dtype and not autocast) or t.device != weight.device:
+                raise ValueError(f"{OP}: {name} is {t.dtype} on {t.device}, the module's "
+                                 f"parameters are {weight.dtype} on {weight.device}: convert "
+                                 "one (tensor.to(...) or module.to(...))")
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+                raise ValueError(f"{OP}: {name} must be bool (True hides) or floating "
+                                 f"(added to the scores), got {mask.dtype}")
+
     def _attend(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                 average_attn_weights, is_causal):
         """Batch-first [N, L, E] inputs -> ([N, L, E], weights or None)."""
         N, L, E = query.shape
-        if E != self.embed_dim:
-            raise ValueError(f"{OP}: query must have embed_dim {self.embed_dim} features, got "
-                             f"shape {list(query.shape)}")
         q, k, v = self._project(query, key, value)
         heads, head_dim = self.num_heads, self.head_dim
         if self.bias_k is not None:

@@ -12,6 +12,28 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..ops._checks import InputError
+
+
+def _check_input(cell: torch.nn.RNNCellBase, input) -> None:
+    """What torch's cells check, named for the layer (the op below would otherwise blame
+    weight_ih for an input of the wrong width or dtype)."""
+    name = f"fastseq.nn.{type(cell).__name__}"
+    if not isinstance(input, Tensor):
+        raise InputError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() not in (1, 2):
+        raise InputError(f"{name}: input must be 1-D or 2-D, got {input.dim()}-D with shape "
+                         f"{list(input.shape)} (want [batch, input_size] or [input_size])")
+    if input.shape[-1] != cell.input_size:
+        raise InputError(f"{name}: input must have input_size = {cell.input_size} features in "
+                         f"its last dim, got shape {list(input.shape)}")
+    weight = cell.weight_ih
+    # Under autocast the op casts input and weights itself (torch's cells do not check there).
+    other_dtype = input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled()
+    if other_dtype or input.device != weight.device:
+        raise InputError(f"{name}: input is {input.dtype} on {input.device}, the cell's "
+                         f"parameters are {weight.dtype} on {weight.device}: convert one "
+                         "(input.to(...) or module.to(...))")
 
 
 class LSTMCell(torch.nn.LSTMCell):
@@ -21,6 +43,7 @@ class LSTMCell(torch.nn.LSTMCell):
         self.backend = backend
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None):
+        _check_input(self, input)
         return ops.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
                              self.bias_hh, backend=self.backend)
 
@@ -32,6 +55,7 @@ class GRUCell(torch.nn.GRUCell):
         self.backend = backend
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        _check_input(self, input)
         return ops.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
                             self.bias_hh, backend=self.backend)
 
@@ -44,6 +68,7 @@ class RNNCell(torch.nn.RNNCell):
         self.backend = backend
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        _check_input(self, input)
         step = ops.rnn_tanh_cell if self.nonlinearity == "tanh" else ops.rnn_relu_cell
         return step(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                     backend=self.backend)

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops._checks import InputError
 from ..ops.rel_attention import rel_attention
 
 
@@ -69,6 +70,7 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
                 raise ValueError("RelPartialLearnableMultiHeadAttn: r_w_bias and r_r_bias are "
                                  "needed (or construct the module with own_biases=True)")
             r_w_bias, r_r_bias = self.r_w_bias, self.r_r_bias
+        self._check_inputs(w, r, r_w_bias, r_r_bias, attn_mask, mems)
         cat = w if mems is None or mems.shape[0] == 0 else torch.cat([mems, w], 0)
         w_heads = self.qkv_net(self.layer_norm(cat) if self.pre_lnorm else cat)
         klen = w_heads.shape[0]
@@ -87,6 +89,41 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         attn_vec = attn_vec.permute(2, 0, 1, 3).reshape(qlen, bsz, self.n_head * self.d_head)
         attn_out = self.drop(self.o_net(attn_vec))
         return w + attn_out if self.pre_lnorm else self.layer_norm(w + attn_out)
+
+
+    def _check_inputs(self, w, r, r_w_bias, r_r_bias, attn_mask, mems) -> None:
+        """Shapes, dtypes and devices in the layer's own terms (otherwise a wrong width fails
+        inside a GEMM, a wrong memory batch inside torch.cat)."""
+        name, d_model = type(self).__name__, self.d_model
+        if w.dim() != 3 or w.shape[-1] != d_model:
+            raise InputError(f"{name}: w must be [qlen, batch, d_model={d_model}], got shape "
+                             f"{list(w.shape)}")
+        if r.dim() not in (2, 3) or r.shape[0] == 0 or r.shape[-1] != d_model or \
+                (r.dim() == 3 and r.shape[1] != 1):
+            raise InputError(f"{name}: r must be [rlen >= 1, d_model={d_model}] or [rlen, 1, "
+                             f"d_model], got shape {list(r.shape)}")
+        if mems is not None and mems.numel() and (mems.dim() != 3 or mems.shape[1:] != w.shape[1:]):
+            raise InputError(f"{name}: mems must be [mlen, batch={w.shape[1]}, "
+                             f"d_model={d_model}], got shape {list(mems.shape)}")
+        heads = (self.n_head, self.d_head)
+        for bias_name, bias in (("r_w_bias", r_w_bias), ("r_r_bias", r_r_bias)):
+            if bias.shape != heads:
+                raise InputError(f"{name}: {bias_name} must be [n_head, d_head] = {list(heads)}, "
+                                 f"got {list(bias.shape)}")
+        klen = w.shape[0] + (mems.shape[0] if mems is not None and mems.numel() else 0)
+        if attn_mask is not None and (attn_mask.dim() not in (2, 3) or
+                                      attn_mask.shape[:2] != (w.shape[0], klen) or
+                                      (attn_mask.dim() == 3 and attn_mask.shape[2] not in
+                                       (1, w.shape[1]))):
+            raise InputError(f"{name}: attn_mask must be [qlen, klen] = {[w.shape[0], klen]} or "
+                             f"[qlen, klen, batch] (nonzero hides), got {list(attn_mask.shape)}")
+        weight = self.qkv_net.weight
+        autocast = torch._C._is_any_autocast_enabled()  # the projections cast there
+        for arg_name, t in (("w", w), ("r", r), ("mems", mems)):
+            if t is not None and ((t.dtype != weight.dtype and not autocast)
+                                  or t.device != weight.device):
+                raise InputError(f"{name}: {arg_name} is {t.dtype} on {t.device}, the layer's "
+                                 f"parameters are {weight.dtype} on {weight.device}")
 
 
 def _visible(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
