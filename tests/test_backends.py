@@ -119,3 +119,34 @@ def test_native_refuses_a_gpu_its_build_has_no_code_for(monkeypatch):
         assert backend_module.native_unavailable(torch.device("cuda")) == reason
     monkeypatch.setattr(ext, "CUDA_ARCHS", ())
     assert ext.cuda_arch_mismatch((10, 0)) is None  # no CUDA code: has_cuda_kernels says so
+
+
+def test_triton_launches_run_on_their_tensors_device(monkeypatch):
+    """Triton launches on the *current* CUDA device: every Triton op's launcher enters its
+    tensors' device first (a cuda:1 tensor here is a fake one; the guard is recorded)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastseq.ops._registration import on_tensor_device
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    launcher = on_tensor_device(lambda mode, x, y=None: (mode, entered[:]))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        on_gpu1 = torch.empty(2, device="cuda:1")
+    assert launcher("lstm", on_gpu1) == ("lstm", [torch.device("cuda:1")])
+    assert entered == [torch.device("cuda:1"), "exit"]
+    entered.clear()
+    assert launcher("lstm", torch.empty(2)) == ("lstm", [])  # CPU (the interpreter): no guard
+    wrapped = torch.ops.fastseq.attention_forward_triton.default._schema
+    assert "Tensor q, Tensor k, Tensor v" in str(wrapped)  # the schema survived the wrapper

@@ -1,11 +1,36 @@
-"""What every op family does to register its implementations: fakes for the forward and
-backward op, autograd on the forward op through the backward op, and contiguous inputs."""
+"""What every op family does to register its implementations: Triton launchers as custom ops
+on their tensors' device, fakes for the forward and backward op, autograd on the forward op
+through the backward op, and contiguous inputs."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+
+def on_tensor_device(launcher: Callable) -> Callable:
+    """`launcher` run with its first tensor argument's CUDA device current: Triton launches on
+    the current device and that device's current stream, so a tensor on cuda:1 while cuda:0 is
+    current would be handed to a kernel on the wrong GPU (torch's own ops guard the device the
+    same way; the stream stays the caller's current one on that device)."""
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, Tensor)), None)
+        if device is None or device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(*args, **kwargs)
+    return guarded
+
+
+def triton_custom_op(name: str) -> Callable[[Callable], Callable]:
+    """torch.library.custom_op(name) around a Triton launcher, on its tensors' device (the
+    schema comes from the launcher's own signature through functools.wraps)."""
+    def register(launcher: Callable) -> Callable:
+        return torch.library.custom_op(name, mutates_args=())(on_tensor_device(launcher))
+    return register
 
 
 def contiguous_or_none(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:

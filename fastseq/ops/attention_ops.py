@@ -9,25 +9,24 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from ..kernels import attention_launch as _launch
 from ..kernels.common import accumulator_dtype
-from ._registration import register_fakes_and_autograd
+from ._registration import register_fakes_and_autograd, triton_custom_op
 
 FORWARD = "fastseq::attention_forward_triton"
 BACKWARD = "fastseq::attention_backward_triton"
 
 
-@torch.library.custom_op(FORWARD, mutates_args=())
+@triton_custom_op(FORWARD)
 def attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                              seed: Optional[Tensor], dropout_p: float, is_causal: bool,
                              scale: float) -> tuple[Tensor, Tensor]:
     return _launch.attention_forward(q, k, v, mask, seed, dropout_p, is_causal, scale)
 
 
-@torch.library.custom_op(BACKWARD, mutates_args=())
+@triton_custom_op(BACKWARD)
 def attention_backward_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
                               delta: Tensor, mask: Optional[Tensor], mask_grad: bool,
                               seed: Optional[Tensor], dropout_p: float, is_causal: bool,

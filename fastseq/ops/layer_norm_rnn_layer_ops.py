@@ -22,14 +22,15 @@ import torch
 from torch import Tensor
 
 from ..kernels.rnn_cell_layout import GATES, LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE
-from ._registration import contiguous_or_none, register_fakes_and_autograd
+from ._registration import (contiguous_or_none, register_fakes_and_autograd,
+                            triton_custom_op)
 from .rnn_layer_ops import previous_states
 
 FORWARD = "fastseq::layer_norm_rnn_layer_forward_triton"
 BACKWARD = "fastseq::layer_norm_rnn_layer_backward_triton"
 
 
-@torch.library.custom_op(FORWARD, mutates_args=())
+@triton_custom_op(FORWARD)
 def layer_norm_rnn_layer_forward_triton(
     mode: str, gates_x: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
     b_hh: Optional[Tensor], ln_hh_weight: Tensor, ln_c_weight: Optional[Tensor],
@@ -44,7 +45,7 @@ def layer_norm_rnn_layer_forward_triton(
     return layer_norm_rnn_layer.layer_norm_rnn_forward(mode, *args, eps, reverse, save_workspace)
 
 
-@torch.library.custom_op(BACKWARD, mutates_args=())
+@triton_custom_op(BACKWARD)
 def layer_norm_rnn_layer_backward_triton(
     mode: str, grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], h0: Tensor,
     c0: Optional[Tensor], w_hh: Tensor, ln_hh_weight: Tensor, ln_c_weight: Optional[Tensor],

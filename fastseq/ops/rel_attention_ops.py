@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from ..kernels import rel_attention_launch as _launch
 from ..kernels.common import accumulator_dtype
-from ._registration import register_fakes_and_autograd
+from ._registration import register_fakes_and_autograd, triton_custom_op
 
 FORWARD = "fastseq::rel_attention_forward_triton"
 BACKWARD = "fastseq::rel_attention_backward_triton"
@@ -30,7 +29,7 @@ def _same_strides(qu: Tensor, qv: Tensor) -> tuple[Tensor, Tensor]:
     return qu, qv
 
 
-@torch.library.custom_op(FORWARD, mutates_args=())
+@triton_custom_op(FORWARD)
 def rel_attention_forward_triton(qu: Tensor, qv: Tensor, k: Tensor, v: Tensor, pos: Tensor,
                                  mask: Optional[Tensor], seed: Optional[Tensor],
                                  dropout_p: float, is_causal: bool, window: Optional[int],
@@ -40,7 +39,7 @@ def rel_attention_forward_triton(qu: Tensor, qv: Tensor, k: Tensor, v: Tensor, p
                                          window, pos_offset, scale)
 
 
-@torch.library.custom_op(BACKWARD, mutates_args=())
+@triton_custom_op(BACKWARD)
 def rel_attention_backward_triton(
         dout: Tensor, qu: Tensor, qv: Tensor, k: Tensor, v: Tensor, pos: Tensor, lse: Tensor,
         delta: Tensor, mask: Optional[Tensor], mask_grad: bool, seed: Optional[Tensor],

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .. import _extension
 from ..kernels.rnn_cell_layout import GATES, WORKSPACE
-from ._registration import contiguous_or_none, register_fakes_and_autograd
+from ._registration import (contiguous_or_none, register_fakes_and_autograd,
+                            triton_custom_op)
 
 NATIVE_FORWARD = "fastseq::rnn_cell_forward"
 NATIVE_BACKWARD = "fastseq::rnn_cell_backward"
@@ -26,7 +27,7 @@ TRITON_FORWARD = "fastseq::rnn_cell_forward_triton"
 TRITON_BACKWARD = "fastseq::rnn_cell_backward_triton"
 
 
-@torch.library.custom_op(TRITON_FORWARD, mutates_args=())
+@triton_custom_op(TRITON_FORWARD)
 def rnn_cell_forward_triton(
     mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
     b_ih: Optional[Tensor], b_hh: Optional[Tensor], save_workspace: bool,
@@ -37,7 +38,7 @@ def rnn_cell_forward_triton(
         mode, *contiguous_or_none(input, hx, cx, w_ih, w_hh, b_ih, b_hh), save_workspace)
 
 
-@torch.library.custom_op(TRITON_BACKWARD, mutates_args=())
+@triton_custom_op(TRITON_BACKWARD)
 def rnn_cell_backward_triton(
     mode: str, grad_hy: Tensor, grad_cy: Optional[Tensor], hx: Tensor, cx: Optional[Tensor],
     hy: Tensor, cy: Optional[Tensor], workspace: Tensor,

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from .. import _extension
 from ..kernels.rnn_cell_layout import GATES, LAYER_WORKSPACE
-from ._registration import contiguous_or_none, register_fakes_and_autograd
+from ._registration import (contiguous_or_none, register_fakes_and_autograd,
+                            triton_custom_op)
 
 NATIVE_FORWARD = "fastseq::rnn_layer_forward"
 NATIVE_BACKWARD = "fastseq::rnn_layer_backward"
@@ -72,12 +73,10 @@ def _triton_backward(
 
 # One direction, and both stacked [2, ...]: the same implementation under two ops, so that a
 # shape is never ambiguous between "steps" and "directions".
-rnn_layer_forward_triton = torch.library.custom_op(TRITON_FORWARD, mutates_args=())(_triton_forward)
-rnn_layer_backward_triton = torch.library.custom_op(TRITON_BACKWARD, mutates_args=())(_triton_backward)
-rnn_bidirectional_layer_forward_triton = torch.library.custom_op(
-    BIDIRECTIONAL_FORWARD, mutates_args=())(_triton_forward)
-rnn_bidirectional_layer_backward_triton = torch.library.custom_op(
-    BIDIRECTIONAL_BACKWARD, mutates_args=())(_triton_backward)
+rnn_layer_forward_triton = triton_custom_op(TRITON_FORWARD)(_triton_forward)
+rnn_layer_backward_triton = triton_custom_op(TRITON_BACKWARD)(_triton_backward)
+rnn_bidirectional_layer_forward_triton = triton_custom_op(BIDIRECTIONAL_FORWARD)(_triton_forward)
+rnn_bidirectional_layer_backward_triton = triton_custom_op(BIDIRECTIONAL_BACKWARD)(_triton_backward)
 
 
 def _forward_fake(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
