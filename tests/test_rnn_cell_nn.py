@@ -108,5 +108,5 @@ def test_cell_input_errors_name_the_layer(cls):
                        match=name + r": input must be 1-D or 2-D, got 3-D with shape \[2, 4, 1\]"):
         cell(torch.randn(2, 4, 1))
     with pytest.raises(fastseq.InputError, match=name + ": input is torch.float64 on cpu, the "
-                                                        "cell's parameters are torch.float32"):
+                                                        "module's parameters are torch.float32"):
         cell(torch.randn(2, 4, dtype=torch.float64))

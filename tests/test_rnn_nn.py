@@ -235,7 +235,7 @@ def test_layer_input_errors_name_the_argument(backend):
     cases = [
         (dict(input=torch.randn(2, 3, 6)), r"input must have input_size = 4 features in its last "
                                            r"dim, got shape \[2, 3, 6\]"),
-        (dict(input=x.double()), "input is torch.float64 on cpu, the layer's parameters are "
+        (dict(input=x.double()), "input is torch.float64 on cpu, the module's parameters are "
                                  "torch.float32 on cpu"),
         (dict(input=x[..., None]), r"input must be 3-D \[batch, steps, input_size\] or 2-D"),
         (dict(input=x, lengths=[3, 4]), r"lengths must lie in \[0, 3\] .* from 3 to 4"),

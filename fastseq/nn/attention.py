@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..ops._checks import check_like_parameters
 from ..reference import attention as _reference
 
 OP = "fastseq.nn.MultiheadAttention"
@@ -73,12 +74,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise ValueError(f"{OP}: key must have the query's batch {query.shape[batch_dim]} in "
                              f"dim {batch_dim}, got shape {list(key.shape)}")
         weight = self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight
-        autocast = torch._C._is_any_autocast_enabled()  # the projections cast there
         for name, t in (("query", query), ("key", key), ("value", value)):
-            if (t.dtype != weight.dtype and not autocast) or t.device != weight.device:
-                raise ValueError(f"{OP}: {name} is {t.dtype} on {t.device}, the module's "
-                                 f"parameters are {weight.dtype} on {weight.device}: convert "
-                                 "one (tensor.to(...) or module.to(...))")
+            check_like_parameters(OP, name, t, weight)
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
             if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
                 raise ValueError(f"{OP}: {name} must be bool (True hides) or floating "

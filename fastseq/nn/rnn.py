@@ -32,7 +32,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import backend as _backends
 from .. import ops
-from ..ops._checks import InputError, checked_lengths
+from ..ops._checks import InputError, check_like_parameters, checked_lengths
 
 _MODULE_NAMES = {"LSTM": "fastseq.nn.LSTM", "GRU": "fastseq.nn.GRU", "RNN_TANH": "fastseq.nn.RNN",
                  "RNN_RELU": "fastseq.nn.RNN"}
@@ -116,13 +116,7 @@ class _FastRNNBase(torch.nn.RNNBase):
         if data.shape[-1] != self.input_size:
             raise InputError(f"{op}: input must have input_size = {self.input_size} features in "
                              f"its last dim, got shape {list(data.shape)}")
-        weight = self.weight_ih_l0
-        # Under autocast the ops cast input and weights themselves (torch skips its check too).
-        other_dtype = data.dtype != weight.dtype and not torch._C._is_any_autocast_enabled()
-        if other_dtype or data.device != weight.device:
-            raise InputError(
-                f"{op}: input is {data.dtype} on {data.device}, the layer's parameters are "
-                f"{weight.dtype} on {weight.device}: convert one (input.to(...) or module.to(...))")
+        check_like_parameters(op, "input", data, self.weight_ih_l0)
 
     def _checked_lengths(self, input, lengths) -> Optional[Tensor]:
         """lengths checked against the padded input (one per batch row, each in [0, steps]),

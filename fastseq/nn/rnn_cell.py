@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..ops._checks import InputError
+from ..ops._checks import InputError, check_like_parameters
 
 
 def _check_input(cell: torch.nn.RNNCellBase, input) -> None:
@@ -27,13 +27,7 @@ def _check_input(cell: torch.nn.RNNCellBase, input) -> None:
     if input.shape[-1] != cell.input_size:
         raise InputError(f"{name}: input must have input_size = {cell.input_size} features in "
                          f"its last dim, got shape {list(input.shape)}")
-    weight = cell.weight_ih
-    # Under autocast the op casts input and weights itself (torch's cells do not check there).
-    other_dtype = input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled()
-    if other_dtype or input.device != weight.device:
-        raise InputError(f"{name}: input is {input.dtype} on {input.device}, the cell's "
-                         f"parameters are {weight.dtype} on {weight.device}: convert one "
-                         "(input.to(...) or module.to(...))")
+    check_like_parameters(name, "input", input, cell.weight_ih)
 
 
 class LSTMCell(torch.nn.LSTMCell):

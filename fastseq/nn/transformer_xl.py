@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops._checks import InputError
+from ..ops._checks import InputError, check_like_parameters
 from ..ops.rel_attention import rel_attention
 
 
@@ -117,13 +117,9 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
                                        (1, w.shape[1]))):
             raise InputError(f"{name}: attn_mask must be [qlen, klen] = {[w.shape[0], klen]} or "
                              f"[qlen, klen, batch] (nonzero hides), got {list(attn_mask.shape)}")
-        weight = self.qkv_net.weight
-        autocast = torch._C._is_any_autocast_enabled()  # the projections cast there
         for arg_name, t in (("w", w), ("r", r), ("mems", mems)):
-            if t is not None and ((t.dtype != weight.dtype and not autocast)
-                                  or t.device != weight.device):
-                raise InputError(f"{name}: {arg_name} is {t.dtype} on {t.device}, the layer's "
-                                 f"parameters are {weight.dtype} on {weight.device}")
+            if t is not None:
+                check_like_parameters(name, arg_name, t, self.qkv_net.weight)
 
 
 def _visible(attn_mask: Optional[Tensor]) -> Optional[Tensor]:

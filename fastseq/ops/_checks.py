@@ -83,3 +83,15 @@ def checked_lengths(op: str, lengths, steps: int, batch: int) -> torch.Tensor:
             fail(op, f"lengths must lie in [0, {steps}] (the input's steps), got values from "
                      f"{low} to {high}")
     return lengths
+
+
+def check_like_parameters(module: str, name: str, value: torch.Tensor,
+                          parameter: torch.Tensor) -> None:
+    """A module's input `value` has its parameters' dtype and device, as torch's modules ask.
+    Under autocast the dtypes may differ: the ops cast inputs and weights themselves (torch's
+    RNN check is skipped there too)."""
+    other_dtype = value.dtype != parameter.dtype and not torch._C._is_any_autocast_enabled()
+    if other_dtype or value.device != parameter.device:
+        fail(module, f"{name} is {value.dtype} on {value.device}, the module's parameters are "
+                     f"{parameter.dtype} on {parameter.device}: convert one ({name}.to(...) or "
+                     "module.to(...))")
