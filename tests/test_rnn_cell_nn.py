@@ -101,7 +101,7 @@ def test_cell_input_errors_name_the_layer(cls):
     """Width, dims, dtype checked by the cell before its op (which would blame weight_ih)."""
     cell = getattr(fastseq.nn, cls)(4, 5)
     name = f"fastseq.nn.{cls}"
-    with pytest.raises(fastseq.InputError, match=name + r": input must have input_size = 4 "
+    with pytest.raises(fastseq.InputError, match=name + r": input must have input_size 4 "
                                                         r"features in its last dim, got shape \[2, 6\]"):
         cell(torch.randn(2, 6))
     with pytest.raises(fastseq.InputError,

@@ -233,7 +233,7 @@ def test_layer_input_errors_name_the_argument(backend):
     lstm = fastseq.nn.LSTM(4, 5, batch_first=True, backend=backend)
     x = torch.randn(2, 3, 4)
     cases = [
-        (dict(input=torch.randn(2, 3, 6)), r"input must have input_size = 4 features in its last "
+        (dict(input=torch.randn(2, 3, 6)), r"input must have input_size 4 features in its last "
                                            r"dim, got shape \[2, 3, 6\]"),
         (dict(input=x.double()), "input is torch.float64 on cpu, the module's parameters are "
                                  "torch.float32 on cpu"),

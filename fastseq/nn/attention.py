@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..ops._checks import check_like_parameters
+from ..ops._checks import check_features, check_like_parameters
 from ..reference import attention as _reference
 
 OP = "fastseq.nn.MultiheadAttention"
@@ -63,9 +63,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         (otherwise F.linear or the attention op reports them on projected, per-head shapes)."""
         for name, t, size in (("query", query, "embed_dim"), ("key", key, "kdim"),
                               ("value", value, "vdim")):
-            if t.shape[-1] != getattr(self, size):
-                raise ValueError(f"{OP}: {name} must have {size} {getattr(self, size)} features "
-                                 f"in its last dim, got shape {list(t.shape)}")
+            check_features(OP, name, t, size, getattr(self, size))
         if key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"{OP}: key and value must have the same batch and length, got "
                              f"shapes {list(key.shape)} and {list(value.shape)}")

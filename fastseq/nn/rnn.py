@@ -32,7 +32,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import backend as _backends
 from .. import ops
-from ..ops._checks import InputError, check_like_parameters, checked_lengths
+from ..ops._checks import InputError, check_features, check_like_parameters, checked_lengths
 
 _MODULE_NAMES = {"LSTM": "fastseq.nn.LSTM", "GRU": "fastseq.nn.GRU", "RNN_TANH": "fastseq.nn.RNN",
                  "RNN_RELU": "fastseq.nn.RNN"}
@@ -113,9 +113,7 @@ class _FastRNNBase(torch.nn.RNNBase):
             layout = "[batch, steps, input_size]" if self.batch_first else "[steps, batch, input_size]"
             raise InputError(f"{op}: input must be 3-D {layout} or 2-D unbatched [steps, "
                              f"input_size], got shape {list(data.shape)}")
-        if data.shape[-1] != self.input_size:
-            raise InputError(f"{op}: input must have input_size = {self.input_size} features in "
-                             f"its last dim, got shape {list(data.shape)}")
+        check_features(op, "input", data, "input_size", self.input_size)
         check_like_parameters(op, "input", data, self.weight_ih_l0)
 
     def _checked_lengths(self, input, lengths) -> Optional[Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..ops._checks import InputError, check_like_parameters
+from ..ops._checks import InputError, check_features, check_like_parameters
 
 
 def _check_input(cell: torch.nn.RNNCellBase, input) -> None:
@@ -24,9 +24,7 @@ def _check_input(cell: torch.nn.RNNCellBase, input) -> None:
     if input.dim() not in (1, 2):
         raise InputError(f"{name}: input must be 1-D or 2-D, got {input.dim()}-D with shape "
                          f"{list(input.shape)} (want [batch, input_size] or [input_size])")
-    if input.shape[-1] != cell.input_size:
-        raise InputError(f"{name}: input must have input_size = {cell.input_size} features in "
-                         f"its last dim, got shape {list(input.shape)}")
+    check_features(name, "input", input, "input_size", cell.input_size)
     check_like_parameters(name, "input", input, cell.weight_ih)
 
 

@@ -95,3 +95,10 @@ def check_like_parameters(module: str, name: str, value: torch.Tensor,
         fail(module, f"{name} is {value.dtype} on {value.device}, the module's parameters are "
                      f"{parameter.dtype} on {parameter.device}: convert one ({name}.to(...) or "
                      "module.to(...))")
+
+
+def check_features(module: str, name: str, value: torch.Tensor, size_name: str, size: int) -> None:
+    """value's last dim is the module's `size_name` (input_size, embed_dim, ...)."""
+    if value.shape[-1] != size:
+        fail(module, f"{name} must have {size_name} {size} features in its last dim, got shape "
+                     f"{list(value.shape)}")
