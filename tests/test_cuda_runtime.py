@@ -57,11 +57,16 @@ def forward_backward(fn, leaves, grad):
     return (out, *torch.autograd.grad(out, leaves, grad))
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_cuda_graph_capture_of_forward_and_backward(name):
-    make, fn = CASES[name]
+@pytest.fixture(params=list(CASES))
+def case(request):
+    """(fn, leaves, a gradient for fn's output) of one case, on cuda:0."""
+    make, fn = CASES[request.param]
     leaves = make()
-    grad = torch.randn_like(fn(*leaves))
+    return fn, leaves, torch.randn_like(fn(*leaves))
+
+
+def test_cuda_graph_capture_of_forward_and_backward(case):
+    fn, leaves, grad = case
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up: autotuning and compilation happen outside capture
@@ -81,11 +86,8 @@ def test_cuda_graph_capture_of_forward_and_backward(name):
         torch.testing.assert_close(c, e)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_current_stream_is_honoured(name):
-    make, fn = CASES[name]
-    leaves = make()
-    grad = torch.randn_like(fn(*leaves))
+def test_current_stream_is_honoured(case):
+    fn, leaves, grad = case
     expected = forward_backward(fn, leaves, grad)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -97,11 +99,8 @@ def test_current_stream_is_honoured(name):
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_memory_stays_flat(name):
-    make, fn = CASES[name]
-    leaves = make()
-    grad = torch.randn_like(fn(*leaves))
+def test_memory_stays_flat(case):
+    fn, leaves, grad = case
     forward_backward(fn, leaves, grad)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -121,13 +120,10 @@ def test_second_device(name):
     torch.testing.assert_close(got.cpu(), expected.cpu())
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_no_host_sync_in_the_hot_path(name):
+def test_no_host_sync_in_the_hot_path(case):
     """After a warm-up call (compilation, autotuning), forward and backward make no call that
     waits for the GPU: torch's sync debug mode turns any such call into an error."""
-    make, fn = CASES[name]
-    leaves = make()
-    grad = torch.randn_like(fn(*leaves))
+    fn, leaves, grad = case
     forward_backward(fn, leaves, grad)
     torch.cuda.set_sync_debug_mode("error")
     try:
