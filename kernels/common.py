@@ -40,10 +40,13 @@ def tl_accumulator_dtype(dtype: torch.dtype):
 def dot_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b. UPCAST converts the operands to the accumulator's dtype first: needed under
     the interpreter, whose bf16 tl.dot returns garbage (measured: error 7.6e9 on a 5x7x3 product
-    with triton 3.8), and never on a GPU, where bf16/fp16 operands feed the tensor cores."""
+    with triton 3.8), and never on a GPU, where bf16/fp16 operands feed the tensor cores.
+    out_dtype is explicit: triton 3.6's tl.dot defaults to an fp32 result and asserts that an
+    fp64 accumulator matches it (3.8 infers it from acc)."""
     if UPCAST:
-        return tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+        return tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision=PRECISION,
+                      out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -375,14 +375,15 @@ def _ln_rnn_backward_kernel(
     store_state(dhbuf_ptr, dcbuf_ptr, dh0_ptr, dc0_ptr, rows_b, mask_b, H, MODE, BLOCK_H)
 
 
-def layer_norm_config(dtype: torch.dtype, kernel: str) -> dict:
+def layer_norm_config(dtype: torch.dtype, kernel: str, mode: str) -> dict:
     """16 batch rows and 16 units per tile, at every batch size: the plain layer kernels' tile
     (kernels/rnn_layer.py: layer_config) with its narrower column tile, as these keep more alive
     (four gates of p, their normalized values, gains and input shares in phase B). The fp32 and
     fp64 LSTM forward spilled (LDL/STL in the sm_90 SASS) with 4 warps and does not with 8
-    (tests/test_triton_gpu_compile.py)."""
+    (tests/test_triton_gpu_compile.py). Under triton 3.6 the fp32 LSTM backward spilled with 4
+    warps too, and the fp32 GRU backward with 8 (clean with 4), so the warps follow the mode."""
     wide = dtype in (torch.float32, torch.float64)
-    warps = 8 if wide and kernel == "forward" else 4
+    warps = 8 if wide and (kernel == "forward" or mode == "lstm") else 4
     return {"BLOCK_B": 16, "BLOCK_H": 16, "BLOCK_K": 16 if wide else 32, "num_warps": warps}
 
 
@@ -410,7 +411,7 @@ def layer_norm_rnn_forward(mode, gates_x, h0, c0, w_hh, b_hh, ln_hh_weight, ln_c
     hbuf = torch.empty((2, B, H), dtype=acc, device=gates_x.device)
     cbuf = torch.empty((B if lstm else 1, H), dtype=acc, device=gates_x.device)
     pbuf = torch.empty((B, GH), dtype=acc, device=gates_x.device)
-    config = layer_norm_config(gates_x.dtype, "forward")
+    config = layer_norm_config(gates_x.dtype, "forward", mode)
     grid = (triton.cdiv(B, config["BLOCK_B"]),)
     _ln_rnn_forward_kernel[grid](
         gates_x, h0, c0 if lstm else h0, w_hh, b_hh if b_hh is not None else h0, ln_hh_weight,
@@ -454,7 +455,7 @@ def layer_norm_rnn_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, ln_h
     dhbuf = torch.empty((B, H), dtype=acc, device=y.device)
     dcbuf = torch.empty((B if lstm else 1, H), dtype=acc, device=y.device)
     dqbuf = torch.empty((B, G * H), dtype=acc, device=y.device)
-    config = layer_norm_config(y.dtype, "backward")
+    config = layer_norm_config(y.dtype, "backward", mode)
     grid = (triton.cdiv(B, config["BLOCK_B"]),)
     _ln_rnn_backward_kernel[grid](
         grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0, c0 if lstm else h0,

@@ -72,7 +72,7 @@ def layer_spec(kernel, mode, dtype, batch, zoneout=False, directions=1):
 def layer_norm_spec(kernel, mode, dtype):
     """What kernels.layer_norm_rnn_layer would launch (reverse, lengths, biases, workspace)."""
     mode_id, gates = MODES[mode]
-    constexprs, num_warps = launch_options(layer_norm_rnn_layer.layer_norm_config(dtype, kernel))
+    constexprs, num_warps = launch_options(layer_norm_rnn_layer.layer_norm_config(dtype, kernel, mode))
     constexprs.update(MODE=mode_id, G=gates, WS=LN_WORKSPACE[mode], NP=LN_PROJECTION_COLUMN[mode],
                       S=LN_STATS[mode], HAS_LENGTHS=True, REVERSE=True, PRECISION="ieee",
                       UPCAST=False, ACC_DTYPE="tl.fp64" if dtype == torch.float64 else "tl.fp32")

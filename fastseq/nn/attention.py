@@ -88,7 +88,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(N, 1, E)], 1)
             v = torch.cat([v, self.bias_v.expand(N, 1, E)], 1)
-        q, k, v = (t.unflatten(-1, (heads, head_dim)).transpose(1, 2) for t in (q, k, v))
+        # view, not unflatten: torch 2.11's Dynamo cannot trace unflatten under a device context.
+        q, k, v = (t.view(N, t.shape[1], heads, head_dim).transpose(1, 2) for t in (q, k, v))
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(N, heads, 1, head_dim)], 2)
             v = torch.cat([v, v.new_zeros(N, heads, 1, head_dim)], 2)
