@@ -11,6 +11,13 @@ import importlib.util
 
 import torch  # noqa: F401  (torch's libraries must be loaded before fastseq._C)
 
+from ._versions import MIN_TORCH, dotted, version_tuple
+
+# Checked before _C loads: an extension built against another torch fails with a symbol error.
+if version_tuple(torch.__version__) < MIN_TORCH:
+    raise ImportError(f"fastseq needs torch >= {dotted(MIN_TORCH)}, found {torch.__version__}: "
+                      f"pip install 'torch>={dotted(MIN_TORCH)}'")
+
 # kernels/ becomes fastseq.kernels only through an install (package_dir mapping); a bare source
 # tree on sys.path lacks it, and _C.
 if importlib.util.find_spec("fastseq.kernels") is None:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 
 from . import _extension
+from ._versions import MIN_TRITON, dotted, version_tuple
 
 BACKENDS = ("triton", "native", "torch", "reference")
 CHOICES = ("auto",) + BACKENDS
@@ -30,6 +31,19 @@ try:
     TRITON_VERSION: str | None = triton.__version__
 except ImportError:
     TRITON_VERSION = None
+
+
+def triton_refusal(version: str | None) -> str | None:
+    """Why a Triton of this version (None: not installed) cannot serve any call, or None."""
+    if version is None:
+        return "Triton is not installed"
+    if version_tuple(version) < MIN_TRITON:
+        return f"Triton {version} is older than fastseq's kernels support (>= {dotted(MIN_TRITON)})"
+    return None
+
+
+# Decided once, at import (a module constant: nothing to look up in a traced call).
+_TRITON_REFUSAL = triton_refusal(TRITON_VERSION)
 
 # The innermost use_backend() name; a plain module global, which torch.compile guards on.
 _forced_backend: list[str | None] = [None]
@@ -71,8 +85,8 @@ def _interpreter_on() -> bool:
 
 def triton_unavailable(device: torch.device) -> str | None:
     """Why the Triton backend cannot run on `device`, or None if it can."""
-    if TRITON_VERSION is None:
-        return "Triton is not installed"
+    if _TRITON_REFUSAL is not None:
+        return _TRITON_REFUSAL
     if device.type == "cuda":
         return None
     if device.type == "cpu":

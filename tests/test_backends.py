@@ -150,3 +150,31 @@ def test_triton_launches_run_on_their_tensors_device(monkeypatch):
     assert launcher("lstm", torch.empty(2)) == ("lstm", [])  # CPU (the interpreter): no guard
     wrapped = torch.ops.fastseq.attention_forward_triton.default._schema
     assert "Tensor q, Tensor k, Tensor v" in str(wrapped)  # the schema survived the wrapper
+
+
+def test_supported_range_is_declared_once():
+    """The oldest torch/triton (fastseq/_versions.py) is what pyproject.toml requires and what
+    CI's second leg installs (Makefile MIN_STACK)."""
+    import pathlib
+    import re
+
+    from fastseq._versions import MIN_TORCH, MIN_TRITON, dotted, version_tuple
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    pyproject = (root / "pyproject.toml").read_text()
+    assert f'"torch>={dotted(MIN_TORCH)}"' in pyproject
+    assert f"triton>={dotted(MIN_TRITON)}" in pyproject
+    stack = re.search(r"^MIN_STACK := (.*)$", (root / "Makefile").read_text(), re.M).group(1)
+    assert f"torch=={dotted(MIN_TORCH)}.0" in stack and f"triton=={dotted(MIN_TRITON)}.0" in stack
+    assert version_tuple("2.11.0+cu130") == (2, 11) and version_tuple("3.10.0rc1") == (3, 10)
+    assert version_tuple(torch.__version__) >= MIN_TORCH
+
+
+def test_an_older_triton_is_refused_by_name(monkeypatch):
+    assert backend_module.triton_refusal("3.6.0") is None
+    assert backend_module.triton_refusal(None) == "Triton is not installed"
+    monkeypatch.setattr(backend_module, "_TRITON_REFUSAL", backend_module.triton_refusal("3.5.0"))
+    reason = backend_module.triton_unavailable(torch.device("cpu"))
+    assert reason is not None and "older than" in reason and "3.6" in reason
+    with pytest.raises(fastseq.BackendError, match="3.6"):
+        fastseq.ops.lstm_cell(*lstm_args(), backend="triton")
