@@ -9,7 +9,9 @@ tables and plots.
 Presets (FASTSEQ_BENCH_PRESET, set by fastseq-bench): "quick" runs each suite's small CPU
 cases on any device (a smoke run; on a 2-core CPU the whole quick run takes about a minute),
 "default" the device's own cases (the GPU grids on a GPU), "full" those plus the cases the
-default leaves out to save time.
+default leaves out to save time, "headline" only the issues' compass cases of the recurrent,
+attention and relative-attention suites (the GPU script's stage 2, sized for a few minutes of
+a lent GPU; on a CPU those suites' small cases).
 """
 import copy
 import os
@@ -20,13 +22,14 @@ import torch
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DEVICE_NAME = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
 PRESET = os.environ.get("FASTSEQ_BENCH_PRESET", "default")
-if PRESET not in ("quick", "default", "full"):
-    raise ValueError(f"FASTSEQ_BENCH_PRESET must be quick, default or full, got {PRESET!r}")
+if PRESET not in ("quick", "headline", "default", "full"):
+    raise ValueError(f"FASTSEQ_BENCH_PRESET must be quick, headline, default or full, got {PRESET!r}")
 # fastseq-bench --dtype, for the suites whose dtype is not a test parameter (comma-separated
 # torch dtype names; empty: every dtype).
 DTYPES = [d for d in os.environ.get("FASTSEQ_BENCH_DTYPES", "").split(",") if d]
 # The GPU grids, unless a quick (smoke) run was asked for.
 GPU_CASES = DEVICE.type == "cuda" and PRESET != "quick"
+HEADLINE = PRESET == "headline"
 # Calls per timed round on the GPU: launches are asynchronous, so one synchronize closes a
 # round of many calls (a cell step is ~10 us; one sync would cost as much as the step).
 GPU_CALLS_PER_ROUND = 50

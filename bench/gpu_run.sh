@@ -1,55 +1,207 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (device tool): build fastseq in place with that machine's
-# python3 (torch, triton, cmake, ninja, pytest-benchmark preinstalled; no network), run the
-# whole test suite on CUDA, run the benchmarks (fastseq-bench), and leave logs, JSON and tables
-# under $OUT. Commit what comes back under bench/results/.
+# The GPU run, in stages that each fit one call of the device tool (under 8 minutes; the device
+# allows 10 a command and 15 in all, start-up included). Each stage writes its results under
+# $OUT as it goes, so a stage killed at its limit still returns what it wrote (at most 8 files a
+# call come back). Commit what comes back under bench/results/<date>-h200-<stage>/.
 #
-#   device run: bash bench/gpu_run.sh            (OUT is set by the device tool)
+#   bash bench/gpu_run.sh 1          build (16 cores), fastseq.backends(), correctness smoke of
+#                                    every family on CUDA against float64 (bench/gpu_smoke.py)
+#   bash bench/gpu_run.sh 2          the headline benchmarks (fastseq-bench --headline), suite by
+#                                    suite: LSTM/GRU vs cuDNN, attention vs SDPA, rel attention
+#   bash bench/gpu_run.sh 3 CHUNK    the CUDA test suite, one chunk a call, in this order:
+#                                    runtime, recurrent, loop, attention, rest
+#   bash bench/gpu_run.sh 4          compute-sanitizer (memcheck, racecheck, synccheck) on the
+#                                    persistent recurrence, small cases
+#   bash bench/gpu_run.sh --dry all  every stage on this CPU with tiny shapes (Triton through the
+#                                    interpreter; chunks collected, not run): a typo costs no
+#                                    GPU minutes. CI runs it (tests/test_gpu_run_script.py).
+#
+# Every stage builds first if this tree is not yet installed (a fresh machine: ~1.5 min), so
+# any stage can be a machine's first call. The device copy has no .git: pass GIT_COMMIT=...
+# Nothing here needs a package the GPU machine lacks (no network, no expecttest, no matplotlib).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-OUT=${OUT:-$REPO/bench/out/gpu}
+
+DRY=0
+ARGS=()
+for arg in "$@"; do
+  if [ "$arg" = "--dry" ]; then DRY=1; else ARGS+=("$arg"); fi
+done
+STAGE=${ARGS[0]:-}
+CHUNK=${ARGS[1]:-}
+if [ $DRY -eq 1 ]; then
+  PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+  OUT=${OUT:-$REPO/bench/out/gpu-dry}
+else
+  PYTHON=${PYTHON:-python3}
+  OUT=${OUT:-$REPO/bench/out/gpu}
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FASTSEQ_REQUIRE_EXTENSION=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# Seconds each piece may take before it is interrupted (SIGINT: pytest and fastseq-bench still
+# write what they have). Sized so a stage ends inside 8 minutes on a warm machine.
+SMOKE_S=${SMOKE_S:-300}
+BENCH_RNN_S=${BENCH_RNN_S:-120}
+BENCH_ATTENTION_S=${BENCH_ATTENTION_S:-240}
+BENCH_REL_S=${BENCH_REL_S:-100}
+CHUNK_S=${CHUNK_S:-420}
+SANITIZER_S=${SANITIZER_S:-140}
 
-{
-  date -u; git rev-parse HEAD 2>/dev/null || true
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} > "$OUT/env.txt" 2>&1
+# The test chunks, runtime first. "rest" is every other test file, found at run time, so a new
+# test file is never left out, but for CPU_ONLY: test_packaging builds wheels from `git
+# ls-files` (the device copy has no .git) and test_gpu_run_script is this script's dry run on
+# the CPU; CI runs both.
+CHUNKS="runtime recurrent loop attention rest"
+CPU_ONLY="tests/test_packaging.py tests/test_gpu_run_script.py"
+chunk_files() {
+  case "$1" in
+    runtime) echo tests/test_cuda_runtime.py tests/test_rnn_persistent.py ;;
+    recurrent) echo tests/test_rnn_cell_ops.py tests/test_rnn_cell_nn.py \
+        tests/test_rnn_cell_registration.py tests/test_rnn_layer_ops.py tests/test_rnn_nn.py \
+        tests/test_rnn_bidirectional.py tests/test_rnn_zoneout.py tests/test_layer_norm_rnn.py ;;
+    loop) echo tests/test_rnn_layer_ops.py tests/test_rnn_nn.py ;;  # with FASTSEQ_PERSISTENT=0
+    attention) echo tests/test_attention.py tests/test_attention_nn.py \
+        tests/test_rel_attention.py tests/test_transformer_xl.py ;;
+    rest)
+      local named
+      named=" $(for c in runtime recurrent attention; do chunk_files $c; done | tr '\n' ' ') $CPU_ONLY "
+      for f in tests/test_*.py; do
+        case "$named" in *" $f "*) ;; *) printf '%s ' "$f" ;; esac
+      done; echo ;;
+    *) return 1 ;;
+  esac
+}
 
-status=0
-python3 -m pip install -q --no-build-isolation --no-deps --no-index . > "$OUT/build.log" 2>&1 || status=1
-if [ $status -ne 0 ]; then tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; fi
-(cd /tmp && python3 -c "import fastseq, json; print(json.dumps(fastseq.backends(), indent=1))") >> "$OUT/env.txt" 2>&1
+say() { echo "== $*" | tee -a "$OUT/stage.log"; }
 
-# From /tmp, so that `python3 -m pytest` imports the installed fastseq (fastseq.kernels and _C
-# exist only there), not the source tree that `-m` would put first on sys.path.
-run_pytest() { (cd /tmp && python3 -m pytest -c "$REPO/pyproject.toml" --rootdir="$REPO" -p no:cacheprovider "$@"); }
+write_env() {
+  {
+    date -u; echo "commit ${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+    echo "stage $STAGE $CHUNK dry=$DRY"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
+    "$PYTHON" -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+  } > "$OUT/env.txt" 2>&1
+}
 
-# The persistent kernel first, small, under compute-sanitizer (out-of-bounds, shared-memory
-# races, barrier misuse), then against the loop at full speed.
-SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
-{
-  for tool in memcheck racecheck synccheck; do
-    echo "== compute-sanitizer --tool $tool"
-    (cd /tmp && timeout 300 "$SANITIZER" --tool $tool --error-exitcode 9 python3 "$REPO/bench/sanitize_persistent.py") 2>&1 | tail -15
-    echo "exit ${PIPESTATUS[0]}"
+# Install this tree unless it is installed already (a warm machine's second stage): the stamp
+# is a hash of the sources. The dry run uses the checkout's own editable install.
+ensure_built() {
+  if [ $DRY -eq 1 ]; then
+    (cd /tmp && "$PYTHON" -c "import fastseq._C") || { echo "dry run: run 'make install' first"; return 1; }
+    return 0
+  fi
+  local stamp
+  stamp=$(find csrc kernels fastseq setup.py CMakeLists.txt pyproject.toml -type f \
+            -not -name '*.so' -not -path '*/__pycache__/*' | sort | xargs md5sum | md5sum | cut -c1-32)
+  if [ "$(cat /tmp/fastseq-build-stamp 2>/dev/null)" = "$stamp" ]; then return 0; fi
+  say "build (MAX_JOBS=$MAX_JOBS)"
+  local began=$SECONDS
+  if ! "$PYTHON" -m pip install -q --no-build-isolation --no-deps --no-index . > "$OUT/build.log" 2>&1; then
+    tail -50 "$OUT/build.log"; echo "BUILD FAILED"; return 1
+  fi
+  echo "$stamp" > /tmp/fastseq-build-stamp
+  say "built in $((SECONDS - began)) s"
+}
+
+# SIGINT at the limit: pytest and fastseq-bench finish their reports; KILL 20 s later if not.
+limited() { local s=$1; shift; timeout -s INT -k 20 "$s" "$@"; }
+# pytest from /tmp, so that `python -m pytest` imports the installed fastseq (fastseq.kernels
+# and _C exist only there), not the source tree that `-m` would put first on sys.path.
+run_pytest() {
+  local limit=$1; shift
+  (cd /tmp && limited "$limit" "$PYTHON" -m pytest -c "$REPO/pyproject.toml" --rootdir="$REPO" \
+     -p no:cacheprovider "$@")
+}
+
+stage1() {
+  say "backends"
+  (cd /tmp && "$PYTHON" -c "import fastseq, json; print(json.dumps(fastseq.backends(), indent=1))") \
+    > "$OUT/backends.json" 2>&1 || return 1
+  say "smoke (limit ${SMOKE_S} s)"
+  local dry=(); [ $DRY -eq 1 ] && dry=(--dry)
+  (cd /tmp && limited "$SMOKE_S" "$PYTHON" "$REPO/bench/gpu_smoke.py" "$OUT/smoke.jsonl" "${dry[@]}") \
+    2>&1 | tee "$OUT/smoke.log" | grep -E "FAIL|gpu_smoke"
+  return "${PIPESTATUS[0]}"
+}
+
+stage2() {
+  local status=0 suite limit
+  : > "$OUT/tables.md"
+  for suite in rnn attention rel_attention; do
+    case $suite in rnn) limit=$BENCH_RNN_S ;; attention) limit=$BENCH_ATTENTION_S ;; *) limit=$BENCH_REL_S ;; esac
+    say "fastseq-bench --headline --ops $suite (limit $limit s)"
+    rm -rf "/tmp/fastseq-bench-$suite"
+    (cd /tmp && limited "$limit" "$PYTHON" -m fastseq.benchmark.cli --headline --ops "$suite" \
+       --no-plots --out "/tmp/fastseq-bench-$suite") >> "$OUT/bench.log" 2>&1 || status=1
+    if [ -f "/tmp/fastseq-bench-$suite/bench.json" ]; then
+      cp "/tmp/fastseq-bench-$suite/bench.json" "$OUT/bench-$suite.json"
+      { echo "## $suite"; cat "/tmp/fastseq-bench-$suite/table.md"; echo; } >> "$OUT/tables.md"
+    else
+      echo "## $suite: no results (see bench.log)" >> "$OUT/tables.md"; status=1
+    fi
   done
-} > "$OUT/sanitizer.log" 2>&1
-grep -E "^== |^exit|ERROR SUMMARY|persistent vs loop" "$OUT/sanitizer.log"
+  tail -5 "$OUT/bench.log"
+  return $status
+}
 
-run_pytest "$REPO/tests" -q --maxfail=25 --durations=15 --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
-tail -5 "$OUT/tests.log"
-# The CUDA sequence op's GEMM-per-step loop, which the run above skips where the persistent
-# kernel fits.
-echo "== FASTSEQ_PERSISTENT=0 tests/test_rnn_layer_ops.py" >> "$OUT/tests.log"
-FASTSEQ_PERSISTENT=0 run_pytest "$REPO/tests/test_rnn_layer_ops.py" -q -x >> "$OUT/tests.log" 2>&1 || status=1
-tail -2 "$OUT/tests.log"
+stage3() {
+  local chunk=$1 files
+  files=$(chunk_files "$chunk") || { echo "unknown chunk '$chunk'; one of: $CHUNKS"; return 2; }
+  local mode=(-q --durations=10); [ $DRY -eq 1 ] && mode=(-q --collect-only)
+  local persistent=1; [ "$chunk" = loop ] && persistent=0
+  say "tests, chunk $chunk (limit ${CHUNK_S} s): $files"
+  # shellcheck disable=SC2046
+  FASTSEQ_PERSISTENT=$persistent run_pytest "$CHUNK_S" "${mode[@]}" \
+    --junitxml="$OUT/tests-$chunk.xml" $(for f in $files; do echo "$REPO/$f"; done) \
+    > "$OUT/tests-$chunk.log" 2>&1
+  local status=$?
+  tail -3 "$OUT/tests-$chunk.log"
+  return $status
+}
 
-# The benchmarks through the installed command (its suites are fastseq.bench_suites): bench.json
-# (pytest-benchmark's JSON + fastseq's fields), table.md; plots only where matplotlib exists
-# (redo them here with `fastseq-bench --report bench/results/<run>/bench.json --out ...`).
-(cd /tmp && python3 -m fastseq.benchmark.cli --out "$OUT/bench") > "$OUT/bench.log" 2>&1 || status=1
-tail -40 "$OUT/bench.log"
-exit $status
+stage4() {
+  local sanitizer status=0 tool
+  sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+  for tool in memcheck racecheck synccheck; do
+    say "compute-sanitizer --tool $tool (limit ${SANITIZER_S} s)"
+    if [ $DRY -eq 1 ]; then  # no GPU: the script alone (its CPU twin), once
+      [ $tool = memcheck ] || continue
+      (cd /tmp && limited "$SANITIZER_S" "$PYTHON" "$REPO/bench/sanitize_persistent.py") >> "$OUT/sanitizer.log" 2>&1 || status=1
+    else
+      (cd /tmp && limited "$SANITIZER_S" "$sanitizer" --tool $tool --error-exitcode 9 \
+         "$PYTHON" "$REPO/bench/sanitize_persistent.py") >> "$OUT/sanitizer.log" 2>&1 || status=1
+    fi
+    echo "exit status so far $status" >> "$OUT/sanitizer.log"
+  done
+  grep -E "ERROR SUMMARY|persistent vs loop|exit status" "$OUT/sanitizer.log"
+  return $status
+}
+
+run_stage() {
+  local stage=$1 chunk=${2:-} began=$SECONDS status
+  case "$stage" in
+    1) stage1 ;;
+    2) stage2 ;;
+    3) stage3 "$chunk" ;;
+    4) stage4 ;;
+    *) echo "usage: bash bench/gpu_run.sh [--dry] 1|2|3 CHUNK|4|all (all: --dry only)"; return 2 ;;
+  esac
+  status=$?
+  say "stage $stage $chunk: exit $status in $((SECONDS - began)) s"
+  return $status
+}
+
+write_env
+ensure_built || exit 1
+if [ "$STAGE" = all ]; then
+  [ $DRY -eq 1 ] || { echo "'all' is for --dry: on the GPU run one stage a call"; exit 2; }
+  status=0
+  run_stage 1 || status=1
+  run_stage 2 || status=1
+  for c in $CHUNKS; do run_stage 3 "$c" || status=1; done
+  run_stage 4 || status=1
+  exit $status
+fi
+run_stage "$STAGE" "$CHUNK"

@@ -3,6 +3,7 @@
     fastseq-bench                      the device's default cases (GPU grids on a GPU)
     fastseq-bench --quick              small cases only: a CPU or smoke run (~1 min on 2 cores)
     fastseq-bench --full               everything, including the cases the default skips
+    fastseq-bench --headline           the compass cases only (LSTM/GRU, attention, rel attention)
     fastseq-bench --ops lstm,attention,rel_attention --dtype bf16 --mode fwd
     fastseq-bench --compare bench/results/OLD.json
     fastseq-bench --report RUN.json    redo the table and plots of a saved run
@@ -34,6 +35,8 @@ from .plots import write_plots
 SUITES = {"rnn_cell": "bench_rnn_cell.py", "rnn": "bench_rnn.py",
           "layer_norm_rnn": "bench_layer_norm_rnn.py", "attention": "bench_attention.py",
           "rel_attention": "bench_rel_attention.py"}
+# The suites of the headline preset (each keeps only its compass cases under it).
+HEADLINE_SUITES = ("rnn", "attention", "rel_attention")
 # --ops names beyond the suites: a recurrent mode selects its cases in every recurrent suite;
 # multihead_attention the layer benchmark of the attention suite.
 MODES = ("lstm", "gru", "rnn_tanh")
@@ -131,7 +134,7 @@ def run_suites(args, out_dir: pathlib.Path) -> tuple[dict, int]:
     # Suites whose dtype is not a parameter learn the filter here (conftest.run_timed skips).
     os.environ["FASTSEQ_BENCH_DTYPES"] = ",".join(args.dtypes or [])
     directory = suites_dir()
-    wanted = set(SUITES)
+    wanted = set(HEADLINE_SUITES if args.preset == "headline" else SUITES)
     if args.ops is not None:
         named = [op for op in args.ops if op in SUITES]
         others = [op for op in args.ops if op not in SUITES]
@@ -204,12 +207,15 @@ def device_line(device: torch.device, preset: str) -> str:
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="fastseq-bench", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:9]))
+                                     epilog="\n".join(__doc__.splitlines()[2:10]))
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
                         help="small cases only (CPU or smoke run)")
     preset.add_argument("--full", dest="preset", action="store_const", const="full",
                         help="every case, including those the default skips")
+    preset.add_argument("--headline", dest="preset", action="store_const", const="headline",
+                        help="the compass cases only: LSTM/GRU B=16 H=768 T=1024 bf16, attention "
+                             "hd128 bf16 1k-16k, relative attention 512/2048 (CPU: small cases)")
     parser.set_defaults(preset="default")
     parser.add_argument("--ops", help=f"comma-separated: {', '.join(OP_NAMES)}")
     parser.add_argument("--dtype", help="comma-separated: bf16, fp16, fp32, fp64")

@@ -1,0 +1,214 @@
+"""Stage 1 of bench/gpu_run.sh: a correctness smoke of every kernel family against the float64
+reference, forward and every gradient, under the tolerance rule (fastseq/reference/tolerance.py:
+at most 2x plain PyTorch's error in the same dtype, plus a small slack).
+
+    python3 bench/gpu_smoke.py OUT.jsonl          on CUDA: GPU-sized shapes, fp32 and bf16
+    python3 bench/gpu_smoke.py OUT.jsonl --dry    on the CPU: tiny shapes, Triton interpreted
+
+One JSON line per (case, quantity) is written and flushed as it is checked, so a run killed at
+its limit still leaves what it checked. "plain" is fastseq's reference backend run in the tested
+dtype (plain PyTorch); "truth" the same in float64. Exits 1 if any quantity breaks the rule or
+any case raises.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+DRY = "--dry" in sys.argv
+if DRY:  # before fastseq (and so its kernels) is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FASTSEQ_POISON_OUTPUTS", "1")  # an unwritten element reads NaN
+
+import torch  # noqa: E402
+
+import fastseq  # noqa: E402
+from fastseq.reference.tolerance import rule_check  # noqa: E402
+
+DEVICE = torch.device("cpu" if DRY else "cuda")
+DTYPES = [torch.float32] if DRY else [torch.float32, torch.bfloat16]
+GATES = {"lstm": 4, "gru": 3}
+# (T, B, I, H): 19 rows cross two 16-row tiles; H=256 fits the persistent kernel's plan.
+RECURRENT = (5, 3, 7, 12) if DRY else (64, 19, 200, 256)
+CELL = (None, 3, 7, 12) if DRY else (None, 70, 300, 500)
+# (B, H, L, memory, D): L crosses several tiles and ends ragged.
+ATTENTION = (1, 2, 37, 11, 32) if DRY else (2, 4, 333, 128, 128)
+
+
+def rand(*shape, scale=1.0):
+    return (torch.rand(*shape, dtype=torch.float64, device=DEVICE) * 2 - 1) * scale
+
+
+def outputs_and_grads(call, leaves64, dtype, backend, grad_outputs):
+    """call(backend, leaves) -> list of outputs, in `dtype`; returns outputs + d(leaves)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in leaves64]
+    outs = call(backend, leaves)
+    loss = sum((o.double() * g).sum() for o, g in zip(outs, grad_outputs))
+    return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
+
+
+def check(out, family, case, backend, dtype, call, leaves64, names, terms, env=None):
+    """One case: fastseq's `backend` against plain PyTorch in `dtype` and float64 truth."""
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    began = time.perf_counter()
+    row = {"family": family, "case": case, "backend": backend, "dtype": str(dtype).split(".")[1]}
+    try:
+        truth_outs = call("reference", [t.detach() for t in leaves64])
+        grad_outputs = [rand(*o.shape) for o in truth_outs]
+        truth = outputs_and_grads(call, leaves64, torch.float64, "reference", grad_outputs)
+        plain = outputs_and_grads(call, leaves64, dtype, "reference", grad_outputs)
+        fast = outputs_and_grads(call, leaves64, dtype, backend, grad_outputs)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        ok = True
+        n_out = len(truth_outs)
+        for i, name in enumerate(names):
+            good, err_fast, err_plain, bound = rule_check(
+                fast[i], plain[i], truth[i], terms=1 if i < n_out else terms)
+            ok &= good
+            out.write(json.dumps(dict(row, quantity=name, ok=good, error=err_fast,
+                                      plain_error=err_plain, bound=bound)) + "\n")
+        row.update(ok=ok, seconds=round(time.perf_counter() - began, 2))
+    except Exception as error:  # noqa: BLE001 (every failure is reported, the run goes on)
+        row.update(ok=False, error=f"{type(error).__name__}: {error}",
+                   trace=traceback.format_exc()[-1500:])
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    out.write(json.dumps(dict(row, quantity="*")) + "\n")
+    out.flush()
+    print(("ok    " if row["ok"] else "FAIL  ") + f"{family} {case} {backend} {row['dtype']}"
+          + ("" if row["ok"] else f"  {row.get('error', 'outside the rule')}"), flush=True)
+    return row["ok"]
+
+
+def cell_cases(out):
+    _, B, I, H = CELL
+    ok = True
+    for mode, g in GATES.items():
+        lstm = mode == "lstm"
+        op = getattr(fastseq.ops, f"{mode}_cell")
+        leaves = [rand(B, I), rand(B, H), rand(g * H, I, scale=H ** -0.5),
+                  rand(g * H, H, scale=H ** -0.5), rand(g * H), rand(g * H)] + \
+            ([rand(B, H)] if lstm else [])
+
+        def call(backend, t, op=op, lstm=lstm):
+            hx = (t[1], t[6]) if lstm else t[1]
+            result = op(t[0], hx, t[2], t[3], t[4], t[5], backend=backend)
+            return list(result) if lstm else [result]
+        names = (["h", "c"] if lstm else ["h"]) + ["dx", "dh", "dw_ih", "dw_hh", "db_ih", "db_hh"] \
+            + (["dc"] if lstm else [])
+        for backend in ("triton", "native"):
+            for dtype in DTYPES:
+                ok &= check(out, "cell", f"{mode} B={B} I={I} H={H}", backend, dtype, call,
+                            leaves, names, B)
+    return ok
+
+
+def layer_cases(out):
+    T, B, I, H = RECURRENT
+    ok = True
+    lengths = [T - (b * 3) % T for b in range(B)]
+    for mode, g in GATES.items():
+        lstm = mode == "lstm"
+        leaves = [rand(T, B, I), rand(B, H), rand(g * H, I, scale=H ** -0.5),
+                  rand(g * H, H, scale=H ** -0.5), rand(g * H), rand(g * H)] + \
+            ([rand(B, H)] if lstm else [])
+
+        def call(backend, t, mode=mode, lstm=lstm):
+            hx = (t[1], t[6]) if lstm else t[1]
+            y, h_n = fastseq.ops.rnn_layer(mode, t[0], hx, t[2], t[3], t[4], t[5],
+                                           lengths=lengths, backend=backend)
+            return [y] + (list(h_n) if lstm else [h_n])
+        names = (["y", "h_n", "c_n"] if lstm else ["y", "h_n"]) + \
+            ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"] + (["dc0"] if lstm else [])
+        for backend, persistent in (("triton", None), ("native", "1"), ("native", "0")):
+            label = backend if persistent is None else \
+                f"native-{'persistent' if persistent == '1' else 'loop'}"
+            for dtype in DTYPES:
+                ok &= check(out, "rnn_layer", f"{mode} T={T} B={B} I={I} H={H} lengths", label,
+                            dtype, lambda b, t, call=call, backend=backend: call(
+                                "reference" if b == "reference" else backend, t),
+                            leaves, names, T * B,
+                            env=None if persistent is None else {"FASTSEQ_PERSISTENT": persistent})
+    return ok
+
+
+def layer_norm_cases(out):
+    T, B, I, H = RECURRENT
+    ok = True
+    for mode, g in GATES.items():
+        lstm = mode == "lstm"
+        leaves = [rand(T, B, I), rand(B, H), rand(g * H, I, scale=H ** -0.5),
+                  rand(g * H, H, scale=H ** -0.5), rand(g * H), rand(g * H),
+                  1 + rand(g * H, scale=0.3), 1 + rand(g * H, scale=0.3)] + \
+            ([rand(B, H), 1 + rand(H, scale=0.3), rand(H, scale=0.3)] if lstm else [])
+
+        def call(backend, t, mode=mode, lstm=lstm):
+            hx = (t[1], t[8]) if lstm else t[1]
+            extra = (t[9], t[10]) if lstm else (None, None)
+            y, h_n = fastseq.ops.layer_norm_rnn_layer(mode, t[0], hx, *t[2:8], *extra,
+                                                      backend=backend)
+            return [y] + (list(h_n) if lstm else [h_n])
+        names = (["y", "h_n", "c_n"] if lstm else ["y", "h_n"]) + \
+            ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dln_ih", "dln_hh"] + \
+            (["dc0", "dln_c_weight", "dln_c_bias"] if lstm else [])
+        for dtype in DTYPES:
+            ok &= check(out, "layer_norm_rnn_layer", f"{mode} T={T} B={B} I={I} H={H}", "triton",
+                        dtype, call, leaves, names, T * B)
+    return ok
+
+
+def attention_cases(out):
+    B, H, L, _, D = ATTENTION
+    ok = True
+    padding = torch.arange(L, device=DEVICE) < torch.tensor([L, L - L // 3], device=DEVICE)[:B, None]
+    leaves = [rand(B, H, L, D), rand(B, H, L, D), rand(B, H, L, D)]
+    for variant, mask, causal in (("causal", None, True),
+                                  ("key-padding", padding.view(B, 1, 1, L), False)):
+        def call(backend, t, mask=mask, causal=causal):
+            return [fastseq.ops.attention(*t, mask, is_causal=causal, backend=backend)]
+        for dtype in DTYPES:
+            ok &= check(out, "attention", f"B={B} H={H} L={L} D={D} {variant}", "triton", dtype,
+                        call, leaves, ["out", "dq", "dk", "dv"], L)
+    return ok
+
+
+def rel_attention_cases(out):
+    B, H, L, M, D = ATTENTION
+    D = min(D, 128)
+    S = L + M
+    leaves = [rand(B, H, L, D), rand(B, H, S, D), rand(B, H, S, D), rand(S, H, D),
+              rand(H, D), rand(H, D)]
+
+    def call(backend, t):
+        return [fastseq.ops.rel_attention(*t, is_causal=True, backend=backend)]
+    ok = True
+    for dtype in DTYPES:
+        ok &= check(out, "rel_attention", f"B={B} H={H} Lq={L} M={M} D={D} causal", "triton",
+                    dtype, call, leaves, ["out", "dq", "dk", "dv", "dpos", "dcontent_bias",
+                     "dposition_bias"], S)
+    return ok
+
+
+def main() -> int:
+    if not DRY and not torch.cuda.is_available():
+        print("gpu_smoke: no CUDA device (use --dry to run on the CPU)", file=sys.stderr)
+        return 2
+    path = next((a for a in sys.argv[1:] if not a.startswith("--")), "smoke.jsonl")
+    torch.manual_seed(0)
+    with open(path, "w") as out:
+        out.write(json.dumps({"backends": fastseq.backends(), "device": str(DEVICE),
+                              "torch": torch.__version__}) + "\n")
+        results = [family(out) for family in (cell_cases, layer_cases, layer_norm_cases,
+                                              attention_cases, rel_attention_cases)]
+    print("gpu_smoke:", "every case within the rule" if all(results) else "FAILURES", flush=True)
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
