@@ -11,7 +11,24 @@ DEV_DEPS := numpy pytest pytest-benchmark matplotlib hypothesis expecttest build
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 
-.PHONY: test bench install clean
+# The lowest stack fastseq supports, which is the lent GPU machine's (Python 3.12, torch 2.11,
+# triton 3.6; it has no expecttest): CI's second leg, `make test-min-stack`, in its own venv.
+# numpy < 2.4 only here: triton 3.6's interpreter takes int() of 1-element arrays, which numpy
+# 2.4 refuses (the GPU machine's numpy 2.5 is fine there: no interpreter on a GPU).
+MIN_PYTHON ?= python3.12
+MIN_VENV := .venv-min
+MIN_PY := $(MIN_VENV)/bin/python
+MIN_STACK := torch==2.11.0 triton==3.6.0
+MIN_DEV_DEPS := "numpy<2.4" pytest pytest-benchmark hypothesis "cmake>=3.26" ninja setuptools wheel
+# What the second leg runs: the sm_90 AOT compile test, the op and layer tests of every family
+# (Triton through the interpreter), compile/export, and the GPU script's dry run.
+MIN_STACK_TESTS := tests/test_triton_gpu_compile.py tests/test_rnn_cell_ops.py \
+	tests/test_rnn_layer_ops.py tests/test_rnn_bidirectional.py tests/test_layer_norm_rnn.py \
+	tests/test_attention.py tests/test_rel_attention.py tests/test_rnn_cell_nn.py \
+	tests/test_rnn_nn.py tests/test_attention_nn.py tests/test_transformer_xl.py \
+	tests/test_compile_models.py tests/test_export.py tests/test_gpu_run_script.py
+
+.PHONY: test test-min-stack bench install install-min-stack clean
 
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +45,19 @@ install: $(VENV)/.deps-installed
 
 test: install
 	$(VENV)/bin/pytest tests -q
+
+$(MIN_VENV)/.deps-installed: Makefile pyproject.toml
+	test -x $(MIN_PY) || $(MIN_PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install -q $(MIN_STACK)
+	$(MIN_PY) -m pip install -q $(MIN_DEV_DEPS)
+	touch $@
+
+install-min-stack: $(MIN_VENV)/.deps-installed
+	$(MIN_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(MIN_PY) -c "import fastseq, json; print(json.dumps(fastseq.backends(), indent=1))"
+
+test-min-stack: install-min-stack
+	PYTHON=$(abspath $(MIN_PY)) $(MIN_VENV)/bin/pytest $(MIN_STACK_TESTS) -q
 
 # The kernel benchmarks: the device's default cases (on a CPU the CPU suite); results in
 # bench/out (bench.json, table.md, PNG plots). BENCH_ARGS passes options, e.g. --quick.
