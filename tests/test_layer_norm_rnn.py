@@ -88,11 +88,13 @@ def test_accuracy_on_a_narrow_layer_norm(mode, dtype):
     either way with the rounding order alone (20 draws, fp32: the ratio of fastseq's error to
     plain PyTorch's had medians 0.8-1.2 and maxima up to 15 per output; a two-pass layer norm
     written in plain PyTorch moves as much against torch's own). So the tolerance rule is
-    applied to the typical draw: over 6 draws, the median ratio of every output and gradient."""
+    applied to the typical draw: over 12 draws, the median ratio of every output and gradient
+    (over 6, the fp32 LSTM c0 median was 2.06 with numpy 2.4.6: the median of so few draws
+    still swung with the summation order of the interpreter's numpy)."""
     T, B, H = 7, 17, 5
     lengths = [T - (i * 5) % T for i in range(B)]
     ratios = []
-    for seed in range(6):
+    for seed in range(12):
         torch.manual_seed(seed)
         leaves64 = make_leaves(mode, T, B, 4, H)
         grad_outputs = [torch.randn(T, B, H, dtype=torch.float64)] + \

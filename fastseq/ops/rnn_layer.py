@@ -176,8 +176,9 @@ def rnn_bidirectional_layer(mode: str, input: Tensor, hx, forward_weights: Seque
     c0 = (c0 if c0 is not None else input.new_zeros(2, batch, hidden)) if lstm else None
     # One GEMM for both directions' input projections, then [2, T, B, G*H] direction-major.
     gates_x = F.linear(input, torch.cat([w_ih_f, w_ih_r]), torch.cat([b_ih_f, b_ih_r]) if bias else None)
-    # view, not unflatten: torch 2.11's Dynamo cannot trace unflatten under a device context.
-    gates_x = gates_x.view(steps, batch, 2, -1).permute(2, 0, 1, 3)
+    # view, not unflatten: torch 2.11's Dynamo cannot trace unflatten under a device context;
+    # an explicit width, as -1 is ambiguous for an empty batch.
+    gates_x = gates_x.view(steps, batch, 2, gates_x.shape[-1] // 2).permute(2, 0, 1, 3)
     w_hh = torch.stack([w_hh_f, w_hh_r])
     b_hh = torch.stack([b_hh_f, b_hh_r]) if bias else None
     needs_grad = torch.is_grad_enabled() and any(
