@@ -30,9 +30,10 @@ from . import _extension
 from .backend import BackendError, backends, use_backend
 from . import ops, nn, reference  # noqa: E402
 from .ops._checks import InputError
+from .ops._registration import DoubleBackwardError
 from .patching import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["backends", "use_backend", "BackendError", "InputError", "ops", "nn", "reference",
+__all__ = ["backends", "use_backend", "BackendError", "InputError", "DoubleBackwardError", "ops", "nn", "reference",
            "build_info", "patch", "unpatch", "PatchReport"]
 build_info = _extension.build_info

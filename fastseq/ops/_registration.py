@@ -37,14 +37,35 @@ def contiguous_or_none(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
     return [t.contiguous() if t is not None else None for t in tensors]
 
 
+class DoubleBackwardError(RuntimeError):
+    """A gradient of a gradient was asked of a fused backward op that has no formula for it."""
+
+
+def _refuse_double_backward(backward_name: str) -> Callable:
+    """The autograd formula of a fused backward op: a clear error. Without one, a C++ op's
+    gradients were silently zero (torch only warned that no autograd kernel was registered),
+    and a gradient penalty or a Hessian-vector product came out wrong. First-order gradients
+    with create_graph=True still work; only differentiating them again raises."""
+    def backward(ctx, *grads):
+        raise DoubleBackwardError(
+            f"fastseq: double backward (differentiating a gradient again, e.g. a gradient "
+            f"penalty or a Hessian-vector product) is not supported through the fused kernel "
+            f"{backward_name}; run this computation with backend='reference' (or 'torch', "
+            f"where it serves the call), whose gradients are plain PyTorch")
+    return backward
+
+
 def register_fakes_and_autograd(forward_name: str, backward_name: str, *,
                                 forward_fake: Callable, backward_fake: Callable,
                                 setup_context: Callable,
                                 make_backward: Callable[[Callable], Callable]) -> None:
     """Register both ops' fakes, and autograd on `forward_name` whose backward calls the op
-    `backward_name` (make_backward(backward_op) builds the autograd formula)."""
+    `backward_name` (make_backward(backward_op) builds the autograd formula); the backward op's
+    own autograd refuses double backward by name."""
     torch.library.register_fake(forward_name)(forward_fake)
     torch.library.register_fake(backward_name)(backward_fake)
     backward_op = getattr(torch.ops.fastseq, backward_name.split("::")[1])
     torch.library.register_autograd(forward_name, make_backward(backward_op),
                                     setup_context=setup_context)
+    torch.library.register_autograd(backward_name, _refuse_double_backward(backward_name),
+                                    setup_context=lambda ctx, inputs, output: None)
