@@ -15,7 +15,9 @@ export CUDA_HOME
 # triton 3.6; it has no expecttest): CI's second leg, `make test-min-stack`, in its own venv.
 # numpy < 2.4 only here: triton 3.6's interpreter takes int() of 1-element arrays, which numpy
 # 2.4 refuses (the GPU machine's numpy 2.5 is fine there: no interpreter on a GPU).
-MIN_PYTHON ?= python3.12
+# Python 3.12: pyenv's (this machine kind's images carry it, not on PATH while 3.11 is the
+# global version), else a python3.12 on PATH.
+MIN_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 MIN_VENV := .venv-min
 MIN_PY := $(MIN_VENV)/bin/python
 MIN_STACK := torch==2.11.0 triton==3.6.0

@@ -22,10 +22,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..ops._checks import check_features, check_like_parameters
+from ..ops._checks import InputError, check_features, check_like_parameters
 from ..reference import attention as _reference
 
 OP = "fastseq.nn.MultiheadAttention"
+
+
+class AttentionInputError(InputError, AssertionError):
+    """A bad MultiheadAttention input. torch's module asserts on most (AssertionError: widths,
+    key/value shapes, mask dtypes and shapes, dims) and raises RuntimeError on others (a 2-D
+    attn_mask of the wrong shape); this error is both, and a ValueError, so code and tests
+    written against torch's module catch it where they caught torch's."""
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -35,9 +42,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"{OP}: query, key and value must all be 3-D (batched) or 2-D "
-                             f"(unbatched), got shapes {list(query.shape)}, {list(key.shape)}, "
-                             f"{list(value.shape)}")
+            raise AttentionInputError(
+                f"{OP}: query, key and value must all be 3-D (batched) or 2-D "
+                f"(unbatched), got shapes {list(query.shape)}, {list(key.shape)}, "
+                f"{list(value.shape)}")
         self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if not batched and key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
@@ -63,21 +71,24 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         (otherwise F.linear or the attention op reports them on projected, per-head shapes)."""
         for name, t, size in (("query", query, "embed_dim"), ("key", key, "kdim"),
                               ("value", value, "vdim")):
-            check_features(OP, name, t, size, getattr(self, size))
+            check_features(OP, name, t, size, getattr(self, size), AttentionInputError)
         if key.shape[:-1] != value.shape[:-1]:
-            raise ValueError(f"{OP}: key and value must have the same batch and length, got "
-                             f"shapes {list(key.shape)} and {list(value.shape)}")
+            raise AttentionInputError(
+                f"{OP}: key and value must have the same batch and length, got "
+                f"shapes {list(key.shape)} and {list(value.shape)}")
         batch_dim = 0 if self.batch_first else 1
         if query.dim() == 3 and key.shape[batch_dim] != query.shape[batch_dim]:
-            raise ValueError(f"{OP}: key must have the query's batch {query.shape[batch_dim]} in "
-                             f"dim {batch_dim}, got shape {list(key.shape)}")
+            raise AttentionInputError(
+                f"{OP}: key must have the query's batch {query.shape[batch_dim]} in "
+                f"dim {batch_dim}, got shape {list(key.shape)}")
         weight = self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight
         for name, t in (("query", query), ("key", key), ("value", value)):
-            check_like_parameters(OP, name, t, weight)
+            check_like_parameters(OP, name, t, weight, AttentionInputError)
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
             if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
-                raise ValueError(f"{OP}: {name} must be bool (True hides) or floating "
-                                 f"(added to the scores), got {mask.dtype}")
+                raise AttentionInputError(
+                    f"{OP}: {name} must be bool (True hides) or floating "
+                    f"(added to the scores), got {mask.dtype}")
 
     def _attend(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                 average_attn_weights, is_causal):
@@ -132,14 +143,16 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             elif attn_mask.dim() == 3 and attn_mask.shape == (N * heads, L, S - extra):
                 m = attn_mask.reshape(N, heads, L, S - extra)
             else:
-                raise ValueError(f"{OP}: attn_mask must have shape (L, S) = {[L, S - extra]} or "
-                                 f"(N * num_heads, L, S) = {[N * heads, L, S - extra]}, got "
-                                 f"{list(attn_mask.shape)}")
+                raise AttentionInputError(
+                    f"{OP}: attn_mask must have shape (L, S) = {[L, S - extra]} or "
+                    f"(N * num_heads, L, S) = {[N * heads, L, S - extra]}, got "
+                    f"{list(attn_mask.shape)}")
             masks.append(m)
         if key_padding_mask is not None:
             if key_padding_mask.shape != (N, S - extra):
-                raise ValueError(f"{OP}: key_padding_mask must have shape (N, S) = "
-                                 f"{[N, S - extra]}, got {list(key_padding_mask.shape)}")
+                raise AttentionInputError(
+                    f"{OP}: key_padding_mask must have shape (N, S) = "
+                    f"{[N, S - extra]}, got {list(key_padding_mask.shape)}")
             masks.append(key_padding_mask.reshape(N, 1, 1, S - extra))
         if not masks:
             return None

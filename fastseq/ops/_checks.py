@@ -9,12 +9,16 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class InputError(ValueError):
-    """A fastseq op received an argument of the wrong shape, dtype or device."""
+class InputError(ValueError, RuntimeError):
+    """A fastseq op received an argument of the wrong shape, dtype or device. Both a ValueError
+    and a RuntimeError: torch raises RuntimeError for most bad RNN, cell and SDPA inputs (wrong
+    widths, batch mismatches, mixed dtypes) and ValueError for others (wrong number of dims,
+    input dtype against the weights'), so code written against torch's layers (`except
+    RuntimeError`, torch's own tests) catches fastseq's errors where it caught torch's."""
 
 
-def fail(op: str, message: str) -> None:
-    raise InputError(f"{op}: {message}")
+def fail(op: str, message: str, error: type[InputError] = InputError) -> None:
+    raise error(f"{op}: {message}")
 
 
 def check_tensor(op: str, name: str, value, *, ndims: Sequence[int] | None = None) -> None:
@@ -86,7 +90,7 @@ def checked_lengths(op: str, lengths, steps: int, batch: int) -> torch.Tensor:
 
 
 def check_like_parameters(module: str, name: str, value: torch.Tensor,
-                          parameter: torch.Tensor) -> None:
+                          parameter: torch.Tensor, error: type[InputError] = InputError) -> None:
     """A module's input `value` has its parameters' dtype and device, as torch's modules ask.
     Under autocast the dtypes may differ: the ops cast inputs and weights themselves (torch's
     RNN check is skipped there too)."""
@@ -94,11 +98,12 @@ def check_like_parameters(module: str, name: str, value: torch.Tensor,
     if other_dtype or value.device != parameter.device:
         fail(module, f"{name} is {value.dtype} on {value.device}, the module's parameters are "
                      f"{parameter.dtype} on {parameter.device}: convert one ({name}.to(...) or "
-                     "module.to(...))")
+                     "module.to(...))", error)
 
 
-def check_features(module: str, name: str, value: torch.Tensor, size_name: str, size: int) -> None:
+def check_features(module: str, name: str, value: torch.Tensor, size_name: str, size: int,
+                   error: type[InputError] = InputError) -> None:
     """value's last dim is the module's `size_name` (input_size, embed_dim, ...)."""
     if value.shape[-1] != size:
         fail(module, f"{name} must have {size_name} {size} features in its last dim, got shape "
-                     f"{list(value.shape)}")
+                     f"{list(value.shape)}", error)
