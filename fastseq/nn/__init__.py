@@ -3,10 +3,12 @@ from .attention import MultiheadAttention
 from .layer_norm_rnn import LayerNormGRU, LayerNormLSTM
 from .rnn import GRU, LSTM, RNN
 from .rnn_cell import GRUCell, LSTMCell, RNNCell
+from .serialization import safe_globals
 from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
 from .transformer_xl import (PositionwiseFF, RelPartialLearnableMultiHeadAttn, TransformerXL,
                              TransformerXLLayer)
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU",
            "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
-           "RelPartialLearnableMultiHeadAttn", "PositionwiseFF", "TransformerXLLayer", "TransformerXL"]
+           "RelPartialLearnableMultiHeadAttn", "PositionwiseFF", "TransformerXLLayer", "TransformerXL",
+           "safe_globals"]
