@@ -164,17 +164,23 @@ def layer_norm_cases(out):
 
 
 def attention_cases(out):
-    B, H, L, _, D = ATTENTION
+    from torch.nn.attention.bias import causal_lower_right
+
+    B, H, L, M, D = ATTENTION
     ok = True
     padding = torch.arange(L, device=DEVICE) < torch.tensor([L, L - L // 3], device=DEVICE)[:B, None]
-    leaves = [rand(B, H, L, D), rand(B, H, L, D), rand(B, H, L, D)]
-    for variant, mask, causal in (("causal", None, True),
-                                  ("key-padding", padding.view(B, 1, 1, L), False)):
+    # (variant, key length, mask, is_causal); bottom-right causal against M cached keys.
+    for variant, S, mask, causal in (("causal", L, None, True),
+                                     ("key-padding", L, padding.view(B, 1, 1, L), False),
+                                     ("causal-lower-right", L + M, causal_lower_right(L, L + M),
+                                      False)):
+        leaves = [rand(B, H, L, D), rand(B, H, S, D), rand(B, H, S, D)]
+
         def call(backend, t, mask=mask, causal=causal):
             return [fastseq.ops.attention(*t, mask, is_causal=causal, backend=backend)]
         for dtype in DTYPES:
-            ok &= check(out, "attention", f"B={B} H={H} L={L} D={D} {variant}", "triton", dtype,
-                        call, leaves, ["out", "dq", "dk", "dv"], L)
+            ok &= check(out, "attention", f"B={B} H={H} L={L} S={S} D={D} {variant}", "triton",
+                        dtype, call, leaves, ["out", "dq", "dk", "dv"], S)
     return ok
 
 

@@ -48,13 +48,17 @@ def program_heads(bh, H, GROUP):
 
 
 @triton.jit
-def query_block_key_range(start_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          IS_CAUSAL: tl.constexpr):
+def query_block_key_range(start_m, S, causal_shift, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """(end of the key blocks the query block [start_m, start_m + BLOCK_M) sees with no causal
-    or column check, end of all the keys it sees): keys j <= start_m are visible to every row
-    of the block, so the blocks wholly left of the diagonal and inside S need no masking."""
+    or column check, end of all the keys it sees). Causal: query i sees keys j <= i +
+    causal_shift (0: torch's top-left alignment; S - L: bottom-right, as a decode step against
+    a cache), so keys j <= start_m + causal_shift are visible to every row of the block and
+    the blocks wholly left of the diagonal and inside S need no masking. Both ends are clamped
+    at 0 (a negative shift leaves the first rows nothing to see)."""
     if IS_CAUSAL:
-        return tl.minimum(start_m + 1, S) // BLOCK_N * BLOCK_N, tl.minimum(S, start_m + BLOCK_M)
+        free = tl.maximum(tl.minimum(start_m + 1 + causal_shift, S), 0)
+        return free // BLOCK_N * BLOCK_N, tl.maximum(tl.minimum(S, start_m + BLOCK_M + causal_shift), 0)
     return S // BLOCK_N * BLOCK_N, S
 
 
@@ -89,14 +93,14 @@ def apply_mask(s, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn,
 
 @triton.jit
 def scores_base2(qk, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn, qk_scale2,
-                 MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
+                 causal_shift, MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
                  CHECK_COLUMNS: tl.constexpr):
     """The scores of a tile in base 2, -inf where a key is not visible to a query. query_rows
     and key_cols as in apply_mask, so the same code serves q k^T tiles and k q^T tiles."""
     s = apply_mask(qk * qk_scale2, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn,
                    MASK_KIND)
     if CHECK_CAUSAL:
-        s = tl.where(key_cols <= query_rows, s, float("-inf"))
+        s = tl.where(key_cols <= query_rows + causal_shift, s, float("-inf"))
     if CHECK_COLUMNS:
         s = tl.where(key_cols < S, s, float("-inf"))
     return s
@@ -130,7 +134,7 @@ def finish_rows(acc, l_i, m_i, dropout_p, DROPOUT: tl.constexpr):
 @triton.jit
 def forward_block(acc, l_i, m_i, q, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
                   stride_kn, stride_kd, stride_vn, stride_vd, E, EV, L, S, mask_ptr, stride_mm,
-                  stride_mn, qk_scale2, seed, dropout_p,
+                  stride_mn, qk_scale2, seed, dropout_p, causal_shift,
                   MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
                   CHECK_COLUMNS: tl.constexpr, DROPOUT: tl.constexpr,
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -140,7 +144,7 @@ def forward_block(acc, l_i, m_i, q, start_n, offs_m, offs_n0, offs_d, offs_dv, k
                   mask=(offs_n[None, :] < S) & (offs_d[:, None] < E), other=0.0)
     qk = dot_acc(q, k_t, tl.zeros((q.shape[0], k_t.shape[1]), acc.dtype), PRECISION, UPCAST)
     s = scores_base2(qk, offs_m[:, None], offs_n[None, :], L, S, mask_ptr, stride_mm,
-                     stride_mn, qk_scale2, MASK_KIND, CHECK_CAUSAL, CHECK_COLUMNS)
+                     stride_mn, qk_scale2, causal_shift, MASK_KIND, CHECK_CAUSAL, CHECK_COLUMNS)
     p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
     if DROPOUT:
         p = tl.where(dropout_keep(seed, offs_m[:, None], offs_n[None, :], S, dropout_p), p, 0.0)
@@ -156,15 +160,18 @@ def attention_forward_kernel(
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
         stride_mb, stride_mh, stride_mm, stride_mn,
-        H, GROUP, L, S, E, EV, qk_scale2, dropout_p, length_bucket,
+        H, GROUP, L, S, E, EV, qk_scale2, dropout_p, causal_shift, length_bucket,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, SHIFTED: tl.constexpr,
+        MASK_KIND: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         ACC_DTYPE: tl.constexpr):
     """Program (query block, batch * head): out and lse of BLOCK_M query rows. length_bucket is
     unused here: it is the autotuner's key (kernels/attention_launch.py)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    if not SHIFTED:  # a compile-time 0: unshifted launches keep their registers
+        causal_shift = 0
     b, h, kv_h = program_heads(bh, H, GROUP)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -183,19 +190,19 @@ def attention_forward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
-    free_end, end = query_block_key_range(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    free_end, end = query_block_key_range(start_m, S, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, free_end, BLOCK_N):
         acc, l_i, m_i = forward_block(
             acc, l_i, m_i, q, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
             stride_kn, stride_kd, stride_vn, stride_vd, E, EV, L, S, mask_ptr, stride_mm,
-            stride_mn, qk_scale2, seed, dropout_p, MASK_KIND, False, False, DROPOUT, PRECISION,
-            UPCAST)
+            stride_mn, qk_scale2, seed, dropout_p, causal_shift, MASK_KIND, False, False, DROPOUT,
+            PRECISION, UPCAST)
     for start_n in range(free_end, end, BLOCK_N):
         acc, l_i, m_i = forward_block(
             acc, l_i, m_i, q, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
             stride_kn, stride_kd, stride_vn, stride_vd, E, EV, L, S, mask_ptr, stride_mm,
-            stride_mn, qk_scale2, seed, dropout_p, MASK_KIND, IS_CAUSAL, True, DROPOUT,
-            PRECISION, UPCAST)
+            stride_mn, qk_scale2, seed, dropout_p, causal_shift, MASK_KIND, IS_CAUSAL, True,
+            DROPOUT, PRECISION, UPCAST)
     out, lse = finish_rows(acc, l_i, m_i, dropout_p, DROPOUT)
     row_ok = offs_m < L
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
@@ -206,13 +213,13 @@ def attention_forward_kernel(
 
 @triton.jit
 def probabilities(q, k, offs_m, offs_n, lse2, L, S, mask_ptr, stride_mm, stride_mn, qk_scale2,
-                  MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
+                  causal_shift, MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
                   CHECK_COLUMNS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """The softmax probabilities of a tile, recomputed from the forward's log-sum-exp (base 2;
     lse2 is 0 for a row with nothing visible, whose scores are all -inf)."""
     qk = dot_acc(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), lse2.dtype), PRECISION, UPCAST)
     s = scores_base2(qk, offs_m[:, None], offs_n[None, :], L, S, mask_ptr, stride_mm,
-                     stride_mn, qk_scale2, MASK_KIND, CHECK_CAUSAL, CHECK_COLUMNS)
+                     stride_mn, qk_scale2, causal_shift, MASK_KIND, CHECK_CAUSAL, CHECK_COLUMNS)
     return tl.exp2(s - lse2[:, None])
 
 
@@ -243,7 +250,8 @@ def score_gradient(p, do, v, offs_m, offs_n, delta, S, seed, dropout_p,
 def key_block_gradients(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv, q_ptr, do_ptr,
                         lse_ptr, delta_ptr, dmask_ptr, stride_qm, stride_qd, stride_dom,
                         stride_dod, E, EV, L, S, mask_ptr, stride_mm, stride_mn, qk_scale2,
-                        seed, dropout_p, MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
+                        seed, dropout_p, causal_shift, MASK_KIND: tl.constexpr,
+                        CHECK_CAUSAL: tl.constexpr,
                         DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         ACC_DTYPE: tl.constexpr):
@@ -263,7 +271,7 @@ def key_block_gradients(dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv,
     lse2, delta = load_row_stats(lse_ptr, delta_ptr, offs_m, L, ACC_DTYPE)
     qk_t = dot_acc(k, q_t, tl.zeros((k.shape[0], q_t.shape[1]), ACC_DTYPE), PRECISION, UPCAST)
     s_t = scores_base2(qk_t, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn,
-                       qk_scale2, MASK_KIND, CHECK_CAUSAL, False)
+                       qk_scale2, causal_shift, MASK_KIND, CHECK_CAUSAL, False)
     return accumulate_key_gradients(dk, dv, s_t, q_t, v, do, lse2, delta, query_rows,
                                     key_cols, L, S, dmask_ptr, seed, dropout_p, DROPOUT,
                                     MASK_GRAD, PRECISION, UPCAST)
@@ -300,9 +308,10 @@ def attention_backward_key_kernel(
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom,
         stride_dod, stride_mb, stride_mh, stride_mm, stride_mn,
-        H, GROUP, L, S, E, EV, qk_scale2, scale, dropout_p, length_bucket,
+        H, GROUP, L, S, E, EV, qk_scale2, scale, dropout_p, causal_shift, length_bucket,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, SHIFTED: tl.constexpr,
+        MASK_KIND: tl.constexpr,
         DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Program (key block, batch * query head): dK and dV of BLOCK_N keys, summed over every
@@ -312,6 +321,8 @@ def attention_backward_key_kernel(
     inside the program made more configurations spill on sm_90). dmask [B, H, L, S] likewise."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
+    if not SHIFTED:  # a compile-time 0: unshifted launches keep their registers
+        causal_shift = 0
     b, h, kv_h = program_heads(bh, H, GROUP)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -326,11 +337,13 @@ def attention_backward_key_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC_DTYPE)
     if IS_CAUSAL:
-        # Query rows i < start_n see none of these keys; from the first row at or past the
-        # block's last key, every row sees all of them (no causal check).
-        first = start_n // BLOCK_M * BLOCK_M
-        free_start = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M,
-                                tl.cdiv(L, BLOCK_M) * BLOCK_M)
+        # Query rows i < start_n - causal_shift see none of these keys; from the first row at
+        # or past the block's last key (shifted), every row sees all of them (no causal check).
+        # Clamped at 0 before dividing (Triton's integer division truncates toward zero).
+        first = tl.maximum(start_n - causal_shift, 0) // BLOCK_M * BLOCK_M
+        free_start = tl.minimum(
+            tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0), BLOCK_M) * BLOCK_M,
+            tl.cdiv(L, BLOCK_M) * BLOCK_M)
     else:
         first = 0
         free_start = 0
@@ -347,14 +360,14 @@ def attention_backward_key_kernel(
         dk, dv = key_block_gradients(
             dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv, q_ptr, do_ptr, lse_ptr,
             delta_ptr, dmask_ptr, stride_qm, stride_qd, stride_dom, stride_dod, E, EV, L, S,
-            mask_ptr, stride_mm, stride_mn, qk_scale2, seed, dropout_p, MASK_KIND, IS_CAUSAL,
-            DROPOUT, MASK_GRAD, PRECISION, UPCAST, ACC_DTYPE)
+            mask_ptr, stride_mm, stride_mn, qk_scale2, seed, dropout_p, causal_shift, MASK_KIND,
+            IS_CAUSAL, DROPOUT, MASK_GRAD, PRECISION, UPCAST, ACC_DTYPE)
     for start_m in range(free_start, L, BLOCK_M):
         dk, dv = key_block_gradients(
             dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv, q_ptr, do_ptr, lse_ptr,
             delta_ptr, dmask_ptr, stride_qm, stride_qd, stride_dom, stride_dod, E, EV, L, S,
-            mask_ptr, stride_mm, stride_mn, qk_scale2, seed, dropout_p, MASK_KIND, False,
-            DROPOUT, MASK_GRAD, PRECISION, UPCAST, ACC_DTYPE)
+            mask_ptr, stride_mm, stride_mn, qk_scale2, seed, dropout_p, causal_shift, MASK_KIND,
+            False, DROPOUT, MASK_GRAD, PRECISION, UPCAST, ACC_DTYPE)
     out_rows = bh.to(tl.int64) * S + offs_n
     tl.store(dk_ptr + out_rows[:, None] * E + offs_d[None, :],
              (dk * scale).to(dk_ptr.dtype.element_ty), mask=cols & (offs_d[None, :] < E))
@@ -365,7 +378,7 @@ def attention_backward_key_kernel(
 @triton.jit
 def query_block_gradient(dq, q, do, lse2, delta, start_n, offs_m, offs_n0, offs_d, offs_dv,
                          k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd, E, EV, L, S,
-                         mask_ptr, stride_mm, stride_mn, qk_scale2, seed, dropout_p,
+                         mask_ptr, stride_mm, stride_mn, qk_scale2, seed, dropout_p, causal_shift,
                          MASK_KIND: tl.constexpr, CHECK_CAUSAL: tl.constexpr,
                          CHECK_COLUMNS: tl.constexpr, DROPOUT: tl.constexpr,
                          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -377,7 +390,8 @@ def query_block_gradient(dq, q, do, lse2, delta, start_n, offs_m, offs_n0, offs_
     v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=cols & (offs_dv[None, :] < EV), other=0.0)
     p = probabilities(q, k, offs_m, offs_n, lse2, L, S, mask_ptr, stride_mm, stride_mn,
-                      qk_scale2, MASK_KIND, CHECK_CAUSAL, CHECK_COLUMNS, PRECISION, UPCAST)
+                      qk_scale2, causal_shift, MASK_KIND, CHECK_CAUSAL, CHECK_COLUMNS, PRECISION,
+                      UPCAST)
     ds, _ = score_gradient(p, do, v, offs_m, offs_n, delta, S, seed, dropout_p, DROPOUT,
                            PRECISION, UPCAST)
     return dot_acc(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
@@ -389,14 +403,17 @@ def attention_backward_query_kernel(
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom,
         stride_dod, stride_mb, stride_mh, stride_mm, stride_mn,
-        H, GROUP, L, S, E, EV, qk_scale2, scale, dropout_p, length_bucket,
+        H, GROUP, L, S, E, EV, qk_scale2, scale, dropout_p, causal_shift, length_bucket,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+        BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, SHIFTED: tl.constexpr,
+        MASK_KIND: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         ACC_DTYPE: tl.constexpr):
     """Program (query block, batch * head): dQ of BLOCK_M rows (dq [B, H, L, E] contiguous)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    if not SHIFTED:  # a compile-time 0: unshifted launches keep their registers
+        causal_shift = 0
     b, h, kv_h = program_heads(bh, H, GROUP)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -416,19 +433,19 @@ def attention_backward_query_kernel(
     if DROPOUT:
         seed = tl.load(seed_ptr) + bh
     dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
-    free_end, end = query_block_key_range(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    free_end, end = query_block_key_range(start_m, S, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for start_n in range(0, free_end, BLOCK_N):
         dq = query_block_gradient(
             dq, q, do, lse2, delta, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
             stride_kn, stride_kd, stride_vn, stride_vd, E, EV, L, S, mask_ptr, stride_mm,
-            stride_mn, qk_scale2, seed, dropout_p, MASK_KIND, False, False, DROPOUT, PRECISION,
-            UPCAST)
+            stride_mn, qk_scale2, seed, dropout_p, causal_shift, MASK_KIND, False, False, DROPOUT,
+            PRECISION, UPCAST)
     for start_n in range(free_end, end, BLOCK_N):
         dq = query_block_gradient(
             dq, q, do, lse2, delta, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
             stride_kn, stride_kd, stride_vn, stride_vd, E, EV, L, S, mask_ptr, stride_mm,
-            stride_mn, qk_scale2, seed, dropout_p, MASK_KIND, IS_CAUSAL, True, DROPOUT,
-            PRECISION, UPCAST)
+            stride_mn, qk_scale2, seed, dropout_p, causal_shift, MASK_KIND, IS_CAUSAL, True,
+            DROPOUT, PRECISION, UPCAST)
     out_rows = bh.to(tl.int64) * L + offs_m
     tl.store(dq_ptr + out_rows[:, None] * E + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=rows & (offs_d[None, :] < E))

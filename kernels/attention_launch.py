@@ -39,13 +39,13 @@ def _configs(shapes):
 # entries that 3.8 kept clean, which now take 8 warps or a narrower tile. For the dK/dV
 # kernel BLOCK_N is the key block a program owns and BLOCK_M the query rows it streams.
 HALF_CANDIDATES = {
-    ("forward", 64, False): [(128, 64, 4), (128, 64, 8), (64, 64, 4)],
+    ("forward", 64, False): [(128, 64, 8), (64, 64, 4)],
     ("forward", 64, True): [(128, 32, 8), (64, 32, 4)],
-    ("forward", 128, False): [(128, 32, 8), (64, 64, 8)],
+    ("forward", 128, False): [(128, 32, 8), (64, 32, 8)],
     ("forward", 128, True): [(64, 32, 8)],
     ("forward", 256, False): [(32, 32, 8)],
-    ("forward", 256, True): [(32, 16, 4)],
-    ("backward_key", 64, False): [(32, 128, 8), (64, 64, 8), (32, 64, 4)],
+    ("forward", 256, True): [(32, 16, 8)],
+    ("backward_key", 64, False): [(32, 128, 8), (64, 64, 8)],
     ("backward_key", 64, True): [(32, 32, 4), (16, 64, 4)],
     ("backward_key", 128, False): [(32, 32, 8), (16, 32, 4)],
     ("backward_key", 128, True): [(32, 32, 8), (32, 16, 8)],
@@ -100,7 +100,8 @@ def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int, heavy: bool):
         # the listed arguments and the tensors' dtypes only).
         _tuned[key] = triton.autotune(
             candidate_configs(kernel, dtype, block_d, heavy),
-            key=["length_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT"])(fn)
+            key=["length_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "SHIFTED", "MASK_KIND",
+                 "DROPOUT"])(fn)
     return _tuned[key], {}
 
 
@@ -124,22 +125,28 @@ def mask_arguments(mask, like):
     return mask, FLOAT_KEY_MASK if one_row else FLOAT_MASK, mask.stride()
 
 
-def _common(q, k, v, scale, is_causal, dropout_p):
+def _common(q, k, v, scale, is_causal, causal_shift, dropout_p):
     B, H, L, E = q.shape
     S, EV = k.shape[2], v.shape[3]
     constexprs = {"BLOCK_D": head_block(E), "BLOCK_DV": head_block(EV), "IS_CAUSAL": is_causal,
+                  # A shifted diagonal (bottom-right causal) is its own compilation, so the
+                  # common unshifted one keeps its registers (the runtime shift alone made
+                  # 4-5 sm_90 candidates spill).
+                  "SHIFTED": bool(is_causal and causal_shift != 0),
                   "DROPOUT": dropout_p > 0.0, "PRECISION": dot_precision(q.dtype),
                   "UPCAST": INTERPRETED, "ACC_DTYPE": tl_accumulator_dtype(q.dtype)}
     scalars = (H, H // k.shape[1], L, S, E, EV)
     return B, H, L, S, E, EV, constexprs, scalars, float(scale) * LOG2E
 
 
-def attention_forward(q, k, v, mask, seed, dropout_p: float, is_causal: bool, scale: float):
+def attention_forward(q, k, v, mask, seed, dropout_p: float, is_causal: bool, causal_shift: int,
+                      scale: float):
     """q [B, H, L, E], k [B, Hk, S, E], v [B, Hk, S, EV] (any strides), mask a [B, H, L, S] view
-    or None, seed an int64 [1] tensor (read when dropout_p > 0). Returns (out [B, H, L, EV],
+    or None, seed an int64 [1] tensor (read when dropout_p > 0); is_causal: query i sees keys
+    j <= i + causal_shift (0: top-left, S - L: bottom-right). Returns (out [B, H, L, EV],
     lse [B, H, L] in fp32, fp64 for fp64 inputs)."""
     B, H, L, S, E, EV, constexprs, scalars, qk_scale2 = _common(q, k, v, scale, is_causal,
-                                                                 dropout_p)
+                                                                 causal_shift, dropout_p)
     out = new_output((B, H, L, EV), q)
     lse = new_output((B, H, L), q.new_empty(0, dtype=accumulator_dtype(q.dtype)))
     mask_arg, mask_kind, mask_strides = mask_arguments(mask, q)
@@ -148,18 +155,18 @@ def attention_forward(q, k, v, mask, seed, dropout_p: float, is_causal: bool, sc
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](q, k, v, out, lse, mask_arg, seed if seed is not None else lse,
                  *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-                 *scalars, qk_scale2, float(dropout_p), length_bucket(L, S),
+                 *scalars, qk_scale2, float(dropout_p), int(causal_shift), length_bucket(L, S),
                  MASK_KIND=mask_kind, **constexprs, **launch)
     return out, lse
 
 
 def attention_backward(dout, q, k, v, lse, delta, mask, mask_grad: bool, seed,
-                       dropout_p: float, is_causal: bool, scale: float):
+                       dropout_p: float, is_causal: bool, causal_shift: int, scale: float):
     """Gradients of attention_forward: dout [B, H, L, EV] (any strides), lse and delta
     (rowsum(dout * out) - dlse) [B, H, L] contiguous in the accumulator dtype. Returns (dq, dk,
     dv, dmask): dmask [B, H, L, S] in the mask's dtype when mask_grad, else an empty tensor."""
     B, H, L, S, E, EV, constexprs, scalars, qk_scale2 = _common(q, k, v, scale, is_causal,
-                                                                 dropout_p)
+                                                                 causal_shift, dropout_p)
     dq = new_output(q.shape, q)
     # Per query head; summed over each group of G heads below (GQA). Accumulated in fp32 when
     # there is a sum to do, so the group's sum rounds once.
@@ -180,13 +187,15 @@ def attention_backward(dout, q, k, v, lse, delta, mask, mask_grad: bool, seed,
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731
     kernel[grid](q, k, v, dout, lse, delta, mask_arg, seed_arg, dk, dv,
                  dmask if mask_grad else q, *strides, *scalars, qk_scale2, float(scale),
-                 float(dropout_p), bucket, MASK_KIND=mask_kind, MASK_GRAD=mask_grad,
+                 float(dropout_p), int(causal_shift), bucket, MASK_KIND=mask_kind,
+                 MASK_GRAD=mask_grad,
                  **constexprs, **launch)
     kernel, launch = _kernel_for("backward_query", attention_backward_query_kernel, q.dtype,
                                  constexprs["BLOCK_D"], heavy)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     kernel[grid](q, k, v, dout, lse, delta, mask_arg, seed_arg, dq, *strides, *scalars,
-                 qk_scale2, float(scale), float(dropout_p), bucket, MASK_KIND=mask_kind,
+                 qk_scale2, float(scale), float(dropout_p), int(causal_shift), bucket,
+                 MASK_KIND=mask_kind,
                  **constexprs, **launch)
     if group > 1:
         dk = dk.view(B, k.shape[1], group, S, E).sum(2).to(k.dtype)

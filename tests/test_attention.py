@@ -225,25 +225,28 @@ def test_gradcheck_float64(mask_shape):
     assert torch.autograd.gradcheck(f, (q, k, v, mask), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
-@pytest.mark.parametrize("variant", ["plain", "bool-mask-causal", "float-mask-dropout"])
+@pytest.mark.parametrize("variant", ["plain", "bool-mask-causal", "float-mask-dropout",
+                                     "causal-lower-right"])
 def test_opcheck(variant):
     """Strided q/k/v (as the MHA's head views) so the fakes' layouts must match the kernels'."""
     triton_or_skip()
     q, k, v = [t.float().transpose(2, 3).contiguous().transpose(2, 3)
                for t in make_inputs((1, 2, 1, 7, 9, 16, 8))]
-    mask, seed, p, causal = None, None, 0.0, False
+    mask, seed, p, causal, shift = None, None, 0.0, False, 0
     if variant == "bool-mask-causal":
         mask, causal = (torch.rand(1, 1, 7, 9) > 0.3).expand(1, 2, 7, 9), True
     if variant == "float-mask-dropout":
         mask, seed, p = torch.randn(1, 2, 7, 9), torch.tensor([123], dtype=torch.int64), 0.25
+    if variant == "causal-lower-right":
+        causal, shift = True, 9 - 7
     forward = torch.ops.fastseq.attention_forward_triton
-    torch.library.opcheck(forward, (q.requires_grad_(), k, v, mask, seed, p, causal, 0.3))
-    out, lse = forward(q.detach(), k, v, mask, seed, p, causal, 0.3)
+    torch.library.opcheck(forward, (q.requires_grad_(), k, v, mask, seed, p, causal, shift, 0.3))
+    out, lse = forward(q.detach(), k, v, mask, seed, p, causal, shift, 0.3)
     delta = torch.randn_like(lse)
     mask_grad = mask is not None and mask.dtype != torch.bool
     torch.library.opcheck(torch.ops.fastseq.attention_backward_triton,
                           (torch.randn_like(out), q.detach(), k, v, lse, delta, mask, mask_grad,
-                           seed, p, causal, 0.3))
+                           seed, p, causal, shift, 0.3))
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "float-causal"])
@@ -347,3 +350,50 @@ def test_empty_shapes(shape):
     assert out.shape == (B, H, L, 4) and torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("alignment", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("case", ["odd", "long-keys-d80", "gqa", "L1"])
+def test_causal_bias_masks(case, alignment, backend):
+    """torch.nn.attention.bias's causal_upper_left / causal_lower_right as attn_mask: the same
+    answer as the explicit bool mask (query i sees keys j <= i, or j <= i + S - L), outputs
+    and gradients within the tolerance rule; L > S bottom-right leaves the first rows nothing
+    to see (zeros, fastseq's rule for fully masked rows)."""
+    if backend == "triton":
+        triton_or_skip()
+    from torch.nn.attention import bias as attention_bias
+
+    shape = CASES[case]
+    L, S = shape[3], shape[4]
+    gqa = shape[1] != shape[2]
+    q, k, v = make_inputs(shape)
+    shift = S - L if alignment == "lower_right" else 0
+    explicit = torch.ones(L, S, dtype=torch.bool).tril(shift)
+    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
+
+    def call(dtype, fast):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        if fast:
+            bias = getattr(attention_bias, f"causal_{alignment}")(L, S)
+            out = fastseq.ops.attention(*leaves, bias, enable_gqa=gqa, backend=backend)
+        else:
+            out = reference.scaled_dot_product_attention(*leaves, explicit, enable_gqa=gqa)
+        return [out] + list(torch.autograd.grad((out * grad_out.to(dtype)).sum(), leaves))
+
+    truth, plain, fast = call(torch.float64, False), call(torch.float32, False), \
+        call(torch.float32, True)
+    for name, f, p, r in zip(["out", "dq", "dk", "dv"], fast, plain, truth):
+        assert_within_rule(f"{alignment} {name}", f, p, r, terms=S)
+    if shift < 0:
+        assert (fast[0][..., : -shift, :] == 0).all()
+
+
+def test_causal_bias_errors_name_the_problem():
+    from torch.nn.attention.bias import causal_lower_right
+
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(fastseq.InputError, match="causal bias for 4 queries"):
+        fastseq.ops.attention(q, q, q, causal_lower_right(4, 5))
+    with pytest.raises(fastseq.InputError, match="leave is_causal False"):
+        fastseq.ops.attention(q, q, q, causal_lower_right(5, 5), is_causal=True)

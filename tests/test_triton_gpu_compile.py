@@ -93,15 +93,16 @@ ATTENTION_KERNELS = {"forward": "attention_forward_kernel",
                      "backward_query": "attention_backward_query_kernel"}
 
 
-def attention_specs(kernel, dtype, head_dim, heavy):
+def attention_specs(kernel, dtype, head_dim, heavy, shifted=False):
     """Every autotuning candidate of an attention kernel for one dtype, head dim and feature
     set, causal, compiled on the longest path of that set: heavy = a float mask tile with its
-    gradient and dropout; light = a key-padding mask (one row of S keys)."""
+    gradient and dropout; light = a key-padding mask (one row of S keys); shifted = the
+    bottom-right causal diagonal (its own compilation)."""
     specs = []
     mask_kind = 2 if heavy else 3
     for config in attention_launch.candidate_configs(kernel, dtype, head_dim, heavy):
         constexprs = dict(config.kwargs, BLOCK_D=head_dim, BLOCK_DV=head_dim, IS_CAUSAL=True,
-                          MASK_KIND=mask_kind, DROPOUT=heavy, PRECISION="ieee", UPCAST=False,
+                          SHIFTED=shifted, MASK_KIND=mask_kind, DROPOUT=heavy, PRECISION="ieee", UPCAST=False,
                           ACC_DTYPE="tl.fp64" if dtype == torch.float64 else "tl.fp32")
         if kernel == "backward_key":
             constexprs["MASK_GRAD"] = heavy
@@ -152,7 +153,8 @@ def rel_attention_specs(kernel, head_dim, heavy):
 # and backward of each mode in bf16 and fp32 (one tile shape at every batch size), and of the
 # LSTM and GRU with zoneout, both directions at once (every mode; the LSTM with zoneout); the
 # layer-normalized LSTM and GRU, forward and backward. Attention: every autotuning candidate of
-# the three kernels in bf16 at head dims 64/128/256, light and heavy, and in fp32 at 64/128.
+# the three kernels in bf16 at head dims 64/128/256, light and heavy, and in fp32 at 64/128;
+# the bottom-right causal compilation (SHIFTED) of the light bf16 ones at 64/128.
 # Relative attention: the candidates checked so far (head dim 64 each kernel; the forward and
 # dK/dV at 128).
 SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.float32)
@@ -172,6 +174,8 @@ SPECS = ([forward_spec(m, d, b) for m in MODES for d in (torch.bfloat16, torch.f
             for spec in attention_specs(k, torch.bfloat16, d, heavy)]
          + [spec for k in ATTENTION_KERNELS for d in (64, 128)
             for spec in attention_specs(k, torch.float32, d, False)]
+         + [spec for k in ATTENTION_KERNELS for d in (64, 128)
+            for spec in attention_specs(k, torch.bfloat16, d, False, shifted=True)]
          + [spec for k, d, heavy in (("forward", 64, False), ("forward", 64, True),
                                      ("forward", 128, False), ("forward", 128, True),
                                      ("backward_key", 64, False), ("backward_key", 64, True),

@@ -17,6 +17,7 @@ import functools
 from typing import Callable, Union
 
 import torch
+from torch.nn.attention.bias import CausalBias
 
 # Policy names (an op, or a recurrent mode) whose torch equivalent autocast leaves alone on CPU.
 _FULL_PRECISION_ON_CPU = frozenset({"gru", "lstm_cell", "gru_cell"})
@@ -36,6 +37,8 @@ def _first_tensor(values):
 
 
 def _cast(value, dtype):
+    if isinstance(value, CausalBias):  # a mask that says where, not a value to cast
+        return value
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() else value
     if isinstance(value, (tuple, list)):

@@ -3,8 +3,11 @@ torch.nn.functional.scaled_dot_product_attention.
 
 Same arguments and semantics (query [..., Hq, L, E], key [..., Hk, S, E], value [..., Hk, S, Ev];
 a bool mask keeps True entries, a float mask is added to the scores; any mask shape that
-broadcasts to [..., Hq, L, S]; causal is torch's top-left alignment; enable_gqa lets Hq be a
-multiple of Hk), with deliberate differences:
+broadcasts to [..., Hq, L, S]; causal is torch's top-left alignment; attn_mask may be one of
+torch.nn.attention.bias's causal masks, causal_upper_left(L, S) or causal_lower_right(L, S),
+the latter (query i sees keys j <= i + S - L: the new rows of a decode step against a cache)
+run by the same fused kernel with its diagonal shifted, never materialized; enable_gqa lets Hq
+be a multiple of Hk), with deliberate differences:
   * a query row with no visible key gives zeros, and zero gradients (torch gives NaN);
   * is_causal and attn_mask may be given together (both apply; torch refuses the pair);
   * return_lse=True also returns the log-sum-exp of each row's scaled, masked scores
@@ -23,6 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from torch.nn.attention.bias import CausalBias, CausalVariant
+
 from .. import backend as _backends
 from ..reference import attention as _reference
 from . import attention_ops as _registered_ops  # noqa: F401  (registers the ops)
@@ -40,6 +45,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
               backend: Optional[str] = None):
     """softmax(query key^T * scale + mask) value, with dropout on the probabilities.
     Returns out [..., Hq, L, Ev], or (out, lse) with return_lse."""
+    attn_mask, is_causal, causal_shift = _causal_bias(attn_mask, is_causal, query, key)
     heads_q, heads_k = _validate(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     device = query.device
@@ -55,17 +61,36 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
         # Empty shapes have nothing to launch; the reference gives the same (empty or zero) answer.
         return _reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-            return_lse=return_lse)
+            return_lse=return_lse, causal_shift=causal_shift)
     if chosen == "torch":
+        if causal_shift:  # torch's own kernels take the lower-right mask materialized
+            attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool,
+                                   device=device).tril(causal_shift)
+            is_causal = False
         return _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                 enable_gqa)
-    out, lse = _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                 heads_q, heads_k)
+    out, lse = _triton_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                 causal_shift, scale, heads_q, heads_k)
     return (out, lse) if return_lse else out
 
 
-def _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, heads_q,
-                      heads_k):
+def _causal_bias(attn_mask, is_causal, query, key):
+    """(attn_mask, is_causal, causal_shift) with a torch.nn.attention.bias CausalBias mask
+    turned into the kernels' causal rule: query i sees keys j <= i + causal_shift."""
+    if not isinstance(attn_mask, CausalBias):
+        return attn_mask, is_causal, 0
+    L, S = query.shape[-2], key.shape[-2]
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
+        fail(OP, f"attn_mask is a causal bias for {attn_mask.seq_len_q} queries and "
+                 f"{attn_mask.seq_len_kv} keys, but query has {L} and key {S}")
+    if is_causal:  # torch refuses the pair too
+        fail(OP, "attn_mask is a CausalBias: leave is_causal False (the bias sets the alignment)")
+    lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT
+    return None, True, (S - L if lower_right else 0)
+
+
+def _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, causal_shift, scale,
+                      heads_q, heads_k):
     L, E = query.shape[-2:]
     S, EV = value.shape[-2:]
     q = query.reshape(-1, heads_q, L, E)
@@ -80,7 +105,8 @@ def _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
     if dropout_p > 0.0:
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=query.device)
     out, lse = torch.ops.fastseq.attention_forward_triton(q, k, v, mask, seed, float(dropout_p),
-                                                          bool(is_causal), scale)
+                                                          bool(is_causal), int(causal_shift),
+                                                          scale)
     return out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1])
 
 

@@ -16,16 +16,18 @@ import torch
 from torch import Tensor
 
 
-def visible_and_bias(scores: Tensor, attn_mask: Optional[Tensor], is_causal: bool):
+def visible_and_bias(scores: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                     causal_shift: int = 0):
     """(visible, additive bias) for scores [..., L, S]: which entries take part, and what to add.
 
-    Bool masks: True takes part. Float masks are added (-inf hides an entry). Causal alignment is
-    torch's top-left one: query i sees keys j <= i, also when L != S.
+    Bool masks: True takes part. Float masks are added (-inf hides an entry). Causal: query i
+    sees keys j <= i + causal_shift; 0 is torch's top-left alignment (also when L != S), S - L
+    the bottom-right one (torch.nn.attention.bias.causal_lower_right).
     """
     L, S = scores.shape[-2:]
     visible = torch.ones(L, S, dtype=torch.bool, device=scores.device)
     if is_causal:
-        visible = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
+        visible = visible.tril(causal_shift)
     bias = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -62,11 +64,13 @@ def scaled_dot_product_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
     enable_gqa: bool = False, *, return_lse: bool = False, dropout_mask: Optional[Tensor] = None,
+    causal_shift: int = 0,
 ):
     """query [..., Hq, L, E], key [..., Hk, S, E], value [..., Hk, S, Ev] -> [..., Hq, L, Ev].
 
     With enable_gqa, Hq must be a multiple of Hk and each key/value head serves Hq/Hk
-    consecutive query heads (torch's repeat_interleave convention).
+    consecutive query heads (torch's repeat_interleave convention). causal_shift: see
+    visible_and_bias.
     """
     if enable_gqa and query.dim() >= 3 and query.shape[-3] != key.shape[-3]:
         groups = query.shape[-3] // key.shape[-3]
@@ -74,7 +78,7 @@ def scaled_dot_product_attention(
         value = value.repeat_interleave(groups, dim=-3)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = (query @ key.transpose(-2, -1)) * scale
-    visible, bias = visible_and_bias(scores, attn_mask, is_causal)
+    visible, bias = visible_and_bias(scores, attn_mask, is_causal, causal_shift)
     if bias is not None:
         scores = scores + bias
     probs, lse = masked_softmax(scores, visible)
