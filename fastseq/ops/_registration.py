@@ -55,13 +55,31 @@ def _refuse_double_backward(backward_name: str) -> Callable:
     return backward
 
 
+def _vmap_by_slices(op_name: str) -> Callable:
+    """A batching rule for torch.func.vmap (and jacrev/jacfwd/vectorized jacobians over it):
+    the op once per slice of the vmapped dims, outputs stacked on dim 0. Correct for every
+    fastseq op whatever is batched (inputs, states, weights, masks); it costs one launch per
+    slice, as the unvectorized jacobian would. (Folding the vmapped dim into an op's own batch
+    dim would be one launch, but only when the weights are not batched.)"""
+    op = getattr(torch.ops.fastseq, op_name.split("::")[1])
+
+    def rule(info, in_dims, *args):
+        results = [op(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)])
+                   for i in range(info.batch_size)]
+        if isinstance(results[0], (tuple, list)):
+            stacked = tuple(torch.stack([r[j] for r in results]) for j in range(len(results[0])))
+            return stacked, (0,) * len(stacked)
+        return torch.stack(results), 0
+    return rule
+
+
 def register_fakes_and_autograd(forward_name: str, backward_name: str, *,
                                 forward_fake: Callable, backward_fake: Callable,
                                 setup_context: Callable,
                                 make_backward: Callable[[Callable], Callable]) -> None:
     """Register both ops' fakes, and autograd on `forward_name` whose backward calls the op
     `backward_name` (make_backward(backward_op) builds the autograd formula); the backward op's
-    own autograd refuses double backward by name."""
+    own autograd refuses double backward by name; both ops get a vmap batching rule."""
     torch.library.register_fake(forward_name)(forward_fake)
     torch.library.register_fake(backward_name)(backward_fake)
     backward_op = getattr(torch.ops.fastseq, backward_name.split("::")[1])
@@ -69,3 +87,5 @@ def register_fakes_and_autograd(forward_name: str, backward_name: str, *,
                                     setup_context=setup_context)
     torch.library.register_autograd(backward_name, _refuse_double_backward(backward_name),
                                     setup_context=lambda ctx, inputs, output: None)
+    for name in (forward_name, backward_name):
+        torch.library.register_vmap(name, _vmap_by_slices(name))

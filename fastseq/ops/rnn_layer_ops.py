@@ -140,10 +140,13 @@ def _autograd_backward(backward_op):
             if stacked:
                 h_prev = torch.stack([previous_states(y[d], h0[d], lengths, ctx.reverse != (d == 1))
                                       for d in range(y.shape[0])])
-                d_w_hh = dgh.flatten(1, 2).transpose(1, 2) @ h_prev.flatten(1, 2)
+                d_w_hh = (dgh.reshape(2, -1, dgh.shape[-1]).transpose(1, 2)
+                          @ h_prev.reshape(2, -1, h_prev.shape[-1]))
             else:
                 h_prev = previous_states(y, h0, lengths, ctx.reverse)
-                d_w_hh = dgh.flatten(0, 1).t() @ h_prev.flatten(0, 1)
+                # reshape, not flatten: torch.autograd.functional.jacobian(vectorize=True)'s
+                # vmap has no batching rule for flatten.
+                d_w_hh = dgh.reshape(-1, dgh.shape[-1]).t() @ h_prev.reshape(-1, h_prev.shape[-1])
         if need[5]:
             d_b_hh = dgh.sum((-3, -2))
         return (None, dgx if need[1] else None, dh0 if need[2] else None,
