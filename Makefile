@@ -46,7 +46,7 @@ install: $(VENV)/.deps-installed
 	$(PY) -c "import fastseq, json; print(json.dumps(fastseq.backends(), indent=1))"
 
 test: install
-	$(VENV)/bin/pytest tests -q
+	$(VENV)/bin/pytest tests -q --durations=15
 
 $(MIN_VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(MIN_PY) || $(MIN_PYTHON) -m venv $(MIN_VENV)
@@ -58,8 +58,11 @@ install-min-stack: $(MIN_VENV)/.deps-installed
 	$(MIN_PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(MIN_PY) -c "import fastseq, json; print(json.dumps(fastseq.backends(), indent=1))"
 
+# Triton 3.6's interpreter warns at every tensor index under numpy 2.3 (~70,000 warnings a run,
+# each recorded by pytest): ignored here by its text.
 test-min-stack: install-min-stack
-	PYTHON=$(abspath $(MIN_PY)) $(MIN_VENV)/bin/pytest $(MIN_STACK_TESTS) -q
+	PYTHON=$(abspath $(MIN_PY)) $(MIN_VENV)/bin/pytest $(MIN_STACK_TESTS) -q --durations=15 \
+		-W "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"
 
 # The kernel benchmarks: the device's default cases (on a CPU the CPU suite); results in
 # bench/out (bench.json, table.md, PNG plots). BENCH_ARGS passes options, e.g. --quick.

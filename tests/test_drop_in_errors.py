@@ -67,17 +67,9 @@ def assert_same_kind(torch_call, fast_call):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(RNN_CASES))
-def test_recurrent_layers_raise_torchs_types(case, backend):
-    kind, call = RNN_CASES[case]
-    assert_same_kind(lambda: call(getattr(torch.nn, kind)(4, 5)),
-                     lambda: call(getattr(fastseq.nn, kind)(4, 5, backend=backend)))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(CELL_CASES))
-def test_cells_raise_torchs_types(case, backend):
-    kind, call = CELL_CASES[case]
+@pytest.mark.parametrize("case", list(RNN_CASES) + [f"cell {c}" for c in CELL_CASES])
+def test_recurrent_layers_and_cells_raise_torchs_types(case, backend):
+    kind, call = CELL_CASES[case[5:]] if case.startswith("cell ") else RNN_CASES[case]
     assert_same_kind(lambda: call(getattr(torch.nn, kind)(4, 5)),
                      lambda: call(getattr(fastseq.nn, kind)(4, 5, backend=backend)))
 
