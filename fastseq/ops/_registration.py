@@ -56,7 +56,7 @@ def _refuse_double_backward(backward_name: str) -> Callable:
 
 
 def _vmap_by_slices(op_name: str) -> Callable:
-    """A batching rule for torch.func.vmap (and jacrev/jacfwd/vectorized jacobians over it):
+    """A batching rule for torch.func.vmap (and torch.autograd.functional's vectorized jacobians):
     the op once per slice of the vmapped dims, outputs stacked on dim 0. Correct for every
     fastseq op whatever is batched (inputs, states, weights, masks); it costs one launch per
     slice, as the unvectorized jacobian would. (Folding the vmapped dim into an op's own batch

@@ -25,7 +25,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from .. import backend as _backends
