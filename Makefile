@@ -23,12 +23,15 @@ MIN_PY := $(MIN_VENV)/bin/python
 MIN_STACK := torch==2.11.0 triton==3.6.0
 MIN_DEV_DEPS := "numpy<2.4" pytest pytest-benchmark hypothesis "cmake>=3.26" ninja setuptools wheel
 # What the second leg runs: the sm_90 AOT compile test, the op and layer tests of every family
-# (Triton through the interpreter), compile/export, and the GPU script's dry run.
+# (Triton through the interpreter), compile/export, the GPU script's dry run, and the tests of
+# the torch APIs fastseq hooks into (double backward, vmap, error types, weights_only loads).
 MIN_STACK_TESTS := tests/test_triton_gpu_compile.py tests/test_rnn_cell_ops.py \
 	tests/test_rnn_layer_ops.py tests/test_rnn_bidirectional.py tests/test_layer_norm_rnn.py \
 	tests/test_attention.py tests/test_rel_attention.py tests/test_rnn_cell_nn.py \
 	tests/test_rnn_nn.py tests/test_attention_nn.py tests/test_transformer_xl.py \
-	tests/test_compile_models.py tests/test_export.py tests/test_gpu_run_script.py
+	tests/test_compile_models.py tests/test_export.py tests/test_gpu_run_script.py \
+	tests/test_double_backward.py tests/test_vmap.py tests/test_drop_in_errors.py \
+	tests/test_serialization.py
 
 .PHONY: test test-min-stack bench install install-min-stack clean
 

@@ -58,7 +58,8 @@ def query_block_key_range(start_m, S, causal_shift, BLOCK_M: tl.constexpr,
     at 0 (a negative shift leaves the first rows nothing to see)."""
     if IS_CAUSAL:
         free = tl.maximum(tl.minimum(start_m + 1 + causal_shift, S), 0)
-        return free // BLOCK_N * BLOCK_N, tl.maximum(tl.minimum(S, start_m + BLOCK_M + causal_shift), 0)
+        end = tl.maximum(tl.minimum(S, start_m + BLOCK_M + causal_shift), 0)
+        return free // BLOCK_N * BLOCK_N, end
     return S // BLOCK_N * BLOCK_N, S
 
 
