@@ -50,12 +50,14 @@ def outputs_and_grads(call, leaves64, dtype, backend, grad_outputs):
     return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
 
 
-def check(out, family, case, backend, dtype, call, leaves64, names, terms, env=None):
-    """One case: fastseq's `backend` against plain PyTorch in `dtype` and float64 truth."""
+def check(out, family, case, backend, dtype, call, leaves64, names, terms, env=None, label=None):
+    """One case: fastseq's `backend` against plain PyTorch in `dtype` and float64 truth, with
+    `env` set while it runs; `label` names the backend in the report (default: backend)."""
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     began = time.perf_counter()
-    row = {"family": family, "case": case, "backend": backend, "dtype": str(dtype).split(".")[1]}
+    row = {"family": family, "case": case, "backend": label or backend,
+           "dtype": str(dtype).split(".")[1]}
     try:
         truth_outs = call("reference", [t.detach() for t in leaves64])
         grad_outputs = [rand(*o.shape) for o in truth_outs]
@@ -81,20 +83,26 @@ def check(out, family, case, backend, dtype, call, leaves64, names, terms, env=N
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     out.write(json.dumps(dict(row, quantity="*")) + "\n")
     out.flush()
-    print(("ok    " if row["ok"] else "FAIL  ") + f"{family} {case} {backend} {row['dtype']}"
+    print(("ok    " if row["ok"] else "FAIL  ") + f"{family} {case} {row['backend']} {row['dtype']}"
           + ("" if row["ok"] else f"  {row.get('error', 'outside the rule')}"), flush=True)
     return row["ok"]
+
+
+def recurrent_leaves(mode, x_shape, B, H):
+    """(x, h0, w_ih, w_hh, b_ih, b_hh[, c0]) in float64, weights at torch's init scale."""
+    g, I = GATES[mode], x_shape[-1]
+    return [rand(*x_shape), rand(B, H), rand(g * H, I, scale=H ** -0.5),
+            rand(g * H, H, scale=H ** -0.5), rand(g * H), rand(g * H)] + \
+        ([rand(B, H)] if mode == "lstm" else [])
 
 
 def cell_cases(out):
     _, B, I, H = CELL
     ok = True
-    for mode, g in GATES.items():
+    for mode in GATES:
         lstm = mode == "lstm"
         op = getattr(fastseq.ops, f"{mode}_cell")
-        leaves = [rand(B, I), rand(B, H), rand(g * H, I, scale=H ** -0.5),
-                  rand(g * H, H, scale=H ** -0.5), rand(g * H), rand(g * H)] + \
-            ([rand(B, H)] if lstm else [])
+        leaves = recurrent_leaves(mode, (B, I), B, H)
 
         def call(backend, t, op=op, lstm=lstm):
             hx = (t[1], t[6]) if lstm else t[1]
@@ -113,11 +121,9 @@ def layer_cases(out):
     T, B, I, H = RECURRENT
     ok = True
     lengths = [T - (b * 3) % T for b in range(B)]
-    for mode, g in GATES.items():
+    for mode in GATES:
         lstm = mode == "lstm"
-        leaves = [rand(T, B, I), rand(B, H), rand(g * H, I, scale=H ** -0.5),
-                  rand(g * H, H, scale=H ** -0.5), rand(g * H), rand(g * H)] + \
-            ([rand(B, H)] if lstm else [])
+        leaves = recurrent_leaves(mode, (T, B, I), B, H)
 
         def call(backend, t, mode=mode, lstm=lstm):
             hx = (t[1], t[6]) if lstm else t[1]
@@ -126,15 +132,12 @@ def layer_cases(out):
             return [y] + (list(h_n) if lstm else [h_n])
         names = (["y", "h_n", "c_n"] if lstm else ["y", "h_n"]) + \
             ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"] + (["dc0"] if lstm else [])
-        for backend, persistent in (("triton", None), ("native", "1"), ("native", "0")):
-            label = backend if persistent is None else \
-                f"native-{'persistent' if persistent == '1' else 'loop'}"
+        for backend, label, env in (("triton", None, None),
+                                    ("native", "native-persistent", {"FASTSEQ_PERSISTENT": "1"}),
+                                    ("native", "native-loop", {"FASTSEQ_PERSISTENT": "0"})):
             for dtype in DTYPES:
-                ok &= check(out, "rnn_layer", f"{mode} T={T} B={B} I={I} H={H} lengths", label,
-                            dtype, lambda b, t, call=call, backend=backend: call(
-                                "reference" if b == "reference" else backend, t),
-                            leaves, names, T * B,
-                            env=None if persistent is None else {"FASTSEQ_PERSISTENT": persistent})
+                ok &= check(out, "rnn_layer", f"{mode} T={T} B={B} I={I} H={H} lengths", backend,
+                            dtype, call, leaves, names, T * B, env=env, label=label)
     return ok
 
 
@@ -143,10 +146,9 @@ def layer_norm_cases(out):
     ok = True
     for mode, g in GATES.items():
         lstm = mode == "lstm"
-        leaves = [rand(T, B, I), rand(B, H), rand(g * H, I, scale=H ** -0.5),
-                  rand(g * H, H, scale=H ** -0.5), rand(g * H), rand(g * H),
-                  1 + rand(g * H, scale=0.3), 1 + rand(g * H, scale=0.3)] + \
-            ([rand(B, H), 1 + rand(H, scale=0.3), rand(H, scale=0.3)] if lstm else [])
+        plain = recurrent_leaves(mode, (T, B, I), B, H)  # the gains go after the biases
+        leaves = plain[:6] + [1 + rand(g * H, scale=0.3), 1 + rand(g * H, scale=0.3)] + \
+            plain[6:] + ([1 + rand(H, scale=0.3), rand(H, scale=0.3)] if lstm else [])
 
         def call(backend, t, mode=mode, lstm=lstm):
             hx = (t[1], t[8]) if lstm else t[1]

@@ -34,6 +34,6 @@ from .ops._registration import DoubleBackwardError
 from .patching import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["backends", "use_backend", "BackendError", "InputError", "DoubleBackwardError", "ops", "nn", "reference",
-           "build_info", "patch", "unpatch", "PatchReport"]
+__all__ = ["backends", "use_backend", "BackendError", "InputError", "DoubleBackwardError", "ops",
+           "nn", "reference", "build_info", "patch", "unpatch", "PatchReport"]
 build_info = _extension.build_info
