@@ -30,10 +30,12 @@ from . import _extension
 from .backend import BackendError, backends, use_backend
 from . import ops, nn, reference  # noqa: E402
 from .ops._checks import InputError
+from .nn.scripting import TorchScriptError
 from .ops._registration import DoubleBackwardError
 from .patching import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["backends", "use_backend", "BackendError", "InputError", "DoubleBackwardError", "ops",
-           "nn", "reference", "build_info", "patch", "unpatch", "PatchReport"]
+__all__ = ["backends", "use_backend", "BackendError", "InputError", "DoubleBackwardError",
+           "TorchScriptError", "ops", "nn", "reference", "build_info", "patch", "unpatch",
+           "PatchReport"]
 build_info = _extension.build_info

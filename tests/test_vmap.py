@@ -71,3 +71,79 @@ def test_vectorized_jacobian_equals_the_reference(family, backend):
     jacobian = torch.autograd.functional.jacobian
     got = jacobian(lambda t: call(backend, t), x, vectorize=True)
     torch.testing.assert_close(got, jacobian(lambda t: call("reference", t), x))
+
+
+# torch.func's own transforms through the fused ops: the public ops call them through an
+# autograd.Function with setup_context (torch's custom-op autograd alone was refused with
+# "must override the setup_context staticmethod").
+
+@pytest.mark.parametrize("family,backend", cases())
+def test_jacrev_equals_the_reference(family, backend):
+    call, x, _ = families()[family]
+    got = torch.func.jacrev(lambda t: call(backend, t))(x)
+    torch.testing.assert_close(got, torch.func.jacrev(lambda t: call("reference", t))(x))
+
+
+@pytest.mark.parametrize("family,backend", cases())
+def test_func_grad_and_vjp_equal_the_reference(family, backend):
+    call, x, _ = families()[family]
+    weights = torch.linspace(-1, 1, call("reference", x).numel(), dtype=x.dtype)
+
+    def loss(b):
+        return lambda t: (call(b, t).flatten() * weights).sum()
+    torch.testing.assert_close(torch.func.grad(loss(backend))(x),
+                               torch.func.grad(loss("reference"))(x))
+    out, pullback = torch.func.vjp(lambda t: call(backend, t), x)
+    torch.testing.assert_close(pullback(torch.ones_like(out))[0],
+                               torch.func.vjp(lambda t: call("reference", t), x)[1](
+                                   torch.ones_like(out))[0])
+
+
+LAYERS = {
+    "LSTM": lambda b: fastseq.nn.LSTM(3, 4, num_layers=2, bidirectional=True, backend=b),
+    "GRUCell": lambda b: fastseq.nn.GRUCell(3, 4, backend=b),
+    "MultiheadAttention": lambda b: fastseq.nn.MultiheadAttention(8, 2, batch_first=True,
+                                                                  backend=b),
+}
+
+
+def layer_input(name):
+    return {"LSTM": rand(4, 2, 3), "GRUCell": rand(2, 3),
+            "MultiheadAttention": rand(2, 5, 8)}[name]
+
+
+def run_layer(layer, name, params, x):
+    args = (x, x, x) if name == "MultiheadAttention" else (x,)
+    out = torch.func.functional_call(layer, params, args)
+    return (out[0] if isinstance(out, tuple) else out).pow(2).sum()
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.parametrize("backend", [b for b in ("triton", "native") if b in BACKENDS])
+def test_func_grad_over_a_layers_parameters(name, backend):
+    """Meta-learning's use: torch.func.grad over functional_call's parameter dict."""
+    torch.manual_seed(0)
+    layer = LAYERS[name](backend).double()
+    if name == "MultiheadAttention" and backend == "native":
+        pytest.skip("attention has no native backend")
+    reference = LAYERS[name]("reference").double()
+    reference.load_state_dict(layer.state_dict())
+    x = layer_input(name)
+    params = {k: p.detach() for k, p in layer.named_parameters()}
+    got = torch.func.grad(lambda p: run_layer(layer, name, p, x))(params)
+    want = torch.func.grad(lambda p: run_layer(reference, name, p, x))(params)
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], msg=key)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("triton", "native") if b in BACKENDS])
+def test_func_grad_of_grad_refuses_by_name(backend):
+    """Second derivatives through a fused kernel raise fastseq's error under torch.func too."""
+    w = [rand(12, 3), rand(12, 4), rand(12), rand(12)]
+
+    def first(x):
+        return torch.func.grad(lambda t: fastseq.ops.gru_cell(t, None, *w, backend=backend)
+                               .pow(2).sum())(x).sum()
+    with pytest.raises(fastseq.DoubleBackwardError, match="double backward"):
+        torch.func.grad(first)(rand(2, 3))

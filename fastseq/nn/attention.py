@@ -8,7 +8,11 @@ and forward arguments and outputs, batch_first either way, unbatched inputs. Dif
     probabilities must exist to be returned); pass need_weights=False, as torch's Transformer
     layers do, for the fused kernel;
   * is_causal=True is taken at its word, as torch's hint asks: the kernel applies the causal
-    rule itself (skipping hidden blocks) and attn_mask, if given, is not read.
+    rule itself (skipping hidden blocks) and attn_mask, if given, is not read;
+  * attn_mask may be a torch.nn.attention.bias CausalBias (causal_upper_left or
+    causal_lower_right, for L queries and S keys): the kernel applies that alignment itself
+    (lower-right: query i sees keys j <= i + S - L, a decode step's rule against a cache).
+    torch's module refuses these biases (it reads them as a 3-D mask of the wrong shape).
 Heads are views of the projections ([N, L, H, D] seen as [N, H, L, D]): no copies before the
 kernel, which reads any strides.
 """
@@ -20,10 +24,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from .. import ops
 from ..ops._checks import InputError, check_features, check_like_parameters
 from ..reference import attention as _reference
+from .scripting import RefusesTorchScript
 
 OP = "fastseq.nn.MultiheadAttention"
 
@@ -35,7 +41,7 @@ class AttentionInputError(InputError, AssertionError):
     written against torch's module catch it where they caught torch's."""
 
 
-class MultiheadAttention(torch.nn.MultiheadAttention):
+class MultiheadAttention(RefusesTorchScript, torch.nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
@@ -85,6 +91,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         for name, t in (("query", query), ("key", key), ("value", value)):
             check_like_parameters(OP, name, t, weight, AttentionInputError)
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if isinstance(mask, CausalBias):
+                seq_dim = 1 if query.dim() == 3 and self.batch_first else 0
+                L, S = query.shape[seq_dim], key.shape[seq_dim]
+                if name != "attn_mask" or (mask.seq_len_q, mask.seq_len_kv) != (L, S):
+                    raise AttentionInputError(
+                        f"{OP}: a CausalBias is taken as attn_mask for the query's {L} rows "
+                        f"and the key's {S}; got one for {mask.seq_len_q} and "
+                        f"{mask.seq_len_kv} as {name}")
+                continue
             if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
                 raise AttentionInputError(
                     f"{OP}: {name} must be bool (True hides) or floating "
@@ -106,6 +121,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             v = torch.cat([v, v.new_zeros(N, heads, 1, head_dim)], 2)
         S = k.shape[2]
         extra = S - key.shape[1]  # bias_k and the zero key: visible to every query
+        if isinstance(attn_mask, CausalBias):
+            if not need_weights and key_padding_mask is None and not extra:
+                # The kernel's own causal rule, at the bias's alignment: nothing materialized.
+                dropout_p = self.dropout if self.training else 0.0
+                out = ops.attention(q, k, v, attn_mask, dropout_p)
+                return self._out_projection(out), None
+            attn_mask, is_causal = _hidden_by(attn_mask, query.device), False
         causal = is_causal and not need_weights
         mask = self._merged_mask(None if causal else attn_mask, key_padding_mask, N, L, S,
                                  extra, query)
@@ -115,9 +137,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             weights = weights.mean(1) if average_attn_weights else weights
         else:
             out, weights = ops.attention(q, k, v, mask, dropout_p, causal), None
-        out = F.linear(out.transpose(1, 2).reshape(N, L, E), self.out_proj.weight,
-                       self.out_proj.bias)
-        return out, weights
+        return self._out_projection(out), weights
+
+    def _out_projection(self, out: Tensor) -> Tensor:
+        """Heads [N, H, L, D] joined to [N, L, E] and projected."""
+        N, _, L, _ = out.shape
+        return F.linear(out.transpose(1, 2).reshape(N, L, self.embed_dim), self.out_proj.weight,
+                        self.out_proj.bias)
 
     def _project(self, query, key, value):
         E = self.embed_dim
@@ -161,6 +187,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return F.pad(merged, (0, extra), value=True) if extra else merged
         merged = sum(_additive(m, query.dtype) for m in masks)
         return F.pad(merged, (0, extra), value=0.0) if extra else merged
+
+
+def _hidden_by(bias: CausalBias, device: torch.device) -> Tensor:
+    """A CausalBias as torch's bool attn_mask [L, S] (True = hidden), for the paths that merge
+    masks or return the weights."""
+    L, S = bias.seq_len_q, bias.seq_len_kv
+    shift = S - L if bias.variant == CausalVariant.LOWER_RIGHT else 0
+    return ~torch.ones(L, S, dtype=torch.bool, device=device).tril(shift)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:

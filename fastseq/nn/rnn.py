@@ -33,13 +33,14 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .. import backend as _backends
 from .. import ops
 from ..ops._checks import InputError, check_features, check_like_parameters, checked_lengths
+from .scripting import RefusesTorchScript
 
 _MODULE_NAMES = {"LSTM": "fastseq.nn.LSTM", "GRU": "fastseq.nn.GRU", "RNN_TANH": "fastseq.nn.RNN",
                  "RNN_RELU": "fastseq.nn.RNN"}
 _OP_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
-class _FastRNNBase(torch.nn.RNNBase):
+class _FastRNNBase(RefusesTorchScript, torch.nn.RNNBase):
     """torch.nn.RNNBase with fastseq's forward; `self.backend` pins a backend."""
 
     _torch_class: type  # the torch module this one replaces, whose forward `auto` runs

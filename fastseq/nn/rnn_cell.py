@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import ops
 from ..ops._checks import InputError, check_features, check_like_parameters
+from .scripting import RefusesTorchScript
 
 
 def _check_input(cell: torch.nn.RNNCellBase, input) -> None:
@@ -28,7 +29,7 @@ def _check_input(cell: torch.nn.RNNCellBase, input) -> None:
     check_like_parameters(name, "input", input, cell.weight_ih)
 
 
-class LSTMCell(torch.nn.LSTMCell):
+class LSTMCell(RefusesTorchScript, torch.nn.LSTMCell):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, backend: Optional[str] = None) -> None:
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
@@ -40,7 +41,7 @@ class LSTMCell(torch.nn.LSTMCell):
                              self.bias_hh, backend=self.backend)
 
 
-class GRUCell(torch.nn.GRUCell):
+class GRUCell(RefusesTorchScript, torch.nn.GRUCell):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, backend: Optional[str] = None) -> None:
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
@@ -52,7 +53,7 @@ class GRUCell(torch.nn.GRUCell):
                             self.bias_hh, backend=self.backend)
 
 
-class RNNCell(torch.nn.RNNCell):
+class RNNCell(RefusesTorchScript, torch.nn.RNNCell):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: str = "tanh", device=None, dtype=None, *,
                  backend: Optional[str] = None) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .attention import MultiheadAttention
+from .scripting import RefusesTorchScript
 
 
 def _use_fastseq_attention(*modules: torch.nn.MultiheadAttention) -> None:
@@ -26,7 +27,7 @@ def _use_fastseq_attention(*modules: torch.nn.MultiheadAttention) -> None:
         module.__class__ = MultiheadAttention
 
 
-class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+class TransformerEncoderLayer(RefusesTorchScript, torch.nn.TransformerEncoderLayer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         _use_fastseq_attention(self.self_attn)
@@ -41,7 +42,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         return self.norm2(x + self._ff_block(x))
 
 
-class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
+class TransformerDecoderLayer(RefusesTorchScript, torch.nn.TransformerDecoderLayer):
     """torch's forward (self-attention, cross-attention over `memory`, feed-forward) runs as is:
     it has no fast path, and both attentions are fastseq's."""
 

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 
 from ..ops._checks import InputError, check_like_parameters
 from ..ops.rel_attention import rel_attention
+from .scripting import RefusesTorchScript
 
 
-class RelPartialLearnableMultiHeadAttn(nn.Module):
+class RelPartialLearnableMultiHeadAttn(RefusesTorchScript, nn.Module):
     """Relative multi-head attention with the learnable biases u (r_w_bias) and v (r_r_bias).
 
     forward(w [qlen, B, d_model], r [rlen, (1,) d_model], r_w_bias, r_r_bias [n_head, d_head],
@@ -154,7 +155,7 @@ class PositionwiseFF(nn.Module):
         return self.layer_norm(inp + self.CoreNet(inp))
 
 
-class TransformerXLLayer(nn.Module):
+class TransformerXLLayer(RefusesTorchScript, nn.Module):
     """The original's RelPartialLearnableDecoderLayer: dec_attn then pos_ff."""
 
     def __init__(self, n_head: int, d_model: int, d_head: int, d_inner: int, dropout: float,
@@ -191,7 +192,7 @@ class PositionalEmbedding(nn.Module):
         return torch.cat([sinusoid.sin(), sinusoid.cos()], dim=-1)
 
 
-class TransformerXL(nn.Module):
+class TransformerXL(RefusesTorchScript, nn.Module):
     """Token embedding, sinusoidal relative positions, n_layer TransformerXLLayers, and a
     memory of earlier segments.
 

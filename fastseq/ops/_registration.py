@@ -73,19 +73,81 @@ def _vmap_by_slices(op_name: str) -> Callable:
     return rule
 
 
+def _op(name: str):
+    return getattr(torch.ops.fastseq, name.split("::")[1])
+
+
+def _function_class(class_name: str, op: Callable, setup_context: Callable,
+                    backward: Callable) -> type:
+    """A torch.autograd.Function (the form torch.func accepts: forward without ctx, a
+    setup_context, a vmap rule) running `op`. generate_vmap_rule vmaps forward and backward
+    through the ops' own batching rules. A class statement, not type(): Dynamo reads the
+    methods' source to trace them."""
+    class FusedFunction(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):
+            return op(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            return setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    FusedFunction.__name__ = FusedFunction.__qualname__ = class_name
+    return FusedFunction
+
+
+# forward op name -> the autograd.Function the public ops call it through.
+_FUNCTIONS: dict[str, type] = {}
+
+
+def fused(forward_name: str) -> Callable:
+    """The registered forward op `forward_name` as the public ops call it: through an
+    autograd.Function of fastseq's own. torch's custom-op autograd (register_autograd below,
+    which serves direct torch.ops.fastseq calls and opcheck) is an old-style Function that
+    torch.func refuses ("must override the setup_context staticmethod"), so grad, vjp, jacrev
+    and functional_call through a fused op need this one. Same formulas, same saved tensors.
+    Under torch.compile the op itself is called: Dynamo traces custom ops with their registered
+    autograd, while tracing this Function failed inside Dynamo (torch 2.14: "'AutogradFunction
+    ContextVariable' object has no attribute 'proxy'" on the attention op with dropout)."""
+    if torch.compiler.is_compiling():
+        return _op(forward_name)
+    return _FUNCTIONS[forward_name].apply
+
+
 def register_fakes_and_autograd(forward_name: str, backward_name: str, *,
                                 forward_fake: Callable, backward_fake: Callable,
                                 setup_context: Callable,
                                 make_backward: Callable[[Callable], Callable]) -> None:
     """Register both ops' fakes, and autograd on `forward_name` whose backward calls the op
     `backward_name` (make_backward(backward_op) builds the autograd formula); the backward op's
-    own autograd refuses double backward by name; both ops get a vmap batching rule."""
+    own autograd refuses double backward by name; both ops get a vmap batching rule. The same
+    formulas also make the autograd.Function that fused(forward_name) returns."""
     torch.library.register_fake(forward_name)(forward_fake)
     torch.library.register_fake(backward_name)(backward_fake)
-    backward_op = getattr(torch.ops.fastseq, backward_name.split("::")[1])
+    backward_op = _op(backward_name)
+    refuse = _refuse_double_backward(backward_name)
+    no_context = lambda ctx, inputs, output: None  # noqa: E731
     torch.library.register_autograd(forward_name, make_backward(backward_op),
                                     setup_context=setup_context)
-    torch.library.register_autograd(backward_name, _refuse_double_backward(backward_name),
-                                    setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_autograd(backward_name, refuse, setup_context=no_context)
     for name in (forward_name, backward_name):
         torch.library.register_vmap(name, _vmap_by_slices(name))
+
+    short = forward_name.split("::")[1]
+    backward_function = _function_class(f"{short}_backward_function", backward_op, no_context,
+                                        refuse)
+    def call_backward(*args):
+        # Compiled autograd (which traces backwards with Dynamo) cannot trace one Function's
+        # apply inside another's backward: the op itself, whose registered autograd refuses a
+        # second derivative alike.
+        if torch.compiler.is_compiling():
+            return backward_op(*args)
+        return backward_function.apply(*args)
+    _FUNCTIONS[forward_name] = _function_class(
+        f"{short}_function", _op(forward_name), setup_context, make_backward(call_backward))

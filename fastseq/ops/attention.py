@@ -31,6 +31,7 @@ from .. import backend as _backends
 from ..reference import attention as _reference
 from . import attention_ops as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op
+from ._registration import fused
 from ._checks import check_mask, check_same_dtype_device, check_tensor, fail
 
 OP = "fastseq.ops.attention"
@@ -103,9 +104,8 @@ def _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, causal
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=query.device)
-    out, lse = torch.ops.fastseq.attention_forward_triton(q, k, v, mask, seed, float(dropout_p),
-                                                          bool(is_causal), int(causal_shift),
-                                                          scale)
+    out, lse = fused("fastseq::attention_forward_triton")(
+        q, k, v, mask, seed, float(dropout_p), bool(is_causal), int(causal_shift), scale)
     return out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1])
 
 

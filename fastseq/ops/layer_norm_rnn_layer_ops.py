@@ -95,42 +95,49 @@ def _setup_context(ctx, inputs, output) -> None:
                           workspace, stats)
 
 
-def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace, _grad_stats):
-    h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, lengths, y, workspace, stats = ctx.saved_tensors
-    mode = ctx.mode
-    lstm = mode == "lstm"
-    grad_y = grad_y if grad_y is not None else torch.zeros_like(y)
-    grad_h_n = grad_h_n if grad_h_n is not None else torch.zeros_like(h0)
-    dgx, dq, dp, da, dh0, dc0 = torch.ops.fastseq.layer_norm_rnn_layer_backward_triton(
-        mode, grad_y, grad_h_n, grad_c_n if lstm else None, h0, c0 if lstm else None, w_hh,
-        ln_hh_weight, ln_c_weight if lstm else None, ln_c_bias if lstm else None, y, workspace,
-        stats, lengths, ctx.reverse)
-    if lstm:  # the LSTM's recurrent gates get the input gates' gradient
-        dq = dgx
-    need = ctx.needs_input_grad
-    steps, batch, hidden = y.shape
-    rows = steps * batch
-    columns = GATES[mode] * hidden
-    projection = LN_PROJECTION_COLUMN[mode] * hidden
-    # Sums over every step and row, in fp32 (fp64 for fp64) whatever the input's dtype.
-    acc = stats.dtype
-    d_w_hh = d_b_hh = d_ln_hh = d_ln_c = d_b_c = None
-    if need[4]:  # one GEMM over all steps
-        h_prev = previous_states(y, h0, lengths, ctx.reverse)
-        d_w_hh = dp.reshape(rows, columns).t() @ h_prev.reshape(rows, hidden)
-    if need[5]:
-        d_b_hh = dq.reshape(rows, columns).to(acc).sum(0).to(y.dtype)
-    if need[6]:
-        normalized = workspace[..., projection:projection + columns]
-        d_ln_hh = (dq.to(acc) * normalized.to(acc)).reshape(rows, columns).sum(0).to(y.dtype)
-    if lstm and (need[7] or need[8]):
-        c_hat = workspace[..., 5 * hidden:6 * hidden].to(acc)  # LN(c_t), saved by the forward
-        d_ln_c = (da.to(acc) * c_hat).reshape(rows, hidden).sum(0).to(y.dtype) if need[7] else None
-        d_b_c = da.reshape(rows, hidden).to(acc).sum(0).to(y.dtype) if need[8] else None
-    return (None, dgx if need[1] else None, dh0 if need[2] else None,
-            dc0 if lstm and need[3] else None, d_w_hh, d_b_hh, d_ln_hh, d_ln_c, d_b_c, None, None,
-            None, None)
+def _make_backward(backward_op):
+    """The autograd formula, calling the backward op through `backward_op`."""
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace, _grad_stats):
+        (h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, lengths, y, workspace,
+         stats) = ctx.saved_tensors
+        mode = ctx.mode
+        lstm = mode == "lstm"
+        grad_y = grad_y if grad_y is not None else torch.zeros_like(y)
+        grad_h_n = grad_h_n if grad_h_n is not None else torch.zeros_like(h0)
+        dgx, dq, dp, da, dh0, dc0 = backward_op(
+            mode, grad_y, grad_h_n, grad_c_n if lstm else None, h0, c0 if lstm else None, w_hh,
+            ln_hh_weight, ln_c_weight if lstm else None, ln_c_bias if lstm else None, y, workspace,
+            stats, lengths, ctx.reverse)
+        if lstm:  # the LSTM's recurrent gates get the input gates' gradient
+            dq = dgx
+        need = ctx.needs_input_grad
+        steps, batch, hidden = y.shape
+        rows = steps * batch
+        columns = GATES[mode] * hidden
+        projection = LN_PROJECTION_COLUMN[mode] * hidden
+        # Sums over every step and row, in fp32 (fp64 for fp64) whatever the input's dtype.
+        acc = stats.dtype
+        d_w_hh = d_b_hh = d_ln_hh = d_ln_c = d_b_c = None
+        if need[4]:  # one GEMM over all steps
+            h_prev = previous_states(y, h0, lengths, ctx.reverse)
+            d_w_hh = dp.reshape(rows, columns).t() @ h_prev.reshape(rows, hidden)
+        if need[5]:
+            d_b_hh = dq.reshape(rows, columns).to(acc).sum(0).to(y.dtype)
+        if need[6]:
+            normalized = workspace[..., projection:projection + columns]
+            d_ln_hh = (dq.to(acc) * normalized.to(acc)).reshape(rows, columns).sum(0).to(y.dtype)
+        if lstm and (need[7] or need[8]):
+            c_hat = workspace[..., 5 * hidden:6 * hidden].to(acc)  # LN(c_t), saved by the forward
+            if need[7]:
+                d_ln_c = (da.to(acc) * c_hat).reshape(rows, hidden).sum(0).to(y.dtype)
+            if need[8]:
+                d_b_c = da.reshape(rows, hidden).to(acc).sum(0).to(y.dtype)
+        return (None, dgx if need[1] else None, dh0 if need[2] else None,
+                dc0 if lstm and need[3] else None, d_w_hh, d_b_hh, d_ln_hh, d_ln_c, d_b_c, None,
+                None, None, None)
+
+    return backward
 
 
-register_fakes_and_autograd(FORWARD, BACKWARD, forward_fake=_forward_fake, backward_fake=_backward_fake,
-                            setup_context=_setup_context, make_backward=lambda _op: _backward)
+register_fakes_and_autograd(FORWARD, BACKWARD, forward_fake=_forward_fake,
+                            backward_fake=_backward_fake, setup_context=_setup_context, make_backward=_make_backward)

@@ -31,6 +31,7 @@ from ..kernels.rel_attention_launch import MAX_HEAD_DIM
 from ..reference import rel_attention as _reference
 from . import rel_attention_ops as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op
+from ._registration import fused
 from ._checks import check_mask, check_same_dtype_device, check_shape, check_tensor, fail
 
 OP = "fastseq.ops.rel_attention"
@@ -77,7 +78,7 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
     qu = query + content_bias[:, None, :]
     qv = query + position_bias[:, None, :]
-    out, lse = torch.ops.fastseq.rel_attention_forward_triton(
+    out, lse = fused("fastseq::rel_attention_forward_triton")(
         qu, qv, key, value, pos, mask, seed, float(dropout_p), bool(is_causal),
         None if window is None else int(window), int(pos_offset), scale)
     return (out, lse) if return_lse else out

@@ -17,6 +17,7 @@ from ..kernels.rnn_cell_layout import GATES
 from ..reference import recurrent as _reference
 from . import rnn_cell_ops as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op
+from ._registration import fused
 from ._checks import check_same_dtype_device, check_shape, check_tensor, fail
 
 _CELL_NAMES = {
@@ -150,8 +151,8 @@ def _cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, backend):
     else:
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, h, c, w_ih, w_hh, b_ih, b_hh))
-        forward = (torch.ops.fastseq.rnn_cell_forward_triton if chosen == "triton"
-                   else torch.ops.fastseq.rnn_cell_forward)
+        forward = fused("fastseq::rnn_cell_forward_triton" if chosen == "triton"
+                        else "fastseq::rnn_cell_forward")
         hy, cy, _workspace = forward(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, needs_grad)
         out = (hy, cy) if mode == "lstm" else hy
 

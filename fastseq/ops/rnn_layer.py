@@ -17,6 +17,7 @@ from ..kernels.rnn_cell_layout import GATES
 from ..reference import recurrent as _reference
 from . import rnn_layer_ops as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op, recurrent_mode
+from ._registration import fused
 from ._checks import check_same_dtype_device, check_shape, check_tensor, checked_lengths, fail
 
 OP = "fastseq.ops.rnn_layer"
@@ -94,8 +95,8 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
         gates_x = F.linear(input, w_ih, b_ih)  # every step's input projection: one GEMM
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh))
-        forward = (torch.ops.fastseq.rnn_layer_forward_triton if chosen == "triton"
-                   else torch.ops.fastseq.rnn_layer_forward)
+        forward = fused("fastseq::rnn_layer_forward_triton" if chosen == "triton"
+                        else "fastseq::rnn_layer_forward")
         y, h_n, c_n, _workspace = forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h,
                                           zoneout_c, reverse, needs_grad)
     return (y, (h_n, c_n)) if lstm else (y, h_n)
@@ -149,8 +150,8 @@ def rnn_bidirectional_layer(mode: str, input: Tensor, hx, forward_weights: Seque
     device = input.device
     projection = weights[0][4] is not None or weights[1][4] is not None
     requested = _backends.requested_backend(backend)
-    fused = requested == "triton" or (requested == "auto" and device.type == "cuda")
-    if not fused or projection or _backends.triton_unavailable(device) is not None:
+    one_launch = requested == "triton" or (requested == "auto" and device.type == "cuda")
+    if not one_launch or projection or _backends.triton_unavailable(device) is not None:
         results = [one_direction(d, backend) for d in range(2)]
         return _joined(lstm, results)
     # The fused path: validate each direction as rnn_layer would, then one launch for both.
@@ -184,7 +185,7 @@ def rnn_bidirectional_layer(mode: str, input: Tensor, hx, forward_weights: Seque
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (input, h0, c0, w_ih_f, w_ih_r, w_hh_f, w_hh_r, b_ih_f, b_ih_r, b_hh_f, b_hh_r))
-    y, h_n, c_n, _workspace = torch.ops.fastseq.rnn_bidirectional_layer_forward_triton(
+    y, h_n, c_n, _workspace = fused("fastseq::rnn_bidirectional_layer_forward_triton")(
         mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, False, needs_grad)
     out = torch.cat([y[0], y[1]], dim=-1)
     return (out, (h_n, c_n)) if lstm else (out, h_n)
