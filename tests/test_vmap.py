@@ -100,38 +100,33 @@ def test_func_grad_and_vjp_equal_the_reference(family, backend):
 
 
 LAYERS = {
-    "LSTM": lambda b: fastseq.nn.LSTM(3, 4, num_layers=2, bidirectional=True, backend=b),
-    "GRUCell": lambda b: fastseq.nn.GRUCell(3, 4, backend=b),
-    "MultiheadAttention": lambda b: fastseq.nn.MultiheadAttention(8, 2, batch_first=True,
-                                                                  backend=b),
+    "LSTM": lambda: fastseq.nn.LSTM(3, 4, num_layers=2, bidirectional=True),
+    "GRUCell": lambda: fastseq.nn.GRUCell(3, 4),
+    "MultiheadAttention": lambda: fastseq.nn.MultiheadAttention(8, 2, batch_first=True),
 }
+LAYER_INPUTS = {"LSTM": (4, 2, 3), "GRUCell": (2, 3), "MultiheadAttention": (2, 5, 8)}
 
 
-def layer_input(name):
-    return {"LSTM": rand(4, 2, 3), "GRUCell": rand(2, 3),
-            "MultiheadAttention": rand(2, 5, 8)}[name]
-
-
-def run_layer(layer, name, params, x):
-    args = (x, x, x) if name == "MultiheadAttention" else (x,)
-    out = torch.func.functional_call(layer, params, args)
-    return (out[0] if isinstance(out, tuple) else out).pow(2).sum()
+def layer_loss(layer, name, backend, x):
+    def loss(params):
+        args = (x, x, x) if name == "MultiheadAttention" else (x,)
+        with fastseq.use_backend(backend):
+            out = torch.func.functional_call(layer, params, args)
+        return (out[0] if isinstance(out, tuple) else out).pow(2).sum()
+    return loss
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 @pytest.mark.parametrize("backend", [b for b in ("triton", "native") if b in BACKENDS])
 def test_func_grad_over_a_layers_parameters(name, backend):
     """Meta-learning's use: torch.func.grad over functional_call's parameter dict."""
-    torch.manual_seed(0)
-    layer = LAYERS[name](backend).double()
     if name == "MultiheadAttention" and backend == "native":
-        pytest.skip("attention has no native backend")
-    reference = LAYERS[name]("reference").double()
-    reference.load_state_dict(layer.state_dict())
-    x = layer_input(name)
+        backend = "auto"  # attention has no native kernel; auto is torch's SDPA on CPU
+    layer = LAYERS[name]().double()
+    x = rand(*LAYER_INPUTS[name])
     params = {k: p.detach() for k, p in layer.named_parameters()}
-    got = torch.func.grad(lambda p: run_layer(layer, name, p, x))(params)
-    want = torch.func.grad(lambda p: run_layer(reference, name, p, x))(params)
+    got = torch.func.grad(layer_loss(layer, name, backend, x))(params)
+    want = torch.func.grad(layer_loss(layer, name, "reference", x))(params)
     assert got.keys() == want.keys()
     for key in got:
         torch.testing.assert_close(got[key], want[key], msg=key)

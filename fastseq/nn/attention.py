@@ -46,6 +46,11 @@ class MultiheadAttention(RefusesTorchScript, torch.nn.MultiheadAttention):
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise AttentionInputError(
+                f"{OP} does not take nested tensors (torch's module takes them only on its "
+                f"own inference fast path, a kernel of torch's): pad them "
+                f"(torch.nested.to_padded_tensor) and pass key_padding_mask")
         batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise AttentionInputError(
@@ -150,13 +155,13 @@ class MultiheadAttention(RefusesTorchScript, torch.nn.MultiheadAttention):
         if self._qkv_same_embed_dim:
             w, b = self.in_proj_weight, self.in_proj_bias
             if query is key and key is value:  # self-attention: one GEMM for q, k and v
-                return F.linear(query, w, b).chunk(3, dim=-1)
+                return _linear(query, w, b).chunk(3, dim=-1)
             ws, bs = w.split(E), (b.split(E) if b is not None else (None,) * 3)
         else:
             ws = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
             b = self.in_proj_bias
             bs = b.split(E) if b is not None else (None,) * 3
-        return tuple(F.linear(x, w, bias) for x, w, bias in zip((query, key, value), ws, bs))
+        return tuple(_linear(x, w, bias) for x, w, bias in zip((query, key, value), ws, bs))
 
     def _merged_mask(self, attn_mask, key_padding_mask, N, L, S, extra, query):
         """torch's masks (bool True = hidden) as one fastseq mask (bool True = visible, or
@@ -187,6 +192,16 @@ class MultiheadAttention(RefusesTorchScript, torch.nn.MultiheadAttention):
             return F.pad(merged, (0, extra), value=True) if extra else merged
         merged = sum(_additive(m, query.dtype) for m in masks)
         return F.pad(merged, (0, extra), value=0.0) if extra else merged
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear, with a bias of another dtype added after the GEMM under type promotion, as
+    torch's module does (its transposed inputs take matmul + add; F.linear's addmm refuses the
+    mix; torch's test_multihead_attn_fast_path_query_and_bias_have_different_dtypes runs a
+    float64 module with a float16 in_proj_bias)."""
+    if bias is not None and bias.dtype != x.dtype:
+        return F.linear(x, weight) + bias
+    return F.linear(x, weight, bias)
 
 
 def _hidden_by(bias: CausalBias, device: torch.device) -> Tensor:
