@@ -107,3 +107,47 @@ def bench_layer(benchmark, persistent_switch, provider, mode, case, passes):
                     f"{' packed' if packed else ''}",
               dtype=str(dtype).split(".")[1], passes=passes, steps=steps * layers, length=steps,
               gflop=gflop(mode, batch, hidden, steps_run, layers, 2 if bidirectional else 1, passes))
+
+
+# The LSTM with a projection (LSTMP, speech models): (B, H, P, T, dtype), input size P as in
+# a stacked LSTMP's upper layers. The fused backends fold the projection into the recurrent
+# weights (fastseq.ops.rnn_layer's _projected_layer): 4H x H a step instead of cuDNN's
+# 4H x P + P x H, so at this case the folded recurrence does 2.5x cuDNN's loop FLOPs.
+PROJECTED_CASES = ([(16, 1024, 256, 1024, torch.bfloat16)] if GPU_CASES
+                   else [(16, 256, 64, 50, torch.float32)])
+if HEADLINE:  # not a headline case: the headline run keeps to the LSTM/GRU target
+    PROJECTED_CASES = []
+
+
+def projected_gflop(batch, hidden, proj, steps, passes):
+    per_step = 2 * batch * (4 * hidden * proj * 2 + proj * hidden)  # input, recurrent, projection
+    return per_step * steps * (3 if passes == "fwd+bwd" else 1) / 1e9
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("case", PROJECTED_CASES, ids=lambda c: "B{}_H{}_P{}_T{}_{}".format(
+    c[0], c[1], c[2], c[3], str(c[4]).split(".")[1]))
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def bench_projected_lstm(benchmark, persistent_switch, provider, case, passes):
+    batch, hidden, proj, steps, dtype = case
+    cls = torch.nn.LSTM if provider == "torch" else fastseq.nn.LSTM
+    kwargs = {} if provider == "torch" else {"backend": PROVIDERS[provider]}
+    layer = cls(proj, hidden, proj_size=proj, device=DEVICE, dtype=dtype, **kwargs)
+    x = torch.randn(steps, batch, proj, device=DEVICE, dtype=dtype, requires_grad=passes != "fwd")
+    twin = torch.nn.LSTM(proj, hidden, proj_size=proj, device=DEVICE, dtype=torch.float64)
+    twin.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        record_error(benchmark, layer(x)[0], twin(x.detach().double())[0])
+
+    if passes == "fwd":
+        def step():
+            with torch.no_grad():
+                return layer(x)
+    else:
+        def step():
+            layer(x)[0].sum().backward()
+
+    run_timed(benchmark, step, calls_per_round=3, op="rnn_layer", cell="lstm_proj",
+              provider=provider, shape=f"B={batch} H={hidden} P={proj} T={steps}",
+              dtype=str(dtype).split(".")[1], passes=passes, steps=steps, length=steps,
+              gflop=projected_gflop(batch, hidden, proj, steps, passes))

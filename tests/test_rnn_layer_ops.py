@@ -7,6 +7,7 @@ import torch
 import fastseq
 
 from conftest import DEVICES
+from numerics import assert_within_rule
 from recurrent_cases import (MODES, assert_backends_match_reference, assert_compiles_like_eager,
                              gradcheck_layer, layer_backends, lengths_for, make_grad_outputs,
                              make_leaves, run)
@@ -165,19 +166,66 @@ def test_long_sequence(mode):
     assert_backends_match_reference(mode, leaves64, torch.float32, backends, lengths, False, grad_outputs)
 
 
-def test_projection_torch_and_reference_agree_and_others_refuse():
+PROJECTION_CASES = [(None, False), ([9, 4, 0], False), ([9, 4, 0], True), (None, True)]
+
+
+@pytest.mark.parametrize("lengths,reverse", PROJECTION_CASES)
+def test_projection_on_every_backend_matches_the_reference(lengths, reverse):
+    """proj_size (LSTMP) on every fastseq backend: outputs, final states and every gradient
+    (w_hr's too) equal the float64 reference, and in float32 stay within the tolerance rule of
+    torch's own float32 LSTM, over lengths (a row of length 0 keeps h0) and both directions."""
+    T, B, I, H, P = 9, 3, 5, 7, 3
+    g = torch.Generator().manual_seed(4)
+    k = H ** -0.5
+    leaves64 = [torch.randn(T, B, I, generator=g, dtype=torch.float64),
+                torch.randn(B, P, generator=g, dtype=torch.float64),
+                torch.randn(B, H, generator=g, dtype=torch.float64)] + \
+        [(torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * k
+         for shape in ((4 * H, I), (4 * H, P), (4 * H,), (4 * H,), (P, H))]
+    grad_outputs = [torch.randn(T, B, P, generator=g, dtype=torch.float64),
+                    torch.randn(B, P, generator=g, dtype=torch.float64),
+                    torch.randn(B, H, generator=g, dtype=torch.float64)]
+
+    def run(backend, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in leaves64]
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = leaves
+        y, (h_n, c_n) = fastseq.ops.rnn_layer("lstm", x, (h0, c0), w_ih, w_hh, b_ih, b_hh,
+                                              w_hr=w_hr, lengths=lengths, reverse=reverse,
+                                              backend=backend)
+        loss = sum((o.double() * go).sum() for o, go in zip((y, h_n, c_n), grad_outputs))
+        return [y, h_n, c_n] + list(torch.autograd.grad(loss, leaves))
+
+    names = ["y", "h_n", "c_n", "dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr"]
+    truth = run("reference", torch.float64)
+    for backend in layer_backends("cpu"):
+        for name, got, want in zip(names, run(backend, torch.float64), truth):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"{backend} {name}")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        plain = run("torch", dtype) if lengths is None and not reverse else \
+            run("reference", dtype)
+        for backend in layer_backends("cpu"):
+            for name, got, p, want in zip(names, run(backend, dtype), plain, truth):
+                assert_within_rule(f"{backend} {dtype} {name}", got, p, want)
+
+
+def test_projection_gradcheck_on_the_fused_backends():
+    T, B, I, H, P = 3, 2, 3, 4, 2
+    g = torch.Generator().manual_seed(5)
+    leaves = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+              for shape in ((T, B, I), (B, P), (B, H), (4 * H, I), (4 * H, P), (4 * H,),
+                            (4 * H,), (P, H))]
+    for backend in [b for b in layer_backends("cpu") if b != "reference"]:
+        def f(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+            y, (h_n, c_n) = fastseq.ops.rnn_layer("lstm", x, (h0, c0), w_ih, w_hh, b_ih, b_hh,
+                                                  w_hr=w_hr, lengths=[3, 1], reverse=True,
+                                                  backend=backend)
+            return y, h_n, c_n
+        assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
+
+
+def test_projection_errors_name_the_argument():
     lstm = torch.nn.LSTM(5, 7, proj_size=3)
     x = torch.randn(9, 2, 5)
-    expected, (h, c) = lstm(x)
-    weights = (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
-    for backend in ("torch", "reference"):
-        y, (h_n, c_n) = fastseq.ops.rnn_layer("lstm", x, None, *weights, w_hr=lstm.weight_hr_l0,
-                                              backend=backend)
-        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(c_n, c[0], rtol=1e-5, atol=1e-6)
-    for backend in [b for b in layer_backends("cpu") if b != "reference"]:
-        with pytest.raises(fastseq.BackendError, match="a projection .* runs on the torch and reference"):
-            fastseq.ops.rnn_layer("lstm", x, None, *weights, w_hr=lstm.weight_hr_l0, backend=backend)
     with pytest.raises(fastseq.InputError, match=r"w_hh must have shape \[4\*hidden_size, proj_size\]"):
         fastseq.ops.rnn_layer("lstm", x, None, lstm.weight_ih_l0, torch.zeros(28, 7),
                               w_hr=lstm.weight_hr_l0)

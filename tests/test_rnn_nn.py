@@ -145,10 +145,6 @@ def test_dropout_between_layers_in_training_only():
 
 def test_errors_name_the_problem():
     _, lstm = build("lstm", 2, False, False, torch.float32, backend=layer_backends("cpu")[0], proj_size=3)
-    if layer_backends("cpu")[0] != "reference":
-        with pytest.raises(fastseq.BackendError, match=r"a projection \(w_hr, proj_size > 0\) runs on "
-                                                       "the torch and reference backends for now"):
-            lstm(torch.randn(3, 2, 4))
     with pytest.raises(fastseq.InputError, match=r"c0 must have shape \[num_layers\*num_directions, "
                                                  r"batch, hidden_size\] = \[2, 2, 6\], got \[2, 2, 3\]"):
         lstm(torch.randn(3, 2, 4), (torch.zeros(2, 2, 3), torch.zeros(2, 2, 3)))
@@ -195,14 +191,15 @@ def test_constructor_arguments_as_torch():
     assert repr(fastseq.nn.LSTM(4, 6, 2, proj_size=3)) == repr(torch.nn.LSTM(4, 6, 2, proj_size=3))
 
 
+@pytest.mark.parametrize("backend", layer_backends("cpu"))
 @pytest.mark.parametrize("how", ["padded", "packed", "lengths"])
-def test_projection_on_the_reference_matches_torch(how):
-    """proj_size > 0 on fastseq's sequence path (the reference backend for now): outputs,
-    final states and every gradient as torch.nn.LSTM's, 2 layers, bidirectional."""
+def test_projection_on_every_backend_matches_torch(how, backend):
+    """proj_size > 0 on fastseq's sequence path, each backend: outputs, final states and every
+    gradient as torch.nn.LSTM's, 2 layers, bidirectional."""
     x = torch.randn(7, 5, 4, dtype=torch.float64)
     hx = (torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 5, 6, dtype=torch.float64))
     truth, _ = build("lstm", 2, True, False, torch.float64, proj_size=3)
-    plain, ours = build("lstm", 2, True, False, torch.float32, backend="reference", proj_size=3)
+    plain, ours = build("lstm", 2, True, False, torch.float32, backend=backend, proj_size=3)
     plain.load_state_dict(truth.state_dict())
     ours.load_state_dict(truth.state_dict())
     ref_outs, ref_grads = run(truth, x, hx, how, False)

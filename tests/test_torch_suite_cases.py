@@ -62,7 +62,6 @@ def assert_matches_torch(case, backend, build, call, inputs, *, tol=1e-6):
 REFUSED = {(case, "native") for case in ("mask_per_head", "two_masks_eval",
                                          "encoder_empty_batch", "encoder_is_causal",
                                          "decoder_masks")}
-REFUSED |= {("lstm_proj_size", "triton"), ("lstm_proj_size", "native")}
 
 D = torch.float64
 

@@ -18,8 +18,9 @@ Backends: in eager mode `auto` runs torch's own forward (cuDNN on GPUs, aten on 
 fastseq's persistent recurrence kernel (backend "native" on GPUs), the one meant to beat
 cuDNN, has not been timed on a GPU yet, and nothing slower is chosen for you. Under
 torch.compile `auto` takes fastseq's sequence path (Triton, else native, else the reference),
-since torch's functional RNNs do not compile with fullgraph=True. `backend="triton"` (or "native", "reference") runs fastseq.ops.rnn_layer over
-the layers and directions; proj_size runs on the reference (and torch) for now.
+since torch's functional RNNs do not compile with fullgraph=True. `backend="triton"` (or
+"native", "reference") runs fastseq.ops.rnn_layer over the layers and directions; proj_size
+runs on every backend (the fused ones fold the projection into the recurrent weights).
 """
 from __future__ import annotations
 
@@ -86,13 +87,11 @@ class _FastRNNBase(RefusesTorchScript, torch.nn.RNNBase):
             # torch's forward cannot: fastseq.ops.rnn_layer's own `auto` picks per layer.
             return self._sequence_forward(input, hx, lengths, "auto")
         if requested == "auto" and torch.compiler.is_compiling():
-            # torch's own RNN forward does not compile with fullgraph=True; fastseq's does (a
-            # projection: on the reference only, for now).
+            # torch's own RNN forward does not compile with fullgraph=True; fastseq's does.
             device = _device_of(input)
-            projection = "proj_size" if getattr(self, "proj_size", 0) > 0 else None
             requested = next(name for name, reason in (
-                ("triton", _backends.triton_unavailable(device) or projection),
-                ("native", _backends.native_unavailable(device) or projection),
+                ("triton", _backends.triton_unavailable(device)),
+                ("native", _backends.native_unavailable(device)),
                 ("reference", None)) if reason is None)
         if requested in ("auto", "torch"):
             return self._torch_forward(input, hx, lengths)
