@@ -123,8 +123,10 @@ ext_modules = [] if env_flag("FASTSEQ_SKIP_EXTENSION") else [CMakeExtension("fas
 
 setup(
     # kernels/ and bench/ (the benchmark suites fastseq-bench runs) install inside fastseq.
-    packages=find_packages(include=["fastseq", "fastseq.*"]) + ["fastseq.kernels",
-                                                                 "fastseq.bench_suites"],
+    # kernels/ has one subpackage per kernel family (found, not listed).
+    packages=find_packages(include=["fastseq", "fastseq.*"])
+    + ["fastseq.kernels"] + [f"fastseq.kernels.{name}" for name in find_packages("kernels")]
+    + ["fastseq.bench_suites"],
     package_dir={"fastseq.kernels": "kernels", "fastseq.bench_suites": "bench"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import accumulator_dtype  # noqa: F401  (the launchers' name for it)
+
 # Read once at import: Triton decides interpretation when the kernels are defined.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tests fill every output with NaN before a kernel runs, so an element a kernel forgets to
@@ -25,10 +27,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tl_accumulator_dtype(dtype: torch.dtype):
@@ -60,3 +58,32 @@ def tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
+
+
+# Launch specs: one compilation of a kernel as its launcher runs it on a GPU, as data. Each
+# launcher module's launch_specs() lists the ones it can produce, built by the same function
+# that builds its launch arguments, so the sm_90 compile test (tests/test_triton_gpu_compile.py)
+# checks exactly what runs and a new kernel or configuration is checked without editing it.
+AOT_ARCH = 90  # the H100/H200
+POINTER_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                  torch.float64: "fp64"}
+GPU_DOT = {"PRECISION": "ieee", "UPCAST": False}  # fp32 without TF32, no interpreter upcast
+
+
+def _json_constexpr(value):
+    return f"tl.{value.name}" if isinstance(value, tl.dtype) else value
+
+
+def launch_spec(kernel, dtype: torch.dtype, launch: dict, *, pointers: dict | None = None,
+                scalars: dict | None = None, gemm: bool = False) -> dict:
+    """`kernel` compiled with `launch` (its constexprs plus num_warps/num_stages) for pointers
+    to `dtype`; `pointers` and `scalars` name arguments of other types (pointers default to
+    `dtype`, scalars to int32). gemm: its half-precision GEMMs must run on the tensor cores."""
+    fn = kernel.fn
+    constexprs = {k: _json_constexpr(v) for k, v in launch.items()
+                  if k not in ("num_warps", "num_stages")}
+    return {"module": fn.__module__.removeprefix("fastseq.kernels."), "kernel": fn.__name__,
+            "arch": AOT_ARCH, "pointer_dtype": POINTER_DTYPES[dtype],
+            "pointer_overrides": {k: POINTER_DTYPES.get(v, v) for k, v in (pointers or {}).items()},
+            "scalar_overrides": dict(scalars or {}), "num_warps": launch.get("num_warps", 4),
+            "num_stages": launch.get("num_stages", 3), "constexprs": constexprs, "gemm": gemm}

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastseq
-from fastseq.kernels.rnn_cell_layout import GATES
+from fastseq.kernels.recurrent.layout import GATES
 
 from numerics import assert_within_rule
 

@@ -31,7 +31,7 @@ def test_wheel_without_extension(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, env=env, cwd=tmp_path)
     (wheel,) = tmp_path.glob("fastseq-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fastseq/kernels/rnn_cell.py" in names and "fastseq/ops/rnn_cell.py" in names
+    assert "fastseq/kernels/recurrent/cell.py" in names and "fastseq/ops/rnn_cell.py" in names
     assert not [n for n in names if n.endswith(".so")]
     assert not [n for n in names if n.startswith("kernels/")], "kernels/ must not be a top-level package"
     assert "fastseq/bench_suites/bench_rel_attention.py" in names
@@ -61,7 +61,7 @@ def test_sdist_has_every_source_and_builds(tmp_path):
                     "--no-deps", "-w", str(tmp_path / "wheels"),
                     str(tmp_path / "unpacked" / prefix)], check=True, env=env, cwd=tmp_path)
     (wheel,) = (tmp_path / "wheels").glob("fastseq-*.whl")
-    assert "fastseq/kernels/rel_attention.py" in zipfile.ZipFile(wheel).namelist()
+    assert "fastseq/kernels/rel_attention/forward.py" in zipfile.ZipFile(wheel).namelist()
 
 
 WHEEL_CHECK = r"""

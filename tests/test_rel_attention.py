@@ -10,7 +10,7 @@ import torch
 
 import fastseq
 from fastseq import reference
-from fastseq.kernels import rel_attention_launch
+from fastseq.kernels.rel_attention import launch as rel_attention_launch
 
 from conftest import TRITON_TEST_DEVICE
 from numerics import assert_within_rule

@@ -5,7 +5,7 @@ import torch
 
 import fastseq
 from fastseq import reference
-from fastseq.kernels.rnn_cell_layout import GATES
+from fastseq.kernels.recurrent.layout import GATES
 
 from conftest import DEVICES, backends_for
 from numerics import assert_within_rule

@@ -28,14 +28,14 @@ from torch import Tensor
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from .. import backend as _backends
+from ..kernels.limits import ATTENTION_MAX_HEAD_DIM
 from ..reference import attention as _reference
-from . import attention_ops as _registered_ops  # noqa: F401  (registers the ops)
+from . import attention_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op
 from ._registration import fused
 from ._checks import check_mask, check_same_dtype_device, check_tensor, fail
 
 OP = "fastseq.ops.attention"
-MAX_HEAD_DIM = 256  # the Triton kernels keep a BLOCK_M x head-dim accumulator in registers
 
 
 @autocast_op("attention")
@@ -53,7 +53,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
         OP, _backends.requested_backend(backend),
         ("triton", "torch", "reference") if device.type == "cuda"
         else ("torch", "reference", "triton"),
-        {"triton": lambda: _backends.triton_attention_unavailable(query, value, MAX_HEAD_DIM),
+        {"triton": lambda: _backends.triton_attention_unavailable(query, value, ATTENTION_MAX_HEAD_DIM),
          "torch": lambda: _torch_unavailable(attn_mask, is_causal, return_lse),
          "reference": lambda: None})
     empty = query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import backend as _backends
 from ..reference import layer_norm_recurrent as _reference
-from . import layer_norm_rnn_layer_ops as _registered_ops  # noqa: F401  (registers the ops)
+from . import layer_norm_rnn_layer_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op, recurrent_mode
 from ._registration import fused
 from ._checks import check_same_dtype_device, check_shape, check_tensor, fail

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backends
-from ..kernels.rel_attention_launch import MAX_HEAD_DIM
+from ..kernels.limits import REL_ATTENTION_MAX_HEAD_DIM
 from ..reference import rel_attention as _reference
-from . import rel_attention_ops as _registered_ops  # noqa: F401  (registers the ops)
+from . import rel_attention_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op
 from ._registration import fused
 from ._checks import check_mask, check_same_dtype_device, check_shape, check_tensor, fail
@@ -55,7 +55,7 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
         OP, _backends.requested_backend(backend),
         ("triton", "torch", "reference") if device.type == "cuda"
         else ("torch", "reference", "triton"),
-        {"triton": lambda: _backends.triton_attention_unavailable(query, value, MAX_HEAD_DIM),
+        {"triton": lambda: _backends.triton_attention_unavailable(query, value, REL_ATTENTION_MAX_HEAD_DIM),
          "torch": lambda: None, "reference": lambda: None})
     if chosen == "torch":
         return _torch_rel_attention(query, key, value, pos, content_bias, position_bias,

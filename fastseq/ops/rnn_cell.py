@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backends
-from ..kernels.rnn_cell_layout import GATES
+from ..kernels.recurrent.layout import GATES
 from ..reference import recurrent as _reference
-from . import rnn_cell_ops as _registered_ops  # noqa: F401  (registers the ops)
+from . import rnn_cell_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op
 from ._registration import fused
 from ._checks import check_same_dtype_device, check_shape, check_tensor, fail

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backend as _backends
-from ..kernels.rnn_cell_layout import GATES
+from ..kernels.recurrent.layout import GATES
 from ..reference import recurrent as _reference
-from . import rnn_layer_ops as _registered_ops  # noqa: F401  (registers the ops)
+from . import rnn_layer_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op, recurrent_mode
 from ._registration import fused
 from ._checks import check_same_dtype_device, check_shape, check_tensor, checked_lengths, fail

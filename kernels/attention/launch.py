@@ -11,11 +11,11 @@ blocks and the causal diagonal.
 import torch
 import triton
 
-from .attention import (BOOL_KEY_MASK, BOOL_MASK, FLOAT_KEY_MASK, FLOAT_MASK, NO_MASK,
-                        attention_backward_key_kernel,
-                        attention_backward_query_kernel, attention_forward_kernel)
-from .common import (INTERPRETED, accumulator_dtype, dot_precision, new_output,
-                     tl_accumulator_dtype)
+from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_precision, launch_spec,
+                      new_output, tl_accumulator_dtype)
+from .kernel import (BOOL_KEY_MASK, BOOL_MASK, FLOAT_KEY_MASK, FLOAT_MASK, NO_MASK,
+                     attention_backward_key_kernel, attention_backward_query_kernel,
+                     attention_forward_kernel)
 
 LOG2E = 1.4426950408889634
 
@@ -125,16 +125,22 @@ def mask_arguments(mask, like):
     return mask, FLOAT_KEY_MASK if one_row else FLOAT_MASK, mask.stride()
 
 
+def feature_constexprs(dtype, block_d, block_dv, is_causal, shifted, dropout, PRECISION,
+                       UPCAST) -> dict:
+    """The constexprs every attention kernel takes (the launch and its specs). A shifted
+    diagonal (bottom-right causal) is its own compilation, so the common unshifted one keeps
+    its registers (the runtime shift alone made 4-5 sm_90 candidates spill)."""
+    return {"BLOCK_D": block_d, "BLOCK_DV": block_dv, "IS_CAUSAL": is_causal,
+            "SHIFTED": shifted, "DROPOUT": dropout, "PRECISION": PRECISION, "UPCAST": UPCAST,
+            "ACC_DTYPE": tl_accumulator_dtype(dtype)}
+
+
 def _common(q, k, v, scale, is_causal, causal_shift, dropout_p):
     B, H, L, E = q.shape
     S, EV = k.shape[2], v.shape[3]
-    constexprs = {"BLOCK_D": head_block(E), "BLOCK_DV": head_block(EV), "IS_CAUSAL": is_causal,
-                  # A shifted diagonal (bottom-right causal) is its own compilation, so the
-                  # common unshifted one keeps its registers (the runtime shift alone made
-                  # 4-5 sm_90 candidates spill).
-                  "SHIFTED": bool(is_causal and causal_shift != 0),
-                  "DROPOUT": dropout_p > 0.0, "PRECISION": dot_precision(q.dtype),
-                  "UPCAST": INTERPRETED, "ACC_DTYPE": tl_accumulator_dtype(q.dtype)}
+    constexprs = feature_constexprs(q.dtype, head_block(E), head_block(EV), is_causal,
+                                    bool(is_causal and causal_shift != 0), dropout_p > 0.0,
+                                    dot_precision(q.dtype), INTERPRETED)
     scalars = (H, H // k.shape[1], L, S, E, EV)
     return B, H, L, S, E, EV, constexprs, scalars, float(scale) * LOG2E
 
@@ -201,3 +207,43 @@ def attention_backward(dout, q, k, v, lse, delta, mask, mask_grad: bool, seed,
         dk = dk.view(B, k.shape[1], group, S, E).sum(2).to(k.dtype)
         dv = dv.view(B, k.shape[1], group, S, EV).sum(2).to(v.dtype)
     return dq, dk, dv, dmask
+
+
+KERNELS = {"forward": attention_forward_kernel, "backward_key": attention_backward_key_kernel,
+           "backward_query": attention_backward_query_kernel}
+
+
+def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int, heavy: bool,
+                 shifted: bool = False) -> list[dict]:
+    """Every autotuning candidate of one kernel for a dtype, head dim and feature set, causal,
+    on the longest path of that set: heavy = a float mask tile with its gradient and dropout;
+    light = a key-padding mask (one row of S keys); shifted = the bottom-right diagonal."""
+    acc = accumulator_dtype(dtype)
+    pointers = {"lse_ptr": acc, "delta_ptr": acc, "seed_ptr": "i64",
+                "mask_ptr": dtype if heavy else "u8"}
+    if kernel == "backward_key":  # per-head dK/dV in fp32 (summed over GQA groups after)
+        pointers.update(dk_ptr=acc, dv_ptr=acc)
+    scalars = {"qk_scale2": "fp32", "scale": "fp32", "dropout_p": "fp32"}
+    specs = []
+    for config in candidate_configs(kernel, dtype, head_dim, heavy):
+        launch = dict(config.kwargs, MASK_KIND=FLOAT_MASK if heavy else BOOL_KEY_MASK,
+                      num_warps=config.num_warps, num_stages=config.num_stages,
+                      **feature_constexprs(dtype, head_dim, head_dim, True, shifted, heavy,
+                                           **GPU_DOT))
+        if kernel == "backward_key":
+            launch["MASK_GRAD"] = heavy
+        specs.append(launch_spec(KERNELS[kernel], dtype, launch, pointers=pointers,
+                                 scalars=scalars, gemm=True))
+    return specs
+
+
+def launch_specs() -> list[dict]:
+    """What the compile test checks: every candidate of the three kernels in bf16 at head dims
+    64/128/256, light and heavy, and in fp32 at 64/128; the bottom-right causal compilation of
+    the light bf16 ones at 64/128."""
+    return ([spec for kernel in KERNELS for d in (64, 128, 256) for heavy in (False, True)
+             for spec in kernel_specs(kernel, torch.bfloat16, d, heavy)]
+            + [spec for kernel in KERNELS for d in (64, 128)
+               for spec in kernel_specs(kernel, torch.float32, d, False)]
+            + [spec for kernel in KERNELS for d in (64, 128)
+               for spec in kernel_specs(kernel, torch.bfloat16, d, False, shifted=True)])

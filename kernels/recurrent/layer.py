@@ -25,14 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output,
-                     tl_accumulator_dtype)
-from .rnn_cell_layout import GATES, LAYER_WORKSPACE, MODE_IDS
-from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
+from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_acc, dot_precision,
+                      launch_spec, new_output, tl_accumulator_dtype)
+from .layout import GATES, LAYER_WORKSPACE, MODE_IDS
+from .cell_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
 
 
 @triton.jit
-def _step_index(step, T, REVERSE: tl.constexpr):
+def step_index(step, T, REVERSE: tl.constexpr):
     if REVERSE:
         t = T - 1 - step
     else:
@@ -52,7 +52,7 @@ def _runs_reversed(REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _batch_tile(len_ptr, T, B, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
+def batch_tile(len_ptr, T, B, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
     """This program's batch rows (offsets, mask, int64 rows) and their sequence lengths (T for
     every row when no lengths are given)."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -114,7 +114,7 @@ def _rnn_layer_forward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    offs_b, mask_b, rows_b, lengths = _batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
+    offs_b, mask_b, rows_b, lengths = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
     out_ty = y_ptr.dtype.element_ty
     BH = B * H
     # Direction d = program_id(1) of a stacked (bidirectional) call: its slice of every tensor.
@@ -225,7 +225,7 @@ def _rnn_layer_backward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    offs_b, mask_b, rows_b, lengths = _batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
+    offs_b, mask_b, rows_b, lengths = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
     out_ty = dgx_ptr.dtype.element_ty
     BH = B * H
     GH = G * H
@@ -396,19 +396,18 @@ def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zon
         acc = accumulator_dtype(gates_x.dtype)  # state and accumulation: fp32 (fp64 for fp64 input)
         hbuf = torch.empty((D, 2, B, H), dtype=acc, device=gates_x.device)
         cbuf = torch.empty((D, B if lstm else 1, H), dtype=acc, device=gates_x.device)
-        config = layer_config(B, gates_x.dtype, "forward", zoneout_h is not None or zoneout_c is not None, D)
-        grid = (triton.cdiv(B, config["BLOCK_B"]), D)
+        launch = layer_launch(
+            "forward", mode, gates_x.dtype, B, directions=D, has_lengths=lengths is not None,
+            reverse=reverse, has_zh=zoneout_h is not None, has_zc=zoneout_c is not None,
+            PRECISION=dot_precision(gates_x.dtype), UPCAST=INTERPRETED,
+            HAS_B_HH=b_hh is not None, SAVE_WS=ws.numel() > 0)
+        grid = (triton.cdiv(B, launch["BLOCK_B"]), D)
         _rnn_layer_forward_kernel[grid](
             gates_x, h0, c0 if c0 is not None else h0, w_hh, b_hh if b_hh is not None else h0,
             lengths if lengths is not None else h0,
             zoneout_h if zoneout_h is not None else h0, zoneout_c if zoneout_c is not None else h0,
             y, h_n, c_n if c_n.numel() else h_n, ws if ws.numel() else y, hbuf, cbuf,
-            T, B, H,
-            MODE=MODE_IDS[mode], G=GATES[mode], WS=max(LAYER_WORKSPACE[mode], 1),
-            HAS_B_HH=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, DIRECTIONS=D,
-            SAVE_WS=ws.numel() > 0, HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
-            PRECISION=dot_precision(gates_x.dtype), UPCAST=INTERPRETED,
-            ACC_DTYPE=tl_accumulator_dtype(acc), **config,
+            T, B, H, **launch,
         )
     return outputs if stacked else tuple(t[0] for t in outputs)
 
@@ -438,20 +437,58 @@ def rnn_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, worksp
         acc = accumulator_dtype(y.dtype)
         dhbuf = torch.empty((D, B, H), dtype=acc, device=y.device)
         dcbuf = torch.empty((D, B if lstm else 1, H), dtype=acc, device=y.device)
-        config = layer_config(B, y.dtype, "backward", zoneout_h is not None or zoneout_c is not None, D)
-        grid = (triton.cdiv(B, config["BLOCK_B"]), D)
+        launch = layer_launch(
+            "backward", mode, y.dtype, B, directions=D, has_lengths=lengths is not None,
+            reverse=reverse, has_zh=zoneout_h is not None, has_zc=zoneout_c is not None,
+            PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED,
+            HAS_GRAD_CN=grad_c_n is not None)
+        grid = (triton.cdiv(B, launch["BLOCK_B"]), D)
         _rnn_layer_backward_kernel[grid](
             grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0,
             c0 if c0 is not None else h0, w_hh, y, workspace if workspace.numel() else y,
             lengths if lengths is not None else h0,
             zoneout_h if zoneout_h is not None else h0, zoneout_c if zoneout_c is not None else h0,
             dgx, dgh if gru else dgx, dh0, dc0 if lstm else dh0, dhbuf, dcbuf,
-            T, B, H,
-            MODE=MODE_IDS[mode], G=G, WS=max(LAYER_WORKSPACE[mode], 1),
-            HAS_LENGTHS=lengths is not None, HAS_GRAD_CN=grad_c_n is not None, REVERSE=reverse,
-            DIRECTIONS=D,
-            HAS_ZH=zoneout_h is not None, HAS_ZC=zoneout_c is not None,
-            PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED,
-            ACC_DTYPE=tl_accumulator_dtype(acc), **config,
+            T, B, H, **launch,
         )
     return outputs if stacked else tuple(t[0] for t in outputs)
+
+
+def layer_launch(kernel, mode, dtype, batch, *, directions, has_lengths, reverse, has_zh, has_zc,
+                 PRECISION, UPCAST, **flags) -> dict:
+    """The forward or backward kernel's constexprs and warps for this call (the launch and its
+    specs); flags: the forward's HAS_B_HH and SAVE_WS, the backward's HAS_GRAD_CN."""
+    return dict(MODE=MODE_IDS[mode], G=GATES[mode], WS=max(LAYER_WORKSPACE[mode], 1),
+                HAS_LENGTHS=has_lengths, REVERSE=reverse, DIRECTIONS=directions, HAS_ZH=has_zh,
+                HAS_ZC=has_zc, PRECISION=PRECISION, UPCAST=UPCAST,
+                ACC_DTYPE=tl_accumulator_dtype(dtype), **flags,
+                **layer_config(batch, dtype, kernel, has_zh or has_zc, directions))
+
+
+def _layer_spec(kernel, mode, dtype, zoneout=False, directions=1):
+    """One spec on the longest path: reverse with lengths, biases, workspace, and with zoneout
+    the masks the mode takes (one tile shape at every batch size: batch 1 stands for all)."""
+    flags = {"HAS_B_HH": True, "SAVE_WS": True} if kernel == "forward" else {"HAS_GRAD_CN": True}
+    launch = layer_launch(kernel, mode, dtype, 1, directions=directions, has_lengths=True,
+                          reverse=True, has_zh=zoneout, has_zc=zoneout and mode == "lstm",
+                          **GPU_DOT, **flags)
+    state = accumulator_dtype(dtype)  # the kernels' scratch state buffers
+    pointers = {"len_ptr": "i32", "hbuf_ptr": state, "cbuf_ptr": state, "dhbuf_ptr": state,
+                "dcbuf_ptr": state}
+    fn = _rnn_layer_forward_kernel if kernel == "forward" else _rnn_layer_backward_kernel
+    return launch_spec(fn, dtype, launch, pointers=pointers, gemm=True)
+
+
+def launch_specs() -> list[dict]:
+    """What the compile test checks: forward and backward of each mode in bf16 and fp32; of
+    the LSTM and GRU with zoneout; both directions at once (every mode; the LSTM with
+    zoneout too)."""
+    specs = []
+    for kernel in ("forward", "backward"):
+        for dtype in (torch.bfloat16, torch.float32):
+            specs += [_layer_spec(kernel, mode, dtype) for mode in MODE_IDS]
+            specs += [_layer_spec(kernel, mode, dtype, zoneout=True) for mode in ("lstm", "gru")]
+            specs += [_layer_spec(kernel, mode, dtype, zoneout=zoneout, directions=2)
+                      for mode in MODE_IDS
+                      for zoneout in ((False, True) if mode == "lstm" else (False,))]
+    return specs

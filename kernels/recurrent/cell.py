@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, dot_precision, new_output, tl_accumulator_dtype
-from .rnn_cell_layout import GATES, MODE_IDS, WORKSPACE
-from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
+from ..common import (GPU_DOT, INTERPRETED, dot_precision, launch_spec, new_output,
+                      tl_accumulator_dtype)
+from .layout import GATES, MODE_IDS, WORKSPACE
+from .cell_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
 
 
 @triton.jit
@@ -175,18 +176,15 @@ def rnn_cell_forward(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, save_workspace
     ws = new_output((B if ws_columns else 0, ws_columns), input)
     if B == 0 or H == 0:
         return hy, cy, ws
-    config = forward_config(B, input.dtype)
-    grid = (triton.cdiv(H, config["BLOCK_H"]), triton.cdiv(B, config["BLOCK_B"]))
+    launch = forward_launch(mode, input.dtype, B, has_b_ih=b_ih is not None,
+                            has_b_hh=b_hh is not None, save_ws=ws.numel() > 0,
+                            PRECISION=dot_precision(input.dtype), UPCAST=INTERPRETED)
+    grid = (triton.cdiv(H, launch["BLOCK_H"]), triton.cdiv(B, launch["BLOCK_B"]))
     _rnn_cell_forward_kernel[grid](
         input, hx, cx if cx is not None else hy, w_ih, w_hh,
         b_ih if b_ih is not None else hy, b_hh if b_hh is not None else hy,
         hy, cy if cy.numel() else hy, ws if ws.numel() else hy,
-        B, I, H,
-        MODE=MODE_IDS[mode], G=GATES[mode],
-        HAS_B_IH=b_ih is not None, HAS_B_HH=b_hh is not None, SAVE_WS=ws.numel() > 0,
-        PRECISION=dot_precision(input.dtype), UPCAST=INTERPRETED,
-        ACC_DTYPE=tl_accumulator_dtype(input.dtype),
-        **config,
+        B, I, H, **launch,
     )
     return hy, cy, ws
 
@@ -202,14 +200,45 @@ def rnn_cell_backward(mode, grad_hy, grad_cy, hx, cx, hy, cy, workspace):
     dcx = new_output((B if lstm else 0, H), hy)
     if B == 0 or H == 0:
         return dg_ih, dg_hh, dh_direct, dcx
-    grid = (triton.cdiv(H, BACKWARD_CONFIG["BLOCK_H"]), triton.cdiv(B, BACKWARD_CONFIG["BLOCK_B"]))
+    launch = backward_launch(mode, hy.dtype, has_grad_cy=grad_cy is not None)
+    grid = (triton.cdiv(H, launch["BLOCK_H"]), triton.cdiv(B, launch["BLOCK_B"]))
     _rnn_cell_backward_kernel[grid](
         grad_hy, grad_cy if grad_cy is not None else grad_hy, hx,
         cx if cx is not None else hy, hy, cy if cy is not None else hy,
         workspace if workspace.numel() else hy,
         dg_ih, dg_hh if gru else dg_ih, dh_direct if gru else dg_ih, dcx if lstm else dg_ih,
-        B, H,
-        MODE=MODE_IDS[mode], G=G, HAS_GRAD_CY=grad_cy is not None,
-        ACC_DTYPE=tl_accumulator_dtype(hy.dtype), **BACKWARD_CONFIG,
+        B, H, **launch,
     )
     return dg_ih, dg_hh, dh_direct, dcx
+
+
+def forward_launch(mode, dtype, batch, *, has_b_ih, has_b_hh, save_ws, PRECISION, UPCAST) -> dict:
+    """The forward kernel's constexprs and warps for this call (the launch and its specs)."""
+    return dict(MODE=MODE_IDS[mode], G=GATES[mode], HAS_B_IH=has_b_ih, HAS_B_HH=has_b_hh,
+                SAVE_WS=save_ws, PRECISION=PRECISION, UPCAST=UPCAST,
+                ACC_DTYPE=tl_accumulator_dtype(dtype), **forward_config(batch, dtype))
+
+
+def backward_launch(mode, dtype, *, has_grad_cy) -> dict:
+    return dict(MODE=MODE_IDS[mode], G=GATES[mode], HAS_GRAD_CY=has_grad_cy,
+                ACC_DTYPE=tl_accumulator_dtype(dtype), **BACKWARD_CONFIG)
+
+
+def launch_specs() -> list[dict]:
+    """What the compile test checks: every mode's forward in bf16 and fp32 at the three
+    batch tiles (batch 1, 32, 100: 16, 32 and 64 rows), fp16 and fp64 on the largest cell
+    (LSTM), every backward in bf16 and fp32; each on its longest path (biases, workspace,
+    the LSTM's cell gradient)."""
+    specs = []
+    for mode in MODE_IDS:
+        for dtype in (torch.bfloat16, torch.float32):
+            specs += [launch_spec(_rnn_cell_forward_kernel, dtype, forward_launch(
+                mode, dtype, batch, has_b_ih=True, has_b_hh=True, save_ws=True, **GPU_DOT),
+                gemm=True) for batch in (1, 32, 100)]
+            specs.append(launch_spec(_rnn_cell_backward_kernel, dtype,
+                                     backward_launch(mode, dtype, has_grad_cy=True)))
+    for dtype in (torch.float16, torch.float64):
+        specs += [launch_spec(_rnn_cell_forward_kernel, dtype, forward_launch(
+            "lstm", dtype, batch, has_b_ih=True, has_b_hh=True, save_ws=True, **GPU_DOT),
+            gemm=True) for batch in (1, 100)]
+    return specs

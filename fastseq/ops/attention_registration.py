@@ -1,5 +1,5 @@
 """The registered attention ops (torch.ops.fastseq.attention_{forward,backward}_triton): custom
-ops around kernels/attention_launch.py, their fakes, and autograd on the forward op.
+ops around kernels/attention/launch.py, their fakes, and autograd on the forward op.
 
 Tensors here are already in the kernels' layout: q [B, H, L, E], k [B, Hk, S, E],
 v [B, Hk, S, EV], mask a [B, H, L, S] view (broadcast strides allowed) or None, seed int64 [1]
@@ -11,8 +11,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..kernels import attention_launch as _launch
-from ..kernels.common import accumulator_dtype
+from ..kernels.limits import accumulator_dtype
 from ._registration import register_fakes_and_autograd, triton_custom_op
 
 FORWARD = "fastseq::attention_forward_triton"
@@ -23,8 +22,10 @@ BACKWARD = "fastseq::attention_backward_triton"
 def attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                              seed: Optional[Tensor], dropout_p: float, is_causal: bool,
                              causal_shift: int, scale: float) -> tuple[Tensor, Tensor]:
-    return _launch.attention_forward(q, k, v, mask, seed, dropout_p, is_causal, causal_shift,
-                                     scale)
+    from ..kernels.attention import launch  # Triton is imported with the first launch
+
+    return launch.attention_forward(q, k, v, mask, seed, dropout_p, is_causal, causal_shift,
+                                    scale)
 
 
 @triton_custom_op(BACKWARD)
@@ -33,8 +34,10 @@ def attention_backward_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse
                               seed: Optional[Tensor], dropout_p: float, is_causal: bool,
                               causal_shift: int, scale: float
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch.attention_backward(dout, q, k, v, lse.contiguous(), delta.contiguous(), mask,
-                                      mask_grad, seed, dropout_p, is_causal, causal_shift, scale)
+    from ..kernels.attention import launch  # Triton is imported with the first launch
+
+    return launch.attention_backward(dout, q, k, v, lse.contiguous(), delta.contiguous(), mask,
+                                     mask_grad, seed, dropout_p, is_causal, causal_shift, scale)
 
 
 def _forward_fake(q, k, v, mask, seed, dropout_p, is_causal, causal_shift, scale):

@@ -32,8 +32,8 @@ the zero rows of rows with nothing visible are kernels/attention.py's.
 import triton
 import triton.language as tl
 
-from .attention import apply_mask, dropout_keep, finish_rows, online_softmax
-from .common import dot_acc
+from ..attention.kernel import apply_mask, dropout_keep, finish_rows, online_softmax
+from ..common import dot_acc
 
 
 @triton.jit

@@ -31,11 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRETED, accumulator_dtype, dot_acc, dot_precision, new_output, sigmoid,
-                     tanh, tl_accumulator_dtype)
-from .rnn_cell_layout import GATES, LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE, MODE_IDS
-from .rnn_layer import _batch_tile, _step_index, add_state_gradient, store_state
-from .rnn_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
+from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_acc, dot_precision,
+                      launch_spec, new_output, sigmoid, tanh, tl_accumulator_dtype)
+from .layout import GATES, LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE, MODE_IDS
+from .layer import add_state_gradient, batch_tile, step_index, store_state
+from .cell_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def _ln_rnn_forward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    offs_b, mask_b, rows_b, lengths = _batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
+    offs_b, mask_b, rows_b, lengths = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
     out_ty = y_ptr.dtype.element_ty
     BH = B * H
     GH = G * H
@@ -101,7 +101,7 @@ def _ln_rnn_forward_kernel(
     tl.debug_barrier()
 
     for step in range(0, T):
-        t = _step_index(step, T, REVERSE)
+        t = step_index(step, T, REVERSE)
         t64 = t.to(tl.int64)
         h_read = hbuf_ptr + (step % 2) * BH
         h_write = hbuf_ptr + ((step + 1) % 2) * BH
@@ -219,7 +219,7 @@ def _ln_rnn_backward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    offs_b, mask_b, rows_b, lengths = _batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
+    offs_b, mask_b, rows_b, lengths = batch_tile(len_ptr, T, B, HAS_LENGTHS, BLOCK_B)
     out_ty = dgx_ptr.dtype.element_ty
     BH = B * H
     GH = G * H
@@ -238,7 +238,7 @@ def _ln_rnn_backward_kernel(
     tl.debug_barrier()
 
     for step in range(0, T):
-        t = _step_index(step, T, not REVERSE)
+        t = step_index(step, T, not REVERSE)
         valid = (t < lengths)[:, None]
         if REVERSE:
             t_prev = t + 1
@@ -411,20 +411,18 @@ def layer_norm_rnn_forward(mode, gates_x, h0, c0, w_hh, b_hh, ln_hh_weight, ln_c
     hbuf = torch.empty((2, B, H), dtype=acc, device=gates_x.device)
     cbuf = torch.empty((B if lstm else 1, H), dtype=acc, device=gates_x.device)
     pbuf = torch.empty((B, GH), dtype=acc, device=gates_x.device)
-    config = layer_norm_config(gates_x.dtype, "forward", mode)
-    grid = (triton.cdiv(B, config["BLOCK_B"]),)
+    launch = layer_norm_launch("forward", mode, gates_x.dtype, has_lengths=lengths is not None,
+                               reverse=reverse, PRECISION=dot_precision(gates_x.dtype),
+                               UPCAST=INTERPRETED, HAS_B_HH=b_hh is not None,
+                               SAVE_WS=ws.numel() > 0)
+    grid = (triton.cdiv(B, launch["BLOCK_B"]),)
     _ln_rnn_forward_kernel[grid](
         gates_x, h0, c0 if lstm else h0, w_hh, b_hh if b_hh is not None else h0, ln_hh_weight,
         ln_c_weight if lstm else h0, ln_c_bias if lstm else h0,
         lengths if lengths is not None else h0,
         y, h_n, c_n if lstm else h_n, ws if ws.numel() else y, stats if stats.numel() else hbuf,
         hbuf, cbuf, pbuf,
-        T, B, H, eps,
-        MODE=MODE_IDS[mode], G=GATES[mode], WS=LN_WORKSPACE[mode], NP=LN_PROJECTION_COLUMN[mode],
-        S=LN_STATS[mode],
-        HAS_B_HH=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
-        SAVE_WS=ws.numel() > 0, PRECISION=dot_precision(gates_x.dtype), UPCAST=INTERPRETED,
-        ACC_DTYPE=tl_accumulator_dtype(acc), **config,
+        T, B, H, eps, **launch,
     )
     return y, h_n, c_n, ws, stats
 
@@ -455,18 +453,46 @@ def layer_norm_rnn_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, ln_h
     dhbuf = torch.empty((B, H), dtype=acc, device=y.device)
     dcbuf = torch.empty((B if lstm else 1, H), dtype=acc, device=y.device)
     dqbuf = torch.empty((B, G * H), dtype=acc, device=y.device)
-    config = layer_norm_config(y.dtype, "backward", mode)
-    grid = (triton.cdiv(B, config["BLOCK_B"]),)
+    launch = layer_norm_launch("backward", mode, y.dtype, has_lengths=lengths is not None,
+                               reverse=reverse, PRECISION=dot_precision(y.dtype),
+                               UPCAST=INTERPRETED, HAS_GRAD_CN=grad_c_n is not None)
+    grid = (triton.cdiv(B, launch["BLOCK_B"]),)
     _ln_rnn_backward_kernel[grid](
         grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0, c0 if lstm else h0,
         w_hh, ln_hh_weight, ln_c_weight if lstm else h0, ln_c_bias if lstm else h0, y, workspace,
         stats, lengths if lengths is not None else h0,
         dgx, dq if gru else dgx, dp, da if lstm else dgx, dh0, dc0 if lstm else dh0,
         dhbuf, dcbuf, dqbuf,
-        T, B, H,
-        MODE=MODE_IDS[mode], G=G, WS=LN_WORKSPACE[mode], NP=LN_PROJECTION_COLUMN[mode], S=LN_STATS[mode],
-        HAS_LENGTHS=lengths is not None, HAS_GRAD_CN=grad_c_n is not None, REVERSE=reverse,
-        PRECISION=dot_precision(y.dtype), UPCAST=INTERPRETED,
-        ACC_DTYPE=tl_accumulator_dtype(acc), **config,
+        T, B, H, **launch,
     )
     return dgx, dq, dp, da, dh0, dc0
+
+
+def layer_norm_launch(kernel, mode, dtype, *, has_lengths, reverse, PRECISION, UPCAST,
+                      **flags) -> dict:
+    """The forward or backward kernel's constexprs and warps for this call (the launch and its
+    specs); flags: the forward's HAS_B_HH and SAVE_WS, the backward's HAS_GRAD_CN."""
+    return dict(MODE=MODE_IDS[mode], G=GATES[mode], WS=LN_WORKSPACE[mode],
+                NP=LN_PROJECTION_COLUMN[mode], S=LN_STATS[mode], HAS_LENGTHS=has_lengths,
+                REVERSE=reverse, PRECISION=PRECISION, UPCAST=UPCAST,
+                ACC_DTYPE=tl_accumulator_dtype(dtype), **flags,
+                **layer_norm_config(dtype, kernel, mode))
+
+
+def launch_specs() -> list[dict]:
+    """What the compile test checks: the layer-normalized LSTM and GRU, forward and backward,
+    in bf16 and fp32, on the longest path (reverse, lengths, biases, workspace)."""
+    specs = []
+    for kernel, fn in (("forward", _ln_rnn_forward_kernel), ("backward", _ln_rnn_backward_kernel)):
+        flags = {"HAS_B_HH": True, "SAVE_WS": True} if kernel == "forward" else \
+            {"HAS_GRAD_CN": True}
+        for mode in ("lstm", "gru"):
+            for dtype in (torch.bfloat16, torch.float32):
+                state = accumulator_dtype(dtype)
+                pointers = {"len_ptr": "i32", **{name: state for name in (
+                    "stats_ptr", "hbuf_ptr", "cbuf_ptr", "pbuf_ptr", "dhbuf_ptr", "dcbuf_ptr",
+                    "dqbuf_ptr")}}
+                specs.append(launch_spec(fn, dtype, layer_norm_launch(
+                    kernel, mode, dtype, has_lengths=True, reverse=True, **GPU_DOT, **flags),
+                    pointers=pointers, scalars={"eps": "fp32"}, gemm=True))
+    return specs

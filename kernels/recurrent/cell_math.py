@@ -10,7 +10,7 @@ alone. The four saved values w0..w3 per unit are LSTM i, f, g, o and GRU r, z, n
 import triton
 import triton.language as tl
 
-from .common import dot_acc, sigmoid, tanh
+from ..common import dot_acc, sigmoid, tanh
 
 
 @triton.jit

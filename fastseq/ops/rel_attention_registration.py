@@ -1,6 +1,6 @@
 """The registered relative-position attention ops
 (torch.ops.fastseq.rel_attention_{forward,backward}_triton): custom ops around
-kernels/rel_attention_launch.py, their fakes, and autograd on the forward op.
+kernels/rel_attention/launch.py, their fakes, and autograd on the forward op.
 
 Tensors here are in the kernels' layout: qu = query + content_bias and qv = query +
 position_bias [B, H, L, E], k [B, H, S, E], v [B, H, S, EV], pos [P, H, E], mask a
@@ -14,8 +14,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..kernels import rel_attention_launch as _launch
-from ..kernels.common import accumulator_dtype
+from ..kernels.limits import accumulator_dtype
 from ._registration import register_fakes_and_autograd, triton_custom_op
 
 FORWARD = "fastseq::rel_attention_forward_triton"
@@ -34,9 +33,11 @@ def rel_attention_forward_triton(qu: Tensor, qv: Tensor, k: Tensor, v: Tensor, p
                                  mask: Optional[Tensor], seed: Optional[Tensor],
                                  dropout_p: float, is_causal: bool, window: Optional[int],
                                  pos_offset: int, scale: float) -> tuple[Tensor, Tensor]:
+    from ..kernels.rel_attention import launch  # Triton is imported with the first launch
+
     qu, qv = _same_strides(qu, qv)
-    return _launch.rel_attention_forward(qu, qv, k, v, pos, mask, seed, dropout_p, is_causal,
-                                         window, pos_offset, scale)
+    return launch.rel_attention_forward(qu, qv, k, v, pos, mask, seed, dropout_p, is_causal,
+                                        window, pos_offset, scale)
 
 
 @triton_custom_op(BACKWARD)
@@ -45,10 +46,12 @@ def rel_attention_backward_triton(
         delta: Tensor, mask: Optional[Tensor], mask_grad: bool, seed: Optional[Tensor],
         dropout_p: float, is_causal: bool, window: Optional[int], pos_offset: int,
         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels.rel_attention import launch  # Triton is imported with the first launch
+
     qu, qv = _same_strides(qu, qv)
-    return _launch.rel_attention_backward(dout, qu, qv, k, v, pos, lse.contiguous(),
-                                          delta.contiguous(), mask, mask_grad, seed, dropout_p,
-                                          is_causal, window, pos_offset, scale)
+    return launch.rel_attention_backward(dout, qu, qv, k, v, pos, lse.contiguous(),
+                                         delta.contiguous(), mask, mask_grad, seed, dropout_p,
+                                         is_causal, window, pos_offset, scale)
 
 
 def _forward_fake(qu, qv, k, v, pos, mask, seed, dropout_p, is_causal, window, pos_offset,

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension
-from ..kernels.rnn_cell_layout import GATES, LAYER_WORKSPACE
+from ..kernels.recurrent.layout import GATES, LAYER_WORKSPACE
 from ._registration import (contiguous_or_none, register_fakes_and_autograd,
                             triton_custom_op)
 
@@ -47,7 +47,7 @@ def _triton_forward(
     b_hh: Optional[Tensor], lengths: Optional[Tensor], zoneout_h: Optional[Tensor],
     zoneout_c: Optional[Tensor], reverse: bool, save_workspace: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from ..kernels import rnn_layer
+    from ..kernels.recurrent import layer as rnn_layer
 
     gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c = contiguous_or_none(
         gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c)
@@ -60,7 +60,7 @@ def _triton_backward(
     c0: Optional[Tensor], w_hh: Tensor, y: Tensor, workspace: Tensor, lengths: Optional[Tensor],
     zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor], reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from ..kernels import rnn_layer
+    from ..kernels.recurrent import layer as rnn_layer
 
     if LAYER_WORKSPACE[mode] and workspace.numel() == 0 and y.numel() > 0:
         raise RuntimeError("fastseq: the workspace is empty: the forward ran with "

@@ -13,13 +13,13 @@ Under the interpreter one 16 x 16 configuration, as for attention.
 import torch
 import triton
 
-from .attention_launch import head_block, heavy_launch, length_bucket, mask_arguments
-from .common import (INTERPRETED, accumulator_dtype, dot_precision, new_output,
-                     tl_accumulator_dtype)
-from .rel_attention import rel_attention_forward_kernel
-from .rel_attention_backward import (rel_attention_backward_key_kernel,
-                                     rel_attention_backward_pos_kernel,
-                                     rel_attention_backward_query_kernel)
+from ..attention.kernel import BOOL_KEY_MASK, FLOAT_MASK
+from ..attention.launch import head_block, heavy_launch, length_bucket, mask_arguments
+from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_precision, launch_spec,
+                      new_output, tl_accumulator_dtype)
+from .backward import (rel_attention_backward_key_kernel, rel_attention_backward_pos_kernel,
+                       rel_attention_backward_query_kernel)
+from .forward import rel_attention_forward_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -49,18 +49,23 @@ HALF_CANDIDATES = {
     ("backward_key", 64, False): [(16, 16, 4)],                        # checked
     ("backward_key", 64, True): [(16, 16, 4)],                         # checked
     ("backward_key", 128, False): [(16, 16, 8)],                       # checked (3.6: 4 warps spill)
-    ("backward_key", 128, True): [(16, 16, 4)],
+    ("backward_key", 128, True): [(16, 16, 8)],                        # 4 warps spilled
     ("backward_query", 64, False): [(16, 16, 4)],                      # checked
     ("backward_query", 64, True): [(16, 16, 4)],                       # checked
-    ("backward_query", 128, False): [(16, 16, 4)],
-    ("backward_query", 128, True): [(16, 16, 4)],
+    ("backward_query", 128, False): [(16, 16, 8)],                     # 3.6: 4 warps spilled
+    ("backward_query", 128, True): [(16, 16, 8)],                      # 3.6: 4 warps spilled
 }
-FP32_CANDIDATES = {"forward": [(16, 16, 4)], "backward_key": [(16, 16, 4)],
-                   "backward_query": [(16, 16, 4)]}
-# The d(pos) kernel's square tile and warps per dtype class.
-POS_TILE = {"half": (16, 4), "fp32": (16, 4)}
+# fp32: the backward kernels spilled at 4 warps (dQ under both Tritons, dK/dV under 3.6).
+FP32_CANDIDATES = {"forward": [(16, 16, 4)], "backward_key": [(16, 16, 8)],
+                   "backward_query": [(16, 16, 8)]}
+# The d(pos) kernel's square tile, warps and pipeline stages per dtype class and head-dim
+# class: at 4 warps the half-precision one spilled at head dim 128 under triton 3.6; the fp32
+# one spilled at 4 and 8 warps with 2 or 3 stages under both Tritons, and is clean at 8 warps
+# with 1 stage (16 warps broke Triton's gather lowering: an assertion in
+# OptimizeThreadLocality).
+POS_TILE = {("half", 64): (16, 4, 3), ("half", 128): (16, 8, 3), ("fp32", 64): (16, 8, 1),
+            ("fp32", 128): (16, 8, 1)}
 INTERPRETER_BLOCK = 16
-MAX_HEAD_DIM = 128
 _tuned: dict = {}
 
 
@@ -74,11 +79,13 @@ def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int, heavy: bool
     return [_config(kernel, m, n, w, 3) for m, n, w in shapes]
 
 
-def pos_tile(dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK, warps) of the d(pos) kernel."""
-    if INTERPRETED:
-        return INTERPRETER_BLOCK, 4
-    return POS_TILE["half" if dtype in (torch.float16, torch.bfloat16) else "fp32"]
+def pos_tile(dtype: torch.dtype, block_d: int, interpreted: bool = INTERPRETED
+             ) -> tuple[int, int, int]:
+    """(BLOCK, warps, stages) of the d(pos) kernel."""
+    if interpreted:
+        return INTERPRETER_BLOCK, 4, 1
+    return POS_TILE[("half" if dtype in (torch.float16, torch.bfloat16) else "fp32",
+                     64 if block_d <= 64 else 128)]
 
 
 # The interpreter's forward tile (BLOCK_M, BLOCK_N); a test sets (32, 16) to run the forward's
@@ -99,13 +106,20 @@ def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int, heavy: bool):
     return _tuned[key], {}
 
 
+def feature_constexprs(dtype, block_d, block_dv, is_causal, has_window, dropout, PRECISION,
+                       UPCAST) -> dict:
+    """The constexprs every relative-attention kernel takes (the launch and its specs)."""
+    return {"BLOCK_D": block_d, "BLOCK_DV": block_dv, "IS_CAUSAL": is_causal,
+            "HAS_WINDOW": has_window, "DROPOUT": dropout, "PRECISION": PRECISION,
+            "UPCAST": UPCAST, "ACC_DTYPE": tl_accumulator_dtype(dtype)}
+
+
 def _common(qu, k, v, pos, is_causal, window, dropout_p):
     B, H, L, E = qu.shape
     S, EV = k.shape[2], v.shape[3]
-    constexprs = {"BLOCK_D": head_block(E), "BLOCK_DV": head_block(EV), "IS_CAUSAL": is_causal,
-                  "HAS_WINDOW": window is not None, "DROPOUT": dropout_p > 0.0,
-                  "PRECISION": dot_precision(qu.dtype), "UPCAST": INTERPRETED,
-                  "ACC_DTYPE": tl_accumulator_dtype(qu.dtype)}
+    constexprs = feature_constexprs(qu.dtype, head_block(E), head_block(EV), is_causal,
+                                    window is not None, dropout_p > 0.0,
+                                    dot_precision(qu.dtype), INTERPRETED)
     return B, H, L, S, E, EV, pos.shape[0], constexprs
 
 
@@ -164,15 +178,70 @@ def rel_attention_backward(dout, qu, qv, k, v, pos, lse, delta, mask, mask_grad:
     kernel[grid](*arguments, dqu, dqv, *strides, H, *scalars, MASK_KIND=mask_kind,
                  **constexprs, **launch)
 
-    block, warps = pos_tile(qu.dtype)
+    block, warps, stages = pos_tile(qu.dtype, constexprs["BLOCK_D"])
     diagonals = triton.cdiv(L, block) + triton.cdiv(S, block) - 1
     dband = new_output((H, diagonals, 2 * block, E),
                        qu.new_empty(0, dtype=accumulator_dtype(qu.dtype)))
     rel_attention_backward_pos_kernel[(diagonals, H)](
-        *arguments, dband, *strides, B, H, *scalars, BLOCK=block, BAND=2 * block,
-        MASK_KIND=mask_kind, **constexprs, num_warps=warps)
+        *arguments, dband, *strides, B, H, *scalars, MASK_KIND=mask_kind,
+        **pos_launch(block, warps, stages), **constexprs)
     dpos = fold_band_gradient(dband, L, S, P, block, int(pos_offset)).to(pos.dtype)
     return dqu, dqv, dk, dv, dpos, dmask
+
+
+def pos_launch(block: int, warps: int, stages: int) -> dict:
+    """The d(pos) kernel's tile: square, its band two blocks of rows."""
+    return {"BLOCK": block, "BAND": 2 * block, "num_warps": warps, "num_stages": stages}
+
+
+KERNELS = {"forward": rel_attention_forward_kernel,
+           "backward_key": rel_attention_backward_key_kernel,
+           "backward_query": rel_attention_backward_query_kernel}
+
+
+def _spec_types(dtype, heavy, kernel):
+    acc = accumulator_dtype(dtype)
+    pointers = {"lse_ptr": acc, "delta_ptr": acc, "seed_ptr": "i64",
+                "mask_ptr": dtype if heavy else "u8"}
+    if kernel == "backward_pos":
+        pointers["dband_ptr"] = acc
+    return pointers, {"qk_scale2": "fp32", "scale": "fp32", "dropout_p": "fp32"}
+
+
+def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int, heavy: bool) -> list[dict]:
+    """Every candidate of one kernel (the d(pos) kernel: its one tile) for a dtype, head dim
+    and feature set, causal with a window (the longest path); heavy = a float mask tile with
+    its gradient and dropout, light = a key-padding mask."""
+    pointers, scalars = _spec_types(dtype, heavy, kernel)
+    features = dict(MASK_KIND=FLOAT_MASK if heavy else BOOL_KEY_MASK,
+                    **feature_constexprs(dtype, head_dim, head_dim, True, True, heavy, **GPU_DOT))
+    if kernel == "backward_pos":
+        return [launch_spec(rel_attention_backward_pos_kernel, dtype,
+                            dict(features, **pos_launch(*pos_tile(dtype, head_dim, False))),
+                            pointers=pointers,
+                            scalars=scalars, gemm=True)]
+    specs = []
+    for config in candidate_configs(kernel, dtype, head_dim, heavy):
+        launch = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
+                      **features)
+        if kernel == "backward_key":
+            launch["MASK_GRAD"] = heavy
+        specs.append(launch_spec(KERNELS[kernel], dtype, launch, pointers=pointers,
+                                 scalars=scalars, gemm=True))
+    return specs
+
+
+def launch_specs() -> list[dict]:
+    """What the compile test checks: every bf16 candidate of the four kernels at head dims 64
+    and 128, light and heavy, and the fp32 ones at 64 (and the d(pos) kernel's at 128). Not
+    checked: fp32 dQ at head dim 128, whose 16 x 16 tile spilled under one Triton or the other
+    at every warps/stages tried (8 warps: 2 stages spill under 3.6, 1 stage under 3.8);
+    relative attention trains in bf16 on GPUs, and fp32 there runs, slower."""
+    kernels = (*KERNELS, "backward_pos")
+    return ([spec for kernel in kernels for d in (64, 128) for heavy in (False, True)
+             for spec in kernel_specs(kernel, torch.bfloat16, d, heavy)]
+            + [spec for kernel in kernels for spec in kernel_specs(kernel, torch.float32, 64, False)]
+            + kernel_specs("backward_pos", torch.float32, 128, False))
 
 
 def fold_band_gradient(dband, L: int, S: int, P: int, block: int, pos_offset: int):

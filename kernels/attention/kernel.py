@@ -25,7 +25,7 @@ group's heads are summed afterwards), another per query block accumulates dQ.
 import triton
 import triton.language as tl
 
-from .common import dot_acc
+from ..common import dot_acc
 
 # MASK_KIND: none, a bool or float [L, S] tile per (batch, head), or one bool or float row of S
 # keys shared by every query

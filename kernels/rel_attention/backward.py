@@ -18,10 +18,10 @@ probabilities from the forward's log-sum-exp (delta = rowsum(dO * O) - dlse from
 import triton
 import triton.language as tl
 
-from .attention import (accumulate_key_gradients, apply_mask, load_row_stats,
+from ..attention.kernel import (accumulate_key_gradients, apply_mask, load_row_stats,
                         score_gradient)
-from .common import dot_acc
-from .rel_attention import (band_index, pos_band_rows, query_block_key_ranges,
+from ..common import dot_acc
+from .forward import (band_index, pos_band_rows, query_block_key_ranges,
                             relative_visibility, split_range)
 
 

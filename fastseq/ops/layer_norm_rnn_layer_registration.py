@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels.rnn_cell_layout import GATES, LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE
+from ..kernels.recurrent.layout import GATES, LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE
 from ._registration import (contiguous_or_none, register_fakes_and_autograd,
                             triton_custom_op)
-from .rnn_layer_ops import previous_states
+from .rnn_layer_registration import previous_states
 
 FORWARD = "fastseq::layer_norm_rnn_layer_forward_triton"
 BACKWARD = "fastseq::layer_norm_rnn_layer_backward_triton"
@@ -37,7 +37,7 @@ def layer_norm_rnn_layer_forward_triton(
     ln_c_bias: Optional[Tensor], lengths: Optional[Tensor], eps: float, reverse: bool,
     save_workspace: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from ..kernels import layer_norm_rnn_layer
+    from ..kernels.recurrent import layer_norm_layer as layer_norm_rnn_layer
 
     lstm = mode == "lstm"
     args = contiguous_or_none(gates_x, h0, c0 if lstm else None, w_hh, b_hh, ln_hh_weight,
@@ -52,7 +52,7 @@ def layer_norm_rnn_layer_backward_triton(
     ln_c_bias: Optional[Tensor], y: Tensor, workspace: Tensor, stats: Tensor,
     lengths: Optional[Tensor], reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from ..kernels import layer_norm_rnn_layer
+    from ..kernels.recurrent import layer_norm_layer as layer_norm_rnn_layer
 
     if workspace.numel() == 0 and y.shape[0] > 0 and y.shape[1] > 0:
         raise RuntimeError("fastseq: the workspace is empty: the forward ran with "
