@@ -27,7 +27,7 @@ if importlib.util.find_spec("fastseq.kernels") is None:
         "elsewhere")
 
 from . import _extension
-from .backend import BackendError, backends, use_backend
+from .backend import BackendError, backends, explain, use_backend
 from . import ops, nn, reference  # noqa: E402
 from .ops._checks import InputError
 from .nn.scripting import TorchScriptError
@@ -35,7 +35,7 @@ from .ops._registration import DoubleBackwardError
 from .patching import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["backends", "use_backend", "BackendError", "InputError", "DoubleBackwardError",
-           "TorchScriptError", "ops", "nn", "reference", "build_info", "patch", "unpatch",
-           "PatchReport"]
+__all__ = ["backends", "use_backend", "explain", "BackendError", "InputError",
+           "DoubleBackwardError", "TorchScriptError", "ops", "nn", "reference", "build_info",
+           "patch", "unpatch", "PatchReport"]
 build_info = _extension.build_info

@@ -5,17 +5,22 @@
   torch      PyTorch's own kernels for the same computation (aten/cuDNN), where torch has them
   reference  fastseq.reference: plain, readable PyTorch; the ground truth
 
-`auto` (the default) takes, per call, the first backend of the op's preference order for that
-device that can serve the call; each backend states why it cannot (not built, no GPU, dtype),
-and an explicitly requested backend that cannot serve a call raises BackendError with that
-reason instead of silently running something else. Override order: an op's `backend=`
-keyword, then the innermost `use_backend(...)` block, then the FASTSEQ_BACKEND variable.
+Each op declares its backends once (OpBackends, beside the op): for every backend, why it
+cannot serve a call (None when it can), auto's preference order per device, and what a backend
+runs inside where it has several ways (the native recurrence's persistent kernel or GEMM loop,
+the Triton bidirectional layer's one launch). `auto` (the default) takes, per call, the first
+backend of the order that can serve the call; an explicitly requested backend that cannot
+raises BackendError with its reason instead of silently running something else. Override
+order: an op's `backend=` keyword, then the innermost `use_backend(...)` block, then the
+FASTSEQ_BACKEND variable. fastseq.explain(fn, *args) runs a call and reports each choice made.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -153,6 +158,119 @@ def choose(
             return name
         reasons.append(f"{name}: {reason}")
     raise BackendError(f"{op}: no backend can run this call ({'; '.join(reasons)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpBackends:
+    """One op's backends, declared once.
+
+    refusals: backend -> f(call) giving why it cannot serve the call (None: it can); `call` is
+    the op's dict of checked arguments, with its "device" (and its "op" name where one
+    declaration serves several public functions). preference: device type -> auto's
+    order, or f(call) -> order ("cpu" serves any other type). variants: backend -> f(call) describing what that
+    backend runs for the call, where it has more than one way (reported by explain)."""
+    op: str
+    refusals: Mapping[str, Callable[[dict], Optional[str]]]
+    preference: Mapping[str, tuple[str, ...]]
+    variants: Mapping[str, Callable[[dict], str]] = dataclasses.field(default_factory=dict)
+
+    def order(self, call: dict) -> tuple[str, ...]:
+        order = self.preference.get(call["device"].type, self.preference["cpu"])
+        return order(call) if callable(order) else order
+
+    def choose(self, call: dict, backend: Optional[str] = None) -> str:
+        """The backend that runs this call (the only place a backend is decided)."""
+        requested = requested_backend(backend)
+        unsupported = {name: functools.partial(refuse, call)
+                       for name, refuse in self.refusals.items()}
+        if _explanations:  # inside fastseq.explain(): record the verdicts (never under compile)
+            _explanations[-1].append(Decision.of(self, call, requested))
+        return choose(call.get("op", self.op), requested, self.order(call), unsupported)
+
+
+# The decision logs of the fastseq.explain() calls in progress (innermost last).
+_explanations: list[list] = []
+
+
+@dataclasses.dataclass
+class Decision:
+    """One op call's choice: what was asked, what ran, and every backend's verdict."""
+    op: str
+    requested: str
+    device: str
+    order: tuple[str, ...]
+    verdicts: dict  # backend -> None (can serve) or why not
+    chosen: Optional[str]
+    variant: Optional[str]
+    error: Optional[str]
+
+    @classmethod
+    def of(cls, backends: OpBackends, call: dict, requested: str) -> "Decision":
+        verdicts = {name: refuse(call) for name, refuse in backends.refusals.items()}
+        order = backends.order(call)
+        chosen, error = None, None
+        if requested != "auto":
+            if requested not in verdicts:
+                error = f"backend {requested!r} has no implementation of this op"
+            elif verdicts[requested] is not None:
+                error = f"backend {requested!r} cannot run this call: {verdicts[requested]}"
+            else:
+                chosen = requested
+        else:
+            chosen = next((name for name in order if verdicts[name] is None), None)
+            error = None if chosen else "no backend can run this call"
+        variant = backends.variants[chosen](call) if chosen in backends.variants else None
+        return cls(call.get("op", backends.op), requested, str(call["device"]), order, verdicts,
+                   chosen, variant, error)
+
+    def __str__(self) -> str:
+        head = f"{self.op} on {self.device}, backend={self.requested}: "
+        head += f"runs {self.chosen}" if self.chosen else f"raises BackendError ({self.error})"
+        if self.variant:
+            head += f" ({self.variant})"
+        lines = [head]
+        ranked = list(self.order) + [name for name in self.verdicts if name not in self.order]
+        for name in ranked:
+            if name == self.chosen:
+                continue
+            reason = self.verdicts[name]
+            if reason is not None:
+                lines.append(f"  {name}: passed over: {reason}")
+            elif self.requested != "auto":
+                lines.append(f"  {name}: could serve it; not requested")
+            elif name in self.order and self.order.index(name) > self.order.index(self.chosen):
+                lines.append(f"  {name}: could serve it; later in auto's order {self.order}")
+            else:
+                lines.append(f"  {name}: could serve it; not in auto's order for this device")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Explanation:
+    """What fastseq.explain() saw: one Decision per fastseq op or layer call, in order."""
+    decisions: list
+    result: Any = None
+    error: Optional[Exception] = None
+
+    def __str__(self) -> str:
+        lines = [str(d) for d in self.decisions] or ["no fastseq op chose a backend in this call"]
+        if self.error is not None:
+            lines.append(f"raised {type(self.error).__name__}: {self.error}")
+        return "\n".join(lines)
+
+
+def explain(fn: Callable, *args, **kwargs) -> Explanation:
+    """Run fn(*args, **kwargs) (a fastseq op, a layer or a whole model) and return what each
+    fastseq call inside it ran and why every other backend was passed over (print it). The
+    call runs for real, so the report is what happened, not a prediction; a call that a
+    backend refuses returns its decisions with the BackendError in `error`."""
+    _explanations.append([])
+    try:
+        return Explanation(_explanations[-1], result=fn(*args, **kwargs))
+    except BackendError as error:
+        return Explanation(_explanations[-1], error=error)
+    finally:
+        _explanations.pop()
 
 
 def backends() -> dict:

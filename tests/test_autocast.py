@@ -10,6 +10,16 @@ import fastseq
 
 from conftest import TRITON_TEST_DEVICE
 
+# Which public op each test covers (tests/test_registry.py checks every op is named here).
+COVERS = {"attention": ["test_attention_follows_sdpa", "test_multihead_attention_and_rel_attention"],
+          "rel_attention": ["test_multihead_attention_and_rel_attention"],
+          "rnn_layer": ["test_recurrent_layers_follow_torch"],
+          "rnn_bidirectional_layer": ["test_recurrent_layers_follow_torch"],
+          "lstm_cell": ["test_cells_follow_torch"], "gru_cell": ["test_cells_follow_torch"],
+          "rnn_tanh_cell": ["test_cells_follow_torch"], "rnn_relu_cell": ["test_cells_follow_torch"],
+          "layer_norm_rnn_layer": ["test_layer_norm_layers_take_their_plain_layers_dtype"]}
+EXCLUDES: dict = {}
+
 DEVICE = TRITON_TEST_DEVICE
 AUTOCAST = torch.bfloat16
 
@@ -51,13 +61,16 @@ def test_multihead_attention_and_rel_attention():
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
-@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
-def test_recurrent_layers_follow_torch(cls, backend):
+@pytest.mark.parametrize("cls,bidirectional", [("LSTM", False), ("GRU", False), ("RNN", False),
+                                               ("LSTM", True)])
+def test_recurrent_layers_follow_torch(cls, bidirectional, backend):
+    """Through rnn_layer, and rnn_bidirectional_layer for the bidirectional LSTM."""
     if backend == "native" and fastseq.backend.native_unavailable(DEVICE) is not None:
         pytest.skip("the native extension is not built")
     torch.manual_seed(0)
-    theirs = getattr(torch.nn, cls)(8, 6, device=DEVICE)
-    ours = getattr(fastseq.nn, cls)(8, 6, device=DEVICE, backend=backend)
+    theirs = getattr(torch.nn, cls)(8, 6, device=DEVICE, bidirectional=bidirectional)
+    ours = getattr(fastseq.nn, cls)(8, 6, device=DEVICE, backend=backend,
+                                    bidirectional=bidirectional)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(5, 3, 8, device=DEVICE)
     got = under_autocast(lambda: ours(x)[0])
@@ -66,11 +79,12 @@ def test_recurrent_layers_follow_torch(cls, backend):
     assert all(p.grad.dtype == torch.float32 for p in ours.parameters())
 
 
-@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
-def test_cells_follow_torch(cls):
+@pytest.mark.parametrize("cls,kwargs", [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {}),
+                                        ("RNNCell", {"nonlinearity": "relu"})])
+def test_cells_follow_torch(cls, kwargs):
     torch.manual_seed(0)
-    theirs = getattr(torch.nn, cls)(8, 6, device=DEVICE)
-    ours = getattr(fastseq.nn, cls)(8, 6, device=DEVICE, backend="reference")
+    theirs = getattr(torch.nn, cls)(8, 6, device=DEVICE, **kwargs)
+    ours = getattr(fastseq.nn, cls)(8, 6, device=DEVICE, backend="reference", **kwargs)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(3, 8, device=DEVICE)
 

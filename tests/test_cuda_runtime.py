@@ -1,8 +1,9 @@
 """CUDA runtime behaviour of the fused ops (runs in the GPU run, bench/gpu_run.sh; a CPU has
 nothing to check here): CUDA-graph capture of forward and backward, the current stream
 honoured, no host sync, memory flat over repeated calls, a tensor on cuda:1 served on cuda:1.
-Cases: attention, relative attention, an LSTM layer on Triton and on the native (persistent)
-kernel, a GRU cell step."""
+Cases: every public op (attention, relative attention, an LSTM layer on Triton and on the
+native (persistent) kernel, both directions in one launch, the layer-normalized LSTM, the cell
+steps)."""
 import pytest
 import torch
 
@@ -43,13 +44,44 @@ def gru_cell(x, w_ih, w_hh, b_ih, b_hh):
     return fastseq.ops.gru_cell(x[0], None, w_ih[:384], w_hh[:384, :128], b_ih[:384], b_hh[:384])
 
 
+def lstm_cell(x, w_ih, w_hh, b_ih, b_hh):
+    """The LSTM cell on Triton and the RNN cells on native (fp32: native's first choice)."""
+    h = fastseq.ops.lstm_cell(x[0], None, w_ih, w_hh, b_ih, b_hh, backend="triton")[0]
+    h = fastseq.ops.rnn_tanh_cell(x[1], h, w_ih[:128], w_hh[:128], backend="native")
+    return fastseq.ops.rnn_relu_cell(x[2], h, w_ih[:128], w_hh[:128], backend="native")
+
+
+def lstm_bidirectional(x, w_ih, w_hh, b_ih, b_hh):
+    """Both directions in one Triton launch."""
+    weights = (w_ih, w_hh, b_ih, b_hh)
+    return fastseq.ops.rnn_bidirectional_layer("lstm", x, None, weights, weights,
+                                               lengths=[50] * 8 + [17] * 8, backend="triton")[0]
+
+
+def layer_norm_lstm(x, w_ih, w_hh, b_ih, b_hh):
+    gains = torch.ones(512, device=x.device)
+    return fastseq.ops.layer_norm_rnn_layer("lstm", x, None, w_ih, w_hh, b_ih, b_hh, gains,
+                                            gains, gains[:128], b_hh[:128], backend="triton")[0]
+
+
 CASES = {
     "attention": (attention_inputs, lambda *t: fastseq.ops.attention(*t, is_causal=True)),
     "rel_attention": (rel_inputs, lambda *t: fastseq.ops.rel_attention(*t, window=120)),
     "lstm_triton": (lstm_inputs, lstm_layer("triton")),
     "lstm_native": (lstm_inputs, lstm_layer("native")),  # the persistent (cooperative) kernel
     "gru_cell": (lstm_inputs, gru_cell),
+    "lstm_and_rnn_cells": (lstm_inputs, lstm_cell),
+    "lstm_bidirectional": (lstm_inputs, lstm_bidirectional),
+    "layer_norm_lstm": (lstm_inputs, layer_norm_lstm),
 }
+# Which public op each test covers (tests/test_registry.py checks every op is named here):
+# every test runs every case.
+_ALL = ["test_cuda_graph_capture_of_forward_and_backward", "test_current_stream_is_honoured",
+        "test_memory_stays_flat", "test_second_device", "test_no_host_sync_in_the_hot_path"]
+COVERS = {op: _ALL for op in ("attention", "rel_attention", "rnn_layer", "gru_cell", "lstm_cell",
+                              "rnn_tanh_cell", "rnn_relu_cell", "rnn_bidirectional_layer",
+                              "layer_norm_rnn_layer")}
+EXCLUDES: dict = {}
 
 
 def forward_backward(fn, leaves, grad):

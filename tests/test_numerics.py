@@ -14,6 +14,19 @@ from recurrent_cases import layer_backends
 
 pytestmark = pytest.mark.usefixtures("on_triton_test_device")
 
+# Which public op each test covers (tests/test_registry.py checks every op is named here).
+_CELLS = ["test_recurrent_cell_empty_batch"]
+COVERS = {"rnn_layer": ["test_ten_thousand_steps", "test_recurrent_layer_empty_shapes",
+                        "test_repeated_calls_leave_nothing_behind"],
+          "rnn_bidirectional_layer": ["test_recurrent_modules_empty_shapes"],
+          "layer_norm_rnn_layer": ["test_recurrent_modules_empty_shapes"],
+          "lstm_cell": _CELLS, "gru_cell": _CELLS, "rnn_tanh_cell": _CELLS, "rnn_relu_cell": _CELLS,
+          "attention": ["test_attention_scores_near_the_fp16_limit",
+                        "test_repeated_calls_leave_nothing_behind"],
+          "rel_attention": ["test_rel_attention_scores_near_the_fp16_limit",
+                            "test_repeated_calls_leave_nothing_behind"]}
+EXCLUDES: dict = {}
+
 
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_ten_thousand_steps(mode):
@@ -153,7 +166,7 @@ def test_recurrent_layer_empty_shapes(mode, T, B):
             assert all(gr is None or torch.count_nonzero(gr) == 0 for gr in grads), backend
 
 
-@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_relu"])
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 def test_recurrent_cell_empty_batch(mode):
     """B=0 through a cell step, forward and backward, on every fastseq backend here."""
     g = {"lstm": 4, "gru": 3}.get(mode, 1)

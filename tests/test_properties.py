@@ -22,6 +22,16 @@ BUDGET = settings(max_examples=12, deadline=None, derandomize=True, database=Non
                                          HealthCheck.function_scoped_fixture])
 F64 = dict(atol=1e-9, rtol=1e-9)
 
+# Which public op each test covers (tests/test_registry.py checks every op is named here).
+_CELLS = ["test_cells_equal_reference"]
+COVERS = {"rnn_layer": ["test_rnn_layer_equals_reference", "test_rnn_layer_low_precision_within_rule"],
+          "rnn_bidirectional_layer": ["test_bidirectional_layer_equals_reference"],
+          "layer_norm_rnn_layer": ["test_layer_norm_layer_equals_reference"],
+          "lstm_cell": _CELLS, "gru_cell": _CELLS, "rnn_tanh_cell": _CELLS, "rnn_relu_cell": _CELLS,
+          "attention": ["test_attention_equals_reference", "test_attention_low_precision_within_rule"],
+          "rel_attention": ["test_rel_attention_equals_reference"]}
+EXCLUDES: dict = {}
+
 
 def triton_or_skip():
     if fastseq.backend.triton_unavailable(TRITON_TEST_DEVICE) is not None:
@@ -43,6 +53,32 @@ def test_rnn_layer_equals_reference(data):
     for backend in layer_backends(TRITON_TEST_DEVICE.type):
         got = run(mode, leaves, torch.float64, backend, lengths, reverse, grad_outputs)
         for g, e in zip(got[0] + got[1], expected[0] + expected[1]):
+            torch.testing.assert_close(g, e, **F64, msg=lambda m: f"{backend}: {m}")
+
+
+@BUDGET
+@given(data=st.data())
+def test_bidirectional_layer_equals_reference(data):
+    """Both directions (one Triton launch; two rnn_layer calls elsewhere), float64, every
+    fastseq backend, with and without lengths."""
+    mode = data.draw(st.sampled_from(MODES), "mode")
+    T, B = data.draw(st.integers(1, 7), "T"), data.draw(st.integers(1, 9), "B")
+    I, H = data.draw(st.integers(1, 6), "I"), data.draw(st.integers(1, 12), "H")
+    lengths = data.draw(st.none() | st.lists(st.integers(0, T), min_size=B, max_size=B),
+                        "lengths")
+    directions = [make_leaves(mode, T, B, I, H, TRITON_TEST_DEVICE.type) for _ in range(2)]
+    x = directions[0][0]
+    h0 = torch.stack([d[1] for d in directions])
+    hx = (h0, torch.stack([d[2] for d in directions])) if mode == "lstm" else h0
+
+    def call(backend):
+        out, state = fastseq.ops.rnn_bidirectional_layer(
+            mode, x, hx, directions[0][3:], directions[1][3:], lengths=lengths, backend=backend)
+        return [out] + (list(state) if mode == "lstm" else [state])
+
+    expected = call("reference")
+    for backend in layer_backends(TRITON_TEST_DEVICE.type):
+        for g, e in zip(call(backend), expected):
             torch.testing.assert_close(g, e, **F64, msg=lambda m: f"{backend}: {m}")
 
 

@@ -1,13 +1,23 @@
-"""Non-contiguous and strided inputs to the recurrent ops give what their contiguous copies
+"""Non-contiguous and strided inputs to every public op give what their contiguous copies
 give, on every backend, gradients included: transposed weights, every other time step or
-batch row of a larger tensor, a state broadcast with stride 0 over the batch. (Attention and
-relative attention have their own strided tests in test_attention.py, test_rel_attention.py.)"""
+batch row of a larger tensor, a state broadcast with stride 0 over the batch, heads seen
+through a transpose of [B, L, H, D] (what MultiheadAttention hands the kernel)."""
 import pytest
 import torch
 
 import fastseq
 
 from conftest import backends_for
+
+# Which public op each test covers (tests/test_registry.py checks every op is named here).
+COVERS = {"lstm_cell": ["test_cell_step"], "gru_cell": ["test_cell_step"],
+          "rnn_tanh_cell": ["test_cell_step"], "rnn_relu_cell": ["test_cell_step"],
+          "rnn_layer": ["test_layer_with_lengths", "test_native_layer_ops_take_views_directly"],
+          "rnn_bidirectional_layer": ["test_bidirectional_layer"],
+          "layer_norm_rnn_layer": ["test_layer_norm_layer"],
+          "attention": ["test_attention_heads_as_views"],
+          "rel_attention": ["test_rel_attention_heads_as_views"]}
+EXCLUDES: dict = {}
 
 G = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 I, H = 5, 4
@@ -148,3 +158,30 @@ def test_native_layer_ops_take_views_directly():
                                       y, ws, None, None, None, False)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+
+
+def heads_view(B, L, heads, D):
+    """[B, heads, L, D] seen through a transpose of [B, L, heads, D]."""
+    return torch.randn(B, L, heads, D).transpose(1, 2)
+
+
+ATTENTION_BACKENDS = [b for b in backends_for("cpu") if b != "native"]  # no native kernel
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_attention_heads_as_views(backend):
+    mask = (torch.rand(2, 1, 1, 7) > 0.3).expand(2, 2, 5, 7)  # key padding, stride 0
+
+    def run(q, k, v):
+        return [fastseq.ops.attention(q, k, v, mask, backend=backend)]
+    compare(run, [heads_view(2, 5, 2, 8), heads_view(2, 7, 2, 8), heads_view(2, 7, 2, 8)])
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_rel_attention_heads_as_views(backend):
+    pos = torch.randn(14, 2, 8)[::2]  # every other distance row
+
+    def run(q, k, v, u, w):
+        return [fastseq.ops.rel_attention(q, k, v, pos, u, w, backend=backend)]
+    compare(run, [heads_view(2, 5, 2, 8), heads_view(2, 7, 2, 8), heads_view(2, 7, 2, 8),
+                  torch.randn(8, 2).t(), torch.randn(8, 2).t()])

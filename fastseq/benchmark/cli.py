@@ -32,9 +32,27 @@ from . import results
 from .peaks import measure_peaks
 from .plots import write_plots
 
-SUITES = {"rnn_cell": "bench_rnn_cell.py", "rnn": "bench_rnn.py",
-          "layer_norm_rnn": "bench_layer_norm_rnn.py", "attention": "bench_attention.py",
-          "rel_attention": "bench_rel_attention.py"}
+
+def suites_dir() -> pathlib.Path:
+    spec = importlib.util.find_spec("fastseq.bench_suites")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("fastseq-bench: the benchmark suites (fastseq.bench_suites) are not "
+                         "installed with this fastseq")
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def discover_suites(directory: pathlib.Path | None = None) -> dict[str, str]:
+    """{suite name: file}: every bench_<name>.py of the suites, found, not listed (a new suite
+    runs without editing this file)."""
+    try:
+        directory = directory or suites_dir()
+    except SystemExit:
+        return {}
+    return {path.stem.removeprefix("bench_"): path.name
+            for path in sorted(directory.glob("bench_*.py"))}
+
+
+SUITES = discover_suites()
 # The suites of the headline preset (each keeps only its compass cases under it).
 HEADLINE_SUITES = ("rnn", "attention", "rel_attention")
 # --ops names beyond the suites: a recurrent mode selects its cases in every recurrent suite;
@@ -45,14 +63,6 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float1
           "fp32": "float32", "float32": "float32", "fp64": "float64", "float64": "float64"}
 PASSES = ("fwd", "bwd", "fwd+bwd")
 NO_CASES = 5  # pytest's exit code when nothing was collected or everything was deselected
-
-
-def suites_dir() -> pathlib.Path:
-    spec = importlib.util.find_spec("fastseq.bench_suites")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("fastseq-bench: the benchmark suites (fastseq.bench_suites) are not "
-                         "installed with this fastseq")
-    return pathlib.Path(list(spec.submodule_search_locations)[0])
 
 
 def _split(value: str | None, allowed, what: str) -> list[str] | None:

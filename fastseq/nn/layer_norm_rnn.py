@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 
-from .. import backend as _backends
 from .. import ops
 from ..reference.layer_norm_recurrent import EPS
 from .rnn import _FastRNNBase
@@ -73,14 +72,10 @@ class _LayerNormRNNBase(_FastRNNBase):
         return super().extra_repr() + (f", eps={self.eps}" if self.eps != EPS else "")
 
     def forward(self, input, hx=None, lengths=None):
-        requested = _backends.requested_backend(self.backend)
-        if requested not in ("auto", "triton", "reference"):
-            raise _backends.BackendError(
-                f"{self._display_name()}: backend {requested!r} has no implementation of this "
-                "layer (it has: triton, reference; torch and cuDNN have no layer-normalized RNN)")
+        # The backend passes through: fastseq.ops.layer_norm_rnn_layer declares and chooses.
         self._check_input(input)
         lengths = self._checked_lengths(input, lengths)
-        return self._sequence_forward(input, hx, lengths, requested)
+        return self._sequence_forward(input, hx, lengths, self.backend)
 
     def _run_both_directions(self, mode, layer, x, states, lengths, backend):
         """The two directions one after the other (the layer-normalized kernel runs one)."""

@@ -41,6 +41,39 @@ _MODULE_NAMES = {"LSTM": "fastseq.nn.LSTM", "GRU": "fastseq.nn.GRU", "RNN_TANH":
 _OP_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
+def _torch_module_refusal(call: dict) -> Optional[str]:
+    if call["zoneout"]:
+        return "torch's RNNs have no zoneout (fastseq's backends have)"
+    if call["empty"]:
+        return "torch's RNNs refuse zero-length sequences (fastseq's backends keep h0)"
+    if call["zero_lengths"]:
+        return "torch's packed sequences refuse zero lengths (fastseq's backends take them)"
+    return None
+
+
+def _order(call: dict, eager: tuple[str, ...]) -> tuple[str, ...]:
+    # torch's own RNN forward does not compile with fullgraph=True; fastseq's sequence path does.
+    return ("triton", "native", "reference") if call["compiling"] else eager
+
+
+# The layers' choice: torch's own module forward (cuDNN on GPUs, aten on CPUs: all layers and
+# directions in one call) first in eager mode, as a drop-in user on either must not get slower
+# (fastseq's persistent kernel has not been timed against cuDNN yet); else fastseq.ops.rnn_layer
+# per layer and direction on the chosen backend.
+_PER_LAYER = "fastseq.ops.rnn_layer per layer and direction"
+LAYER_BACKENDS = _backends.OpBackends(
+    "fastseq.nn.LSTM/GRU/RNN",
+    refusals={"torch": _torch_module_refusal,
+              "triton": lambda call: _backends.triton_unavailable(call["device"]),
+              "native": lambda call: _backends.native_unavailable(call["device"]),
+              "reference": lambda call: None},
+    preference={"cuda": lambda call: _order(call, ("torch", "triton", "native", "reference")),
+                "cpu": lambda call: _order(call, ("torch", "native", "reference"))},
+    variants={"torch": lambda call: "torch's own module forward, every layer and direction",
+              "triton": lambda call: _PER_LAYER, "native": lambda call: _PER_LAYER,
+              "reference": lambda call: _PER_LAYER})
+
+
 class _FastRNNBase(RefusesTorchScript, torch.nn.RNNBase):
     """torch.nn.RNNBase with fastseq's forward; `self.backend` pins a backend."""
 
@@ -71,35 +104,19 @@ class _FastRNNBase(RefusesTorchScript, torch.nn.RNNBase):
             raise InputError(f"{op}: lengths is for padded input; a PackedSequence carries its own")
         self._check_input(input)
         lengths = self._checked_lengths(input, lengths)
-        requested = _backends.requested_backend(self.backend)
         zoneout = self.zoneout_h > 0 or self.zoneout_c > 0
-        torch_refuses = None
-        if zoneout:
-            torch_refuses = "torch's RNNs have no zoneout (fastseq's backends have)"
-        elif not isinstance(input, PackedSequence) and \
-                input.shape[1 if self.batch_first and input.dim() == 3 else 0] == 0:
-            torch_refuses = "torch's RNNs refuse zero-length sequences (fastseq's backends keep h0)"
-        elif lengths is not None and not torch.compiler.is_compiling() and bool((lengths == 0).any()):
-            torch_refuses = "torch's packed sequences refuse zero lengths (fastseq's backends take them)"
-        if torch_refuses and requested == "torch":
-            raise _backends.BackendError(f"{op}: backend 'torch' cannot run this call: {torch_refuses}")
-        if torch_refuses and requested == "auto" and not torch.compiler.is_compiling():
-            # torch's forward cannot: fastseq.ops.rnn_layer's own `auto` picks per layer.
-            return self._sequence_forward(input, hx, lengths, "auto")
-        if requested == "auto" and torch.compiler.is_compiling():
-            # torch's own RNN forward does not compile with fullgraph=True; fastseq's does.
-            device = _device_of(input)
-            requested = next(name for name, reason in (
-                ("triton", _backends.triton_unavailable(device)),
-                ("native", _backends.native_unavailable(device)),
-                ("reference", None)) if reason is None)
-        if requested in ("auto", "torch"):
+        empty = not isinstance(input, PackedSequence) and \
+            input.shape[1 if self.batch_first and input.dim() == 3 else 0] == 0
+        compiling = torch.compiler.is_compiling()
+        # Whether any row has length 0 reads the lengths: skipped under compile, where torch's
+        # forward is never auto's choice anyway.
+        zero_lengths = lengths is not None and not compiling and bool((lengths == 0).any())
+        chosen = LAYER_BACKENDS.choose(
+            {"op": op, "device": _device_of(input), "zoneout": zoneout, "empty": empty,
+             "zero_lengths": zero_lengths, "compiling": compiling}, self.backend)
+        if chosen == "torch":
             return self._torch_forward(input, hx, lengths)
-        if requested not in ("triton", "native", "reference"):
-            raise _backends.BackendError(
-                f"{op}: backend {requested!r} has no implementation of this layer (it has: "
-                "torch, triton, native, reference)")
-        return self._sequence_forward(input, hx, lengths, requested)
+        return self._sequence_forward(input, hx, lengths, chosen)
 
     def _check_input(self, input) -> None:
         """What torch's own forward checks, named the same way on every backend (the ops below

@@ -1,10 +1,14 @@
-"""fastseq's functional API: each function validates its input, picks a backend
-(fastseq.backend) and calls a registered op (torch.ops.fastseq.*) with fake and autograd."""
+"""fastseq's functional API: each function validates its input, picks a backend (its
+declaration, chosen through fastseq.backend) and calls a registered op (torch.ops.fastseq.*)
+with fake and autograd. PUBLIC_OPS (registry.py) lists them for the derived checks."""
 from .attention import attention
 from .rnn_cell import gru_cell, lstm_cell, rnn_relu_cell, rnn_tanh_cell
 from .layer_norm_rnn_layer import layer_norm_rnn_layer
 from .rel_attention import rel_attention
 from .rnn_layer import rnn_bidirectional_layer, rnn_layer
 
-__all__ = ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "rnn_layer", "rnn_bidirectional_layer",
-           "layer_norm_rnn_layer", "attention", "rel_attention"]
+from .registry import PUBLIC_OPS
+
+__all__ = ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "rnn_layer",
+           "rnn_bidirectional_layer", "layer_norm_rnn_layer", "attention", "rel_attention",
+           "PUBLIC_OPS"]

@@ -49,13 +49,9 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     heads_q, heads_k = _validate(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     device = query.device
-    chosen = _backends.choose(
-        OP, _backends.requested_backend(backend),
-        ("triton", "torch", "reference") if device.type == "cuda"
-        else ("torch", "reference", "triton"),
-        {"triton": lambda: _backends.triton_attention_unavailable(query, value, ATTENTION_MAX_HEAD_DIM),
-         "torch": lambda: _torch_unavailable(attn_mask, is_causal, return_lse),
-         "reference": lambda: None})
+    chosen = BACKENDS.choose({"device": device, "query": query, "value": value,
+                              "attn_mask": attn_mask, "is_causal": is_causal,
+                              "return_lse": return_lse}, backend)
     empty = query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0
     if chosen == "reference" or (chosen == "triton" and empty):
         # Empty shapes have nothing to launch; the reference gives the same (empty or zero) answer.
@@ -119,12 +115,25 @@ def _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     return out
 
 
-def _torch_unavailable(attn_mask, is_causal, return_lse) -> Optional[str]:
-    if return_lse:
+def _torch_unavailable(call: dict) -> Optional[str]:
+    if call["return_lse"]:
         return "torch's scaled_dot_product_attention does not return the log-sum-exp"
-    if is_causal and attn_mask is not None:
+    if call["is_causal"] and call["attn_mask"] is not None:
         return "torch refuses is_causal together with attn_mask"
     return None
+
+
+# GPUs: the fused Triton kernels. CPUs: torch's SDPA (its CPU flash kernel); the Triton
+# interpreter is never chosen automatically there.
+BACKENDS = _backends.OpBackends(
+    OP,
+    refusals={"triton": lambda call: _backends.triton_attention_unavailable(
+                  call["query"], call["value"], ATTENTION_MAX_HEAD_DIM),
+              "torch": _torch_unavailable, "reference": lambda call: None},
+    preference={"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference", "triton")},
+    variants={"triton": lambda call: "one fused forward kernel (online softmax), two fused "
+                                     "backward kernels (dK/dV, dQ)",
+              "torch": lambda call: "torch.nn.functional.scaled_dot_product_attention"})
 
 
 def _validate(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> tuple[int, int]:

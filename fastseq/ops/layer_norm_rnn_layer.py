@@ -54,11 +54,7 @@ def layer_norm_rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tenso
         fail(OP, f"eps must be a positive number, got {eps!r}")
     steps, batch = input.shape[0], input.shape[1]
     lengths = _checked_lengths(lengths, steps, batch, input.device)
-    device = input.device
-    chosen = _backends.choose(
-        OP, _backends.requested_backend(backend),
-        ("triton", "reference") if device.type == "cuda" else ("reference", "triton"),
-        {"triton": lambda: _backends.triton_unavailable(device), "reference": lambda: None})
+    chosen = BACKENDS.choose({"device": input.device}, backend)
     if h0 is None:
         h0 = input.new_zeros(batch, hidden)
     if lstm and c0 is None:
@@ -76,6 +72,17 @@ def layer_norm_rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tenso
             mode, gates_x, h0, c0, w_hh, b_hh, ln_hh_weight, ln_c_weight, ln_c_bias, lengths,
             float(eps), reverse, needs_grad)
     return (y, (h_n, c_n)) if lstm else (y, h_n)
+
+
+# Neither torch nor cuDNN has a layer-normalized recurrence; the reference (plain PyTorch, a
+# Python loop over steps) is auto's choice on CPUs, where Triton is only the interpreter.
+BACKENDS = _backends.OpBackends(
+    OP,
+    refusals={"triton": lambda call: _backends.triton_unavailable(call["device"]),
+              "reference": lambda call: None},
+    preference={"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    variants={"triton": lambda call: "one launch forward, one backward: the recurrent and "
+                                     "cell-state layer norms inside the recurrence"})
 
 
 def _validate_layer_norm(mode, input, hidden, columns, ln_ih_weight, ln_hh_weight, ln_c_weight,

@@ -51,12 +51,7 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
               pos_offset, dropout_p, scale)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     device = query.device
-    chosen = _backends.choose(
-        OP, _backends.requested_backend(backend),
-        ("triton", "torch", "reference") if device.type == "cuda"
-        else ("torch", "reference", "triton"),
-        {"triton": lambda: _backends.triton_attention_unavailable(query, value, REL_ATTENTION_MAX_HEAD_DIM),
-         "torch": lambda: None, "reference": lambda: None})
+    chosen = BACKENDS.choose({"device": device, "query": query, "value": value}, backend)
     if chosen == "torch":
         return _torch_rel_attention(query, key, value, pos, content_bias, position_bias,
                                     attn_mask, is_causal, window, pos_offset, dropout_p, scale,
@@ -82,6 +77,18 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
         qu, qv, key, value, pos, mask, seed, float(dropout_p), bool(is_causal),
         None if window is None else int(window), int(pos_offset), scale)
     return (out, lse) if return_lse else out
+
+
+# GPUs: the fused Triton kernels (the position term inside each tile). CPUs: plain PyTorch at
+# the original code's cost (the "torch" backend: torch's own matmuls and softmax).
+BACKENDS = _backends.OpBackends(
+    OP,
+    refusals={"triton": lambda call: _backends.triton_attention_unavailable(
+                  call["query"], call["value"], REL_ATTENTION_MAX_HEAD_DIM),
+              "torch": lambda call: None, "reference": lambda call: None},
+    preference={"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference", "triton")},
+    variants={"triton": lambda call: "fused kernels: content and position terms per tile, no "
+                                     "Lq x Lk tensor in memory"})
 
 
 def _torch_rel_attention(query, key, value, pos, content_bias, position_bias, attn_mask,

@@ -105,33 +105,33 @@ def _validate(mode, input, h, c, w_ih, w_hh, b_ih, b_hh) -> None:
         ("b_ih", b_ih), ("b_hh", b_hh)))
 
 
-def _auto_preference(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
-    if device.type == "cuda":
-        # Half precision: Triton's tl.dot uses the tensor cores; the CUDA kernel is an fp32-FMA
-        # tiled GEMM, kept first for fp32/fp64. To be settled by the H100 benchmark.
-        if dtype in (torch.float16, torch.bfloat16):
-            return ("triton", "native", "torch")
-        return ("native", "triton", "torch")
-    # CPU: torch's own cells. The C++ kernel (BLAS GEMMs + one fused SIMD pass) measured
-    # 0.75x-1.07x of torch's cells forward and 0.64x-0.98x for a training step on 2 cores
-    # (bench/NOTES.md): never faster by a margin, so a drop-in CPU user keeps torch's speed. It
-    # stays selectable as "native" and is the CI-tested twin of the CUDA math. Triton's
-    # interpreter is never chosen automatically.
-    return ("torch", "native")
+def _cuda_order(call: dict) -> tuple[str, ...]:
+    # Half precision: Triton's tl.dot uses the tensor cores; the CUDA kernel is an fp32-FMA
+    # tiled GEMM, kept first for fp32/fp64. To be settled by the H100 benchmark.
+    if call["dtype"] in (torch.float16, torch.bfloat16):
+        return ("triton", "native", "torch")
+    return ("native", "triton", "torch")
+
+
+# CPU: torch's own cells. The C++ kernel (BLAS GEMMs + one fused SIMD pass) measured
+# 0.75x-1.07x of torch's cells forward and 0.64x-0.98x for a training step on 2 cores
+# (bench/NOTES.md): never faster by a margin, so a drop-in CPU user keeps torch's speed. It
+# stays selectable as "native" and is the CI-tested twin of the CUDA math. Triton's
+# interpreter is never chosen automatically.
+BACKENDS = _backends.OpBackends(
+    "fastseq.ops.*_cell",
+    refusals={"triton": lambda call: _backends.triton_unavailable(call["device"]),
+              "native": lambda call: _backends.native_unavailable(call["device"]),
+              "torch": lambda call: None, "reference": lambda call: None},
+    preference={"cuda": _cuda_order, "cpu": ("torch", "native")},
+    variants={"triton": lambda call: "one fused kernel: both gate GEMMs, biases, update",
+              "native": lambda call: "GEMMs, then one fused pointwise kernel"})
 
 
 def _cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, backend):
     _validate(mode, input, h, c, w_ih, w_hh, b_ih, b_hh)
-    op = _CELL_NAMES[mode]
-    device, dtype = input.device, input.dtype
-    unsupported = {
-        "triton": lambda: _backends.triton_unavailable(device),
-        "native": lambda: _backends.native_unavailable(device),
-        "torch": lambda: None,
-        "reference": lambda: None,
-    }
-    chosen = _backends.choose(op, _backends.requested_backend(backend),
-                              _auto_preference(device, dtype), unsupported)
+    chosen = BACKENDS.choose({"op": _CELL_NAMES[mode], "device": input.device,
+                              "dtype": input.dtype}, backend)
 
     batched = input.dim() == 2
     if not batched:

@@ -6,7 +6,7 @@ tile loops over time), and its backward one launch plus one GEMM for the recurre
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,15 +64,9 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     _validate_zoneout(mode, input, hidden, zoneout_h, zoneout_c)
     lengths = _checked_lengths(lengths, steps, batch, input.device)
 
-    device = input.device
-    unsupported = {
-        "triton": lambda: _backends.triton_unavailable(device),
-        "native": lambda: _backends.native_unavailable(device),
-        "torch": lambda: _torch_unsupported(reverse, lengths, zoneout, steps),
-        "reference": lambda: None,
-    }
-    chosen = _backends.choose(OP, _backends.requested_backend(backend), _auto_preference(device),
-                              unsupported)
+    chosen = BACKENDS.choose({"device": input.device, "steps": steps, "reverse": reverse,
+                              "lengths": lengths, "zoneout": zoneout,
+                              "projection": w_hr is not None}, backend)
     if h0 is None:
         h0 = input.new_zeros(batch, hidden)
     if lstm and c0 is None:
@@ -188,11 +182,12 @@ def rnn_bidirectional_layer(mode: str, input: Tensor, hx, forward_weights: Seque
 
     device = input.device
     projection = weights[0][4] is not None or weights[1][4] is not None
-    requested = _backends.requested_backend(backend)
-    one_launch = requested == "triton" or (requested == "auto" and device.type == "cuda")
-    if not one_launch or projection or _backends.triton_unavailable(device) is not None:
-        results = [one_direction(d, backend) for d in range(2)]
-        return _joined(lstm, results)
+    chosen = BIDIRECTIONAL_BACKENDS.choose(
+        {"device": device, "steps": input.shape[0], "reverse": False, "lengths": lengths,
+         "zoneout": zoneout_h is not None or zoneout_c is not None, "projection": projection},
+        backend)
+    if chosen != "triton" or projection:
+        return _joined(lstm, [one_direction(d, chosen) for d in range(2)])
     # The fused path: validate each direction as rnn_layer would, then one launch for both.
     cell_sizes = []
     for d in range(2):
@@ -294,7 +289,9 @@ def _checked_lengths(lengths, steps: int, batch: int, device: torch.device) -> O
     return checked_lengths(OP, lengths, steps, batch).to(device=device, dtype=torch.int32)
 
 
-def _torch_unsupported(reverse: bool, lengths, zoneout: bool, steps: int) -> Optional[str]:
+def _torch_unsupported(call: dict) -> Optional[str]:
+    steps, zoneout, reverse, lengths = (call["steps"], call["zoneout"], call["reverse"],
+                                        call["lengths"])
     if steps == 0:
         return "torch's RNNs refuse zero-length sequences (fastseq's backends return h0)"
     if zoneout:
@@ -308,12 +305,53 @@ def _torch_unsupported(reverse: bool, lengths, zoneout: bool, steps: int) -> Opt
     return None
 
 
-def _auto_preference(device: torch.device) -> tuple[str, ...]:
-    # torch first where it serves the call: cuDNN on GPUs, aten on CPUs. The Triton path keeps
-    # one program per 16 batch rows (a handful of SMs at training batch sizes); the native op
-    # on GPUs is the persistent kernel where W_hh fits on chip, else the GEMM-per-step loop (2
-    # launches a step), and on CPUs the loop's C++ twin. None has been timed on a GPU yet, so
-    # none is put before cuDNN; they serve the reverse and padded-length calls torch cannot.
-    if device.type == "cuda":
-        return ("torch", "triton", "native", "reference")
-    return ("torch", "native", "reference")
+def _native_variant(call: dict) -> str:
+    folded = "; the projection folded into W_hh W_hr" if call["projection"] else ""
+    if call["device"].type == "cuda":
+        # Decided by the C++ op at each call from its plan (csrc/include/fastseq/
+        # rnn_persistent.h: plan_persistent), which needs the device's shared memory and SMs.
+        return ("the persistent kernel where its plan fits (B <= 64 and each SM's slice of "
+                "W_hh in shared memory; FASTSEQ_PERSISTENT=0 turns it off), else a GEMM and "
+                "one fused kernel per step" + folded)
+    return "the C++ loop: a GEMM and one fused pointwise pass per step" + folded
+
+
+# torch first where it serves the call: cuDNN on GPUs, aten on CPUs. The Triton path keeps one
+# program per 16 batch rows (a handful of SMs at training batch sizes); the native op on GPUs
+# is the persistent kernel where W_hh fits on chip, else the GEMM-per-step loop (2 launches a
+# step), and on CPUs the loop's C++ twin. None has been timed on a GPU yet, so none is put
+# before cuDNN; they serve the reverse and padded-length calls torch cannot.
+BACKENDS = _backends.OpBackends(
+    OP,
+    refusals={"triton": lambda call: _backends.triton_unavailable(call["device"]),
+              "native": lambda call: _backends.native_unavailable(call["device"]),
+              "torch": _torch_unsupported, "reference": lambda call: None},
+    preference={"cuda": ("torch", "triton", "native", "reference"),
+                "cpu": ("torch", "native", "reference")},
+    variants={"native": _native_variant,
+              "triton": lambda call: "one launch, a program per 16 batch rows" + (
+                  "; the projection folded into W_hh W_hr" if call["projection"] else "")})
+
+
+def _one_launch_refusal(call: dict) -> Optional[str]:
+    """Why the Triton bidirectional launch cannot serve the call."""
+    return _backends.triton_unavailable(call["device"])
+
+
+def _per_direction_refusal(backend: str) -> Callable[[dict], Optional[str]]:
+    """A backend that runs the two directions as two rnn_layer calls refuses what rnn_layer's
+    refuses for the reverse direction."""
+    return lambda call: BACKENDS.refusals[backend](dict(call, reverse=True))
+
+
+# Triton runs both directions in one launch (and their input projections as one GEMM); the
+# other backends run rnn_layer once per direction. Same order as rnn_layer's: torch, which
+# cannot run a reverse direction, is passed over for the Triton launch on GPUs.
+BIDIRECTIONAL_BACKENDS = _backends.OpBackends(
+    "fastseq.ops.rnn_bidirectional_layer",
+    refusals={"triton": _one_launch_refusal, "native": _per_direction_refusal("native"),
+              "torch": _per_direction_refusal("torch"), "reference": lambda call: None},
+    preference=BACKENDS.preference,
+    variants={"triton": lambda call: "one folded rnn_layer launch per direction"
+              if call["projection"] else "both directions in one launch",
+              "native": lambda call: "one rnn_layer call per direction: " + _native_variant(call)})
