@@ -293,17 +293,24 @@ def test_compile_fullgraph(compiler):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_torch_backend_matches_reference(variant):
-    """The plain-PyTorch backend (auto's CPU choice, the original code's cost): outputs, lse and
-    every gradient equal the reference in float64, rows with nothing visible included."""
+    """The torch backend (auto's CPU choice: torch's SDPA with the position term as its mask):
+    outputs and every gradient equal the reference in float64, rows with nothing visible
+    included; it has no log-sum-exp, and says so by name."""
     tensors, kwargs = make_inputs(CASES["Lq100-M64-clamped"], variant)
-    out, lse, _ = run("plain", tensors, kwargs, torch.float64)
-    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    expected = run("plain", tensors, kwargs, torch.float64, grad_out, grad_lse)
-    got = run("torch", tensors, kwargs, torch.float64, grad_out, grad_lse)
-    torch.testing.assert_close(got[0], expected[0], atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(got[1], expected[1], atol=1e-12, rtol=1e-12)
-    for name, g, e in zip(NAMES, got[2], expected[2]):
+    leaves = [t.detach().double().requires_grad_() for t in tensors]
+    extra = dict(kwargs, attn_mask=leaves[6]) if len(leaves) > 6 else kwargs
+    grad_out = None
+    results = []
+    for backend in ("reference", "torch"):
+        out = fastseq.ops.rel_attention(*leaves[:6], backend=backend, **extra)
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        results.append((out, torch.autograd.grad((out * grad_out).sum(), leaves)))
+    (expected, expected_grads), (got, grads) = results
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    for name, g, e in zip(NAMES, grads, expected_grads):
         torch.testing.assert_close(g, e, atol=1e-11, rtol=1e-11, msg=name)
+    with pytest.raises(fastseq.BackendError, match="does not return the log-sum-exp"):
+        fastseq.ops.rel_attention(*leaves[:6], backend="torch", return_lse=True, **extra)
 
 
 def test_auto_on_cpu_is_the_torch_backend():

@@ -51,11 +51,11 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
               pos_offset, dropout_p, scale)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     device = query.device
-    chosen = BACKENDS.choose({"device": device, "query": query, "value": value}, backend)
+    chosen = BACKENDS.choose({"device": device, "query": query, "value": value,
+                              "return_lse": return_lse}, backend)
     if chosen == "torch":
         return _torch_rel_attention(query, key, value, pos, content_bias, position_bias,
-                                    attn_mask, is_causal, window, pos_offset, dropout_p, scale,
-                                    return_lse)
+                                    attn_mask, is_causal, window, pos_offset, dropout_p, scale)
     if chosen == "reference" or query.numel() == 0 or value.shape[-1] == 0:
         # Empty shapes have nothing to launch; the reference gives the same (empty) answer.
         return _reference.rel_attention(
@@ -79,38 +79,33 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
     return (out, lse) if return_lse else out
 
 
-# GPUs: the fused Triton kernels (the position term inside each tile). CPUs: plain PyTorch at
-# the original code's cost (the "torch" backend: torch's own matmuls and softmax).
+# GPUs: the fused Triton kernels (the position term inside each tile). CPUs: torch's SDPA with
+# the position term as its mask (the "torch" backend, as the original code's cost: Lq x Lk).
 BACKENDS = _backends.OpBackends(
     OP,
     refusals={"triton": lambda call: _backends.triton_attention_unavailable(
                   call["query"], call["value"], REL_ATTENTION_MAX_HEAD_DIM),
-              "torch": lambda call: None, "reference": lambda call: None},
+              "torch": lambda call: "torch's scaled_dot_product_attention does not return the "
+                                    "log-sum-exp" if call["return_lse"] else None,
+              "reference": lambda call: None},
     preference={"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference", "triton")},
     variants={"triton": lambda call: "fused kernels: content and position terms per tile, no "
-                                     "Lq x Lk tensor in memory"})
+                                     "Lq x Lk tensor in memory",
+              "torch": lambda call: "scaled_dot_product_attention, the position term as its "
+                                    "additive mask"})
 
 
 def _torch_rel_attention(query, key, value, pos, content_bias, position_bias, attn_mask,
-                         is_causal, window, pos_offset, dropout_p, scale, return_lse):
-    """Plain PyTorch at the original code's cost (the CPU choice): AC plus the position term
-    (the original's shifted BD when causal, else (q+v) . pos^T for every pos row gathered by
-    distance), masked_fill and softmax; rows with nothing visible zeroed (softmax gives NaN
-    there, and masked_fill's backward gives their scores zero gradient)."""
+                         is_causal, window, pos_offset, dropout_p, scale):
+    """torch's own attention kernel (F.scaled_dot_product_attention on q + u) with the position
+    term as its additive mask: (q_i + v) . pos[row(i, j)] * scale from one GEMM against every
+    pos row and a gather (an Lq x Lk tensor in memory, as the original code's BD is), the
+    causal rule, window and attn_mask folded in as -inf. Rows with no visible key give zeros
+    (fastseq's rule; SDPA gives NaN there)."""
     L, S, P = query.shape[-2], key.shape[-2], pos.shape[0]
     distance, row = _reference.relative_rows(L, S, P, pos_offset, query.device)
-    content = (query + content_bias[:, None, :]) @ key.transpose(-2, -1)
-    qv = query + position_bias[:, None, :]
-    if is_causal and pos_offset == 0:
-        # The original's way, the cheapest here: BD against one row per key position
-        # (distances Lk-1 ... 0, clamped), aligned by the pad-and-reshape shift; its entries
-        # for negative distances are garbage, and causal hides them all.
-        by_key = pos[torch.arange(S - 1, -1, -1, device=query.device).clamp(max=P - 1)]
-        position = _reference.rel_shift(torch.einsum("bhid,shd->bhis", qv, by_key))
-    else:
-        every_row = torch.einsum("bhid,phd->bhip", qv, pos)
-        position = every_row.gather(-1, row.expand(*every_row.shape[:-1], S))
-    scores = (content + position) * scale
+    every_row = (query + position_bias[:, None, :]) @ pos.permute(1, 2, 0)  # [B, H, Lq, P]
+    bias = every_row.gather(-1, row.expand(*every_row.shape[:-1], S)) * scale
     hidden = torch.zeros_like(distance, dtype=torch.bool)
     if is_causal:
         hidden |= distance < 0
@@ -120,16 +115,13 @@ def _torch_rel_attention(query, key, value, pos, content_bias, position_bias, at
         if attn_mask.dtype == torch.bool:
             hidden = hidden | ~attn_mask
         else:
-            scores = scores + attn_mask
-            hidden = hidden | (attn_mask == float("-inf"))
-    scores = scores.masked_fill(hidden, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    if dropout_p > 0.0:
-        probs = torch.nn.functional.dropout(probs, dropout_p)
-    out = probs @ value
-    if not return_lse:
-        return out
-    return out, torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, -1)
+            bias = bias + attn_mask.to(bias.dtype)
+    bias = bias.masked_fill(hidden, float("-inf"))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query + content_bias[:, None, :], key, value, attn_mask=bias, dropout_p=dropout_p,
+        scale=scale)
+    visible = (bias != float("-inf")).any(-1, keepdim=True)
+    return torch.where(visible, out, out.new_zeros(()))
 
 
 def _validate(query, key, value, pos, content_bias, position_bias, attn_mask, is_causal,
