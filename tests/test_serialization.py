@@ -27,6 +27,12 @@ LAYERS = {
     "PositionwiseFF": lambda: fastseq.nn.PositionwiseFF(8, 16, 0.0),
     "TransformerXLLayer": lambda: fastseq.nn.TransformerXLLayer(2, 8, 4, 16, 0.0),
     "TransformerXL": lambda: fastseq.nn.TransformerXL(10, 2, 2, 8, 4, 16, mem_len=3),
+    "TransformerXLLM": lambda: fastseq.nn.TransformerXLLM(
+        13, 2, 2, 8, 4, 16, 0.0, 0.0, d_embed=8, div_val=2, cutoffs=[5, 9],
+        tie_projs=[False, True, True], mem_len=3),
+    "AdaptiveEmbedding": lambda: fastseq.nn.AdaptiveEmbedding(13, 8, 6, [5], div_val=2),
+    "ProjectedAdaptiveLogSoftmax": lambda: fastseq.nn.ProjectedAdaptiveLogSoftmax(
+        13, 6, 6, [5, 9]),
 }
 
 
@@ -56,7 +62,8 @@ def test_whole_layer_round_trip_with_weights_only(name):
         torch.testing.assert_close(copy[key], original[key], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["LSTM", "MultiheadAttention", "TransformerXL"])
+@pytest.mark.parametrize("name", ["LSTM", "MultiheadAttention", "TransformerXL",
+                                  "TransformerXLLM"])
 def test_the_loaded_layer_computes_the_same(name):
     torch.manual_seed(0)
     layer = LAYERS[name]().eval()
@@ -72,6 +79,9 @@ def test_the_loaded_layer_computes_the_same(name):
     else:
         tokens = torch.randint(0, 10, (4, 2))
         torch.testing.assert_close(loaded(tokens)[0], layer(tokens)[0])
+        if name == "TransformerXLLM":  # the tied weights load tied
+            assert loaded.crit.out_layers[1].weight is loaded.word_emb.emb_layers[1].weight
+            assert loaded.crit.out_projs[2] is loaded.word_emb.emb_projs[2]
 
 
 def test_without_the_allowlist_the_loader_refuses_as_for_torchs_layers():

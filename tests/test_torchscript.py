@@ -22,6 +22,10 @@ LAYERS = {
         2, 8, 4, 0.0),
     "TransformerXLLayer": lambda: fastseq.nn.TransformerXLLayer(2, 8, 4, 16, 0.0),
     "TransformerXL": lambda: fastseq.nn.TransformerXL(11, 1, 2, 8, 4, 16, mem_len=4),
+    "TransformerXLLM": lambda: fastseq.nn.TransformerXLLM(11, 1, 2, 8, 4, 16, 0.0, 0.0,
+                                                          cutoffs=[5], mem_len=4),
+    "AdaptiveEmbedding": lambda: fastseq.nn.AdaptiveEmbedding(11, 8, 8, [5]),
+    "ProjectedAdaptiveLogSoftmax": lambda: fastseq.nn.ProjectedAdaptiveLogSoftmax(11, 8, 8, [5]),
 }
 
 

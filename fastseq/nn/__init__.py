@@ -1,4 +1,5 @@
 """Drop-in nn.Module layers built on fastseq's ops, and layers torch does not have."""
+from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from .attention import MultiheadAttention
 from .layer_norm_rnn import LayerNormGRU, LayerNormLSTM
 from .rnn import GRU, LSTM, RNN
@@ -7,8 +8,9 @@ from .serialization import safe_globals
 from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
 from .transformer_xl import (PositionwiseFF, RelPartialLearnableMultiHeadAttn, TransformerXL,
                              TransformerXLLayer)
+from .transformer_xl_lm import TransformerXLLM
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU",
            "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
            "RelPartialLearnableMultiHeadAttn", "PositionwiseFF", "TransformerXLLayer", "TransformerXL",
-           "safe_globals"]
+           "TransformerXLLM", "AdaptiveEmbedding", "ProjectedAdaptiveLogSoftmax", "safe_globals"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 # out_proj class, dropout, norms, embeddings, containers, the Transformer layers' activations).
 _TORCH_PARTS = (torch.nn.Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear,
                 torch.nn.Dropout, torch.nn.LayerNorm, torch.nn.Embedding, torch.nn.ModuleList,
-                torch.nn.Sequential, torch.nn.ReLU, F.relu, F.gelu)
+                torch.nn.Sequential, torch.nn.ParameterList, torch.nn.ReLU, F.relu, F.gelu)
 
 
 def safe_globals() -> list:

@@ -187,8 +187,10 @@ class PositionalEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq)
 
     def forward(self, pos_seq: Tensor) -> Tensor:
-        # In fp32 whatever the model's dtype: bf16 positions are exact only up to 256.
-        sinusoid = torch.outer(pos_seq.float(), self.inv_freq.float())
+        # In fp32 (fp64 for an fp64 model) whatever the model's dtype: bf16 positions are exact
+        # only up to 256.
+        dtype = torch.float64 if self.inv_freq.dtype == torch.float64 else torch.float32
+        sinusoid = torch.outer(pos_seq.to(dtype), self.inv_freq.to(dtype))
         return torch.cat([sinusoid.sin(), sinusoid.cos()], dim=-1)
 
 
