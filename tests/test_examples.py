@@ -13,3 +13,13 @@ def test_train_lm_example_learns(capsys):
         assert r["valid_loss"] < math.log(256) - 1.0, (name, r)
         assert r["tokens_per_s"] > 0
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_long_context_evaluation_runs_every_memory(capsys):
+    from fastseq.examples import eval_long_context
+    results = eval_long_context.main(["--steps", "20", "--d-model", "32", "--batch", "4",
+                                      "--seq-len", "16", "--memories", "0,1,4",
+                                      "--device", "cpu"])
+    assert sorted(results) == [0, 16, 64]
+    assert all(math.isfinite(loss) and loss < math.log(256) for loss in results.values())
+    assert "perplexity" in capsys.readouterr().out

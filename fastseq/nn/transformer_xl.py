@@ -203,8 +203,11 @@ class TransformerXL(RefusesTorchScript, nn.Module):
     memory: the first segment) or the new_mems of the previous call: a list of n_layer tensors,
     the input of each layer over the last mem_len positions, [mlen, B, d_model] (batch first:
     [B, mlen, d_model]), detached: no gradient flows into earlier segments. With mem_len = 0
-    new_mems is None. The memory is updated as the original's _update_mems (ext_len positions
-    at the end of a segment are left out of it).
+    new_mems is None. The memory is updated as the original's _update_mems comment intends:
+    the last mem_len positions, leaving out the segment's last ext_len (end = mlen +
+    max(0, qlen - ext_len)); the original's code passes qlen and mlen swapped to it, so with
+    ext_len > 0 its memory ends at qlen + max(0, mlen - ext_len) instead (ext_len = 0, every
+    published configuration, gives the same memory both ways).
 
     Masks: causal over memory and segment, and with same_length=True every query sees the same
     number of keys (a window of mem_len distances). clamp_len > 0 makes distances beyond it

@@ -38,3 +38,7 @@ PUBLIC_OPS = {op.name: op for op in (
     PublicOp("attention", attention, "attention.launch", "attention"),
     PublicOp("rel_attention", rel_attention, "rel_attention.launch", "rel_attention"),
 )}
+
+# fastseq-bench suites that time layers rather than one op (their name -> what they time).
+LAYER_SUITES = {"adaptive_softmax": "fastseq.nn.ProjectedAdaptiveLogSoftmax, the head of "
+                                    "fastseq.nn.TransformerXLLM"}

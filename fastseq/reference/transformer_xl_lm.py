@@ -131,3 +131,22 @@ def lm_forward(p: dict, c: LMConfig, data: Tensor, target: Optional[Tensor],
     log_prob = adaptive_log_prob(p, c, hidden[-tgt_len:].reshape(-1, c.d_model))
     nll = -log_prob.gather(1, target.reshape(-1, 1)).squeeze(1)
     return nll.view(tgt_len, bsz), new_mems
+
+
+def adaptive_nll_original(crit, hidden: Tensor, target: Tensor) -> Tensor:
+    """The original ProjectedAdaptiveLogSoftmax's computation with a module's weights (by
+    token): the head's whole logits for every token, each tail's whole logits for its tokens,
+    log_softmax over them. The plain baseline of the chunked head (what it replaces)."""
+    weight, bias, proj = crit.cluster(0)
+    head = torch.log_softmax(crit._projected(hidden, proj) @ weight.t() + bias, -1)
+    cluster = torch.bucketize(target, torch.tensor(crit.cutoffs, device=target.device),
+                              right=True)
+    nll = -head.gather(1, target.clamp(max=crit.shortlist_size - 1)[:, None]).squeeze(1)
+    for i in range(1, crit.n_clusters + 1):
+        rows = (cluster == i).nonzero().squeeze(1)
+        weight, bias, proj = crit.cluster(i)
+        tail = torch.log_softmax(crit._projected(hidden[rows], proj) @ weight.t() + bias, -1)
+        logprob = head[rows, crit.head_size - i] + \
+            tail.gather(1, (target[rows] - crit.cutoff_ends[i])[:, None]).squeeze(1)
+        nll = nll.index_put((rows,), -logprob)
+    return nll
