@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fastseq
 from fastseq.nn.adaptive import linear_nll
-from fastseq.reference.transformer_xl_lm import LMConfig, lm_forward
+from fastseq.reference.transformer_xl_lm import LMConfig, adaptive_nll_original, lm_forward
 
 BACKENDS = [b for b in ("triton", "torch", "reference")
             if b != "triton" or fastseq.backend.triton_unavailable(torch.device("cpu")) is None]
@@ -203,3 +203,22 @@ def test_refusals_name_the_argument():
         model(data, targets=data, mems=[torch.zeros(2, 3, 8)] * 2)
     with pytest.raises(TypeError, match="not both"):
         model(data, data, mems=[])
+
+
+@pytest.mark.parametrize("div_val", [1, 2])
+def test_chunked_head_equals_the_original_formulation(div_val):
+    """ProjectedAdaptiveLogSoftmax (chunks of 5 tokens) against the original's computation
+    (every cluster's whole logits) with the same weights: nll by token and every gradient."""
+    torch.manual_seed(4)
+    crit = fastseq.nn.ProjectedAdaptiveLogSoftmax(40, 12, 10, [8, 20], div_val=div_val,
+                                                  keep_order=True, chunk_tokens=5).double()
+    with torch.no_grad():
+        for p in crit.parameters():
+            p.normal_(0, 0.5)
+    hidden = torch.randn(23, 10, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 40, (23,))
+    got, want = crit(hidden, target), adaptive_nll_original(crit, hidden, target)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    leaves = [hidden, *crit.parameters()]
+    for g, w in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12)

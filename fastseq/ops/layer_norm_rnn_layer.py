@@ -79,7 +79,10 @@ def layer_norm_rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tenso
 BACKENDS = _backends.OpBackends(
     OP,
     refusals={"triton": lambda call: _backends.triton_unavailable(call["device"]),
-              "reference": lambda call: None},
+              "reference": lambda call: None,
+              "torch": lambda call: "torch and cuDNN have no layer-normalized RNN",
+              "native": lambda call: "fastseq has no C++/CUDA layer-normalized recurrence "
+                                     "(its kernel is Triton's)"},
     preference={"cuda": ("triton", "reference"), "cpu": ("reference",)},
     variants={"triton": lambda call: "one launch forward, one backward: the recurrent and "
                                      "cell-state layer norms inside the recurrence"})
