@@ -151,3 +151,46 @@ def bench_projected_lstm(benchmark, persistent_switch, provider, case, passes):
               provider=provider, shape=f"B={batch} H={hidden} P={proj} T={steps}",
               dtype=str(dtype).split(".")[1], passes=passes, steps=steps, length=steps,
               gflop=projected_gflop(batch, hidden, proj, steps, passes))
+
+
+# Streaming: one frame through a 2-layer LSTM/GRU with the state carried (fastseq's step: one
+# cell per layer) against torch's module on a one-frame sequence, batch 1 (edge inference) and
+# 16. GPU: H=512 bf16 (its step is launch-bound: 2 fused cell kernels); CPU: H=256 fp32.
+STREAM_CASES = ([(1, 512, torch.bfloat16), (16, 512, torch.bfloat16)] if GPU_CASES
+                else [(1, 256, torch.float32), (16, 256, torch.float32)])
+STREAM_PROVIDERS = {"fastseq-step": None, "fastseq-native-step": "native", "torch": None}
+if HEADLINE:
+    STREAM_CASES = []
+
+
+@pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: "B{}_H{}_{}".format(
+    c[0], c[1], str(c[2]).split(".")[1]))
+@pytest.mark.parametrize("mode", list(GATES))
+@pytest.mark.parametrize("provider", list(STREAM_PROVIDERS))
+def bench_stream_step(benchmark, provider, mode, case):
+    batch, hidden, dtype = case
+    torch.manual_seed(0)
+    theirs = TORCH_LAYERS[mode](hidden, hidden, num_layers=2, device=DEVICE, dtype=dtype).eval()
+    ours = FAST_LAYERS[mode](hidden, hidden, num_layers=2, device=DEVICE, dtype=dtype,
+                             backend=STREAM_PROVIDERS[provider]).eval()
+    ours.load_state_dict(theirs.state_dict())
+    frame = torch.randn(batch, hidden, device=DEVICE, dtype=dtype)
+    lstm = mode == "lstm"
+    zeros = torch.zeros(2, batch, hidden, device=DEVICE, dtype=dtype)
+    state = (zeros, zeros.clone()) if lstm else zeros
+    if provider == "torch":
+        def step():
+            with torch.no_grad():
+                return theirs(frame[None], state)[0][0]
+    else:
+        def step():
+            with torch.no_grad():
+                return ours.step(frame, state)[0]
+    twin = TORCH_LAYERS[mode](hidden, hidden, num_layers=2, device=DEVICE, dtype=torch.float64)
+    twin.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        wide = tuple(s.double() for s in state) if lstm else state.double()
+        record_error(benchmark, step(), twin(frame[None].double(), wide)[0][0])
+    run_timed(benchmark, step, op="stream_step", cell=mode, provider=provider,
+              shape=f"B={batch} H={hidden} L=2", dtype=str(dtype).split(".")[1], passes="fwd",
+              steps=1, length=batch, gflop=2 * batch * 2 * 2 * GATES[mode] * hidden ** 2 / 1e9)

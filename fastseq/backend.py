@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -129,37 +128,6 @@ def native_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def choose(
-    op: str,
-    requested: str,
-    preference: Sequence[str],
-    unsupported: Mapping[str, Callable[[], str | None]],
-) -> str:
-    """The backend that runs this call of `op`.
-
-    `unsupported[name]()` returns why backend `name` cannot serve the call (None: it can);
-    `preference` is the order `auto` tries, best first. Never falls back silently from a
-    backend the user asked for.
-    """
-    if requested != "auto":
-        if requested not in unsupported:
-            raise BackendError(
-                f"{op}: backend {requested!r} has no implementation of this op "
-                f"(it has: {', '.join(unsupported)})"
-            )
-        reason = unsupported[requested]()
-        if reason is not None:
-            raise BackendError(f"{op}: backend {requested!r} cannot run this call: {reason}")
-        return requested
-    reasons = []
-    for name in preference:
-        reason = unsupported[name]()
-        if reason is None:
-            return name
-        reasons.append(f"{name}: {reason}")
-    raise BackendError(f"{op}: no backend can run this call ({'; '.join(reasons)})")
-
-
 @dataclasses.dataclass(frozen=True)
 class OpBackends:
     """One op's backends, declared once.
@@ -167,8 +135,9 @@ class OpBackends:
     refusals: backend -> f(call) giving why it cannot serve the call (None: it can); `call` is
     the op's dict of checked arguments, with its "device" (and its "op" name where one
     declaration serves several public functions). preference: device type -> auto's
-    order, or f(call) -> order ("cpu" serves any other type). variants: backend -> f(call) describing what that
-    backend runs for the call, where it has more than one way (reported by explain)."""
+    order, or f(call) -> order ("cpu" serves any other type). variants: backend -> f(call)
+    describing what that backend runs for the call, where it has more than one way (reported
+    by explain)."""
     op: str
     refusals: Mapping[str, Callable[[dict], Optional[str]]]
     preference: Mapping[str, tuple[str, ...]]
@@ -179,13 +148,30 @@ class OpBackends:
         return order(call) if callable(order) else order
 
     def choose(self, call: dict, backend: Optional[str] = None) -> str:
-        """The backend that runs this call (the only place a backend is decided)."""
+        """The backend that runs this call (the only place a backend is decided): the requested
+        one, or under auto the first of the order that can serve the call; BackendError with
+        the reasons otherwise, never a silent fallback from a backend the user asked for. Only
+        the refusals it needs are evaluated (a streaming step at batch 1 calls this per frame)."""
         requested = requested_backend(backend)
-        unsupported = {name: functools.partial(refuse, call)
-                       for name, refuse in self.refusals.items()}
         if _explanations:  # inside fastseq.explain(): record the verdicts (never under compile)
             _explanations[-1].append(Decision.of(self, call, requested))
-        return choose(call.get("op", self.op), requested, self.order(call), unsupported)
+        op = call.get("op", self.op)
+        if requested != "auto":
+            refuse = self.refusals.get(requested)
+            if refuse is None:
+                raise BackendError(f"{op}: backend {requested!r} has no implementation of this op "
+                                   f"(it has: {', '.join(self.refusals)})")
+            reason = refuse(call)
+            if reason is not None:
+                raise BackendError(f"{op}: backend {requested!r} cannot run this call: {reason}")
+            return requested
+        reasons = []
+        for name in self.order(call):
+            reason = self.refusals[name](call)
+            if reason is None:
+                return name
+            reasons.append(f"{name}: {reason}")
+        raise BackendError(f"{op}: no backend can run this call ({'; '.join(reasons)})")
 
 
 # The decision logs of the fastseq.explain() calls in progress (innermost last).

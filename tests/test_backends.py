@@ -42,11 +42,14 @@ def test_requested_backend_that_cannot_run_names_itself_and_why():
 
 
 def test_auto_lists_every_reason_when_nothing_fits():
-    def never():
-        return "nope"
-
+    declared = backend_module.OpBackends(
+        "op", refusals={"a": lambda call: "nope", "b": lambda call: "nope"},
+        preference={"cpu": ("a", "b")})
     with pytest.raises(fastseq.BackendError, match="no backend can run this call .*a: nope; b: nope"):
-        backend_module.choose("op", "auto", ["a", "b"], {"a": never, "b": never})
+        declared.choose({"device": torch.device("cpu")}, "auto")
+    with pytest.raises(fastseq.BackendError, match="backend 'reference' has no implementation"):
+        with fastseq.use_backend("reference"):
+            declared.choose({"device": torch.device("cpu")}, None)
 
 
 def test_override_order(monkeypatch):

@@ -71,6 +71,11 @@ class _LayerNormRNNBase(_FastRNNBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", eps={self.eps}" if self.eps != EPS else "")
 
+    def step(self, input, hx=None):
+        raise NotImplementedError(
+            f"{self._display_name()}: step (one frame at a time) is not implemented for the "
+            f"layer-normalized recurrences; call the layer on each chunk of frames with hx")
+
     def forward(self, input, hx=None, lengths=None):
         # The backend passes through: fastseq.ops.layer_norm_rnn_layer declares and chooses.
         self._check_input(input)

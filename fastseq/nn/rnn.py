@@ -35,6 +35,7 @@ from .. import backend as _backends
 from .. import ops
 from ..ops._checks import InputError, check_features, check_like_parameters, checked_lengths
 from .scripting import RefusesTorchScript
+from .streaming import step_method
 
 _MODULE_NAMES = {"LSTM": "fastseq.nn.LSTM", "GRU": "fastseq.nn.GRU", "RNN_TANH": "fastseq.nn.RNN",
                  "RNN_RELU": "fastseq.nn.RNN"}
@@ -97,6 +98,9 @@ class _FastRNNBase(RefusesTorchScript, torch.nn.RNNBase):
 
     def forward(self, input, hx=None, lengths=None):
         return self._fastseq_forward(input, hx, lengths)
+
+    # One frame at a time with the state carried (streaming inference): fastseq/nn/streaming.py.
+    step = step_method
 
     def _fastseq_forward(self, input, hx, lengths):
         op = self._display_name()
