@@ -177,6 +177,18 @@ class TransformerXLLayer(RefusesTorchScript, nn.Module):
         return self.pos_ff(out)
 
 
+def updated_mems(hids: list[Tensor], mems, qlen: int, mlen: int, mem_len: int, ext_len: int):
+    """The next segment's memories (None without memory): each of hids appended to its memory,
+    the last mem_len positions ending ext_len before the segment's end, detached."""
+    if mem_len <= 0:
+        return None
+    end = mlen + max(0, qlen - ext_len)
+    begin = max(0, end - mem_len)
+    with torch.no_grad():
+        return [(torch.cat([mems[i], h], 0) if mems else h)[begin:end].detach()
+                for i, h in enumerate(hids)]
+
+
 class PositionalEmbedding(nn.Module):
     """Sinusoidal embeddings of distances (the original's: [sin | cos] of pos * inv_freq)."""
 
@@ -300,13 +312,7 @@ class TransformerXL(RefusesTorchScript, nn.Module):
                     f"([m[:{bsz}] ...] with batch_first); to start afresh pass mems=None")
 
     def _update_mems(self, hids: list[Tensor], mems, qlen: int, mlen: int):
-        if self.mem_len <= 0:
-            return None
-        end = mlen + max(0, qlen - self.ext_len)
-        begin = max(0, end - self.mem_len)
-        with torch.no_grad():
-            return [(torch.cat([mems[i], h], 0) if mems else h)[begin:end].detach()
-                    for i, h in enumerate(hids)]
+        return updated_mems(hids, mems, qlen, mlen, self.mem_len, self.ext_len)
 
     def init_mems(self) -> None:
         """The first segment's memory: none (the original returns empty tensors; None reads the

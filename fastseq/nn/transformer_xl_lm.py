@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from .scripting import RefusesTorchScript
-from .transformer_xl import PositionalEmbedding, TransformerXLLayer
+from .transformer_xl import PositionalEmbedding, TransformerXLLayer, updated_mems
 
 
 class TransformerXLLM(RefusesTorchScript, nn.Module):
@@ -141,7 +141,7 @@ class TransformerXLLM(RefusesTorchScript, nn.Module):
                              mems=mems[i] if mems else None, is_causal=True, window=window)
             hids.append(core_out)
         core_out = self.drop(core_out)
-        return core_out, self._update_mems(hids, mems, qlen, mlen)
+        return core_out, updated_mems(hids, mems, qlen, mlen, self.mem_len, self.ext_len)
 
     def _checked_mems(self, mems, bsz: int):
         if mems is None or all(m.numel() == 0 for m in mems):
@@ -157,11 +157,3 @@ class TransformerXLLM(RefusesTorchScript, nn.Module):
                                  f", d_model={self.d_model}] like mems[0], got {list(m.shape)}")
         return list(mems)
 
-    def _update_mems(self, hids: list[Tensor], mems, qlen: int, mlen: int):
-        if self.mem_len <= 0:
-            return None
-        end = mlen + max(0, qlen - self.ext_len)
-        begin = max(0, end - self.mem_len)
-        with torch.no_grad():
-            return [(torch.cat([mems[i], h], 0) if mems else h)[begin:end].detach()
-                    for i, h in enumerate(hids)]
