@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     valid = train_lm.batchify(valid, args.batch)
     span = args.seq_len * 2  # the longest distance training saw: memory + segment
     results = {}
-    print(f"\nevaluation memory (tokens)  clamp_len  nats/byte  perplexity")
+    print("\nevaluation memory (tokens)  clamp_len  nats/byte  perplexity")
     for segments in (int(m) for m in args.memories.split(",")):
         model.mem_len, model.clamp_len = segments * args.seq_len, span
         loss = train_lm.evaluate(model, valid, args.seq_len)

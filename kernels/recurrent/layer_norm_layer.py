@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_acc, dot_precision,
-                      launch_spec, new_output, sigmoid, tanh, tl_accumulator_dtype)
+from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_precision, launch_spec,
+                      new_output, tanh, tl_accumulator_dtype)
 from .layout import GATES, LN_PROJECTION_COLUMN, LN_STATS, LN_WORKSPACE, MODE_IDS
 from .layer import add_state_gradient, batch_tile, step_index, store_state
 from .cell_math import accumulate_projection, cell_backward_math, cell_forward_math, load_saved
