@@ -83,7 +83,8 @@ def test_filters_select_ops_modes_and_dtypes(tmp_path):
     cases = json.loads((tmp_path / "bench.json").read_text())["fastseq"]["cases"]
     assert cases and {c["case"]["cell"] for c in cases} == {"lstm"}
     assert {c["case"]["passes"] for c in cases} == {"fwd"}
-    assert {c["case"]["op"] for c in cases} == {"rnn_cell", "rnn_layer"}
+    # --ops lstm: the LSTM's cases in every recurrent suite (cell, layer, streaming step).
+    assert {c["case"]["op"] for c in cases} == {"rnn_cell", "rnn_layer", "stream_step"}
     empty = bench("--quick", "--ops", "rel_attention", "--dtype", "fp16", out=tmp_path)
     assert empty.returncode == 2 and "no case matches the filters" in empty.stdout
 
