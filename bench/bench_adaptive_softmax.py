@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fastseq
 from fastseq.reference.transformer_xl_lm import adaptive_nll_original
 
-from .conftest import DEVICE, GPU_CASES, HEADLINE, PRESET, record_error, run_timed
+from .conftest import DEVICE, GPU_CASES, HEADLINE, PRESET, pass_step, record_error, run_timed
 
 VOCAB, CUTOFFS = 267_735, [20_000, 40_000, 200_000]
 # (tokens, d_model, div_val, dtype). On a CPU 256 tokens (the plain head's forward and
@@ -62,13 +62,7 @@ def bench_adaptive_softmax(benchmark, provider, case, passes):
                          adaptive_nll_original(crit.double(), hidden[:256].double(),
                                                target[:256]))
         crit.to(dtype)
-    if passes == "fwd":
-        def step():
-            with torch.no_grad():
-                return fn(leaf, target)
-    else:
-        def step():
-            fn(leaf, target).sum().backward()
+    step = pass_step(passes, lambda: fn(leaf, target))
     # A head's GEMMs: every token against the head, the tail tokens against their tails
     # (plain: against the whole vocabulary), 3x for forward + backward.
     flop = 2 * tokens * d_model * (VOCAB if provider == "plain-softmax" else CUTOFFS[0] + 3)

@@ -12,7 +12,7 @@ import torch
 
 import fastseq
 
-from .conftest import DEVICE, GPU_CASES, record_error, run_timed
+from .conftest import DEVICE, GPU_CASES, pass_step, record_error, run_timed
 
 LAYERS = {"lstm": (fastseq.nn.LayerNormLSTM, torch.nn.LSTM), "gru": (fastseq.nn.LayerNormGRU, torch.nn.GRU)}
 GATES = {"lstm": 4, "gru": 3}
@@ -45,13 +45,7 @@ def bench_layer_norm_layer(benchmark, provider, mode, case, passes):
     with torch.no_grad():
         record_error(benchmark, layer(x)[0], twin(x.detach().double())[0])
 
-    if passes == "fwd":
-        def step():
-            with torch.no_grad():
-                return layer(x)
-    else:
-        def step():
-            layer(x)[0].sum().backward()
+    step = pass_step(passes, lambda: layer(x), lambda out: out[0])
 
     per_step = 2 * batch * 2 * hidden * GATES[mode] * hidden
     run_timed(benchmark, step, calls_per_round=3, op="layer_norm_rnn", cell=mode, provider=provider,

@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastseq
 
-from .conftest import DEVICE, GPU_CASES, HEADLINE, record_error, run_timed
+from .conftest import DEVICE, GPU_CASES, HEADLINE, pass_step, record_error, run_timed
 
 GATES = {"lstm": 4, "gru": 3}
 TORCH_LAYERS = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
@@ -93,13 +93,7 @@ def bench_layer(benchmark, persistent_switch, provider, mode, case, passes):
     with torch.no_grad():
         record_error(benchmark, output(layer(x)), output(twin(wide)))
 
-    if passes == "fwd":
-        def step():
-            with torch.no_grad():
-                return layer(x)
-    else:
-        def step():
-            output(layer(x)).sum().backward()
+    step = pass_step(passes, lambda: layer(x), output)
 
     # A whole sequence is milliseconds: 3 calls per synchronized round suffice.
     run_timed(benchmark, step, calls_per_round=3, op="rnn_layer", cell=mode, provider=provider,
@@ -139,13 +133,7 @@ def bench_projected_lstm(benchmark, persistent_switch, provider, case, passes):
     with torch.no_grad():
         record_error(benchmark, layer(x)[0], twin(x.detach().double())[0])
 
-    if passes == "fwd":
-        def step():
-            with torch.no_grad():
-                return layer(x)
-    else:
-        def step():
-            layer(x)[0].sum().backward()
+    step = pass_step(passes, lambda: layer(x), lambda out: out[0])
 
     run_timed(benchmark, step, calls_per_round=3, op="rnn_layer", cell="lstm_proj",
               provider=provider, shape=f"B={batch} H={hidden} P={proj} T={steps}",

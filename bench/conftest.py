@@ -78,6 +78,19 @@ def max_error(got, expected) -> float:
     return (got.detach().double() - expected.detach().double()).abs().max().item()
 
 
+def pass_step(passes: str, run, loss=lambda out: out):
+    """The timed call of a "fwd" or "fwd+bwd" case: run() under no_grad, or a backward from the
+    sum of loss(run()) (loss picks the output a layer's tuple is timed on)."""
+    if passes == "fwd":
+        def step():
+            with torch.no_grad():
+                return run()
+    else:
+        def step():
+            loss(run()).sum().backward()
+    return step
+
+
 def record_error(benchmark, got, expected) -> None:
     """The case's correctness check: its forward output against the float64 reference."""
     benchmark.extra_info["max_error"] = max_error(got, expected)

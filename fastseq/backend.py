@@ -155,23 +155,30 @@ class OpBackends:
         requested = requested_backend(backend)
         if _explanations:  # inside fastseq.explain(): record the verdicts (never under compile)
             _explanations[-1].append(Decision.of(self, call, requested))
-        op = call.get("op", self.op)
+        chosen, error = self.resolve(call, requested, lambda name: self.refusals[name](call))
+        if error is not None:
+            raise BackendError(f"{call.get('op', self.op)}: {error}")
+        return chosen
+
+    def resolve(self, call: dict, requested: str,
+                verdict: Callable[[str], Optional[str]]) -> tuple[Optional[str], Optional[str]]:
+        """(the backend, None), or (None, why none): the rule itself, given verdict(name), a
+        backend's refusal of this call (choose asks each only as needed; explain has them all)."""
         if requested != "auto":
-            refuse = self.refusals.get(requested)
-            if refuse is None:
-                raise BackendError(f"{op}: backend {requested!r} has no implementation of this op "
-                                   f"(it has: {', '.join(self.refusals)})")
-            reason = refuse(call)
+            if requested not in self.refusals:
+                return None, (f"backend {requested!r} has no implementation of this op "
+                              f"(it has: {', '.join(self.refusals)})")
+            reason = verdict(requested)
             if reason is not None:
-                raise BackendError(f"{op}: backend {requested!r} cannot run this call: {reason}")
-            return requested
+                return None, f"backend {requested!r} cannot run this call: {reason}"
+            return requested, None
         reasons = []
         for name in self.order(call):
-            reason = self.refusals[name](call)
+            reason = verdict(name)
             if reason is None:
-                return name
+                return name, None
             reasons.append(f"{name}: {reason}")
-        raise BackendError(f"{op}: no backend can run this call ({'; '.join(reasons)})")
+        return None, f"no backend can run this call ({'; '.join(reasons)})"
 
 
 # The decision logs of the fastseq.explain() calls in progress (innermost last).
@@ -194,17 +201,7 @@ class Decision:
     def of(cls, backends: OpBackends, call: dict, requested: str) -> "Decision":
         verdicts = {name: refuse(call) for name, refuse in backends.refusals.items()}
         order = backends.order(call)
-        chosen, error = None, None
-        if requested != "auto":
-            if requested not in verdicts:
-                error = f"backend {requested!r} has no implementation of this op"
-            elif verdicts[requested] is not None:
-                error = f"backend {requested!r} cannot run this call: {verdicts[requested]}"
-            else:
-                chosen = requested
-        else:
-            chosen = next((name for name in order if verdicts[name] is None), None)
-            error = None if chosen else "no backend can run this call"
+        chosen, error = backends.resolve(call, requested, verdicts.__getitem__)
         variant = backends.variants[chosen](call) if chosen in backends.variants else None
         return cls(call.get("op", backends.op), requested, str(call["device"]), order, verdicts,
                    chosen, variant, error)

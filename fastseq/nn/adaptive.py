@@ -21,16 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.limits import accumulator_dtype
 from .scripting import RefusesTorchScript
 
 # Logit elements a chunk may hold (its fp32 logits and their softmax: 2 x 64 MB); a chunk
 # is at least one token.
 CHUNK_ELEMENTS = 1 << 24
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    """Logits and their sums in fp32 (fp64 for fp64 inputs), whatever the input's dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunk_rows(vocab: int, chunk_tokens: Optional[int]) -> int:
@@ -44,7 +40,7 @@ class _ChunkedLinearNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(hidden, weight, bias, target, chunk):
-        acc = _accumulator(hidden.dtype)
+        acc = accumulator_dtype(hidden.dtype)
         nll = hidden.new_empty(hidden.shape[0], dtype=acc)
         lse = hidden.new_empty(hidden.shape[0], dtype=acc)
         for start in range(0, hidden.shape[0], chunk):
@@ -248,7 +244,7 @@ class ProjectedAdaptiveLogSoftmax(RefusesTorchScript, nn.Module):
     def log_prob(self, hidden: Tensor) -> Tensor:
         """log p(word) for every word: [N, n_token] (the whole distribution, for sampling or
         scoring every word; the loss never needs it)."""
-        acc = _accumulator(hidden.dtype)
+        acc = accumulator_dtype(hidden.dtype)
         weight, bias, proj = self.cluster(0)
         head = F.log_softmax(F.linear(self._projected(hidden, proj), weight, bias).to(acc), -1)
         parts = [head[:, :self.shortlist_size]]

@@ -35,7 +35,7 @@ from .. import backend as _backends
 from .. import ops
 from ..ops._checks import InputError, check_features, check_like_parameters, checked_lengths
 from .scripting import RefusesTorchScript
-from .streaming import step_method
+from .streaming import recurrent_step
 
 _MODULE_NAMES = {"LSTM": "fastseq.nn.LSTM", "GRU": "fastseq.nn.GRU", "RNN_TANH": "fastseq.nn.RNN",
                  "RNN_RELU": "fastseq.nn.RNN"}
@@ -100,7 +100,7 @@ class _FastRNNBase(RefusesTorchScript, torch.nn.RNNBase):
         return self._fastseq_forward(input, hx, lengths)
 
     # One frame at a time with the state carried (streaming inference): fastseq/nn/streaming.py.
-    step = step_method
+    step = recurrent_step
 
     def _fastseq_forward(self, input, hx, lengths):
         op = self._display_name()

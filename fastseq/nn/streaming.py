@@ -9,8 +9,6 @@ x and the projected state, then h = W_hr (o * tanh(c)).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,11 +16,6 @@ from torch import Tensor
 from .. import ops
 from ..ops import rnn_cell as _cell_ops
 from ..ops._checks import InputError, check_features, check_like_parameters
-
-_CELLS = {"LSTM": ops.lstm_cell, "GRU": ops.gru_cell, "RNN_TANH": ops.rnn_tanh_cell,
-          "RNN_RELU": ops.rnn_relu_cell}
-_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
-
 
 def recurrent_step(module, input: Tensor, hx=None):
     """module.step(input, hx): input [B, input_size] (or [input_size] unbatched), hx as the
@@ -33,15 +26,17 @@ def recurrent_step(module, input: Tensor, hx=None):
         raise InputError(f"{name}: step runs one frame forwards; a bidirectional layer needs the "
                          f"whole sequence (call the module on it)")
     if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+        got = list(input.shape) if isinstance(input, Tensor) else type(input).__name__
         raise InputError(f"{name}: step takes one frame [batch, input_size] or [input_size], got "
-                         f"{type(input).__name__ if not isinstance(input, Tensor) else list(input.shape)}")
+                         f"{got}")
     check_features(name, "input", input, "input_size", module.input_size)
     check_like_parameters(name, "input", input, module.weight_ih_l0)
     unbatched = input.dim() == 1
     x = input.unsqueeze(0) if unbatched else input
     lstm = module.mode == "LSTM"
-    h, c = _states(module, hx, x, unbatched, lstm)
-    mode = _MODES[module.mode]
+    # The sequence path's own initial states and checks, on the frame as a one-step sequence.
+    h, c = module._initial_states(hx, x.unsqueeze(0), unbatched, lstm)
+    mode = module.mode.lower()  # LSTM -> lstm, RNN_TANH -> rnn_tanh: the ops' mode names
     # The layers' weights are the module's own (consistent by construction) and the input and
     # states are checked above: the cells run without the op's per-call checks, on one backend
     # chosen once for the step. Under autocast the public ops cast as torch's cells do.
@@ -61,7 +56,7 @@ def recurrent_step(module, input: Tensor, hx=None):
         if projected:
             out = _projected_lstm_step(x, state, *weights, own[-1])
         elif autocast:
-            out = _CELLS[module.mode](x, state, *weights, backend=module.backend)
+            out = getattr(ops, f"{mode}_cell")(x, state, *weights, backend=module.backend)
         else:
             out = _cell_ops.run_checked_cell(mode, x, hs[layer], cs[layer], *weights, chosen)
             out = out if lstm else out[0]
@@ -81,24 +76,6 @@ def recurrent_step(module, input: Tensor, hx=None):
     return x, ((h_n, c_n) if lstm else h_n)
 
 
-def _states(module, hx, x: Tensor, unbatched: bool, lstm: bool):
-    """(h [L, B, H or P], c [L, B, H] or None), zeros where hx gives none, shapes checked."""
-    batch, layers = x.shape[0], module.num_layers
-    h_size = getattr(module, "proj_size", 0) or module.hidden_size
-    h, c = (hx if hx is not None else (None, None)) if lstm else (hx, None)
-    if unbatched:
-        h = h.unsqueeze(1) if h is not None else None
-        c = c.unsqueeze(1) if c is not None else None
-    h = x.new_zeros(layers, batch, h_size) if h is None else h
-    c = (x.new_zeros(layers, batch, module.hidden_size) if c is None else c) if lstm else None
-    for label, state, width in (("h", h, h_size), ("c", c, module.hidden_size)):
-        if state is not None and tuple(state.shape) != (layers, batch, width):
-            raise InputError(f"{module._display_name()}: the step's {label} state must be "
-                             f"[num_layers, batch, {width}] = {[layers, batch, width]}, got "
-                             f"{list(state.shape)}")
-    return h, c
-
-
 def _projected_lstm_step(x, state, w_ih, w_hh, b_ih, b_hh, w_hr):
     h, c = state
     gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
@@ -116,9 +93,3 @@ def _zoneout(module, h_prev, h_new, c_prev, c_new):
         keep = (torch.rand_like(new) < p).to(new.dtype) if module.training else p
         return keep * previous + (1 - keep) * new
     return mix(module.zoneout_h, h_prev, h_new), mix(module.zoneout_c, c_prev, c_new)
-
-
-def step_method(self, input: Tensor, hx: Optional[object] = None):
-    """One frame through every layer, carrying the state: (output [B, H], new hx).
-    fastseq.nn.streaming.recurrent_step says how."""
-    return recurrent_step(self, input, hx)

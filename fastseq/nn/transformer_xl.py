@@ -177,6 +177,27 @@ class TransformerXLLayer(RefusesTorchScript, nn.Module):
         return self.pos_ff(out)
 
 
+def decode_segment(model, embedded: Tensor, mems, r_w_bias, r_r_bias, dtype):
+    """One segment through `model`'s decoder stack (its layers, pos_emb, drop, mem_len,
+    clamp_len, same_length): embedded [qlen, B, d_model] (before dropout) -> (the last layer's
+    output after dropout, hids: the input of every layer, then the last layer's output)."""
+    qlen, mlen = embedded.shape[0], (mems[0].shape[0] if mems else 0)
+    klen = mlen + qlen
+    positions = klen if model.clamp_len <= 0 else min(klen, model.clamp_len + 1)
+    pos_seq = torch.arange(positions - 1, -1, -1.0, device=embedded.device)
+    # Rows ordered by distance positions-1 ... 0, as the layers' r (the original's order;
+    # distances past clamp_len read the last row, as its clamped pos_seq does).
+    pos_emb = model.drop(model.pos_emb(pos_seq).to(dtype))
+    core_out = model.drop(embedded)
+    window = model.mem_len if model.same_length and model.mem_len > 0 else None
+    hids = [core_out]
+    for i, layer in enumerate(model.layers):
+        core_out = layer(core_out, pos_emb, r_w_bias, r_r_bias,
+                         mems=mems[i] if mems else None, is_causal=True, window=window)
+        hids.append(core_out)
+    return model.drop(core_out), hids
+
+
 def updated_mems(hids: list[Tensor], mems, qlen: int, mlen: int, mem_len: int, ext_len: int):
     """The next segment's memories (None without memory): each of hids appended to its memory,
     the last mem_len positions ending ext_len before the segment's end, detached."""
@@ -271,23 +292,12 @@ class TransformerXL(RefusesTorchScript, nn.Module):
         qlen, bsz = tokens.shape
         self._check_mems(mems, bsz)
         mlen = mems[0].shape[0] if mems else 0
-        klen = mlen + qlen
-        positions = klen if self.clamp_len <= 0 else min(klen, self.clamp_len + 1)
-        pos_seq = torch.arange(positions - 1, -1, -1.0, device=tokens.device)
-        # Rows ordered by distance positions-1 ... 0, as the layers' r (the original's order).
-        pos_emb = self.drop(self.pos_emb(pos_seq).to(self.word_emb.weight.dtype))
-        core_out = self.drop(self.word_emb(tokens) * self.emb_scale)
-        window = self.mem_len if self.same_length and self.mem_len > 0 else None
         # Untied: each layer's own biases (None here makes the layer use them).
         r_w_bias = None if self.untie_r else self.r_w_bias
         r_r_bias = None if self.untie_r else self.r_r_bias
-        hids = [core_out]
-        for i, layer in enumerate(self.layers):
-            core_out = layer(core_out, pos_emb, r_w_bias, r_r_bias,
-                             mems=mems[i] if mems else None, is_causal=True, window=window)
-            hids.append(core_out)
-        core_out = self.drop(core_out)
-        new_mems = self._update_mems(hids[:-1], mems, qlen, mlen)
+        core_out, hids = decode_segment(self, self.word_emb(tokens) * self.emb_scale, mems,
+                                        r_w_bias, r_r_bias, self.word_emb.weight.dtype)
+        new_mems = updated_mems(hids[:-1], mems, qlen, mlen, self.mem_len, self.ext_len)
         if self.batch_first:
             core_out = core_out.transpose(0, 1)
             new_mems = None if new_mems is None else [m.transpose(0, 1) for m in new_mems]
@@ -310,9 +320,6 @@ class TransformerXL(RefusesTorchScript, nn.Module):
                     f"{bsz}: the memory of stream b belongs to stream b. If the first {bsz} "
                     f"streams continue, pass mems = [m[:, :{bsz}] for m in mems] "
                     f"([m[:{bsz}] ...] with batch_first); to start afresh pass mems=None")
-
-    def _update_mems(self, hids: list[Tensor], mems, qlen: int, mlen: int):
-        return updated_mems(hids, mems, qlen, mlen, self.mem_len, self.ext_len)
 
     def init_mems(self) -> None:
         """The first segment's memory: none (the original returns empty tensors; None reads the

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from .scripting import RefusesTorchScript
-from .transformer_xl import PositionalEmbedding, TransformerXLLayer, updated_mems
+from .transformer_xl import (PositionalEmbedding, TransformerXLLayer, decode_segment,
+                             updated_mems)
 
 
 class TransformerXLLM(RefusesTorchScript, nn.Module):
@@ -127,20 +128,9 @@ class TransformerXLLM(RefusesTorchScript, nn.Module):
         qlen, bsz = data.shape
         mems = self._checked_mems(mems, bsz)
         mlen = mems[0].shape[0] if mems else 0
-        klen = mlen + qlen
-        positions = klen if self.clamp_len <= 0 else min(klen, self.clamp_len + 1)
-        pos_seq = torch.arange(positions - 1, -1, -1.0, device=data.device)
-        # Rows by distance positions-1 ... 0 (the layers' r; distances past clamp_len read
-        # the last row, as the original's clamped pos_seq does).
-        pos_emb = self.drop(self.pos_emb(pos_seq).to(self.r_w_bias.dtype))
-        core_out = self.drop(self.word_emb(data))
-        window = self.mem_len if self.same_length and self.mem_len > 0 else None
-        hids = [core_out]
-        for i, layer in enumerate(self.layers):
-            core_out = layer(core_out, pos_emb, self.r_w_bias, self.r_r_bias,
-                             mems=mems[i] if mems else None, is_causal=True, window=window)
-            hids.append(core_out)
-        core_out = self.drop(core_out)
+        core_out, hids = decode_segment(self, self.word_emb(data), mems, self.r_w_bias,
+                                        self.r_r_bias, self.r_w_bias.dtype)
+        # The original keeps n_layer + 1 memories: every layer's input and the last output.
         return core_out, updated_mems(hids, mems, qlen, mlen, self.mem_len, self.ext_len)
 
     def _checked_mems(self, mems, bsz: int):

@@ -115,9 +115,13 @@ def _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     return out
 
 
+# Why torch's backend cannot serve return_lse=True (relative attention's too).
+NO_LSE = "torch's scaled_dot_product_attention does not return the log-sum-exp"
+
+
 def _torch_unavailable(call: dict) -> Optional[str]:
     if call["return_lse"]:
-        return "torch's scaled_dot_product_attention does not return the log-sum-exp"
+        return NO_LSE
     if call["is_causal"] and call["attn_mask"] is not None:
         return "torch refuses is_causal together with attn_mask"
     return None

@@ -32,6 +32,7 @@ from ..reference import rel_attention as _reference
 from . import rel_attention_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op
 from ._registration import fused
+from .attention import NO_LSE
 from ._checks import check_mask, check_same_dtype_device, check_shape, check_tensor, fail
 
 OP = "fastseq.ops.rel_attention"
@@ -85,8 +86,7 @@ BACKENDS = _backends.OpBackends(
     OP,
     refusals={"triton": lambda call: _backends.triton_attention_unavailable(
                   call["query"], call["value"], REL_ATTENTION_MAX_HEAD_DIM),
-              "torch": lambda call: "torch's scaled_dot_product_attention does not return the "
-                                    "log-sum-exp" if call["return_lse"] else None,
+              "torch": lambda call: NO_LSE if call["return_lse"] else None,
               "reference": lambda call: None},
     preference={"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference", "triton")},
     variants={"triton": lambda call: "fused kernels: content and position terms per tile, no "

@@ -305,8 +305,11 @@ def _torch_unsupported(call: dict) -> Optional[str]:
     return None
 
 
+_FOLDED = "; the projection folded into W_hh W_hr"
+
+
 def _native_variant(call: dict) -> str:
-    folded = "; the projection folded into W_hh W_hr" if call["projection"] else ""
+    folded = _FOLDED if call["projection"] else ""
     if call["device"].type == "cuda":
         # Decided by the C++ op at each call from its plan (csrc/include/fastseq/
         # rnn_persistent.h: plan_persistent), which needs the device's shared memory and SMs.
@@ -330,17 +333,12 @@ BACKENDS = _backends.OpBackends(
                 "cpu": ("torch", "native", "reference")},
     variants={"native": _native_variant,
               "triton": lambda call: "one launch, a program per 16 batch rows" + (
-                  "; the projection folded into W_hh W_hr" if call["projection"] else "")})
+                  _FOLDED if call["projection"] else "")})
 
 
-def _one_launch_refusal(call: dict) -> Optional[str]:
-    """Why the Triton bidirectional launch cannot serve the call."""
-    return _backends.triton_unavailable(call["device"])
-
-
-def _per_direction_refusal(backend: str) -> Callable[[dict], Optional[str]]:
-    """A backend that runs the two directions as two rnn_layer calls refuses what rnn_layer's
-    refuses for the reverse direction."""
+def _reverse_direction_refusal(backend: str) -> Callable[[dict], Optional[str]]:
+    """What rnn_layer's `backend` refuses for the reverse direction (the forward one asks
+    less): a bidirectional layer needs both."""
     return lambda call: BACKENDS.refusals[backend](dict(call, reverse=True))
 
 
@@ -349,8 +347,7 @@ def _per_direction_refusal(backend: str) -> Callable[[dict], Optional[str]]:
 # cannot run a reverse direction, is passed over for the Triton launch on GPUs.
 BIDIRECTIONAL_BACKENDS = _backends.OpBackends(
     "fastseq.ops.rnn_bidirectional_layer",
-    refusals={"triton": _one_launch_refusal, "native": _per_direction_refusal("native"),
-              "torch": _per_direction_refusal("torch"), "reference": lambda call: None},
+    refusals={name: _reverse_direction_refusal(name) for name in BACKENDS.refusals},
     preference=BACKENDS.preference,
     variants={"triton": lambda call: "one folded rnn_layer launch per direction"
               if call["projection"] else "both directions in one launch",

@@ -213,17 +213,25 @@ KERNELS = {"forward": attention_forward_kernel, "backward_key": attention_backwa
            "backward_query": attention_backward_query_kernel}
 
 
+def spec_types(dtype: torch.dtype, heavy: bool) -> tuple[dict, dict]:
+    """(pointer, scalar) argument types the attention kernels (and relative attention's) share
+    beyond the input dtype's pointers and int32 scalars: row statistics in the accumulator
+    dtype, the int64 seed, the mask as the input dtype (heavy: a float tile) or uint8."""
+    acc = accumulator_dtype(dtype)
+    pointers = {"lse_ptr": acc, "delta_ptr": acc, "seed_ptr": "i64",
+                "mask_ptr": dtype if heavy else "u8"}
+    return pointers, {"qk_scale2": "fp32", "scale": "fp32", "dropout_p": "fp32"}
+
+
 def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int, heavy: bool,
                  shifted: bool = False) -> list[dict]:
     """Every autotuning candidate of one kernel for a dtype, head dim and feature set, causal,
     on the longest path of that set: heavy = a float mask tile with its gradient and dropout;
     light = a key-padding mask (one row of S keys); shifted = the bottom-right diagonal."""
-    acc = accumulator_dtype(dtype)
-    pointers = {"lse_ptr": acc, "delta_ptr": acc, "seed_ptr": "i64",
-                "mask_ptr": dtype if heavy else "u8"}
+    pointers, scalars = spec_types(dtype, heavy)
     if kernel == "backward_key":  # per-head dK/dV in fp32 (summed over GQA groups after)
+        acc = accumulator_dtype(dtype)
         pointers.update(dk_ptr=acc, dv_ptr=acc)
-    scalars = {"qk_scale2": "fp32", "scale": "fp32", "dropout_p": "fp32"}
     specs = []
     for config in candidate_configs(kernel, dtype, head_dim, heavy):
         launch = dict(config.kwargs, MASK_KIND=FLOAT_MASK if heavy else BOOL_KEY_MASK,

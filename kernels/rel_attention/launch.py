@@ -14,7 +14,8 @@ import torch
 import triton
 
 from ..attention.kernel import BOOL_KEY_MASK, FLOAT_MASK
-from ..attention.launch import head_block, heavy_launch, length_bucket, mask_arguments
+from ..attention.launch import (head_block, heavy_launch, length_bucket, mask_arguments,
+                                spec_types)
 from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_precision, launch_spec,
                       new_output, tl_accumulator_dtype)
 from .backward import (rel_attention_backward_key_kernel, rel_attention_backward_pos_kernel,
@@ -199,20 +200,13 @@ KERNELS = {"forward": rel_attention_forward_kernel,
            "backward_query": rel_attention_backward_query_kernel}
 
 
-def _spec_types(dtype, heavy, kernel):
-    acc = accumulator_dtype(dtype)
-    pointers = {"lse_ptr": acc, "delta_ptr": acc, "seed_ptr": "i64",
-                "mask_ptr": dtype if heavy else "u8"}
-    if kernel == "backward_pos":
-        pointers["dband_ptr"] = acc
-    return pointers, {"qk_scale2": "fp32", "scale": "fp32", "dropout_p": "fp32"}
-
-
 def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int, heavy: bool) -> list[dict]:
     """Every candidate of one kernel (the d(pos) kernel: its one tile) for a dtype, head dim
     and feature set, causal with a window (the longest path); heavy = a float mask tile with
     its gradient and dropout, light = a key-padding mask."""
-    pointers, scalars = _spec_types(dtype, heavy, kernel)
+    pointers, scalars = spec_types(dtype, heavy)
+    if kernel == "backward_pos":
+        pointers["dband_ptr"] = accumulator_dtype(dtype)
     features = dict(MASK_KIND=FLOAT_MASK if heavy else BOOL_KEY_MASK,
                     **feature_constexprs(dtype, head_dim, head_dim, True, True, heavy, **GPU_DOT))
     if kernel == "backward_pos":
@@ -240,7 +234,8 @@ def launch_specs() -> list[dict]:
     kernels = (*KERNELS, "backward_pos")
     return ([spec for kernel in kernels for d in (64, 128) for heavy in (False, True)
              for spec in kernel_specs(kernel, torch.bfloat16, d, heavy)]
-            + [spec for kernel in kernels for spec in kernel_specs(kernel, torch.float32, 64, False)]
+            + [spec for kernel in kernels
+               for spec in kernel_specs(kernel, torch.float32, 64, False)]
             + kernel_specs("backward_pos", torch.float32, 128, False))
 
 
