@@ -20,7 +20,11 @@ export CUDA_HOME
 MIN_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 MIN_VENV := .venv-min
 MIN_PY := $(MIN_VENV)/bin/python
-MIN_STACK := torch==2.11.0 triton==3.6.0
+MIN_TORCH := torch==2.11.0
+# torch 2.11's own requirements but its CUDA libraries (nvidia-*, cuda-toolkit: 2.7 GB), which
+# the leg takes from .venv instead (below).
+MIN_TORCH_DEPS := triton==3.6.0 filelock "typing-extensions>=4.10" "setuptools<82" "sympy>=1.13.3" \
+	"networkx>=2.5.1" jinja2 "fsspec>=0.8.5" "cuda-bindings>=13.0.3,<14"
 MIN_DEV_DEPS := "numpy<2.4" pytest pytest-benchmark hypothesis "cmake>=3.26" ninja setuptools wheel
 # What the second leg runs: the sm_90 AOT compile test, the op and layer tests of every family
 # (Triton through the interpreter), compile/export, the GPU script's dry run, and the tests of
@@ -53,10 +57,19 @@ install: $(VENV)/.deps-installed
 test: install
 	$(VENV)/bin/pytest tests -q --durations=15
 
-$(MIN_VENV)/.deps-installed: Makefile pyproject.toml
+# Disk: a CI run with both stacks complete needed 10.5 GB (.venv 5.7, .venv-min 4.8) plus the
+# downloaded wheels, and one CI machine ran out during this install. Both torch builds are CUDA
+# 13 (cu130) with the same library sonames and layout, so .venv-min links .venv's nvidia/ folder
+# (torch finds it beside its own site-packages) instead of installing its 2.7 GB copy; on a
+# CPU-only machine these libraries are only loaded, never called.
+$(MIN_VENV)/.deps-installed: Makefile pyproject.toml $(VENV)/.deps-installed
 	test -x $(MIN_PY) || $(MIN_PYTHON) -m venv $(MIN_VENV)
-	$(MIN_PY) -m pip install -q $(MIN_STACK)
-	$(MIN_PY) -m pip install -q $(MIN_DEV_DEPS)
+	$(MIN_PY) -m pip install -q --no-cache-dir --no-deps $(MIN_TORCH)
+	$(MIN_PY) -m pip install -q --no-cache-dir $(MIN_TORCH_DEPS)
+	ln -sfn "$$($(PY) -c 'import pathlib, sysconfig; print(pathlib.Path(sysconfig.get_path("purelib")) / "nvidia")')" \
+		"$$($(MIN_PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/nvidia"
+	$(MIN_PY) -c "import torch; assert torch.__version__.startswith('2.11.'), torch.__version__"
+	$(MIN_PY) -m pip install -q --no-cache-dir $(MIN_DEV_DEPS)
 	touch $@
 
 install-min-stack: $(MIN_VENV)/.deps-installed
