@@ -2,6 +2,7 @@
 declaration, chosen through fastseq.backend) and calls a registered op (torch.ops.fastseq.*)
 with fake and autograd. PUBLIC_OPS (registry.py) lists them for the derived checks."""
 from .attention import attention
+from .kv_cache import attention_with_kv_cache
 from .rnn_cell import gru_cell, lstm_cell, rnn_relu_cell, rnn_tanh_cell
 from .layer_norm_rnn_layer import layer_norm_rnn_layer
 from .rel_attention import rel_attention
@@ -10,5 +11,5 @@ from .rnn_layer import rnn_bidirectional_layer, rnn_layer
 from .registry import PUBLIC_OPS
 
 __all__ = ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "rnn_layer",
-           "rnn_bidirectional_layer", "layer_norm_rnn_layer", "attention", "rel_attention",
+           "rnn_bidirectional_layer", "layer_norm_rnn_layer", "attention", "attention_with_kv_cache", "rel_attention",
            "PUBLIC_OPS"]

@@ -25,11 +25,14 @@ def on_tensor_device(launcher: Callable) -> Callable:
     return guarded
 
 
-def triton_custom_op(name: str) -> Callable[[Callable], Callable]:
+def triton_custom_op(name: str, mutates_args: tuple[str, ...] = ()
+                     ) -> Callable[[Callable], Callable]:
     """torch.library.custom_op(name) around a Triton launcher, on its tensors' device (the
-    schema comes from the launcher's own signature through functools.wraps)."""
+    schema comes from the launcher's own signature through functools.wraps); mutates_args names
+    the tensors it writes in place."""
     def register(launcher: Callable) -> Callable:
-        return torch.library.custom_op(name, mutates_args=())(on_tensor_device(launcher))
+        return torch.library.custom_op(name, mutates_args=mutates_args)(
+            on_tensor_device(launcher))
     return register
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Callable
 
 from .attention import attention
+from .kv_cache import attention_with_kv_cache
 from .layer_norm_rnn_layer import layer_norm_rnn_layer
 from .rel_attention import rel_attention
 from .rnn_cell import gru_cell, lstm_cell, rnn_relu_cell, rnn_tanh_cell
@@ -36,6 +37,8 @@ PUBLIC_OPS = {op.name: op for op in (
     PublicOp("layer_norm_rnn_layer", layer_norm_rnn_layer, "recurrent.layer_norm_layer",
              "layer_norm_rnn"),
     PublicOp("attention", attention, "attention.launch", "attention"),
+    PublicOp("attention_with_kv_cache", attention_with_kv_cache, "attention.decode_launch",
+             "decode"),
     PublicOp("rel_attention", rel_attention, "rel_attention.launch", "rel_attention"),
 )}
 

@@ -1,0 +1,194 @@
+"""Attention against a preallocated key/value cache: fastseq.ops.attention_with_kv_cache, the
+decode step of a generating decoder (in the spirit of flash-attention's with-KV-cache call).
+
+    out = attention_with_kv_cache(query, k_cache, v_cache, cache_seqlens, key, value)
+
+query [B, Hq, Lq, E]; k_cache [B, Hk, S_max, E] and v_cache [B, Hk, S_max, EV], preallocated
+(any strides: a slice of a bigger buffer works); cache_seqlens [B] integer tensor on the caches'
+device (or one int for every row): how many positions of each row's cache are filled before
+this call (ragged batches: rows differ). key/value [B, Hk, Lnew, E|EV] (optional): written into
+the caches in place at positions cache_seqlens[b] .. + Lnew - 1, then attended with the rest.
+cache_seqlens itself is not changed (fastseq.nn.KVCache keeps it for you).
+
+Each query row attends its row's first kv_len = cache_seqlens[b] + Lnew keys. is_causal (the
+default): the query rows are the last Lq positions of that sequence, query i sees keys
+j <= kv_len - Lq + i (a one-token step sees everything; several new rows are causal among
+themselves). window=w > 0: each query row sees only its last w positions (sliding-window
+attention; w counts the row itself). GQA/MQA: Hq a multiple of Hk. A row with nothing visible
+gives zeros. return_lse=True also returns each row's log-sum-exp [B, Hq, Lq] (fp32).
+
+Forward only: inputs that require grad are refused (train with fastseq.ops.attention). No host
+synchronisation and no shape-dependent Python per step, so a step captures in a CUDA graph.
+Cache overflow (cache_seqlens[b] + Lnew > S_max) is an InputError before anything is written
+where it can be checked without a sync (CPU tensors, an int); for CUDA lengths it is a
+device-side assert (torch._assert_async, the mechanism torch's own index checks use), and the
+kernels never write or read outside the cache either way. fastseq.nn.KVCache tracks an upper
+bound of its lengths on the host and refuses an overflowing step with an InputError first.
+
+Backends: triton (split-KV "flash-decoding": the keys are split into ranges across programs
+and their partial softmaxes combined; kernels/attention/decode.py), torch (scatter_ and
+torch's scaled_dot_product_attention with the visibility as a mask), reference (row by row,
+float64-checkable).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backends
+from ..kernels.limits import ATTENTION_MAX_HEAD_DIM
+from ..reference import kv_cache as _reference
+from . import kv_cache_registration as _registered_ops  # noqa: F401  (registers the ops)
+from ._checks import check_same_dtype_device, check_tensor, fail
+from .attention import NO_LSE
+
+OP = "fastseq.ops.attention_with_kv_cache"
+
+
+def attention_with_kv_cache(query: Tensor, k_cache: Tensor, v_cache: Tensor,
+                            cache_seqlens: Union[Tensor, int], key: Optional[Tensor] = None,
+                            value: Optional[Tensor] = None, *, is_causal: bool = True,
+                            window: Optional[int] = None, scale: Optional[float] = None,
+                            return_lse: bool = False, backend: Optional[str] = None):
+    """softmax(query k^T * scale) v over each row's filled cache (after appending key/value).
+    Returns out [B, Hq, Lq, EV], or (out, lse) with return_lse."""
+    _validate(query, k_cache, v_cache, key, value, window)
+    new = 0 if key is None else key.shape[2]
+    lengths = _lengths(cache_seqlens, query.shape[0], k_cache.device)
+    _check_capacity(lengths, new, k_cache.shape[2])
+    window = int(window or 0)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    chosen = BACKENDS.choose({"device": query.device, "query": query, "value": v_cache,
+                              "return_lse": return_lse}, backend)
+    if query.numel() == 0 or v_cache.shape[3] == 0:
+        # Nothing to attend with or to return (an empty batch, no query rows, EV = 0): the new
+        # rows still go into the caches.
+        if key is not None and key.numel():
+            _reference.append(k_cache, v_cache, key, value, lengths)
+        out, lse = _reference.empty_result(query, v_cache)
+    elif chosen == "reference":
+        out, lse = _reference.attention_with_kv_cache(
+            query, k_cache, v_cache, lengths, key, value, is_causal=is_causal, window=window,
+            scale=scale)
+    elif chosen == "torch":
+        out, lse = _torch_decode(query, k_cache, v_cache, lengths, key, value, is_causal,
+                                 window, scale), None
+    else:
+        if key is not None:
+            torch.ops.fastseq.kv_cache_append_triton(k_cache, v_cache, key, value, lengths)
+        out, lse = torch.ops.fastseq.attention_decode_triton(
+            query, k_cache, v_cache, lengths + new if new else lengths, is_causal,
+            -query.shape[2], window, scale)
+    return (out, lse) if return_lse else out
+
+
+def _lengths(cache_seqlens, batch: int, device: torch.device) -> Tensor:
+    """cache_seqlens as the kernels take it: int32 [B] on the caches' device (a copy only when
+    it is on another device or of another integer dtype)."""
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, Tensor)):
+        fail(OP, f"cache_seqlens must be an integer tensor [B] or an int, got "
+                 f"{type(cache_seqlens).__name__}")
+    if isinstance(cache_seqlens, int):
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or cache_seqlens.shape != (batch,):
+        fail(OP, f"cache_seqlens must be an int32 or int64 tensor of shape [{batch}] (one "
+                 f"length per batch row), got {cache_seqlens.dtype} of shape "
+                 f"{list(cache_seqlens.shape)}")
+    return cache_seqlens.to(device=device, dtype=torch.int32)
+
+
+def _check_capacity(lengths: Tensor, new: int, capacity: int) -> None:
+    """0 <= cache_seqlens and cache_seqlens + Lnew <= S_max: checked on the host where that
+    costs no sync, else as a device-side assert (also under torch.compile, where a host check
+    would be a data-dependent branch)."""
+    fits = ((lengths >= 0) & (lengths + new <= capacity)).all()
+    message = (f"{OP}: cache overflow: every cache_seqlens[b] must be >= 0 and leave room for "
+               f"the {new} new positions in the caches' {capacity}")
+    if lengths.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(fits):
+            fail(OP, message.removeprefix(f"{OP}: ") + f" (cache_seqlens = {lengths.tolist()})")
+    else:
+        torch._assert_async(fits, message)
+
+
+def _torch_decode(query, k_cache, v_cache, lengths, key, value, is_causal, window, scale):
+    """torch's own kernels: scatter_ writes the new rows in place, SDPA attends the whole
+    capacity with the visibility as a [B, 1, Lq, S_max] bool mask."""
+    new = 0 if key is None else key.shape[2]
+    if new:
+        positions = (lengths.long()[:, None] + torch.arange(new, device=key.device))
+        for cache, rows in ((k_cache, key), (v_cache, value)):
+            index = positions[:, None, :, None].expand(-1, rows.shape[1], -1, rows.shape[3])
+            cache.scatter_(2, index, rows)
+    kv_len = (lengths + new)[:, None, None, None]
+    last = kv_len - query.shape[2] + torch.arange(query.shape[2], device=query.device)[:, None]
+    keys = torch.arange(k_cache.shape[2], device=query.device)
+    seen = keys < kv_len
+    if is_causal:
+        seen = seen & (keys <= last)
+    if window > 0:
+        seen = seen & (keys > last - window)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, k_cache, v_cache, seen, scale=scale,
+        enable_gqa=query.shape[1] != k_cache.shape[1])
+    return torch.where(seen.any(-1, keepdim=True), out, out.new_zeros(()))
+
+
+def _validate(query, k_cache, v_cache, key, value, window) -> None:
+    names = (("query", query), ("k_cache", k_cache), ("v_cache", v_cache))
+    for name, t in names + (("key", key), ("value", value)):
+        if t is None:
+            continue
+        check_tensor(OP, name, t, ndims=(4,))
+        if t.requires_grad and torch.is_grad_enabled():
+            fail(OP, f"{name} requires grad: attention_with_kv_cache is forward only (a "
+                     f"decode step); train with fastseq.ops.attention, or run the step under "
+                     f"torch.no_grad()")
+    check_same_dtype_device(OP, ("query", query), (("k_cache", k_cache), ("v_cache", v_cache),
+                                                   ("key", key), ("value", value)))
+    B, HQ, _, E = query.shape
+    _, HK, capacity, _ = k_cache.shape
+    EV = v_cache.shape[3]
+    if k_cache.shape[0] != B or k_cache.shape[3] != E:
+        fail(OP, f"k_cache must be [B={B}, Hk, S_max, E={E}] (query is {list(query.shape)}), "
+                 f"got {list(k_cache.shape)}")
+    if tuple(v_cache.shape[:3]) != (B, HK, capacity):
+        fail(OP, f"v_cache must be [{B}, {HK}, {capacity}, EV] like k_cache "
+                 f"{list(k_cache.shape)}, got {list(v_cache.shape)}")
+    if HK == 0 or HQ % HK:
+        fail(OP, f"query's heads ({HQ}) must be a multiple of the caches' ({HK}) (GQA/MQA), "
+                 f"query {list(query.shape)}, k_cache {list(k_cache.shape)}")
+    if (key is None) != (value is None):
+        fail(OP, "key and value go together: pass both new rows or neither")
+    if key is not None:
+        new = key.shape[2]
+        if tuple(key.shape) != (B, HK, new, E):
+            fail(OP, f"key must be [B={B}, Hk={HK}, Lnew, E={E}], got {list(key.shape)}")
+        if tuple(value.shape) != (B, HK, new, EV):
+            fail(OP, f"value must be [{B}, {HK}, {new}, EV={EV}] like key, got "
+                     f"{list(value.shape)}")
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if cache.stride(2) == 0 and capacity > 1:
+                fail(OP, f"{name} is a broadcast view (stride 0 over positions): new rows "
+                         f"cannot be written into it")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 0):
+        fail(OP, f"window must be None or a non-negative int (0: no window), got {window!r}")
+
+
+# GPUs: the split-KV Triton kernels. CPUs: torch's kernels (the interpreter is never chosen
+# automatically there), then the reference.
+BACKENDS = _backends.OpBackends(
+    OP,
+    refusals={"triton": lambda call: _backends.triton_attention_unavailable(
+                  call["query"], call["value"], ATTENTION_MAX_HEAD_DIM),
+              "torch": lambda call: NO_LSE if call["return_lse"] else None,
+              "reference": lambda call: None},
+    preference={"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference", "triton")},
+    variants={"triton": lambda call: "split-KV decode: key ranges across programs, partial "
+                                     "softmaxes combined by a second kernel",
+              "torch": lambda call: "scatter_ into the caches, then "
+                                    "scaled_dot_product_attention with the visibility mask"})

@@ -1,0 +1,151 @@
+"""Launchers of the split-KV decode kernels and of the cache append (kernels/attention/decode.py).
+
+How the keys are split: enough ranges that the step fills the GPU about twice over (2 programs
+per SM) but no range shorter than MIN_SPLIT_KEYS keys, so each program streams at least
+256 x 128 x 2 B x 2 = 128 KB of K and V (bf16, head dim 128) against a few KB of partials;
+at most MAX_SPLITS ranges (the combine kernel holds them all in one tile). The split depends only
+on shapes (the cache's capacity, not its filled length), so a CUDA graph captured for one
+shape stays valid for every step. Under the interpreter ranges are 2 key blocks long, so CI's
+short caches cross several ranges and the combine.
+
+Tiles: one configuration per dtype and head-dim class, not autotuned (a decode step is bound by
+reading the cache; autotuning each new cache length would cost more than it could win): the
+rows of a program are the G x Lq query rows of a key/value head, padded to >= 16 (tl.dot's
+smallest M), at most 64 per program. The configurations compiled for sm_90 without spills
+(tests/test_triton_gpu_compile.py); their speed is unmeasured (bench/NOTES.md).
+"""
+import torch
+import triton
+
+from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_precision, launch_spec,
+                      new_output, tl_accumulator_dtype)
+from .decode import (attention_decode_combine_kernel, attention_decode_split_kernel,
+                     kv_cache_append_kernel)
+from .launch import LOG2E, head_block
+
+MIN_SPLIT_KEYS = 256
+MAX_SPLITS = 128
+MAX_ROWS = 64  # query rows (G x Lq) one program holds; more take several row blocks
+INTERPRETER_SPLIT_BLOCKS = 2
+COMBINE_CHUNK = 16  # ranges the combine reads at a time: 16 x 256 fp32 = 32 registers/thread
+
+
+def gpu_tile(dtype: torch.dtype, block_d: int) -> dict:
+    """(BLOCK_N, warps, stages) of the split kernel on a GPU for this dtype and padded head
+    dim: 64 keys x 128 dims x 2 B = 16 KB of K a stage, three stages in flight."""
+    if dtype == torch.float32:  # operands on the FMA units: a narrower key block
+        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_N": 64 if block_d <= 128 else 32, "num_warps": 4, "num_stages": 3}
+
+
+def tile(dtype: torch.dtype, block_d: int) -> dict:
+    if INTERPRETED or dtype == torch.float64:  # fp64: gradcheck-sized work only
+        return {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    return gpu_tile(dtype, block_d)
+
+
+def row_block(rows: int) -> int:
+    return min(max(16, triton.next_power_of_2(rows)), MAX_ROWS)
+
+
+def _sm_count(device: torch.device) -> int:
+    # Dynamo folds get_device_properties to a constant; torch caches it per device.
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_plan(batch: int, kv_heads: int, row_blocks: int, capacity: int, block_n: int,
+               device: torch.device) -> tuple[int, int]:
+    """(number of key ranges, keys per range) for a cache of `capacity` positions."""
+    if INTERPRETED or device.type != "cuda":
+        split_size = INTERPRETER_SPLIT_BLOCKS * block_n
+    else:
+        programs = batch * kv_heads * row_blocks
+        wanted = max(1, triton.cdiv(2 * _sm_count(device), programs))
+        splits = max(1, min(wanted, triton.cdiv(capacity, MIN_SPLIT_KEYS), MAX_SPLITS))
+        split_size = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
+    split_size = max(split_size, block_n)
+    splits = max(1, triton.cdiv(capacity, split_size))
+    if splits > MAX_SPLITS:  # interpreter on a long cache: widen the ranges instead
+        split_size = triton.cdiv(triton.cdiv(capacity, MAX_SPLITS), block_n) * block_n
+        splits = triton.cdiv(capacity, split_size)
+    return splits, split_size
+
+
+def _constexprs(dtype: torch.dtype, block_m: int, block_d: int, block_dv: int, is_causal: bool,
+                has_window: bool, precision: str, upcast: bool) -> dict:
+    return {"BLOCK_M": block_m, "BLOCK_D": block_d, "BLOCK_DV": block_dv,
+            "IS_CAUSAL": is_causal, "HAS_WINDOW": has_window, "PRECISION": precision,
+            "UPCAST": upcast, "ACC_DTYPE": tl_accumulator_dtype(dtype)}
+
+
+def attention_decode(q, k_cache, v_cache, kv_len, is_causal: bool, causal_offset: int,
+                     window: int, scale: float):
+    """q [B, Hq, Lq, E], caches [B, Hk, S_max, E|EV] (any strides), kv_len int32 [B] on q's
+    device (the filled length of each row's cache). Returns (out [B, Hq, Lq, EV] in q's dtype,
+    lse [B, Hq, Lq] in the accumulator dtype)."""
+    B, HQ, LQ, E = q.shape
+    HK, capacity, EV = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    group = HQ // HK
+    block_d, block_dv = head_block(E), head_block(EV)
+    block_m = row_block(group * LQ)
+    row_blocks = triton.cdiv(group * LQ, block_m)
+    launch = tile(q.dtype, max(block_d, block_dv))
+    splits, split_size = split_plan(B, HK, row_blocks, capacity, launch["BLOCK_N"], q.device)
+    acc = accumulator_dtype(q.dtype)
+    part_out = new_output((B, HQ, LQ, splits, EV), q.new_empty(0, dtype=acc))
+    part_lse = new_output((B, HQ, LQ, splits), part_out)
+    attention_decode_split_kernel[(splits, B * HK, row_blocks)](
+        q, k_cache, v_cache, kv_len, part_out, part_lse, *q.stride(), *k_cache.stride(),
+        *v_cache.stride(), HQ, group, LQ, E, EV, splits, split_size, float(scale) * LOG2E,
+        int(causal_offset), int(window),
+        **_constexprs(q.dtype, block_m, block_d, block_dv, is_causal, window > 0,
+                      dot_precision(q.dtype), INTERPRETED), **launch)
+    out = new_output((B, HQ, LQ, EV), q)
+    lse = new_output((B, HQ, LQ), part_out)
+    attention_decode_combine_kernel[(B * HQ * LQ,)](
+        part_out, part_lse, out, lse, *out.stride(), HQ, LQ, EV, splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), CHUNK_S=COMBINE_CHUNK, BLOCK_DV=block_dv,
+        num_warps=4)
+    return out, lse
+
+
+def kv_cache_append(k_cache, v_cache, key, value, cache_len) -> None:
+    """Writes key/value [B, Hk, Lq, E|EV] into the caches [B, Hk, S_max, E|EV] at positions
+    cache_len[b] + i (int32 [B] on the caches' device), in place."""
+    B, HK, LQ, E = key.shape
+    EV = value.shape[3]
+    if B * HK * LQ == 0:
+        return
+    kv_cache_append_kernel[(B * HK, LQ)](
+        k_cache, v_cache, key, value, cache_len, *k_cache.stride(), *v_cache.stride(),
+        *key.stride(), *value.stride(), HK, k_cache.shape[2], E, EV,
+        BLOCK_D=triton.next_power_of_2(E), BLOCK_DV=triton.next_power_of_2(EV), num_warps=1)
+
+
+# The launches a GPU runs, per dtype and head dim: the split kernel at the row counts of MQA at
+# batch decode (16 rows: Lq x G <= 16) and of a 4-row speculative step with G = 8 (32 rows, 64 at
+# most), causal with a window (the longest path); the combine and the append.
+def launch_specs() -> list[dict]:
+    specs = []
+    scalars = {"qk_scale2": "fp32"}
+    for dtype, head_dims in ((torch.bfloat16, (64, 128, 256)), (torch.float16, (128,)),
+                             (torch.float32, (64, 128))):
+        acc = accumulator_dtype(dtype)
+        for d in head_dims:
+            for block_m in (16, MAX_ROWS):
+                launch = dict(_constexprs(dtype, block_m, d, d, True, True,
+                                          GPU_DOT["PRECISION"], GPU_DOT["UPCAST"]),
+                              **gpu_tile(dtype, d))
+                specs.append(launch_spec(
+                    attention_decode_split_kernel, dtype, launch,
+                    pointers={"kv_len_ptr": "i32", "part_out_ptr": acc, "part_lse_ptr": acc},
+                    scalars=scalars, gemm=dtype != torch.float32))
+            specs.append(launch_spec(
+                attention_decode_combine_kernel, dtype,
+                {"BLOCK_S": MAX_SPLITS, "CHUNK_S": COMBINE_CHUNK, "BLOCK_DV": d, "num_warps": 4},
+                pointers={"part_out_ptr": acc, "part_lse_ptr": acc, "lse_ptr": acc}))
+            specs.append(launch_spec(kv_cache_append_kernel, dtype,
+                                     {"BLOCK_D": d, "BLOCK_DV": d, "num_warps": 1},
+                                     pointers={"cache_len_ptr": "i32"}))
+    return specs
+
