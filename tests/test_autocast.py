@@ -13,6 +13,7 @@ from conftest import TRITON_TEST_DEVICE
 # Which public op each test covers (tests/test_registry.py checks every op is named here).
 COVERS = {"attention": ["test_attention_follows_sdpa", "test_multihead_attention_and_rel_attention"],
           "rel_attention": ["test_multihead_attention_and_rel_attention"],
+          "attention_with_kv_cache": ["test_kv_cache_step_runs_in_the_caches_dtype"],
           "rnn_layer": ["test_recurrent_layers_follow_torch"],
           "rnn_bidirectional_layer": ["test_recurrent_layers_follow_torch"],
           "lstm_cell": ["test_cells_follow_torch"], "gru_cell": ["test_cells_follow_torch"],
@@ -117,3 +118,22 @@ def test_autocast_under_compile_fullgraph():
     for got, expected in zip(compiled, eager):
         assert got.dtype == expected.dtype == AUTOCAST
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_kv_cache_step_runs_in_the_caches_dtype(backend):
+    """Under autocast a decode step takes its caches' dtype (they are written in place and
+    cannot be cast): fp32 query and new rows from an fp32 layer meet bf16 caches."""
+    if backend == "triton" and fastseq.backend.triton_unavailable(DEVICE) is not None:
+        pytest.skip("Triton unavailable here")
+    q, key, value = torch.randn(3, 2, 2, 1, 16, device=DEVICE).unbind(0)
+    caches = [torch.randn(2, 2, 20, 16, device=DEVICE, dtype=AUTOCAST) for _ in range(2)]
+    lengths = torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)
+    expected_caches = [c.clone() for c in caches]
+    expected = fastseq.ops.attention_with_kv_cache(q.to(AUTOCAST), *expected_caches, lengths,
+                                                   key.to(AUTOCAST), value.to(AUTOCAST),
+                                                   backend=backend)
+    got = under_autocast(lambda: fastseq.ops.attention_with_kv_cache(
+        q, *caches, lengths, key, value, backend=backend))
+    close(got, expected)
+    assert torch.equal(caches[0], expected_caches[0])

@@ -81,6 +81,9 @@ _ALL = ["test_cuda_graph_capture_of_forward_and_backward", "test_current_stream_
 COVERS = {op: _ALL for op in ("attention", "rel_attention", "rnn_layer", "gru_cell", "lstm_cell",
                               "rnn_tanh_cell", "rnn_relu_cell", "rnn_bidirectional_layer",
                               "layer_norm_rnn_layer")}
+# The decode step is forward only: its own tests below.
+COVERS["attention_with_kv_cache"] = ["test_a_decode_loop_captures_in_a_cuda_graph",
+                                     "test_a_decode_step_makes_no_host_sync_and_keeps_memory_flat"]
 EXCLUDES: dict = {}
 
 
@@ -185,3 +188,60 @@ def test_a_multi_layer_streaming_step_captures_in_a_cuda_graph(backend):
         expected, (h_e, c_e) = layer.step(frame, (h, c))
     for got, want in ((out, expected), (h_n, h_e), (c_n, c_e)):
         torch.testing.assert_close(got, want)
+
+
+def decode_inputs(batch=4, capacity=4096):
+    """A bf16 GQA decode step (8 query heads on 2 key/value heads, head dim 128) against
+    caches filled to ragged lengths."""
+    torch.manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    lengths = torch.randint(100, capacity // 2, (batch,), device="cuda", dtype=torch.int32)
+    return (r(batch, 8, 1, 128), r(batch, 2, capacity, 128), r(batch, 2, capacity, 128),
+            lengths, r(batch, 2, 1, 128), r(batch, 2, 1, 128))
+
+
+def decode_step(q, k_cache, v_cache, lengths, key, value):
+    out = fastseq.ops.attention_with_kv_cache(q, k_cache, v_cache, lengths, key, value)
+    lengths.add_(1)
+    return out
+
+
+def test_a_decode_loop_captures_in_a_cuda_graph():
+    """One step (append, attend, advance the lengths) captured once and replayed for five
+    tokens equals five eager steps: no host sync, no shape-dependent work per step."""
+    q, k_cache, v_cache, lengths, key, value = decode_inputs()
+    eager_state = [k_cache.clone(), v_cache.clone(), lengths.clone()]
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compilation) on copies, outside the capture
+            decode_step(q, k_cache.clone(), v_cache.clone(), lengths.clone(), key, value)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = decode_step(q, k_cache, v_cache, lengths, key, value)
+        lengths.copy_(eager_state[2])  # capture ran nothing: the lengths stay as they were
+        for _ in range(5):
+            for t in (q, key, value):
+                t.copy_(torch.randn_like(t))
+            graph.replay()
+            expected = decode_step(q, *eager_state, key, value)
+            torch.testing.assert_close(captured, expected)
+    for got, want in zip((k_cache, v_cache, lengths), eager_state):
+        assert torch.equal(got, want)
+
+
+def test_a_decode_step_makes_no_host_sync_and_keeps_memory_flat():
+    q, k_cache, v_cache, lengths, key, value = decode_inputs()
+    with torch.no_grad():
+        decode_step(q, k_cache, v_cache, lengths, key, value)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(10):
+                decode_step(q, k_cache, v_cache, lengths, key, value)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before

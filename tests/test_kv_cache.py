@@ -225,3 +225,76 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(got, eager)
     assert torch.equal(compiled_caches[0], caches[0]) and torch.equal(compiled_caches[1],
                                                                       caches[1])
+
+
+@pytest.mark.parametrize("rows, causal, shifted", [(1, False, False), (5, True, False),
+                                                   (16, True, True), (3, False, True)])
+def test_attention_takes_the_decode_kernels_for_short_queries(rows, causal, shifted):
+    """fastseq.ops.attention on Triton: <= 16 query rows against >= 256 keys, no mask, dropout
+    or gradient, runs the split-KV kernels (explain says so) and gives the reference's out
+    and lse, for torch's top-left causal and the bottom-right CausalBias; with a gradient
+    needed it stays on the fused kernel."""
+    skip_unavailable("triton")
+    from torch.nn.attention.bias import causal_lower_right
+
+    q = torch.randn(2, 4, rows, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 300, 16, dtype=torch.float64), torch.randn(2, 2, 300, 8,
+                                                                       dtype=torch.float64)
+    mask = causal_lower_right(rows, 300) if shifted else None
+    kwargs = dict(attn_mask=mask, is_causal=causal and not shifted, enable_gqa=True)
+    report = fastseq.explain(fastseq.ops.attention, q, k, v, **kwargs, return_lse=True,
+                             backend="triton")
+    assert "split-KV decode" in report.decisions[0].variant
+    out, lse = report.result
+    shift = 300 - rows if shifted else 0
+    expected = reference_attention.scaled_dot_product_attention(
+        q, k, v, None, is_causal=causal or shifted, enable_gqa=True, return_lse=True,
+        causal_shift=shift)
+    torch.testing.assert_close(out, expected[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, expected[1], atol=1e-12, rtol=1e-12)
+    report = fastseq.explain(fastseq.ops.attention, q.requires_grad_(), k, v, **kwargs,
+                             backend="triton")
+    assert "fused forward" in report.decisions[0].variant
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_cache_module_prefill_ragged_prompts_then_steps(backend):
+    """fastseq.nn.KVCache: a right-padded prompt prefilled, the rows' real prompt lengths set,
+    then one-token steps: each row equals causal attention over its own prompt and steps."""
+    skip_unavailable(backend)
+    B, HQ, HK, E, P, T = 3, 4, 2, 16, 7, 5
+    prompt_lengths = [7, 3, 5]
+    cache = fastseq.nn.KVCache(B, HK, 20, E, dtype=torch.float64)
+    assert cache.state_dict() == {}
+    q, k, v = torch.randn(B, HQ, P, E), torch.randn(B, HK, P, E), torch.randn(B, HK, P, E)
+    q, k, v = q.double(), k.double(), v.double()
+    cache(q, k, v, backend=backend)
+    cache.reset(prompt_lengths)
+    steps = [torch.randn(B, H, T, E, dtype=torch.float64) for H in (HQ, HK, HK)]
+    outs = [cache(*[s[:, :, t:t + 1] for s in steps], backend=backend) for t in range(T)]
+    assert cache.lengths.tolist() == [n + T for n in prompt_lengths]
+    for b, n in enumerate(prompt_lengths):
+        keys = torch.cat([k[b, :, :n], steps[1][b]], 1)
+        values = torch.cat([v[b, :, :n], steps[2][b]], 1)
+        expected = reference_attention.scaled_dot_product_attention(
+            steps[0][b], keys, values, None, is_causal=True, enable_gqa=True,
+            causal_shift=n)
+        torch.testing.assert_close(torch.cat([o[b] for o in outs], 1), expected, atol=1e-12,
+                                   rtol=1e-12)
+
+
+def test_kv_cache_module_refuses_overflow_and_bad_lengths_on_the_host():
+    cache = fastseq.nn.KVCache(2, 1, 6, 8)
+    q, k = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 4, 8)
+    cache(q, k, k)
+    with pytest.raises(fastseq.InputError, match="cache overflow.*up to 4 of 6"):
+        cache(q, k, k)
+    assert cache.lengths.tolist() == [4, 4]
+    with pytest.raises(fastseq.InputError, match=r"lengths must lie in \[0, 6\]"):
+        cache.reset([1, 7])
+    with pytest.raises(fastseq.InputError, match="one per row"):
+        cache.reset([1, 2, 3])
+    with pytest.raises(fastseq.InputError, match="capacity must be a positive int"):
+        fastseq.nn.KVCache(2, 1, 0, 8)
+    cache.reset()
+    assert cache.max_length == 0 and cache.lengths.tolist() == [0, 0]

@@ -23,6 +23,8 @@ COVERS = {"rnn_layer": ["test_ten_thousand_steps", "test_recurrent_layer_empty_s
           "lstm_cell": _CELLS, "gru_cell": _CELLS, "rnn_tanh_cell": _CELLS, "rnn_relu_cell": _CELLS,
           "attention": ["test_attention_scores_near_the_fp16_limit",
                         "test_repeated_calls_leave_nothing_behind"],
+          "attention_with_kv_cache": ["test_decode_scores_near_the_fp16_limit",
+                                      "test_repeated_calls_leave_nothing_behind"],
           "rel_attention": ["test_rel_attention_scores_near_the_fp16_limit",
                             "test_repeated_calls_leave_nothing_behind"]}
 EXCLUDES: dict = {}
@@ -88,6 +90,19 @@ def test_attention_scores_near_the_fp16_limit():
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
 
 
+def test_decode_scores_near_the_fp16_limit():
+    """The split-KV ranges each see scores of 2e4 (exp of them overflows anything): their
+    partial maxima and the combine keep the step finite and right."""
+    if fastseq.backend.triton_unavailable(TRITON_TEST_DEVICE) is not None:
+        pytest.skip("Triton unavailable here")
+    q, k, v = large_logit_inputs(1, 60, 16)
+    lengths = torch.tensor([60], dtype=torch.int32)
+    out = fastseq.ops.attention_with_kv_cache(q, k, v, lengths, backend="triton")
+    expected = reference.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
+
+
 def test_rel_attention_scores_near_the_fp16_limit():
     if fastseq.backend.triton_unavailable(TRITON_TEST_DEVICE) is not None:
         pytest.skip("Triton unavailable here")
@@ -106,7 +121,7 @@ def live_tensors() -> int:
     return sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter))
 
 
-@pytest.mark.parametrize("op", ["attention", "rel_attention", "lstm"])
+@pytest.mark.parametrize("op", ["attention", "rel_attention", "lstm", "attention_with_kv_cache"])
 def test_repeated_calls_leave_nothing_behind(op):
     """Ten more forward/backward calls leave as many live tensors as one did (no saved tensors,
     seeds or workspaces kept between calls)."""
@@ -121,6 +136,11 @@ def test_repeated_calls_leave_nothing_behind(op):
             out = fastseq.ops.attention(q, k, v, is_causal=True, dropout_p=0.1, backend="triton")
         elif op == "rel_attention":
             out = fastseq.ops.rel_attention(q, k, v, pos, u, w, dropout_p=0.1, backend="triton")
+        elif op == "attention_with_kv_cache":  # forward only: a decode step appending a row
+            with torch.no_grad():
+                fastseq.ops.attention_with_kv_cache(q[:, :, :1], k, v, 3, k[:, :, :1],
+                                                    v[:, :, :1], backend="triton")
+            return
         else:
             out = lstm(q[0])[0]
         out.sum().backward()

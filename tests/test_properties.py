@@ -29,6 +29,7 @@ COVERS = {"rnn_layer": ["test_rnn_layer_equals_reference", "test_rnn_layer_low_p
           "layer_norm_rnn_layer": ["test_layer_norm_layer_equals_reference"],
           "lstm_cell": _CELLS, "gru_cell": _CELLS, "rnn_tanh_cell": _CELLS, "rnn_relu_cell": _CELLS,
           "attention": ["test_attention_equals_reference", "test_attention_low_precision_within_rule"],
+          "attention_with_kv_cache": ["test_kv_cache_step_equals_reference"],
           "rel_attention": ["test_rel_attention_equals_reference"]}
 EXCLUDES: dict = {}
 
@@ -237,3 +238,32 @@ def test_attention_low_precision_within_rule(data):
     terms = max(q.shape[-2], k.shape[-2]) * (q.shape[1] // k.shape[1])
     for name, f, p, r in zip(["dq", "dk", "dv"], fast[2], plain[2], ref[2]):
         assert_within_rule(name, f, p, r, terms=terms)
+
+
+@BUDGET
+@given(data=st.data())
+def test_kv_cache_step_equals_reference(data):
+    """A decode step on Triton (split-KV ranges, GQA, ragged lengths, new rows, causal or not,
+    windows) equals the row-by-row reference, caches included."""
+    triton_or_skip()
+    B, HK = data.draw(st.integers(1, 3), "B"), data.draw(st.integers(1, 2), "Hk")
+    HQ = HK * data.draw(st.sampled_from([1, 2, 3]), "group")
+    LQ, S = data.draw(st.integers(1, 6), "Lq"), data.draw(st.integers(6, 70), "S_max")
+    new = data.draw(st.sampled_from([0, LQ]), "new rows")
+    E, EV = data.draw(st.sampled_from([8, 16, 24]), "E"), data.draw(st.sampled_from([4, 16]), "EV")
+    lengths = torch.tensor(data.draw(st.lists(st.integers(0, S - new), min_size=B, max_size=B),
+                                     "lengths"), dtype=torch.int32)
+    causal = data.draw(st.booleans(), "causal")
+    window = data.draw(st.integers(0, 12), "window")
+    q = torch.randn(B, HQ, LQ, E, dtype=torch.float64)
+    caches = [torch.randn(B, HK, S, d, dtype=torch.float64) for d in (E, EV)]
+    rows = [torch.randn(B, HK, new, d, dtype=torch.float64) for d in (E, EV)] if new else [None] * 2
+    expected_caches = [c.clone() for c in caches]
+    expected = reference.kv_cache.attention_with_kv_cache(
+        q, *expected_caches, lengths, *rows, is_causal=causal, window=window)
+    got = fastseq.ops.attention_with_kv_cache(q, *caches, lengths, *rows, is_causal=causal,
+                                              window=window, return_lse=True, backend="triton")
+    torch.testing.assert_close(got[0], expected[0], **F64)
+    torch.testing.assert_close(got[1], expected[1], **F64)
+    for c, e in zip(caches, expected_caches):
+        assert torch.equal(c, e)

@@ -16,6 +16,7 @@ COVERS = {"lstm_cell": ["test_cell_step"], "gru_cell": ["test_cell_step"],
           "rnn_bidirectional_layer": ["test_bidirectional_layer"],
           "layer_norm_rnn_layer": ["test_layer_norm_layer"],
           "attention": ["test_attention_heads_as_views"],
+          "attention_with_kv_cache": ["test_kv_cache_step_with_views"],
           "rel_attention": ["test_rel_attention_heads_as_views"]}
 EXCLUDES: dict = {}
 
@@ -185,3 +186,22 @@ def test_rel_attention_heads_as_views(backend):
         return [fastseq.ops.rel_attention(q, k, v, pos, u, w, backend=backend)]
     compare(run, [heads_view(2, 5, 2, 8), heads_view(2, 7, 2, 8), heads_view(2, 7, 2, 8),
                   torch.randn(8, 2).t(), torch.randn(8, 2).t()])
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_kv_cache_step_with_views(backend):
+    """A decode step with every tensor a view: query and new rows as head views, caches as one
+    layer's slice of a [B, S, layers, H, D] buffer; equal to the same step on contiguous
+    copies, and the append lands in the buffer."""
+    q, key, value = heads_view(2, 3, 4, 8), heads_view(2, 3, 2, 8), heads_view(2, 3, 2, 8)
+    buffer = torch.randn(2, 2, 20, 3, 8)  # [B, H, S, layers, D]
+    k_view, v_view = buffer[:, :, :, 0], buffer[:, :, :, 2]
+    lengths = torch.tensor([4, 11], dtype=torch.int32)
+    caches = [k_view.contiguous(), v_view.contiguous()]
+    expected = fastseq.ops.attention_with_kv_cache(q.contiguous(), *caches, lengths,
+                                                   key.contiguous(), value.contiguous(),
+                                                   backend=backend)
+    got = fastseq.ops.attention_with_kv_cache(q, k_view, v_view, lengths, key, value,
+                                              backend=backend)
+    assert torch.equal(got, expected)
+    assert torch.equal(k_view, caches[0]) and torch.equal(v_view, caches[1])

@@ -1,6 +1,7 @@
 """Drop-in nn.Module layers built on fastseq's ops, and layers torch does not have."""
 from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from .attention import MultiheadAttention
+from .kv_cache import KVCache
 from .layer_norm_rnn import LayerNormGRU, LayerNormLSTM
 from .rnn import GRU, LSTM, RNN
 from .rnn_cell import GRUCell, LSTMCell, RNNCell
@@ -13,4 +14,4 @@ from .transformer_xl_lm import TransformerXLLM
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU",
            "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
            "RelPartialLearnableMultiHeadAttn", "PositionwiseFF", "TransformerXLLayer", "TransformerXL",
-           "TransformerXLLM", "AdaptiveEmbedding", "ProjectedAdaptiveLogSoftmax", "safe_globals"]
+           "TransformerXLLM", "KVCache", "AdaptiveEmbedding", "ProjectedAdaptiveLogSoftmax", "safe_globals"]

@@ -31,6 +31,7 @@ from .. import backend as _backends
 from ..kernels.limits import ATTENTION_MAX_HEAD_DIM
 from ..reference import attention as _reference
 from . import attention_registration as _registered_ops  # noqa: F401  (registers the ops)
+from . import kv_cache_registration as _decode_ops  # noqa: F401  (the split-KV decode op)
 from ._autocast import autocast_op
 from ._registration import fused
 from ._checks import check_mask, check_same_dtype_device, check_tensor, fail
@@ -49,9 +50,12 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     heads_q, heads_k = _validate(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     device = query.device
-    chosen = BACKENDS.choose({"device": device, "query": query, "value": value,
-                              "attn_mask": attn_mask, "is_causal": is_causal,
-                              "return_lse": return_lse}, backend)
+    call = {"device": device, "query": query, "value": value, "attn_mask": attn_mask,
+            "is_causal": is_causal, "return_lse": return_lse, "keys": key.shape[-2],
+            "dropout_p": dropout_p,
+            "needs_grad": torch.is_grad_enabled() and any(
+                t.requires_grad for t in (query, key, value))}
+    chosen = BACKENDS.choose(call, backend)
     empty = query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0
     if chosen == "reference" or (chosen == "triton" and empty):
         # Empty shapes have nothing to launch; the reference gives the same (empty or zero) answer.
@@ -65,8 +69,12 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
             is_causal = False
         return _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                 enable_gqa)
-    out, lse = _triton_attention(query, key, value, attn_mask, dropout_p, is_causal,
-                                 causal_shift, scale, heads_q, heads_k)
+    if split_kv_decode(call):
+        out, lse = _triton_decode(query, key, value, is_causal, causal_shift, scale, heads_q,
+                                  heads_k)
+    else:
+        out, lse = _triton_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                     causal_shift, scale, heads_q, heads_k)
     return (out, lse) if return_lse else out
 
 
@@ -105,6 +113,39 @@ def _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, causal
     return out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1])
 
 
+# The Triton backend's sub-choice: a few query rows against many keys (a decode step, or a
+# short query in cross-attention) take the split-KV decode kernels (kernels/attention/decode.py)
+# when nothing they lack is needed (a mask, dropout, a backward). The fused forward gives each
+# program >= 16 query rows and all S keys, so at L <= 16 it runs B x H programs that each read
+# the whole cache; split-KV spreads the keys over the GPU's SMs. Below 256 keys the forward's
+# loop is at most 4 key blocks and splitting has nothing to win. Both numbers are predictions
+# (no GPU has been lent yet): bench_decode's L = 1/4/16/64 cases at 1k-64k keys measure the
+# crossover (bench/NOTES.md).
+DECODE_MAX_QUERY_ROWS = 16
+DECODE_MIN_KEYS = 256
+
+
+def split_kv_decode(call: dict) -> bool:
+    L = call["query"].shape[-2]
+    return (L <= DECODE_MAX_QUERY_ROWS and call["keys"] >= DECODE_MIN_KEYS
+            and call["attn_mask"] is None and call["dropout_p"] == 0.0
+            and not call["needs_grad"])
+
+
+def _triton_decode(query, key, value, is_causal, causal_shift, scale, heads_q, heads_k):
+    """The decode kernels on a full cache: every row's cache length is S, and query i sees
+    keys j <= i + causal_shift, i.e. i + S + (causal_shift - S)."""
+    L, E = query.shape[-2:]
+    S, EV = value.shape[-2:]
+    q = query.reshape(-1, heads_q, L, E)
+    k = key.reshape(-1, heads_k, S, E)
+    v = value.reshape(-1, heads_k, S, EV)
+    kv_len = torch.full((q.shape[0],), S, dtype=torch.int32, device=query.device)
+    out, lse = torch.ops.fastseq.attention_decode_triton(q, k, v, kv_len, bool(is_causal),
+                                                         int(causal_shift) - S, 0, scale)
+    return out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1])
+
+
 def _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -135,8 +176,12 @@ BACKENDS = _backends.OpBackends(
                   call["query"], call["value"], ATTENTION_MAX_HEAD_DIM),
               "torch": _torch_unavailable, "reference": lambda call: None},
     preference={"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference", "triton")},
-    variants={"triton": lambda call: "one fused forward kernel (online softmax), two fused "
-                                     "backward kernels (dK/dV, dQ)",
+    variants={"triton": lambda call: (
+                  f"split-KV decode kernels ({call['query'].shape[-2]} query rows <= "
+                  f"{DECODE_MAX_QUERY_ROWS} against {call['keys']} keys >= {DECODE_MIN_KEYS}, "
+                  f"no mask, dropout or backward)" if split_kv_decode(call) else
+                  "one fused forward kernel (online softmax), two fused backward kernels "
+                  "(dK/dV, dQ)"),
               "torch": lambda call: "torch.nn.functional.scaled_dot_product_attention"})
 
 

@@ -1,0 +1,131 @@
+"""Decoding against a key/value cache: one step (Lq = 1) of fastseq.ops.attention_with_kv_cache
+(split-KV Triton kernels) against torch's scaled_dot_product_attention at Lq = 1 (each backend
+named: default dispatch, flash, memory-efficient, cuDNN, math) and the plain formulation
+(q k^T, softmax, @ v), over cache lengths 1k-64k, batch 1-64, head dims 64/128, GQA 32 query
+heads on 8 key/value heads (Llama's ratio).
+
+A step's floor is reading K and V once: 2 B Hk S D x 2 bytes (bf16). The table reports GB/s of
+that traffic and its fraction of the measured copy bandwidth (the issue's goal on an H100/H200:
+>= 70% at 8k keys and above); microseconds per step; tokens/s = B / step time. The fastseq
+step also appends the step's key and value to the cache (the peers are handed the filled
+cache), so its figure includes that write.
+
+A second grid finds the crossover of fastseq.ops.attention's rule (split-KV for <= 16 query
+rows against >= 256 keys): the split-KV kernels and the fused forward kernel, each called
+directly, at Lq = 1..64.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseq
+
+from .conftest import DEVICE, GPU_CASES, PRESET, record_error, run_timed
+
+HQ, HK = 32, 8
+if GPU_CASES:
+    CACHE_LENGTHS = [1024, 4096, 8192, 16384, 65536]
+    BATCHES = [1, 16, 64]
+    HEAD_DIMS = [64, 128]
+    PROVIDERS = ["fastseq-triton", "torch-sdpa", "torch-sdpa-flash", "torch-sdpa-efficient",
+                 "torch-sdpa-cudnn", "torch-sdpa-math", "plain"]
+    CROSSOVER_ROWS, CROSSOVER_KEYS = [1, 4, 16, 32, 64], [1024, 8192]
+    if PRESET != "full":  # the corners and the middle: 64k at batch 64 is 34 GB of cache
+        CACHE_LENGTHS, BATCHES = [1024, 8192, 65536], [1, 16, 64]
+else:
+    # A 2-core CPU: one small step (the fastseq call is torch's own kernels there).
+    CACHE_LENGTHS, BATCHES, HEAD_DIMS = [2048], [2], [64]
+    PROVIDERS = ["fastseq", "torch-sdpa", "plain"]
+    CROSSOVER_ROWS, CROSSOVER_KEYS = [], []
+SDPA_BACKENDS = {"torch-sdpa-flash": "FLASH_ATTENTION", "torch-sdpa-cudnn": "CUDNN_ATTENTION",
+                 "torch-sdpa-efficient": "EFFICIENT_ATTENTION", "torch-sdpa-math": "MATH"}
+DTYPE = torch.bfloat16 if GPU_CASES else torch.float32
+
+
+def sdpa_context(provider):
+    if provider not in SDPA_BACKENDS:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[provider]))
+
+
+def plain_step(q, k, v):
+    """The formulation without a fused kernel: the KV heads repeated for GQA, scores, softmax."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.softmax(scores.float(), -1).to(v.dtype) @ v
+
+
+def step_call(provider, q, k_cache, v_cache, new_k, new_v, capacity):
+    """f() running one decode step for the provider. fastseq's writes the step's row at
+    position capacity - 1 of a cache filled to capacity - 1 (the same position every call);
+    the peers attend the full cache."""
+    if provider.startswith("fastseq"):
+        backend = "triton" if provider == "fastseq-triton" else None
+        lengths = torch.full((q.shape[0],), capacity - 1, dtype=torch.int32, device=DEVICE)
+        return lambda: fastseq.ops.attention_with_kv_cache(q, k_cache, v_cache, lengths, new_k,
+                                                           new_v, backend=backend)
+    if provider == "plain":
+        return lambda: plain_step(q, k_cache, v_cache)
+    return lambda: F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True)
+
+
+@pytest.mark.parametrize("capacity", CACHE_LENGTHS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def bench_decode_step(benchmark, provider, dim, batch, capacity):
+    if provider == "torch-sdpa-math" and batch * capacity > 16 * 8192:
+        pytest.skip("the math backend materialises the scores: only the smaller caches")
+    if provider == "plain" and batch * capacity > 64 * 8192:
+        pytest.skip("the plain formulation repeats the GQA heads: 4x the cache in memory")
+    q = torch.randn(batch, HQ, 1, dim, device=DEVICE, dtype=DTYPE)
+    k_cache, v_cache = (torch.randn(batch, HK, capacity, dim, device=DEVICE, dtype=DTYPE)
+                        for _ in range(2))
+    new_k, new_v = k_cache[:, :, -1:].clone(), v_cache[:, :, -1:].clone()
+    fn = step_call(provider, q, k_cache, v_cache, new_k, new_v, capacity)
+    with sdpa_context(provider), torch.no_grad():
+        try:
+            got = fn()
+        except RuntimeError as error:  # a backend that cannot run this case says so here
+            pytest.skip(f"{provider} cannot run this case: {str(error).splitlines()[0][:200]}")
+        one = [t[:1, :HQ // HK].double() for t in (q, k_cache[:, :1], v_cache[:, :1])]
+        expected = fastseq.reference.scaled_dot_product_attention(*one)
+        record_error(benchmark, got[:1, :HQ // HK], expected)
+        gbytes = 2 * batch * HK * capacity * dim * k_cache.element_size() / 1e9
+        run_timed(benchmark, fn, calls_per_round=20, op="decode", provider=provider,
+                  passes="fwd", gbytes=gbytes, tokens_per_call=batch,
+                  shape=f"B={batch} Hq={HQ} Hk={HK} S={capacity} D={dim} Lq=1",
+                  dtype=str(DTYPE).split(".")[1], length=capacity)
+
+
+@pytest.mark.parametrize("keys", CROSSOVER_KEYS)
+@pytest.mark.parametrize("rows", CROSSOVER_ROWS)
+@pytest.mark.parametrize("provider", ["fastseq-split-kv", "fastseq-fused-forward"])
+def bench_decode_crossover(benchmark, provider, rows, keys):
+    """Where fastseq.ops.attention's rule should switch kernels: both, called directly, at
+    batch 4, 32 query heads on 8, head dim 128, bottom-right causal."""
+    batch, dim = 4, 128
+    q = torch.randn(batch, HQ, rows, dim, device=DEVICE, dtype=DTYPE)
+    k, v = (torch.randn(batch, HK, keys, dim, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    scale = dim ** -0.5
+    if provider == "fastseq-split-kv":
+        lengths = torch.full((batch,), keys, dtype=torch.int32, device=DEVICE)
+        fn = lambda: torch.ops.fastseq.attention_decode_triton(  # noqa: E731
+            q, k, v, lengths, True, -rows, 0, scale)[0]
+    else:
+        fn = lambda: torch.ops.fastseq.attention_forward_triton(  # noqa: E731
+            q, k, v, None, None, 0.0, True, keys - rows, scale)[0]
+    with torch.no_grad():
+        one = [t[:1, :HQ // HK].double() for t in (q, k[:, :1], v[:, :1])]
+        expected = fastseq.reference.scaled_dot_product_attention(
+            *one, is_causal=True, causal_shift=keys - rows)
+        record_error(benchmark, fn()[:1, :HQ // HK], expected)
+        gbytes = 2 * batch * HK * keys * dim * k.element_size() / 1e9
+        run_timed(benchmark, fn, calls_per_round=20, op="decode_crossover", provider=provider,
+                  passes="fwd", gbytes=gbytes,
+                  shape=f"B={batch} Hq={HQ} Hk={HK} S={keys} D={dim} Lq={rows}",
+                  dtype=str(DTYPE).split(".")[1], length=rows)
