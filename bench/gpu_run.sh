@@ -62,7 +62,7 @@ chunk_files() {
         tests/test_rnn_cell_registration.py tests/test_rnn_layer_ops.py tests/test_rnn_nn.py \
         tests/test_rnn_bidirectional.py tests/test_rnn_zoneout.py tests/test_layer_norm_rnn.py ;;
     loop) echo tests/test_rnn_layer_ops.py tests/test_rnn_nn.py ;;  # with FASTSEQ_PERSISTENT=0
-    attention) echo tests/test_attention.py tests/test_attention_nn.py \
+    attention) echo tests/test_attention.py tests/test_attention_nn.py tests/test_kv_cache.py \
         tests/test_rel_attention.py tests/test_transformer_xl.py ;;
     rest)
       local named

@@ -43,16 +43,22 @@ def rand(*shape, scale=1.0):
 
 
 def outputs_and_grads(call, leaves64, dtype, backend, grad_outputs):
-    """call(backend, leaves) -> list of outputs, in `dtype`; returns outputs + d(leaves)."""
+    """call(backend, leaves) -> list of outputs, in `dtype`; returns outputs + d(leaves) (the
+    outputs alone for a forward-only op: grad_outputs None)."""
+    if grad_outputs is None:
+        with torch.no_grad():
+            return [o.detach() for o in call(backend, [t.detach().to(dtype) for t in leaves64])]
     leaves = [t.detach().to(dtype).requires_grad_() for t in leaves64]
     outs = call(backend, leaves)
     loss = sum((o.double() * g).sum() for o, g in zip(outs, grad_outputs))
     return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
 
 
-def check(out, family, case, backend, dtype, call, leaves64, names, terms, env=None, label=None):
+def check(out, family, case, backend, dtype, call, leaves64, names, terms, env=None, label=None,
+          forward_only=False):
     """One case: fastseq's `backend` against plain PyTorch in `dtype` and float64 truth, with
-    `env` set while it runs; `label` names the backend in the report (default: backend)."""
+    `env` set while it runs; `label` names the backend in the report (default: backend);
+    forward_only: outputs alone (an op with no backward)."""
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     began = time.perf_counter()
@@ -60,7 +66,7 @@ def check(out, family, case, backend, dtype, call, leaves64, names, terms, env=N
            "dtype": str(dtype).split(".")[1]}
     try:
         truth_outs = call("reference", [t.detach() for t in leaves64])
-        grad_outputs = [rand(*o.shape) for o in truth_outs]
+        grad_outputs = None if forward_only else [rand(*o.shape) for o in truth_outs]
         truth = outputs_and_grads(call, leaves64, torch.float64, "reference", grad_outputs)
         plain = outputs_and_grads(call, leaves64, dtype, "reference", grad_outputs)
         fast = outputs_and_grads(call, leaves64, dtype, backend, grad_outputs)
@@ -186,6 +192,29 @@ def attention_cases(out):
     return ok
 
 
+def decode_cases(out):
+    """A decode step against a ragged, GQA cache (split-KV kernels, forward only): four new
+    rows appended per row, causal among themselves, with and without a window. The caches are
+    leaves 1 and 2: each call appends into its own copy."""
+    B, H, L, M, D = ATTENTION
+    capacity, new = 4 * L, 4
+    lengths = torch.tensor([capacity - new, L][:B], dtype=torch.int32, device=DEVICE)
+    leaves = [rand(B, H, new, D), rand(B, H // 2, capacity, D), rand(B, H // 2, capacity, D),
+              rand(B, H // 2, new, D), rand(B, H // 2, new, D)]
+    ok = True
+    for window in (None, L // 2):
+        def call(backend, t, window=window):
+            q, k_cache, v_cache, key, value = t
+            return [fastseq.ops.attention_with_kv_cache(
+                q, k_cache.clone(), v_cache.clone(), lengths, key, value, window=window,
+                backend=backend)]
+        for dtype in DTYPES:
+            ok &= check(out, "decode", f"B={B} Hq={H} Hk={H // 2} S_max={capacity} D={D} "
+                        f"Lq={new} window={window}", "triton", dtype, call, leaves, ["out"], 1,
+                        forward_only=True)
+    return ok
+
+
 def rel_attention_cases(out):
     B, H, L, M, D = ATTENTION
     D = min(D, 128)
@@ -213,7 +242,8 @@ def main() -> int:
         out.write(json.dumps({"backends": fastseq.backends(), "device": str(DEVICE),
                               "torch": torch.__version__}) + "\n")
         results = [family(out) for family in (cell_cases, layer_cases, layer_norm_cases,
-                                              attention_cases, rel_attention_cases)]
+                                              attention_cases, decode_cases,
+                                              rel_attention_cases)]
     print("gpu_smoke:", "every case within the rule" if all(results) else "FAILURES", flush=True)
     return 0 if all(results) else 1
 

@@ -8,10 +8,10 @@ on shapes (the cache's capacity, not its filled length), so a CUDA graph capture
 shape stays valid for every step. Under the interpreter ranges are 2 key blocks long, so CI's
 short caches cross several ranges and the combine.
 
-Tiles: one configuration per dtype and head-dim class, not autotuned (a decode step is bound by
-reading the cache; autotuning each new cache length would cost more than it could win): the
-rows of a program are the G x Lq query rows of a key/value head, padded to >= 16 (tl.dot's
-smallest M), at most 64 per program. The configurations compiled for sm_90 without spills
+Tiles: one configuration per dtype, head-dim class and row count, not autotuned (a decode step
+is bound by reading the cache; autotuning each new cache length would cost more than it could
+win): the rows of a program are the G x Lq query rows of a key/value head, padded to >= 16
+(tl.dot's smallest M), at most 64 per program (16 for the widest heads). The configurations compiled for sm_90 without spills
 (tests/test_triton_gpu_compile.py); their speed is unmeasured (bench/NOTES.md).
 """
 import torch
@@ -30,22 +30,34 @@ INTERPRETER_SPLIT_BLOCKS = 2
 COMBINE_CHUNK = 16  # ranges the combine reads at a time: 16 x 256 fp32 = 32 registers/thread
 
 
-def gpu_tile(dtype: torch.dtype, block_d: int) -> dict:
-    """(BLOCK_N, warps, stages) of the split kernel on a GPU for this dtype and padded head
-    dim: 64 keys x 128 dims x 2 B = 16 KB of K a stage, three stages in flight."""
-    if dtype == torch.float32:  # operands on the FMA units: a narrower key block
-        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_N": 64 if block_d <= 128 else 32, "num_warps": 4, "num_stages": 3}
+def max_rows(dtype: torch.dtype, block_d: int) -> int:
+    """Query rows one program may hold: 64, but 16 where 64 rows spilled on sm_90 at every
+    tile tried (bf16/fp16 at head dim 256, fp32 above 64; the sweep is in bench/NOTES.md)."""
+    wide = block_d > (64 if dtype == torch.float32 else 128)
+    return 16 if wide else MAX_ROWS
 
 
-def tile(dtype: torch.dtype, block_d: int) -> dict:
+def gpu_tile(dtype: torch.dtype, block_d: int, block_m: int) -> dict:
+    """(BLOCK_N, warps, stages) of the split kernel on a GPU: the widest key block that
+    compiled without spills under triton 3.6 and 3.8 for this dtype, head dim and row count
+    (64 keys x 128 dims x 2 B = 16 KB of K a stage, three stages in flight)."""
+    if dtype == torch.float32:  # operands on the FMA units
+        return {"BLOCK_N": 32, "num_warps": 8, "num_stages": 3 if block_m <= 16 else 2}
+    if block_d <= 64:
+        return {"BLOCK_N": 64, "num_warps": 4 if block_m <= 16 else 8, "num_stages": 3}
+    if block_d <= 128 and block_m <= 16:
+        return {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+
+
+def tile(dtype: torch.dtype, block_d: int, block_m: int) -> dict:
     if INTERPRETED or dtype == torch.float64:  # fp64: gradcheck-sized work only
         return {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    return gpu_tile(dtype, block_d)
+    return gpu_tile(dtype, block_d, block_m)
 
 
-def row_block(rows: int) -> int:
-    return min(max(16, triton.next_power_of_2(rows)), MAX_ROWS)
+def row_block(rows: int, limit: int = MAX_ROWS) -> int:
+    return min(max(16, triton.next_power_of_2(rows)), limit)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -87,9 +99,9 @@ def attention_decode(q, k_cache, v_cache, kv_len, is_causal: bool, causal_offset
     HK, capacity, EV = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     group = HQ // HK
     block_d, block_dv = head_block(E), head_block(EV)
-    block_m = row_block(group * LQ)
+    block_m = row_block(group * LQ, max_rows(q.dtype, max(block_d, block_dv)))
     row_blocks = triton.cdiv(group * LQ, block_m)
-    launch = tile(q.dtype, max(block_d, block_dv))
+    launch = tile(q.dtype, max(block_d, block_dv), block_m)
     splits, split_size = split_plan(B, HK, row_blocks, capacity, launch["BLOCK_N"], q.device)
     acc = accumulator_dtype(q.dtype)
     part_out = new_output((B, HQ, LQ, splits, EV), q.new_empty(0, dtype=acc))
@@ -122,9 +134,9 @@ def kv_cache_append(k_cache, v_cache, key, value, cache_len) -> None:
         BLOCK_D=triton.next_power_of_2(E), BLOCK_DV=triton.next_power_of_2(EV), num_warps=1)
 
 
-# The launches a GPU runs, per dtype and head dim: the split kernel at the row counts of MQA at
-# batch decode (16 rows: Lq x G <= 16) and of a 4-row speculative step with G = 8 (32 rows, 64 at
-# most), causal with a window (the longest path); the combine and the append.
+# The launches a GPU runs, per dtype and head dim: the split kernel at every row count it takes
+# (16: Lq x G <= 16, a one-token step; 32 and 64: e.g. a 4- or 8-row step with G = 8), causal
+# with a window (the longest path); the combine and the append.
 def launch_specs() -> list[dict]:
     specs = []
     scalars = {"qk_scale2": "fp32"}
@@ -132,10 +144,12 @@ def launch_specs() -> list[dict]:
                              (torch.float32, (64, 128))):
         acc = accumulator_dtype(dtype)
         for d in head_dims:
-            for block_m in (16, MAX_ROWS):
+            for block_m in (16, 32, 64):
+                if block_m > max_rows(dtype, d):
+                    continue
                 launch = dict(_constexprs(dtype, block_m, d, d, True, True,
                                           GPU_DOT["PRECISION"], GPU_DOT["UPCAST"]),
-                              **gpu_tile(dtype, d))
+                              **gpu_tile(dtype, d, block_m))
                 specs.append(launch_spec(
                     attention_decode_split_kernel, dtype, launch,
                     pointers={"kv_len_ptr": "i32", "part_out_ptr": acc, "part_lse_ptr": acc},
