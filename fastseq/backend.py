@@ -113,6 +113,23 @@ def triton_attention_unavailable(query: torch.Tensor, value: torch.Tensor,
     return None
 
 
+def attention_backends(op: str, max_head_dim: int, *,
+                       torch_refusal: Callable[[dict], Optional[str]],
+                       variants: Mapping[str, Callable[[dict], str]]) -> "OpBackends":
+    """The attention families' declaration (attention, relative attention, the KV-cache step):
+    Triton on GPUs (refused without Triton or past the kernels' head-dim limit), torch's own
+    kernels on CPUs (the interpreter is never chosen automatically), the reference anywhere.
+    The call needs its "query" and "value" tensors."""
+    return OpBackends(
+        op,
+        refusals={"triton": lambda call: triton_attention_unavailable(
+                      call["query"], call["value"], max_head_dim),
+                  "torch": torch_refusal, "reference": lambda call: None},
+        preference={"cuda": ("triton", "torch", "reference"),
+                    "cpu": ("torch", "reference", "triton")},
+        variants=variants)
+
+
 def native_unavailable(device: torch.device) -> str | None:
     """Why the native (C++/CUDA) backend cannot run on `device`, or None if it can."""
     if not _extension.is_built():

@@ -170,12 +170,8 @@ def _torch_unavailable(call: dict) -> Optional[str]:
 
 # GPUs: the fused Triton kernels. CPUs: torch's SDPA (its CPU flash kernel); the Triton
 # interpreter is never chosen automatically there.
-BACKENDS = _backends.OpBackends(
-    OP,
-    refusals={"triton": lambda call: _backends.triton_attention_unavailable(
-                  call["query"], call["value"], ATTENTION_MAX_HEAD_DIM),
-              "torch": _torch_unavailable, "reference": lambda call: None},
-    preference={"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference", "triton")},
+BACKENDS = _backends.attention_backends(
+    OP, ATTENTION_MAX_HEAD_DIM, torch_refusal=_torch_unavailable,
     variants={"triton": lambda call: (
                   f"split-KV decode kernels ({call['query'].shape[-2]} query rows <= "
                   f"{DECODE_MAX_QUERY_ROWS} against {call['keys']} keys >= {DECODE_MIN_KEYS}, "

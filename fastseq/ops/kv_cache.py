@@ -208,13 +208,8 @@ def _validate(query, k_cache, v_cache, key, value, window) -> None:
 
 # GPUs: the split-KV Triton kernels. CPUs: torch's kernels (the interpreter is never chosen
 # automatically there), then the reference.
-BACKENDS = _backends.OpBackends(
-    OP,
-    refusals={"triton": lambda call: _backends.triton_attention_unavailable(
-                  call["query"], call["value"], ATTENTION_MAX_HEAD_DIM),
-              "torch": lambda call: NO_LSE if call["return_lse"] else None,
-              "reference": lambda call: None},
-    preference={"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference", "triton")},
+BACKENDS = _backends.attention_backends(
+    OP, ATTENTION_MAX_HEAD_DIM, torch_refusal=lambda call: NO_LSE if call["return_lse"] else None,
     variants={"triton": lambda call: "split-KV decode: key ranges across programs, partial "
                                      "softmaxes combined by a second kernel",
               "torch": lambda call: "scatter_ into the caches, then "

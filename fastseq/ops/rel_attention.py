@@ -82,13 +82,9 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
 
 # GPUs: the fused Triton kernels (the position term inside each tile). CPUs: torch's SDPA with
 # the position term as its mask (the "torch" backend, as the original code's cost: Lq x Lk).
-BACKENDS = _backends.OpBackends(
-    OP,
-    refusals={"triton": lambda call: _backends.triton_attention_unavailable(
-                  call["query"], call["value"], REL_ATTENTION_MAX_HEAD_DIM),
-              "torch": lambda call: NO_LSE if call["return_lse"] else None,
-              "reference": lambda call: None},
-    preference={"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference", "triton")},
+BACKENDS = _backends.attention_backends(
+    OP, REL_ATTENTION_MAX_HEAD_DIM,
+    torch_refusal=lambda call: NO_LSE if call["return_lse"] else None,
     variants={"triton": lambda call: "fused kernels: content and position terms per tile, no "
                                      "Lq x Lk tensor in memory",
               "torch": lambda call: "scaled_dot_product_attention, the position term as its "
