@@ -41,7 +41,7 @@ def test_stage1_smoke_covers_every_family(dry_run):
     assert header["device"] == "cpu" and "native" in header["backends"]
     cases = [r for r in rows if r["quantity"] == "*"]
     assert {r["family"] for r in cases} == {"cell", "rnn_layer", "layer_norm_rnn_layer",
-                                            "attention", "rel_attention"}
+                                            "attention", "decode", "rel_attention"}
     assert {r["backend"] for r in cases if r["family"] == "rnn_layer"} == {
         "triton", "native-persistent", "native-loop"}
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
