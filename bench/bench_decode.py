@@ -129,3 +129,38 @@ def bench_decode_crossover(benchmark, provider, rows, keys):
                   passes="fwd", gbytes=gbytes,
                   shape=f"B={batch} Hq={HQ} Hk={HK} S={keys} D={dim} Lq={rows}",
                   dtype=str(DTYPE).split(".")[1], length=rows)
+
+
+REL_KEYS = [1024, 4096] if GPU_CASES else []
+
+
+@pytest.mark.parametrize("keys", REL_KEYS)
+@pytest.mark.parametrize("batch", [1, 16] if GPU_CASES else [])
+@pytest.mark.parametrize("provider", ["fastseq-split-kv", "fastseq-fused-forward", "reference"])
+def bench_rel_decode_step(benchmark, provider, batch, keys):
+    """A Transformer-XL generation step's attention: one query row against memory + itself,
+    16 heads of 64 (the base model's scale), the position term over every distance: the split-KV
+    decode kernel, the fused forward kernel, the reference formulation."""
+    H, D = 16, 64
+    q = torch.randn(batch, H, 1, D, device=DEVICE, dtype=DTYPE)
+    k, v = (torch.randn(batch, H, keys, D, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    pos = torch.randn(keys, H, D, device=DEVICE, dtype=DTYPE)
+    u, w = (torch.randn(H, D, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    scale = D ** -0.5
+    if provider == "fastseq-split-kv":
+        fn = lambda: torch.ops.fastseq.rel_attention_decode_triton(  # noqa: E731
+            q + u[:, None], q + w[:, None], k, v, pos, True, None, 0, scale)[0]
+    elif provider == "fastseq-fused-forward":
+        fn = lambda: torch.ops.fastseq.rel_attention_forward_triton(  # noqa: E731
+            q + u[:, None], q + w[:, None], k, v, pos, None, None, 0.0, True, None, 0, scale)[0]
+    else:
+        fn = lambda: fastseq.reference.relative_attention(q, k, v, pos, u, w)  # noqa: E731
+    with torch.no_grad():
+        one = [t[:1].double() for t in (q, k, v)]
+        expected = fastseq.reference.relative_attention(*one, pos.double(), u.double(),
+                                                        w.double())
+        record_error(benchmark, fn()[:1], expected)
+        gbytes = (2 * batch + 1) * H * keys * D * k.element_size() / 1e9  # K, V and pos
+        run_timed(benchmark, fn, calls_per_round=20, op="rel_decode", provider=provider,
+                  passes="fwd", gbytes=gbytes, shape=f"B={batch} H={H} Lk={keys} D={D} Lq=1",
+                  dtype=str(DTYPE).split(".")[1], length=keys)

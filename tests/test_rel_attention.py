@@ -361,3 +361,53 @@ def test_errors_name_the_argument(bad, message):
     with pytest.raises(fastseq.InputError) as info:
         fastseq.ops.rel_attention(**args)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("rows, variant", [(1, "causal"), (5, "window"), (16, "clamped"),
+                                           (3, "bidirectional"), (2, "same-length")])
+def test_short_queries_take_the_decode_kernel(rows, variant):
+    """A generation step (<= 16 rows against >= 256 keys, no mask, dropout or gradient) runs
+    the split-KV decode kernel (explain says so) and equals the reference: memory, clamped
+    positions (P < Lk), windows, a bidirectional offset; with a gradient needed the fused
+    kernel runs instead."""
+    triton_or_skip()
+    B, H, S, D, DV = 2, 2, 300, 16, 8
+    P = 40 if variant == "clamped" else S
+    kwargs = {"window": {"window": 37}, "same-length": {"window": 250},
+              "bidirectional": {"is_causal": False, "pos_offset": 4}}.get(variant, {})
+    q = torch.randn(B, H, rows, D, dtype=torch.float64)
+    k, v = torch.randn(B, H, S, D, dtype=torch.float64), torch.randn(B, H, S, DV,
+                                                                     dtype=torch.float64)
+    pos = torch.randn(P, H, D, dtype=torch.float64)
+    u, w = torch.randn(H, D, dtype=torch.float64), torch.randn(H, D, dtype=torch.float64)
+    report = fastseq.explain(fastseq.ops.rel_attention, q, k, v, pos, u, w, **kwargs,
+                             return_lse=True, backend="triton")
+    assert "split-KV decode" in report.decisions[0].variant
+    out, lse = report.result
+    expected = reference.relative_attention(q, k, v, pos, u, w, **kwargs, return_lse=True)
+    torch.testing.assert_close(out, expected[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, expected[1], atol=1e-12, rtol=1e-12)
+    report = fastseq.explain(fastseq.ops.rel_attention, q, k, v, pos.requires_grad_(), u, w,
+                             **kwargs, backend="triton")
+    assert "fused kernels" in report.decisions[0].variant
+
+
+def test_decode_kernel_low_precision_within_the_rule():
+    triton_or_skip()
+    B, H, S, D = 2, 2, 270, 32
+    leaves = [torch.randn(B, H, 4, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D),
+              torch.randn(S, H, D), torch.randn(H, D), torch.randn(H, D)]
+    expected = reference.relative_attention(*[t.double() for t in leaves], window=100)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = [t.to(dtype) for t in leaves]
+        plain = reference.relative_attention(*args, window=100)
+        got = fastseq.ops.rel_attention(*args, window=100, backend="triton")
+        assert_within_rule(f"out {dtype}", got, plain, expected)
+
+
+def test_decode_op_passes_opcheck():
+    triton_or_skip()
+    qu, qv = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    k, v, pos = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 8), torch.randn(20, 2, 16)
+    torch.library.opcheck(torch.ops.fastseq.rel_attention_decode_triton,
+                          (qu, qv, k, v, pos, True, 30, 0, 0.25))

@@ -9,9 +9,10 @@ from .serialization import safe_globals
 from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
 from .transformer_xl import (PositionwiseFF, RelPartialLearnableMultiHeadAttn, TransformerXL,
                              TransformerXLLayer)
+from .transformer_xl_decoding import TransformerXLDecodingState
 from .transformer_xl_lm import TransformerXLLM
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU",
            "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
            "RelPartialLearnableMultiHeadAttn", "PositionwiseFF", "TransformerXLLayer", "TransformerXL",
-           "TransformerXLLM", "KVCache", "AdaptiveEmbedding", "ProjectedAdaptiveLogSoftmax", "safe_globals"]
+           "TransformerXLLM", "TransformerXLDecodingState", "KVCache", "AdaptiveEmbedding", "ProjectedAdaptiveLogSoftmax", "safe_globals"]

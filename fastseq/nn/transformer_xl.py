@@ -321,6 +321,14 @@ class TransformerXL(RefusesTorchScript, nn.Module):
                     f"streams continue, pass mems = [m[:, :{bsz}] for m in mems] "
                     f"([m[:{bsz}] ...] with batch_first); to start afresh pass mems=None")
 
+    def decoding_state(self, batch_size: int, *, max_step: int = 1, mem_len: Optional[int] = None):
+        """A preallocated memory to run this model a few tokens at a time (sequence first; see
+        fastseq.nn.TransformerXLDecodingState): state.step(self.word_emb(tokens) *
+        self.emb_scale) -> hidden."""
+        from .transformer_xl_decoding import TransformerXLDecodingState
+
+        return TransformerXLDecodingState(self, batch_size, max_step=max_step, mem_len=mem_len)
+
     def init_mems(self) -> None:
         """The first segment's memory: none (the original returns empty tensors; None reads the
         same here)."""

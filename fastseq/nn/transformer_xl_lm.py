@@ -19,6 +19,12 @@ The original's code passes qlen and mlen swapped to it, so with ext_len > 0 its 
 at qlen + max(0, mlen - ext_len) instead; with ext_len = 0 (every published configuration)
 the two agree.
 
+Generation: model.generate(prompt [P, B], max_new_tokens) runs the prompt as one segment, then
+one token a step against a preallocated memory of each layer's keys and values
+(fastseq.nn.TransformerXLDecodingState: no torch.cat per step, the memory's last mem_len
+positions, mem_len= overrides the model's); greedy or sampled (temperature, top_k, a
+torch.Generator). With a memory as long as the context it equals the teacher-forced forward.
+
 The head's loss (fastseq.nn.ProjectedAdaptiveLogSoftmax) runs over chunks of tokens, never
 the whole [tokens, vocabulary] logits. sample_softmax and attn_type other than 0 are refused.
 """
@@ -33,6 +39,8 @@ from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from .scripting import RefusesTorchScript
 from .transformer_xl import (PositionalEmbedding, TransformerXLLayer, decode_segment,
                              updated_mems)
+from .transformer_xl_decoding import TransformerXLDecodingState
+from ..ops._checks import InputError
 
 
 class TransformerXLLM(RefusesTorchScript, nn.Module):
@@ -110,6 +118,46 @@ class TransformerXLLM(RefusesTorchScript, nn.Module):
         log_probs = self.crit.log_prob(hidden.reshape(-1, self.d_model))
         return log_probs.view(*hidden.shape[:2], self.n_token), new_mems
 
+    def decoding_state(self, batch_size: int, *, max_step: int = 1,
+                       mem_len: Optional[int] = None) -> TransformerXLDecodingState:
+        """A preallocated memory to run this model a few tokens at a time (see
+        TransformerXLDecodingState); feed it self.word_emb(tokens)."""
+        return TransformerXLDecodingState(self, batch_size, max_step=max_step, mem_len=mem_len)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None,
+                 mem_len: Optional[int] = None) -> Tensor:
+        """prompt [P >= 1, B] token ids -> [P + max_new_tokens, B]: the prompt, then each new
+        token the argmax of the model's next-token distribution (do_sample=False) or a draw
+        from it at `temperature`, restricted to the top_k most likely (do_sample=True; draws
+        from `generator`). The prompt runs as one segment, each new token as its own, against
+        the last mem_len positions (default: the model's mem_len)."""
+        if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.dtype not in (torch.int32,
+                                                                              torch.int64):
+            raise InputError(f"fastseq.nn.TransformerXLLM.generate: prompt must be integer "
+                             f"token ids [P >= 1, B], got {prompt.dtype} of shape "
+                             f"{list(prompt.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+                max_new_tokens < 0:
+            raise InputError(f"fastseq.nn.TransformerXLLM.generate: max_new_tokens must be an "
+                             f"int >= 0, got {max_new_tokens!r}")
+        if do_sample and (not temperature > 0 or (top_k is not None and top_k < 1)):
+            raise InputError(f"fastseq.nn.TransformerXLLM.generate: sampling needs temperature "
+                             f"> 0 and top_k None or >= 1, got {temperature!r}, {top_k!r}")
+        state = self.decoding_state(prompt.shape[1], max_step=prompt.shape[0], mem_len=mem_len)
+        tokens = torch.empty(prompt.shape[0] + max_new_tokens, prompt.shape[1],
+                             dtype=prompt.dtype, device=prompt.device)
+        tokens[:prompt.shape[0]] = prompt
+        hidden = state.step(self.word_emb(prompt))[-1]
+        for t in range(prompt.shape[0], tokens.shape[0]):
+            log_probs = self.crit.log_prob(hidden)
+            tokens[t] = _next_token(log_probs, do_sample, temperature, top_k, generator)
+            if t + 1 < tokens.shape[0]:
+                hidden = state.step(self.word_emb(tokens[t:t + 1]))[-1]
+        return tokens
+
     def _loss_and_mems(self, data: Tensor, target: Tensor, mems, keep_order: bool):
         if target.dim() != 2 or target.shape[1] != data.shape[1] or \
                 target.shape[0] > data.shape[0]:
@@ -147,3 +195,15 @@ class TransformerXLLM(RefusesTorchScript, nn.Module):
                                  f", d_model={self.d_model}] like mems[0], got {list(m.shape)}")
         return list(mems)
 
+
+
+def _next_token(log_probs: Tensor, do_sample: bool, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> Tensor:
+    """[B] token ids from next-token log-probabilities [B, V]."""
+    if not do_sample:
+        return log_probs.argmax(-1)
+    scores = log_probs.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)

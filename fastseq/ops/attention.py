@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from .. import backend as _backends
-from ..kernels.limits import ATTENTION_MAX_HEAD_DIM
+from ..kernels.limits import ATTENTION_MAX_HEAD_DIM, DECODE_MAX_QUERY_ROWS, DECODE_MIN_KEYS
 from ..reference import attention as _reference
 from . import attention_registration as _registered_ops  # noqa: F401  (registers the ops)
 from . import kv_cache_registration as _decode_ops  # noqa: F401  (the split-KV decode op)
@@ -120,11 +120,7 @@ def _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, causal
 # the whole cache; split-KV spreads the keys over the GPU's SMs. Below 256 keys the forward's
 # loop is at most 4 key blocks and splitting has nothing to win. Both numbers are predictions
 # (no GPU has been lent yet): bench_decode's L = 1/4/16/64 cases at 1k-64k keys measure the
-# crossover (bench/NOTES.md).
-DECODE_MAX_QUERY_ROWS = 16
-DECODE_MIN_KEYS = 256
-
-
+# crossover (bench/NOTES.md). Relative attention follows the same rule.
 def split_kv_decode(call: dict) -> bool:
     L = call["query"].shape[-2]
     return (L <= DECODE_MAX_QUERY_ROWS and call["keys"] >= DECODE_MIN_KEYS

@@ -44,4 +44,6 @@ PUBLIC_OPS = {op.name: op for op in (
 
 # fastseq-bench suites that time layers rather than one op (their name -> what they time).
 LAYER_SUITES = {"adaptive_softmax": "fastseq.nn.ProjectedAdaptiveLogSoftmax, the head of "
-                                    "fastseq.nn.TransformerXLLM"}
+                                    "fastseq.nn.TransformerXLLM",
+                "txl_generation": "fastseq.nn.TransformerXLDecodingState against the model's "
+                                  "memory forward and recomputing the context, per token"}

@@ -32,7 +32,7 @@ from ..reference import rel_attention as _reference
 from . import rel_attention_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op
 from ._registration import fused
-from .attention import NO_LSE
+from .attention import NO_LSE, split_kv_decode
 from ._checks import check_mask, check_same_dtype_device, check_shape, check_tensor, fail
 
 OP = "fastseq.ops.rel_attention"
@@ -52,8 +52,11 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
               pos_offset, dropout_p, scale)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     device = query.device
-    chosen = BACKENDS.choose({"device": device, "query": query, "value": value,
-                              "return_lse": return_lse}, backend)
+    call = {"device": device, "query": query, "value": value, "return_lse": return_lse,
+            "attn_mask": attn_mask, "keys": key.shape[-2], "dropout_p": dropout_p,
+            "needs_grad": torch.is_grad_enabled() and any(
+                t.requires_grad for t in (query, key, value, pos, content_bias, position_bias))}
+    chosen = BACKENDS.choose(call, backend)
     if chosen == "torch":
         return _torch_rel_attention(query, key, value, pos, content_bias, position_bias,
                                     attn_mask, is_causal, window, pos_offset, dropout_p, scale)
@@ -74,6 +77,11 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
     qu = query + content_bias[:, None, :]
     qv = query + position_bias[:, None, :]
+    if split_kv_decode(call):  # attention's rule: a few rows against many keys, forward only
+        out, lse = torch.ops.fastseq.rel_attention_decode_triton(
+            qu, qv, key, value, pos, bool(is_causal), None if window is None else int(window),
+            int(pos_offset), scale)
+        return (out, lse) if return_lse else out
     out, lse = fused("fastseq::rel_attention_forward_triton")(
         qu, qv, key, value, pos, mask, seed, float(dropout_p), bool(is_causal),
         None if window is None else int(window), int(pos_offset), scale)
@@ -85,8 +93,11 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
 BACKENDS = _backends.attention_backends(
     OP, REL_ATTENTION_MAX_HEAD_DIM,
     torch_refusal=lambda call: NO_LSE if call["return_lse"] else None,
-    variants={"triton": lambda call: "fused kernels: content and position terms per tile, no "
-                                     "Lq x Lk tensor in memory",
+    variants={"triton": lambda call: (
+                  "split-KV decode kernel: key ranges across programs, the position term from "
+                  "each key block's band of pos rows" if split_kv_decode(call) else
+                  "fused kernels: content and position terms per tile, no Lq x Lk tensor in "
+                  "memory"),
               "torch": lambda call: "scaled_dot_product_attention, the position term as its "
                                     "additive mask"})
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ..kernels.limits import accumulator_dtype
-from ._registration import register_fakes_and_autograd, triton_custom_op
+from ._registration import _vmap_by_slices, register_fakes_and_autograd, triton_custom_op
 
 FORWARD = "fastseq::rel_attention_forward_triton"
 BACKWARD = "fastseq::rel_attention_backward_triton"
+DECODE = "fastseq::rel_attention_decode_triton"  # forward only: a generation step
 
 
 def _same_strides(qu: Tensor, qv: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,3 +101,23 @@ def _make_backward(backward_op):
 register_fakes_and_autograd(FORWARD, BACKWARD, forward_fake=_forward_fake,
                             backward_fake=_backward_fake, setup_context=_setup_context,
                             make_backward=_make_backward)
+
+
+@triton_custom_op(DECODE)
+def rel_attention_decode_triton(qu: Tensor, qv: Tensor, k: Tensor, v: Tensor, pos: Tensor,
+                                is_causal: bool, window: Optional[int], pos_offset: int,
+                                scale: float) -> tuple[Tensor, Tensor]:
+    from ..kernels.rel_attention import decode_launch  # Triton is imported with the first launch
+
+    qu, qv = _same_strides(qu, qv)
+    return decode_launch.rel_attention_decode(qu, qv, k, v, pos, is_causal, window, pos_offset,
+                                              scale)
+
+
+@torch.library.register_fake(DECODE)
+def _decode_fake(qu, qv, k, v, pos, is_causal, window, pos_offset, scale):
+    return _forward_fake(qu, qv, k, v, pos, None, None, 0.0, is_causal, window, pos_offset,
+                         scale)
+
+
+torch.library.register_vmap(DECODE, _vmap_by_slices(DECODE))

@@ -96,12 +96,19 @@ def attention_decode_split_kernel(
         v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < end) & (offs_dv[None, :] < EV), other=0.0)
         acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+    store_partial(acc, l_i, m_i, part_out_ptr, part_lse_ptr,
+                  ((b * HQ + head) * LQ + qrow) * SPLITS + split, row_ok, offs_dv, EV)
+
+
+@triton.jit
+def store_partial(acc, l_i, m_i, part_out_ptr, part_lse_ptr, part, row_ok, offs_dv, EV):
+    """A range's partial softmax of its rows: out normalised by the range's own sum, and that
+    sum's log in base 2 (-inf, with zeros, for a row that saw no key of the range). `part`:
+    each row's index into the [.., SPLITS] partials."""
     seen_any = l_i > 0
     safe_l = tl.where(seen_any, l_i, 1.0)
-    out = acc / safe_l[:, None]
     lse2 = tl.where(seen_any, m_i + tl.log2(safe_l), float("-inf"))
-    part = ((b * HQ + head) * LQ + qrow) * SPLITS + split
-    tl.store(part_out_ptr + part[:, None] * EV + offs_dv[None, :], out,
+    tl.store(part_out_ptr + part[:, None] * EV + offs_dv[None, :], acc / safe_l[:, None],
              mask=row_ok[:, None] & (offs_dv[None, :] < EV))
     tl.store(part_lse_ptr + part, lse2, mask=row_ok)
 

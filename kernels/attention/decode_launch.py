@@ -103,21 +103,33 @@ def attention_decode(q, k_cache, v_cache, kv_len, is_causal: bool, causal_offset
     row_blocks = triton.cdiv(group * LQ, block_m)
     launch = tile(q.dtype, max(block_d, block_dv), block_m)
     splits, split_size = split_plan(B, HK, row_blocks, capacity, launch["BLOCK_N"], q.device)
-    acc = accumulator_dtype(q.dtype)
-    part_out = new_output((B, HQ, LQ, splits, EV), q.new_empty(0, dtype=acc))
-    part_lse = new_output((B, HQ, LQ, splits), part_out)
+    part_out, part_lse = partials(B, HQ, LQ, splits, EV, q)
     attention_decode_split_kernel[(splits, B * HK, row_blocks)](
         q, k_cache, v_cache, kv_len, part_out, part_lse, *q.stride(), *k_cache.stride(),
         *v_cache.stride(), HQ, group, LQ, E, EV, splits, split_size, float(scale) * LOG2E,
         int(causal_offset), int(window),
         **_constexprs(q.dtype, block_m, block_d, block_dv, is_causal, window > 0,
                       dot_precision(q.dtype), INTERPRETED), **launch)
-    out = new_output((B, HQ, LQ, EV), q)
-    lse = new_output((B, HQ, LQ), part_out)
-    attention_decode_combine_kernel[(B * HQ * LQ,)](
-        part_out, part_lse, out, lse, *out.stride(), HQ, LQ, EV, splits,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), CHUNK_S=COMBINE_CHUNK, BLOCK_DV=block_dv,
-        num_warps=4)
+    return combine_partials(part_out, part_lse, q)
+
+
+def partials(B: int, H: int, LQ: int, splits: int, EV: int, like: torch.Tensor):
+    """The split kernels' outputs: (out [B, H, LQ, splits, EV], lse2 [B, H, LQ, splits]) in the
+    accumulator dtype."""
+    part_out = new_output((B, H, LQ, splits, EV),
+                          like.new_empty(0, dtype=accumulator_dtype(like.dtype)))
+    return part_out, new_output((B, H, LQ, splits), part_out)
+
+
+def combine_partials(part_out: torch.Tensor, part_lse: torch.Tensor, like: torch.Tensor):
+    """(out [B, H, LQ, EV] in like's dtype, lse [B, H, LQ]) from the ranges' partials."""
+    B, H, LQ, splits, EV = part_out.shape
+    out = new_output((B, H, LQ, EV), like)
+    lse = new_output((B, H, LQ), part_out)
+    attention_decode_combine_kernel[(B * H * LQ,)](
+        part_out, part_lse, out, lse, *out.stride(), H, LQ, EV, splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), CHUNK_S=COMBINE_CHUNK,
+        BLOCK_DV=head_block(EV), num_warps=4)
     return out, lse
 
 
