@@ -63,7 +63,8 @@ chunk_files() {
         tests/test_rnn_bidirectional.py tests/test_rnn_zoneout.py tests/test_layer_norm_rnn.py ;;
     loop) echo tests/test_rnn_layer_ops.py tests/test_rnn_nn.py ;;  # with FASTSEQ_PERSISTENT=0
     attention) echo tests/test_attention.py tests/test_attention_nn.py tests/test_kv_cache.py \
-        tests/test_rel_attention.py tests/test_transformer_xl.py ;;
+        tests/test_rel_attention.py tests/test_transformer_xl.py \
+        tests/test_transformer_xl_decoding.py ;;
     rest)
       local named
       named=" $(for c in runtime recurrent attention; do chunk_files $c; done | tr '\n' ' ') $CPU_ONLY "
