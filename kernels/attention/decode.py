@@ -43,6 +43,29 @@ def visible_keys(key_cols, query_rows, kv_len, causal_offset, window, IS_CAUSAL:
 
 
 @triton.jit
+def empty_rows(BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """(acc, l, m) of rows that have seen no key yet."""
+    return (tl.zeros((BLOCK_M, BLOCK_DV), ACC_DTYPE), tl.zeros((BLOCK_M,), ACC_DTYPE),
+            tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE))
+
+
+@triton.jit
+def load_keys_t(k_ptr, offs_n, offs_d, stride_kn, stride_kd, end, E):
+    """K^T [BLOCK_D, BLOCK_N] of the keys offs_n below `end` (the range's end), zeros past it."""
+    return tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                   mask=(offs_n[None, :] < end) & (offs_d[:, None] < E), other=0.0)
+
+
+@triton.jit
+def add_values(acc, p, alpha, v_ptr, offs_n, offs_dv, stride_vn, stride_vd, end, EV,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc rescaled by alpha plus p @ V of the keys offs_n below `end`."""
+    v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=(offs_n[:, None] < end) & (offs_dv[None, :] < EV), other=0.0)
+    return dot_acc(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+
+
+@triton.jit
 def attention_decode_split_kernel(
         q_ptr, k_ptr, v_ptr, kv_len_ptr, part_out_ptr, part_lse_ptr,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
@@ -81,21 +104,17 @@ def attention_decode_split_kernel(
         start = tl.maximum(start, first_key // BLOCK_N * BLOCK_N)
     k_ptr += b * stride_kb + kv_h * stride_kh
     v_ptr += b * stride_vb + kv_h * stride_vh
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC_DTYPE)
-    l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
-    m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    acc, l_i, m_i = empty_rows(BLOCK_M, BLOCK_DV, ACC_DTYPE)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_t = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                      mask=(offs_n[None, :] < end) & (offs_d[:, None] < E), other=0.0)
+        k_t = load_keys_t(k_ptr, offs_n, offs_d, stride_kn, stride_kd, end, E)
         qk = dot_acc(q, k_t, tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE), PRECISION, UPCAST)
         seen = visible_keys(offs_n[None, :], qrow[:, None], kv_len, causal_offset, window,
                             IS_CAUSAL, HAS_WINDOW) & (offs_n[None, :] < end)
         s = tl.where(seen, qk * qk_scale2, float("-inf"))
         p, alpha, l_i, m_i = online_softmax(s, m_i, l_i)
-        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < end) & (offs_dv[None, :] < EV), other=0.0)
-        acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        acc = add_values(acc, p, alpha, v_ptr, offs_n, offs_dv, stride_vn, stride_vd, end, EV,
+                         PRECISION, UPCAST)
     store_partial(acc, l_i, m_i, part_out_ptr, part_lse_ptr,
                   ((b * HQ + head) * LQ + qrow) * SPLITS + split, row_ok, offs_dv, EV)
 

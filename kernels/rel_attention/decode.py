@@ -16,7 +16,7 @@ Lq memory keys, distance d = M + i - j, causal d >= 0, window d < window.
 import triton
 import triton.language as tl
 
-from ..attention.decode import store_partial
+from ..attention.decode import add_values, empty_rows, load_keys_t, store_partial
 from ..attention.kernel import online_softmax
 from ..common import dot_acc
 from .forward import band_index, pos_band_rows, relative_visibility
@@ -58,13 +58,10 @@ def rel_attention_decode_split_kernel(
     v_ptr += b * stride_vb + h * stride_vh
     pos_ptr += h * stride_ph
     gather_index = band_index(rows, offs_n0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC_DTYPE)
-    l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
-    m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    acc, l_i, m_i = empty_rows(BLOCK_M, BLOCK_DV, ACC_DTYPE)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_t = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                      mask=(offs_n[None, :] < end) & (offs_d[:, None] < E), other=0.0)
+        k_t = load_keys_t(k_ptr, offs_n, offs_d, stride_kn, stride_kd, end, E)
         # Tile element (a, c) is at distance MEM + a - (start_n + c): band column
         # a - c + BLOCK_N - 1 of the band that starts at MEM - start_n - (BLOCK_N - 1).
         band_rows = pos_band_rows(MEM - start_n - (BLOCK_N - 1), offs_band, P, pos_offset)
@@ -75,8 +72,7 @@ def rel_attention_decode_split_kernel(
         s = relative_visibility(qk * qk_scale2, rows[:, None], offs_n[None, :], end, MEM, window,
                                 IS_CAUSAL, HAS_WINDOW, True)
         p, alpha, l_i, m_i = online_softmax(s, m_i, l_i)
-        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < end) & (offs_dv[None, :] < EV), other=0.0)
-        acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        acc = add_values(acc, p, alpha, v_ptr, offs_n, offs_dv, stride_vn, stride_vd, end, EV,
+                         PRECISION, UPCAST)
     store_partial(acc, l_i, m_i, part_out_ptr, part_lse_ptr, (bh * LQ + rows) * SPLITS + split,
                   row_ok, offs_dv, EV)
