@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import fastseq
 
-from .conftest import DEVICE, GPU_CASES, PRESET, record_error, run_timed
+from .conftest import DEVICE, GPU_CASES, HEADLINE, PRESET, record_error, run_timed
 
 HQ, HK = 32, 8
 if GPU_CASES:
@@ -34,6 +34,10 @@ if GPU_CASES:
     CROSSOVER_ROWS, CROSSOVER_KEYS = [1, 4, 16, 32, 64], [1024, 8192]
     if PRESET != "full":  # the corners and the middle: 64k at batch 64 is 34 GB of cache
         CACHE_LENGTHS, BATCHES = [1024, 8192, 65536], [1, 16, 64]
+    if HEADLINE:  # the GPU script's stage 5: the goal's cases (>= 8k keys), a few minutes
+        CACHE_LENGTHS, BATCHES, HEAD_DIMS = [8192, 65536], [1, 16], [128]
+        PROVIDERS = ["fastseq-triton", "torch-sdpa", "torch-sdpa-flash", "plain"]
+        CROSSOVER_ROWS, CROSSOVER_KEYS = [1, 16, 64], [8192]
 else:
     # A 2-core CPU: one small step (the fastseq call is torch's own kernels there).
     CACHE_LENGTHS, BATCHES, HEAD_DIMS = [2048], [2], [64]
@@ -131,7 +135,7 @@ def bench_decode_crossover(benchmark, provider, rows, keys):
                   dtype=str(DTYPE).split(".")[1], length=rows)
 
 
-REL_KEYS = [1024, 4096] if GPU_CASES else []
+REL_KEYS = ([4096] if HEADLINE else [1024, 4096]) if GPU_CASES else []
 
 
 @pytest.mark.parametrize("keys", REL_KEYS)

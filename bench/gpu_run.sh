@@ -12,6 +12,9 @@
 #                                    runtime, recurrent, loop, attention, rest
 #   bash bench/gpu_run.sh 4          compute-sanitizer (memcheck, racecheck, synccheck) on the
 #                                    persistent recurrence, small cases
+#   bash bench/gpu_run.sh 5          the inference benchmarks (headline cases): decode steps
+#                                    against a KV cache vs SDPA, the split-KV rule's crossover,
+#                                    the rel-attention decode step, Transformer-XL generation
 #   bash bench/gpu_run.sh --dry all  every stage on this CPU with tiny shapes (Triton through the
 #                                    interpreter; chunks collected, not run): a typo costs no
 #                                    GPU minutes. CI runs it (tests/test_gpu_run_script.py).
@@ -46,6 +49,8 @@ SMOKE_S=${SMOKE_S:-300}
 BENCH_RNN_S=${BENCH_RNN_S:-120}
 BENCH_ATTENTION_S=${BENCH_ATTENTION_S:-240}
 BENCH_REL_S=${BENCH_REL_S:-100}
+BENCH_DECODE_S=${BENCH_DECODE_S:-240}
+BENCH_TXL_GEN_S=${BENCH_TXL_GEN_S:-90}
 CHUNK_S=${CHUNK_S:-420}
 SANITIZER_S=${SANITIZER_S:-140}
 
@@ -127,24 +132,34 @@ stage1() {
   return "${PIPESTATUS[0]}"
 }
 
-stage2() {
-  local status=0 suite limit
-  : > "$OUT/tables.md"
-  for suite in rnn attention rel_attention; do
-    case $suite in rnn) limit=$BENCH_RNN_S ;; attention) limit=$BENCH_ATTENTION_S ;; *) limit=$BENCH_REL_S ;; esac
+# bench_suites TABLES SUITE:LIMIT ...: each suite's headline cases (fastseq-bench --headline),
+# its JSON as bench-SUITE.json and its table appended to TABLES.
+bench_suites() {
+  local tables=$1 status=0 suite limit entry; shift
+  : > "$OUT/$tables"
+  for entry in "$@"; do
+    suite=${entry%%:*}; limit=${entry##*:}
     say "fastseq-bench --headline --ops $suite (limit $limit s)"
     rm -rf "/tmp/fastseq-bench-$suite"
     (cd /tmp && limited "$limit" "$PYTHON" -m fastseq.benchmark.cli --headline --ops "$suite" \
        --no-plots --out "/tmp/fastseq-bench-$suite") >> "$OUT/bench.log" 2>&1 || status=1
     if [ -f "/tmp/fastseq-bench-$suite/bench.json" ]; then
       cp "/tmp/fastseq-bench-$suite/bench.json" "$OUT/bench-$suite.json"
-      { echo "## $suite"; cat "/tmp/fastseq-bench-$suite/table.md"; echo; } >> "$OUT/tables.md"
+      { echo "## $suite"; cat "/tmp/fastseq-bench-$suite/table.md"; echo; } >> "$OUT/$tables"
     else
-      echo "## $suite: no results (see bench.log)" >> "$OUT/tables.md"; status=1
+      echo "## $suite: no results (see bench.log)" >> "$OUT/$tables"; status=1
     fi
   done
   tail -5 "$OUT/bench.log"
   return $status
+}
+
+stage2() {
+  bench_suites tables.md "rnn:$BENCH_RNN_S" "attention:$BENCH_ATTENTION_S" "rel_attention:$BENCH_REL_S"
+}
+
+stage5() {
+  bench_suites tables-inference.md "decode:$BENCH_DECODE_S" "txl_generation:$BENCH_TXL_GEN_S"
 }
 
 stage3() {
@@ -187,6 +202,7 @@ run_stage() {
     2) stage2 ;;
     3) stage3 "$chunk" ;;
     4) stage4 ;;
+    5) stage5 ;;
   esac
   status=$?
   say "stage $stage $chunk: exit $status in $((SECONDS - began)) s"
@@ -195,9 +211,9 @@ run_stage() {
 
 # Arguments first: a typo costs no build.
 case "$STAGE" in
-  1|2|4|all) ;;
+  1|2|4|5|all) ;;
   3) chunk_files "$CHUNK" > /dev/null || { echo "unknown chunk '$CHUNK'; one of: $CHUNKS"; exit 2; } ;;
-  *) echo "usage: bash bench/gpu_run.sh [--dry] 1|2|3 CHUNK|4|all (all: --dry only)"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_run.sh [--dry] 1|2|3 CHUNK|4|5|all (all: --dry only)"; exit 2 ;;
 esac
 write_env
 ensure_built || exit 1
@@ -208,6 +224,7 @@ if [ "$STAGE" = all ]; then
   run_stage 2 || status=1
   for c in $CHUNKS; do run_stage 3 "$c" || status=1; done
   run_stage 4 || status=1
+  run_stage 5 || status=1
   exit $status
 fi
 run_stage "$STAGE" "$CHUNK"

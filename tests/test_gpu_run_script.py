@@ -29,7 +29,8 @@ def test_every_stage_passes(dry_run):
     run, out = dry_run
     assert run.returncode == 0, (run.stdout[-4000:], run.stderr[-2000:])
     stage_log = (out / "stage.log").read_text()
-    for stage in ["stage 1 : exit 0", "stage 2 : exit 0", "stage 4 : exit 0"] + \
+    for stage in ["stage 1 : exit 0", "stage 2 : exit 0", "stage 4 : exit 0",
+                  "stage 5 : exit 0"] + \
             [f"stage 3 {c}: exit 0" for c in CHUNKS]:
         assert stage in stage_log, stage_log
 
@@ -59,6 +60,16 @@ def test_stage2_writes_each_headline_suite(dry_run):
         assert all(b["extra_info"]["max_error"] < 1e-3 for b in data["benchmarks"])
     tables = (out / "tables.md").read_text()
     assert "## rnn" in tables and "## rel_attention" in tables
+
+
+def test_stage5_writes_each_inference_suite(dry_run):
+    _, out = dry_run
+    for suite in ["decode", "txl_generation"]:
+        data = json.loads((out / f"bench-{suite}.json").read_text())
+        assert data["fastseq"]["preset"] == "headline"
+        assert data["benchmarks"], suite
+        assert all(b["extra_info"]["max_error"] < 1e-3 for b in data["benchmarks"])
+    assert "## decode" in (out / "tables-inference.md").read_text()
 
 
 def test_stage3_chunks_collect_tests(dry_run):
