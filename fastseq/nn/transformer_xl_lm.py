@@ -196,7 +196,6 @@ class TransformerXLLM(RefusesTorchScript, nn.Module):
         return list(mems)
 
 
-
 def _next_token(log_probs: Tensor, do_sample: bool, temperature: float, top_k: Optional[int],
                 generator: Optional[torch.Generator]) -> Tensor:
     """[B] token ids from next-token log-probabilities [B, V]."""

@@ -58,7 +58,7 @@ def _refuse_double_backward(backward_name: str) -> Callable:
     return backward
 
 
-def _vmap_by_slices(op_name: str) -> Callable:
+def vmap_by_slices(op_name: str) -> Callable:
     """A batching rule for torch.func.vmap (and torch.autograd.functional's vectorized jacobians):
     the op once per slice of the vmapped dims, outputs stacked on dim 0. Correct for every
     fastseq op whatever is batched (inputs, states, weights, masks); it costs one launch per
@@ -140,7 +140,7 @@ def register_fakes_and_autograd(forward_name: str, backward_name: str, *,
                                     setup_context=setup_context)
     torch.library.register_autograd(backward_name, refuse, setup_context=no_context)
     for name in (forward_name, backward_name):
-        torch.library.register_vmap(name, _vmap_by_slices(name))
+        torch.library.register_vmap(name, vmap_by_slices(name))
 
     short = forward_name.split("::")[1]
     backward_function = _function_class(f"{short}_backward_function", backward_op, no_context,

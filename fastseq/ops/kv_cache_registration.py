@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.limits import accumulator_dtype
-from ._registration import _vmap_by_slices, triton_custom_op
+from ._registration import triton_custom_op, vmap_by_slices
 
 DECODE = "fastseq::attention_decode_triton"
 APPEND = "fastseq::kv_cache_append_triton"
@@ -49,4 +49,4 @@ def _append_fake(k_cache, v_cache, key, value, cache_len):
     return None
 
 
-torch.library.register_vmap(DECODE, _vmap_by_slices(DECODE))
+torch.library.register_vmap(DECODE, vmap_by_slices(DECODE))

@@ -1,6 +1,8 @@
 """The registered relative-position attention ops
 (torch.ops.fastseq.rel_attention_{forward,backward}_triton): custom ops around
-kernels/rel_attention/launch.py, their fakes, and autograd on the forward op.
+kernels/rel_attention/launch.py, their fakes, and autograd on the forward op; and the
+forward-only split-KV decode op (rel_attention_decode_triton, kernels/rel_attention/
+decode_launch.py) that a generation step takes.
 
 Tensors here are in the kernels' layout: qu = query + content_bias and qv = query +
 position_bias [B, H, L, E], k [B, H, S, E], v [B, H, S, EV], pos [P, H, E], mask a
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.limits import accumulator_dtype
-from ._registration import _vmap_by_slices, register_fakes_and_autograd, triton_custom_op
+from ._registration import register_fakes_and_autograd, triton_custom_op, vmap_by_slices
 
 FORWARD = "fastseq::rel_attention_forward_triton"
 BACKWARD = "fastseq::rel_attention_backward_triton"
@@ -120,4 +122,4 @@ def _decode_fake(qu, qv, k, v, pos, is_causal, window, pos_offset, scale):
                          scale)
 
 
-torch.library.register_vmap(DECODE, _vmap_by_slices(DECODE))
+torch.library.register_vmap(DECODE, vmap_by_slices(DECODE))
