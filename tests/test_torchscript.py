@@ -26,6 +26,7 @@ LAYERS = {
                                                           cutoffs=[5], mem_len=4),
     "AdaptiveEmbedding": lambda: fastseq.nn.AdaptiveEmbedding(11, 8, 8, [5]),
     "ProjectedAdaptiveLogSoftmax": lambda: fastseq.nn.ProjectedAdaptiveLogSoftmax(11, 8, 8, [5]),
+    "KVCache": lambda: fastseq.nn.KVCache(2, 1, 6, 4),
 }
 
 

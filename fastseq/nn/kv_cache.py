@@ -23,11 +23,12 @@ from torch import Tensor, nn
 
 from ..ops._checks import InputError
 from ..ops.kv_cache import attention_with_kv_cache
+from .scripting import RefusesTorchScript
 
 OP = "fastseq.nn.KVCache"
 
 
-class KVCache(nn.Module):
+class KVCache(RefusesTorchScript, nn.Module):
     """Keys [B, Hk, capacity, head_dim] and values [B, Hk, capacity, value_dim] (buffers, not
     saved in the state_dict; .to() moves them), and `lengths` [B] int32: how many positions of
     each row are filled."""
