@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fastseq
 
-from .conftest import DEVICE, GPU_CASES, HEADLINE, PRESET, record_error, run_timed
+from .conftest import DEVICE, GPU_CASES, HEADLINE, PRESET, pass_step, record_error, run_timed
 
 try:
     from flash_attn import flash_attn_func
@@ -185,13 +185,7 @@ def bench_multihead_attention(benchmark, provider, passes):
         record_error(benchmark, call(), twin(wide, wide, wide, key_padding_mask=padding,
                                              need_weights=False)[0])
 
-    if passes == "fwd":
-        def step():
-            with torch.no_grad():
-                return call()
-    else:
-        def step():
-            call().sum().backward()
+    step = pass_step(passes, call)
     flop = 4 * batch * heads * length * length * (embed // heads) + 8 * batch * length * embed ** 2
     run_timed(benchmark, step, calls_per_round=5, op="multihead_attention", provider=provider,
               passes=passes, gflop=flop * (1 if passes == "fwd" else 3) / 1e9,

@@ -107,3 +107,10 @@ def check_features(module: str, name: str, value: torch.Tensor, size_name: str, 
     if value.shape[-1] != size:
         fail(module, f"{name} must have {size_name} {size} features in its last dim, got shape "
                      f"{list(value.shape)}", error)
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want a backward from an op over these tensors (None entries
+    skipped): grad mode on and one of them requiring grad. The ops save workspaces for the
+    backward, or take forward-only kernels, by it."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

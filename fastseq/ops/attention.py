@@ -34,7 +34,7 @@ from . import attention_registration as _registered_ops  # noqa: F401  (register
 from . import kv_cache_registration as _decode_ops  # noqa: F401  (the split-KV decode op)
 from ._autocast import autocast_op
 from ._registration import fused
-from ._checks import check_mask, check_same_dtype_device, check_tensor, fail
+from ._checks import check_mask, check_same_dtype_device, check_tensor, fail, needs_grad
 
 OP = "fastseq.ops.attention"
 
@@ -53,8 +53,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     call = {"device": device, "query": query, "value": value, "attn_mask": attn_mask,
             "is_causal": is_causal, "return_lse": return_lse, "keys": key.shape[-2],
             "dropout_p": dropout_p,
-            "needs_grad": torch.is_grad_enabled() and any(
-                t.requires_grad for t in (query, key, value))}
+            "needs_grad": needs_grad(query, key, value)}
     chosen = BACKENDS.choose(call, backend)
     empty = query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0
     if chosen == "reference" or (chosen == "triton" and empty):

@@ -151,14 +151,8 @@ def _torch_decode(query, k_cache, v_cache, lengths, key, value, is_causal, windo
         if query.shape[2] == 1 and window == 0 and bool((kv_len == filled).all()):
             return torch.nn.functional.scaled_dot_product_attention(
                 query, k_cache, v_cache, scale=scale, enable_gqa=gqa)
-    kv_len = kv_len[:, None, None, None]
-    last = kv_len - query.shape[2] + torch.arange(query.shape[2], device=query.device)[:, None]
-    keys = torch.arange(k_cache.shape[2], device=query.device)
-    seen = keys < kv_len
-    if is_causal:
-        seen = seen & (keys <= last)
-    if window > 0:
-        seen = seen & (keys > last - window)
+    seen = _reference.visible_keys(kv_len[:, None, None, None], query.shape[2], k_cache.shape[2],
+                                   is_causal, window, query.device)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, k_cache, v_cache, seen, scale=scale, enable_gqa=gqa)
     return torch.where(seen.any(-1, keepdim=True), out, out.new_zeros(()))

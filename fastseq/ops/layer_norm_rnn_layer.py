@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from .. import backend as _backends
@@ -18,7 +17,7 @@ from ..reference import layer_norm_recurrent as _reference
 from . import layer_norm_rnn_layer_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op, recurrent_mode
 from ._registration import fused
-from ._checks import check_same_dtype_device, check_shape, check_tensor, fail
+from ._checks import check_same_dtype_device, check_shape, check_tensor, fail, needs_grad
 from .rnn_layer import _checked_lengths, _validate
 
 OP = "fastseq.ops.layer_norm_rnn_layer"
@@ -66,11 +65,9 @@ def layer_norm_rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tenso
                                                           reverse, eps)
     else:
         gates_x = _reference.input_gates(input, w_ih, b_ih, ln_ih_weight, eps)  # all steps at once
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input, h0, c0, *weights))
         y, h_n, c_n, _workspace, _stats = fused("fastseq::layer_norm_rnn_layer_forward_triton")(
             mode, gates_x, h0, c0, w_hh, b_hh, ln_hh_weight, ln_c_weight, ln_c_bias, lengths,
-            float(eps), reverse, needs_grad)
+            float(eps), reverse, needs_grad(input, h0, c0, *weights))
     return (y, (h_n, c_n)) if lstm else (y, h_n)
 
 

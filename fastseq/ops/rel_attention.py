@@ -33,7 +33,8 @@ from . import rel_attention_registration as _registered_ops  # noqa: F401  (regi
 from ._autocast import autocast_op
 from ._registration import fused
 from .attention import NO_LSE, split_kv_decode
-from ._checks import check_mask, check_same_dtype_device, check_shape, check_tensor, fail
+from ._checks import (check_mask, check_same_dtype_device, check_shape, check_tensor, fail,
+                      needs_grad)
 
 OP = "fastseq.ops.rel_attention"
 
@@ -54,8 +55,7 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
     device = query.device
     call = {"device": device, "query": query, "value": value, "return_lse": return_lse,
             "attn_mask": attn_mask, "keys": key.shape[-2], "dropout_p": dropout_p,
-            "needs_grad": torch.is_grad_enabled() and any(
-                t.requires_grad for t in (query, key, value, pos, content_bias, position_bias))}
+            "needs_grad": needs_grad(query, key, value, pos, content_bias, position_bias)}
     chosen = BACKENDS.choose(call, backend)
     if chosen == "torch":
         return _torch_rel_attention(query, key, value, pos, content_bias, position_bias,

@@ -18,7 +18,7 @@ from ..reference import recurrent as _reference
 from . import rnn_cell_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op
 from ._registration import fused
-from ._checks import check_same_dtype_device, check_shape, check_tensor, fail
+from ._checks import check_same_dtype_device, check_shape, check_tensor, fail, needs_grad
 
 _CELL_NAMES = {
     "lstm": "fastseq.ops.lstm_cell",
@@ -159,11 +159,10 @@ def run_checked_cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, chosen: str):
     elif chosen == "reference":
         out = _REFERENCE_CELLS[mode](input, (h, c) if mode == "lstm" else h, w_ih, w_hh, b_ih, b_hh)
     else:
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input, h, c, w_ih, w_hh, b_ih, b_hh))
+        grad = needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh)
         forward = fused("fastseq::rnn_cell_forward_triton" if chosen == "triton"
                         else "fastseq::rnn_cell_forward")
-        hy, cy, _workspace = forward(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, needs_grad)
+        hy, cy, _workspace = forward(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, grad)
         out = (hy, cy) if mode == "lstm" else hy
 
     outs = out if mode == "lstm" else (out,)

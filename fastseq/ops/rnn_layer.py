@@ -18,7 +18,8 @@ from ..reference import recurrent as _reference
 from . import rnn_layer_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op, recurrent_mode
 from ._registration import fused
-from ._checks import check_same_dtype_device, check_shape, check_tensor, checked_lengths, fail
+from ._checks import (check_same_dtype_device, check_shape, check_tensor, checked_lengths, fail,
+                      needs_grad)
 
 OP = "fastseq.ops.rnn_layer"
 _TORCH_LAYERS = {"lstm": torch.lstm, "gru": torch.gru, "rnn_tanh": torch.rnn_tanh,
@@ -86,21 +87,19 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
         c_n = states[1].squeeze(0) if lstm else None
     else:
         gates_x = F.linear(input, w_ih, b_ih)  # every step's input projection: one GEMM
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad
-            for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+        grad = needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
         forward = fused("fastseq::rnn_layer_forward_triton" if chosen == "triton"
                         else "fastseq::rnn_layer_forward")
         if w_hr is not None:
             y, h_n, c_n = _projected_layer(forward, gates_x, h0, c0, w_hh, b_hh, w_hr, lengths,
-                                           reverse, needs_grad)
+                                           reverse, grad)
         else:
             y, h_n, c_n, _workspace = forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths,
-                                              zoneout_h, zoneout_c, reverse, needs_grad)
+                                              zoneout_h, zoneout_c, reverse, grad)
     return (y, (h_n, c_n)) if lstm else (y, h_n)
 
 
-def _projected_layer(forward, gates_x, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, needs_grad):
+def _projected_layer(forward, gates_x, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, grad):
     """The LSTM with a projection (LSTMP) on a fused kernel, folded: with m_t = o_t * tanh(c_t)
     and h_t = W_hr m_t, the recurrent term W_hh h_{t-1} is (W_hh W_hr) m_{t-1}, so the kernel
     runs a plain LSTM of hidden size H on m with recurrent weights W_hh W_hr [4H, H] from
@@ -125,7 +124,7 @@ def _projected_layer(forward, gates_x, h0, c0, w_hh, b_hh, w_hr, lengths, revers
         gates_x = gates_x.index_put((first, rows), F.linear(h0, w_hh), accumulate=True)
     m0 = h0.new_zeros(batch, hidden)
     m, m_n, c_n, _workspace = forward("lstm", gates_x, m0, c0, w_hh @ w_hr, b_hh, lengths, None,
-                                      None, reverse, needs_grad)
+                                      None, reverse, grad)
     y = F.linear(m, w_hr)  # rows past a length are zero in m, so zero here as torch gives them
     h_n = F.linear(m_n, w_hr)
     if lengths is not None:
@@ -216,11 +215,10 @@ def rnn_bidirectional_layer(mode: str, input: Tensor, hx, forward_weights: Seque
     gates_x = gates_x.view(steps, batch, 2, gates_x.shape[-1] // 2).permute(2, 0, 1, 3)
     w_hh = torch.stack([w_hh_f, w_hh_r])
     b_hh = torch.stack([b_hh_f, b_hh_r]) if bias else None
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (input, h0, c0, w_ih_f, w_ih_r, w_hh_f, w_hh_r, b_ih_f, b_ih_r, b_hh_f, b_hh_r))
+    grad = needs_grad(input, h0, c0, w_ih_f, w_ih_r, w_hh_f, w_hh_r, b_ih_f, b_ih_r, b_hh_f,
+                      b_hh_r)
     y, h_n, c_n, _workspace = fused("fastseq::rnn_bidirectional_layer_forward_triton")(
-        mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, False, needs_grad)
+        mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, False, grad)
     out = torch.cat([y[0], y[1]], dim=-1)
     return (out, (h_n, c_n)) if lstm else (out, h_n)
 

@@ -18,9 +18,11 @@ from torch import Tensor
 from .attention import scaled_dot_product_attention
 
 
-def visible_keys(kv_len: int, queries: int, capacity: int, is_causal: bool, window: int,
+def visible_keys(kv_len, queries: int, capacity: int, is_causal: bool, window: int,
                  device) -> Tensor:
-    """[queries, capacity] bool: which cache positions each query row of one batch row sees."""
+    """[queries, capacity] bool: which cache positions the query rows of a batch row with
+    kv_len filled keys see (kv_len an int; or a tensor [B, 1, 1, 1] of every row's, giving
+    [B, 1, queries, capacity])."""
     last = kv_len - queries + torch.arange(queries, device=device)[:, None]
     keys = torch.arange(capacity, device=device)[None, :]
     seen = keys < kv_len

@@ -10,7 +10,7 @@ NOTES.md); unmeasured for speed.
 import torch
 import triton
 
-from ..attention.decode_launch import combine_partials, partials, split_plan
+from ..attention.decode_launch import SMALL_TILE, combine_partials, partials, split_plan
 from ..attention.launch import LOG2E, head_block
 from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_precision, launch_spec,
                       tl_accumulator_dtype)
@@ -26,7 +26,7 @@ def gpu_tile(dtype: torch.dtype, block_d: int) -> dict:
 
 def tile(dtype: torch.dtype, block_d: int) -> dict:
     if INTERPRETED or dtype == torch.float64:
-        return {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        return dict(SMALL_TILE)
     return gpu_tile(dtype, block_d)
 
 
