@@ -1,8 +1,8 @@
 """Whole-sequence recurrent layers: fastseq.nn.LSTM/GRU against torch.nn.LSTM/GRU (cuDNN).
 
 Providers on a GPU: fastseq-persistent (backend native: the persistent kernel where its plan
-fits, else the GEMM-per-step loop), fastseq-loop (native with FASTSEQ_PERSISTENT=0: the loop
-alone), fastseq-triton (the program-per-batch-tile Triton kernel) and torch. On a CPU:
+fits, else the GEMM-per-step loop, chosen per pass by fastseq/ops/native_recurrence.py),
+fastseq-loop (native with FASTSEQ_PERSISTENT=0: the loop alone), fastseq-triton (the program-per-batch-tile Triton kernel) and torch. On a CPU:
 fastseq-native (the C++ loop: an MKL GEMM and a scalar pointwise pass per step) and torch (aten),
 on small cases; Triton there is the interpreter, not timed.
 """
@@ -47,10 +47,11 @@ def gflop(mode, batch, hidden, steps, layers, directions, passes):
 
 @pytest.fixture
 def persistent_switch(request):
-    """FASTSEQ_PERSISTENT=0 for fastseq-loop (read by the C++ op at each call)."""
+    """FASTSEQ_PERSISTENT=0 for fastseq-loop, else unset (the default rule: on CUDA the
+    persistent kernel where it fits; on CPU the loop, never the kernel's slow C++ twin)."""
     provider = request.node.callspec.params["provider"]
     saved = os.environ.get("FASTSEQ_PERSISTENT")
-    os.environ["FASTSEQ_PERSISTENT"] = "0" if provider == "fastseq-loop" else "1"
+    os.environ["FASTSEQ_PERSISTENT"] = "0" if provider == "fastseq-loop" else ""
     yield
     if saved is None:
         os.environ.pop("FASTSEQ_PERSISTENT")

@@ -166,7 +166,9 @@ stage3() {
   local chunk=$1 files
   files=$(chunk_files "$chunk")  # checked with the arguments
   local mode=(-q --durations=10); [ $DRY -eq 1 ] && mode=(-q --collect-only)
-  local persistent=1; [ "$chunk" = loop ] && persistent=0
+  # The loop chunk turns the persistent kernel off; the others keep the default rule (CUDA:
+  # the kernel where it fits; CPU tests: the loop, not the kernel's slow C++ twin).
+  local persistent=; [ "$chunk" = loop ] && persistent=0
   say "tests, chunk $chunk (limit ${CHUNK_S} s): $files"
   # shellcheck disable=SC2046
   FASTSEQ_PERSISTENT=$persistent run_pytest "$CHUNK_S" "${mode[@]}" \

@@ -139,7 +139,7 @@ def layer_cases(out):
         names = (["y", "h_n", "c_n"] if lstm else ["y", "h_n"]) + \
             ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"] + (["dc0"] if lstm else [])
         for backend, label, env in (("triton", None, None),
-                                    ("native", "native-persistent", {"FASTSEQ_PERSISTENT": "1"}),
+                                    ("native", "native-persistent", {"FASTSEQ_PERSISTENT": ""}),
                                     ("native", "native-loop", {"FASTSEQ_PERSISTENT": "0"})):
             for dtype in DTYPES:
                 ok &= check(out, "rnn_layer", f"{mode} T={T} B={B} I={I} H={H} lengths", backend,

@@ -4,7 +4,6 @@ Exits non-zero if they disagree by more than the dtype's rounding allows.
 
     compute-sanitizer --tool memcheck python3 bench/sanitize_persistent.py
 """
-import os
 import sys
 
 import torch
@@ -16,11 +15,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the twin, to che
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
-def layer(op_suffix, persistent, mode, args, saved=None):
+def layer(op_suffix, mode, args, saved=None):
     """Forward, then backward from `saved` (y, ws) if given, else from this forward's own: the
     two backwards compare on the same inputs (a relu's derivative flips where two forwards'
-    roundings put h on different sides of zero)."""
-    os.environ["FASTSEQ_PERSISTENT"] = "1" if persistent else "0"
+    roundings put h on different sides of zero). The ops by name: "" the loop, "_persistent"
+    the persistent kernel (each runs what it is called for)."""
     forward = getattr(torch.ops.fastseq, "rnn_layer_forward" + op_suffix)
     backward = getattr(torch.ops.fastseq, "rnn_layer_backward" + op_suffix)
     gx, h0, c0, w_hh, b_hh, lengths, zh, zc, reverse, grads = args
@@ -50,8 +49,8 @@ def main() -> int:
                 args = (rand(T, B, g * H), rand(B, H), rand(B, H) if lstm else None,
                         rand(g * H, H, s=H ** -0.5), rand(g * H, s=0.1), lengths,
                         zoneout(mode in ("lstm", "gru")), zoneout(lstm), reverse, grads)
-                loop, saved = layer("", False, mode, args)
-                persistent, _ = layer("_persistent", True, mode, args, saved)
+                loop, saved = layer("", mode, args)
+                persistent, _ = layer("_persistent", mode, args, saved)
                 for name, a, b in zip(["y", "h_n", "c_n", "dgx", "dgh", "dh0", "dc0"], loop, persistent):
                     if a.numel() == 0:
                         continue

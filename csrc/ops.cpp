@@ -1,8 +1,16 @@
-// Every C++ op schema of fastseq, in one place, and the Python module fastseq._C.
+// Every C++ op schema of fastseq, in one place, and the Python module fastseq._C (its build
+// constants and the persistent recurrence's plan queries).
 // Device implementations register themselves in csrc/cpu/ and csrc/cuda/; fakes and autograd
 // are registered from Python (fastseq/ops/), the same way for C++ and Triton ops.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "fastseq/rnn_cell.h"
+#include "fastseq/rnn_persistent.h"
 
 TORCH_LIBRARY(fastseq, m) {
   // One recurrent cell step. mode: "lstm" | "gru" | "rnn_tanh" | "rnn_relu".
@@ -40,8 +48,10 @@ TORCH_LIBRARY(fastseq, m) {
       "Tensor? zoneout_c, bool reverse) -> (Tensor dgates_x, Tensor dgates_h, Tensor dh0, "
       "Tensor dc0)");
   // The same two ops run by the persistent recurrence (fastseq/rnn_persistent.h): one launch
-  // for all steps, W_hh on chip. CUDA: raises when the call does not fit (rnn_layer_forward
-  // falls back to its loop instead); CPU: the kernel's twin, for tests.
+  // for all steps, W_hh on chip; raises when the call does not fit. CUDA: the kernel; CPU: its
+  // twin. rnn_layer_forward/backward are the GEMM-per-step loop on every device; Python
+  // chooses between the two per pass (fastseq/ops/native_recurrence.py), from the plan
+  // queries below.
   m.def(
       "rnn_layer_forward_persistent(str mode, Tensor gates_x, Tensor h0, Tensor? c0, "
       "Tensor w_hh, Tensor? b_hh, Tensor? lengths, Tensor? zoneout_h, Tensor? zoneout_c, "
@@ -64,9 +74,84 @@ constexpr int kWithCuda = 0;
 constexpr const char* kCudaVersion = "";
 #endif
 
+// The persistent plan's device, dtype and mode from Python's names; a Python exception on
+// anything else.
+struct PlanQuery {
+  fastseq::CellMode mode;
+  at::ScalarType dtype;
+  const fastseq::PersistentDevice* device;
+  c10::DeviceIndex index;
+};
+
+PlanQuery plan_query(const char* mode, const char* dtype, const char* device_type, int index) {
+  const std::string d = dtype;
+  at::ScalarType scalar;
+  if (d == "float32") scalar = at::kFloat;
+  else if (d == "float64") scalar = at::kDouble;
+  else if (d == "float16") scalar = at::kHalf;
+  else if (d == "bfloat16") scalar = at::kBFloat16;
+  else TORCH_CHECK(false, "fastseq: the persistent plan has no dtype ", d);
+  const std::string type = device_type;
+  const fastseq::PersistentDevice* device = nullptr;
+  if (type == "cpu") device = &fastseq::cpu_persistent_device();
+#ifdef FASTSEQ_WITH_CUDA
+  if (type == "cuda") device = &fastseq::cuda_persistent_device();
+#endif
+  TORCH_CHECK(device != nullptr, "fastseq: this build has no persistent recurrence for ", type);
+  return {fastseq::parse_cell_mode(mode), scalar, device, static_cast<c10::DeviceIndex>(index)};
+}
+
+// persistent_batch_limits(mode, backward, dtype, device_type, device_index) -> tuple of ints:
+// the largest batch the plan fits at each hidden size (fastseq/rnn_persistent.h).
+PyObject* persistent_batch_limits(PyObject*, PyObject* args) {
+  const char *mode, *dtype, *device_type;
+  int backward, index;
+  if (!PyArg_ParseTuple(args, "spssi", &mode, &backward, &dtype, &device_type, &index)) return nullptr;
+  try {
+    const PlanQuery q = plan_query(mode, dtype, device_type, index);
+    const std::vector<int64_t> limits =
+        fastseq::persistent_batch_limits(q.mode, backward != 0, q.dtype, *q.device, q.index);
+    PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(limits.size()));
+    if (result == nullptr) return nullptr;
+    for (size_t h = 0; h < limits.size(); ++h)
+      PyTuple_SET_ITEM(result, static_cast<Py_ssize_t>(h), PyLong_FromLongLong(limits[h]));
+    return result;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+// persistent_refusal(mode, backward, batch, hidden, dtype, device_type, device_index) -> str:
+// why that call's plan does not fit, "" when it does.
+PyObject* persistent_refusal(PyObject*, PyObject* args) {
+  const char *mode, *dtype, *device_type;
+  int backward, index;
+  long long batch, hidden;
+  if (!PyArg_ParseTuple(args, "spLLssi", &mode, &backward, &batch, &hidden, &dtype, &device_type,
+                        &index))
+    return nullptr;
+  try {
+    const PlanQuery q = plan_query(mode, dtype, device_type, index);
+    const std::string why = fastseq::persistent_refusal(q.mode, backward != 0, batch, hidden,
+                                                        q.dtype, *q.device, q.index);
+    return PyUnicode_FromStringAndSize(why.data(), static_cast<Py_ssize_t>(why.size()));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef fastseq_c_methods[] = {
+    {"persistent_batch_limits", persistent_batch_limits, METH_VARARGS,
+     "Largest batch the persistent recurrence's plan fits at each hidden size."},
+    {"persistent_refusal", persistent_refusal, METH_VARARGS,
+     "Why the persistent recurrence's plan does not fit a call ('' when it does)."},
+    {nullptr, nullptr, 0, nullptr}};
+
 PyModuleDef fastseq_c_module = {PyModuleDef_HEAD_INIT, "_C",
                                 "fastseq's C++/CUDA kernels (registered as torch.ops.fastseq.*)",
-                                -1, nullptr};
+                                -1, fastseq_c_methods};
 
 }  // namespace
 

@@ -13,11 +13,12 @@
 #include "fastseq/rnn_layer.h"
 
 namespace fastseq {
-namespace {
 
-at::ScalarType accumulator_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+at::ScalarType layer_accumulator_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+namespace {
 
 // A fresh, contiguous copy the loop updates in place. Tensor::to(copy=true) alone keeps the
 // source's strides (MemoryFormat::Preserve): a transposed c0 came back transposed and the
@@ -88,7 +89,7 @@ LayerForwardArgs prepare_layer_forward(c10::string_view mode_name, const at::Ten
   a.zoneout_h = checked_zoneout(zoneout_h, "zoneout_h", a.mode, false, a.gates_x, a.T, a.B, a.H);
   a.zoneout_c = checked_zoneout(zoneout_c, "zoneout_c", a.mode, true, a.gates_x, a.T, a.B, a.H);
   const auto options = a.gates_x.options();
-  const auto acc_options = options.dtype(accumulator_type(a.gates_x.scalar_type()));
+  const auto acc_options = options.dtype(layer_accumulator_type(a.gates_x.scalar_type()));
   a.h = contiguous_copy(h0_in, acc_options);
   if (lstm) {
     TORCH_CHECK(c0_in.has_value() && c0_in->defined(), "fastseq: the lstm needs c0");
@@ -153,7 +154,7 @@ LayerBackwardArgs prepare_layer_backward(c10::string_view mode_name, const at::T
   a.zoneout_h = checked_zoneout(zoneout_h, "zoneout_h", a.mode, false, a.y, T, B, H);
   a.zoneout_c = checked_zoneout(zoneout_c, "zoneout_c", a.mode, true, a.y, T, B, H);
   const auto options = a.y.options();
-  const auto acc_options = options.dtype(accumulator_type(a.y.scalar_type()));
+  const auto acc_options = options.dtype(layer_accumulator_type(a.y.scalar_type()));
   a.dh = contiguous_copy(grad_h_n, acc_options);
   if (lstm) {
     TORCH_CHECK(c0_in.has_value() && c0_in->defined(), "fastseq: the lstm backward needs c0");

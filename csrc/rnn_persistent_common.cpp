@@ -2,11 +2,13 @@
 // (which CTA owns which units, where shared memory goes, whether it fits) and the set-up
 // around a device's launch. The kernels' phases are in fastseq/rnn_persistent.h.
 #include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "fastseq/rnn_persistent.h"
 
@@ -76,35 +78,66 @@ PersistentPlan plan_persistent(CellMode mode, bool backward, int64_t B, int64_t 
   return plan;
 }
 
-bool rnn_persistent_forward(LayerForwardArgs& a, const PersistentDevice& device, bool required) {
-  if (a.T == 0 || a.B == 0 || a.H == 0) return true;  // nothing to run; prepare set the outputs
-  const PersistentPlan plan = plan_persistent(a.mode, /*backward=*/false, a.B, a.H,
-                                              a.gates_x.element_size(), a.h.element_size(),
-                                              device.target(a.gates_x));
-  if (!plan.fits()) {
-    TORCH_CHECK(!required, "fastseq: the persistent recurrence cannot run this call: ",
-                plan.refusal);
-    return false;
-  }
+void rnn_persistent_forward(LayerForwardArgs& a, const PersistentDevice& device) {
+  if (a.T == 0 || a.B == 0 || a.H == 0) return;  // nothing to run; prepare set the outputs
+  const PersistentPlan plan = plan_persistent(
+      a.mode, /*backward=*/false, a.B, a.H, a.gates_x.element_size(), a.h.element_size(),
+      device.target(a.gates_x.scalar_type(), a.gates_x.device().index()));
+  TORCH_CHECK(plan.fits(), "fastseq: the persistent recurrence cannot run this call: ", plan.refusal);
   // h_{t-1} as the GEMM reads it (the input dtype), two slots; slot 0 starts as h0.
   at::Tensor exchange = at::empty({2, a.B, a.H}, a.gates_x.options());
   exchange[0].copy_(a.h);
   device.forward(a, plan.layout, exchange);
-  return true;
 }
 
-bool rnn_persistent_backward(LayerBackwardArgs& a, const PersistentDevice& device, bool required) {
-  if (a.T == 0 || a.B == 0 || a.H == 0) return true;
-  const PersistentPlan plan = plan_persistent(a.mode, /*backward=*/true, a.B, a.H,
-                                              a.y.element_size(), a.dh.element_size(),
-                                              device.target(a.y));
-  if (!plan.fits()) {
-    TORCH_CHECK(!required, "fastseq: the persistent recurrence cannot run this call: ",
-                plan.refusal);
-    return false;
-  }
+void rnn_persistent_backward(LayerBackwardArgs& a, const PersistentDevice& device) {
+  if (a.T == 0 || a.B == 0 || a.H == 0) return;
+  const PersistentPlan plan = plan_persistent(
+      a.mode, /*backward=*/true, a.B, a.H, a.y.element_size(), a.dh.element_size(),
+      device.target(a.y.scalar_type(), a.y.device().index()));
+  TORCH_CHECK(plan.fits(), "fastseq: the persistent recurrence cannot run this call: ", plan.refusal);
   device.backward(a, plan.layout);
-  return true;
+}
+
+namespace {
+
+// The sizes the ops' plans see for a dtype (rnn_persistent_forward: the input's element size
+// and the running state's).
+int64_t element_bytes(at::ScalarType dtype) { return c10::elementSize(dtype); }
+int64_t accumulator_bytes(at::ScalarType dtype) {
+  return c10::elementSize(layer_accumulator_type(dtype));
+}
+
+}  // namespace
+
+std::vector<int64_t> persistent_batch_limits(CellMode mode, bool backward, at::ScalarType dtype,
+                                             const PersistentDevice& device,
+                                             c10::DeviceIndex index) {
+  const PersistentTarget target = device.target(dtype, index);
+  std::vector<int64_t> limits;
+  if (!target.refusal.empty()) return limits;
+  const auto fits = [&](int64_t B, int64_t H) {
+    return plan_persistent(mode, backward, B, H, element_bytes(dtype), accumulator_bytes(dtype),
+                           target).fits();
+  };
+  limits.push_back(0);  // H = 0: nothing to run
+  // Up to the first H at which even one row does not fit: the W_hh slice grows with H (units
+  // = ceil(H / ctas) and the depth both grow), so no larger H fits either. H=2048 bf16 on 132
+  // SMs stops near 1,940: ~125,000 plans of a few dozen integer operations, ~1 ms once.
+  for (int64_t H = 1; fits(1, H); ++H) {
+    int64_t B = 1;
+    while (B < target.rows_max && fits(B + 1, H)) ++B;
+    limits.push_back(B);
+  }
+  return limits;
+}
+
+std::string persistent_refusal(CellMode mode, bool backward, int64_t B, int64_t H,
+                               at::ScalarType dtype, const PersistentDevice& device,
+                               c10::DeviceIndex index) {
+  if (B <= 0 || H <= 0) return "";
+  return plan_persistent(mode, backward, B, H, element_bytes(dtype), accumulator_bytes(dtype),
+                         device.target(dtype, index)).refusal;
 }
 
 }  // namespace fastseq

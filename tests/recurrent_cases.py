@@ -1,10 +1,14 @@
 """Shared inputs and runners of the recurrent-layer tests: random leaves in float64, one layer
-run through fastseq.ops.rnn_layer (a backend) or straight through the persistent ops, and the
-gradients of a random projection of every output."""
+run through fastseq.ops.rnn_layer (a backend, or "persistent": the native backend with its
+persistent kernel, on CPU the kernel's C++ twin), and the gradients of a random projection of
+every output."""
+import contextlib
+import os
+
 import torch
-import torch.nn.functional as F
 
 import fastseq
+from fastseq.ops import native_recurrence
 from fastseq.kernels.recurrent.layout import GATES
 
 from numerics import assert_within_rule
@@ -40,24 +44,45 @@ def make_grad_outputs(mode, T, B, H, device):
          for _ in range(2 if mode == "lstm" else 1)]
 
 
+@contextlib.contextmanager
+def persistent_everywhere():
+    """FASTSEQ_PERSISTENT=1 inside the block (forward and backward alike): the native backend
+    runs its persistent kernel wherever the plan fits, CPU tensors included (its C++ twin)."""
+    saved = os.environ.get("FASTSEQ_PERSISTENT")
+    os.environ["FASTSEQ_PERSISTENT"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["FASTSEQ_PERSISTENT"]
+        else:
+            os.environ["FASTSEQ_PERSISTENT"] = saved
+
+
+def environment(backend):
+    """What a test backend name needs around its forward and backward."""
+    return persistent_everywhere() if backend == "persistent" else contextlib.nullcontext()
+
+
 def persistent_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
                      zoneout_h=None, zoneout_c=None):
-    """One layer through the persistent ops (on CPU: the CUDA kernel's twin), as
-    fastseq.ops.rnn_layer's native path calls its ops: one GEMM for every step's input
-    projection, then the recurrence."""
-    h0, c0 = hx if mode == "lstm" else (hx, None)
-    lengths = torch.tensor(lengths, dtype=torch.int32, device=x.device) if lengths is not None else None
-    needs_grad = any(t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
-    y, h_n, c_n, _ = torch.ops.fastseq.rnn_layer_forward_persistent(
-        mode, F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, lengths, zoneout_h, zoneout_c, reverse,
-        needs_grad)
-    return y, ((h_n, c_n) if mode == "lstm" else h_n)
+    """One layer on the native backend's persistent kernel (on CPU: the CUDA kernel's twin),
+    both passes: checks that the plan runs it for this size (else the test would be the
+    loop's), under persistent_everywhere()."""
+    batch, hidden = x.shape[1], w_hh.shape[1]
+    with persistent_everywhere():
+        for backward in (False, True):
+            assert native_recurrence.runs_persistent(mode, backward, batch, hidden, x.dtype,
+                                                     x.device), (mode, backward, batch, hidden)
+        return fastseq.ops.rnn_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=lengths,
+                                     reverse=reverse, zoneout_h=zoneout_h, zoneout_c=zoneout_c,
+                                     backend="native")
 
 
 def layer_call(mode, backend, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
                zoneout_h=None, zoneout_c=None):
-    """One layer through fastseq.ops.rnn_layer with `backend`, or through the persistent ops
-    for backend "persistent"."""
+    """One layer through fastseq.ops.rnn_layer with `backend`, or its persistent kernel for
+    backend "persistent" (run it, and its backward, inside environment(backend))."""
     if backend == "persistent":
         return persistent_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, zoneout_h,
                                 zoneout_c)
@@ -73,11 +98,12 @@ def run(mode, leaves64, dtype, backend, lengths, reverse, grad_outputs, zoneout6
     zh, zc = [z.to(dtype) if z is not None else None for z in zoneout64]
     x, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
     hx = (h0, c0) if mode == "lstm" else h0
-    y, h_n = layer_call(mode, backend, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, zh, zc)
-    outs = [y] + (list(h_n) if mode == "lstm" else [h_n])
-    loss = sum((o.double() * go).sum() for o, go in zip(outs, grad_outputs))
-    present = [t for t in leaves if t is not None]
-    return [o.detach() for o in outs], list(torch.autograd.grad(loss, present))
+    with environment(backend):
+        y, h_n = layer_call(mode, backend, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, zh, zc)
+        outs = [y] + (list(h_n) if mode == "lstm" else [h_n])
+        loss = sum((o.double() * go).sum() for o, go in zip(outs, grad_outputs))
+        present = [t for t in leaves if t is not None]
+        return [o.detach() for o in outs], list(torch.autograd.grad(loss, present))
 
 
 def assert_backends_match_reference(mode, leaves64, dtype, backends, lengths, reverse,
@@ -121,7 +147,8 @@ def gradcheck_layer(mode, backend, T, B, I, H, lengths, zoneout=False):
         y, h_n = layer_call(mode, backend, x, hx, w_ih, w_hh, b_ih, b_hh, lengths, True, zh, zc)
         return (y,) + (tuple(h_n) if mode == "lstm" else (h_n,))
 
-    return torch.autograd.gradcheck(f, [leaves[i] for i in present], eps=1e-6, atol=1e-6)
+    with environment(backend):
+        return torch.autograd.gradcheck(f, [leaves[i] for i in present], eps=1e-6, atol=1e-6)
 
 
 def lengths_for(T, B, variable):

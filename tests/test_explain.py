@@ -38,7 +38,22 @@ def test_the_native_recurrence_names_its_variant():
     w = [torch.randn(12, 3), torch.randn(12, 4)]
     report = fastseq.explain(fastseq.ops.rnn_layer, "gru", torch.randn(5, 2, 3), None, *w,
                              backend="native")
-    assert "C++ loop" in report.decisions[0].variant
+    assert "forward and backward: the C++ loop" in report.decisions[0].variant
+
+
+@pytest.mark.skipif(fastseq.backend.native_unavailable(torch.device("cpu")) is not None,
+                    reason="the extension is not built")
+def test_an_lstm_layer_names_the_persistent_kernel_for_each_pass(monkeypatch):
+    """nn.LSTM on the native backend with the persistent kernel allowed on CPU (its C++ twin):
+    each rnn_layer call below the layer says which recurrence each pass runs and why; a batch
+    past the plan's 64 rows takes the loop, in the plan's words."""
+    monkeypatch.setenv("FASTSEQ_PERSISTENT", "1")
+    lstm = fastseq.nn.LSTM(3, 8, num_layers=2, backend="native")
+    first, *layers = fastseq.explain(lstm, torch.randn(4, 2, 3)).decisions
+    assert first.op == "fastseq.nn.LSTM" and len(layers) == 2
+    assert all(d.variant.startswith("forward and backward: the persistent kernel") for d in layers)
+    wide = fastseq.explain(lstm, torch.randn(2, 65, 3)).decisions[1]
+    assert "batch 65 is more than the 64 rows it runs" in wide.variant
 
 
 def test_a_refused_backend_returns_the_error_with_the_reasons():

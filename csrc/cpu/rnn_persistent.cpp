@@ -19,7 +19,7 @@ namespace {
 // CTAs with a short last one, as H = 768 does over an H100's 132 SMs; the H100's 227 KB of
 // shared memory per CTA, so the twin refuses what the GPU refuses at the same ratio; A staged
 // 64 columns at a time, so H = 63 and 300 take 1-19 chunks (the GPU stages what fits).
-PersistentTarget cpu_target(const at::Tensor&) {
+PersistentTarget cpu_target(at::ScalarType, c10::DeviceIndex) {
   return {/*ctas_max=*/8, /*smem_max=*/227 * 1024, /*tensor_cores=*/false, /*threads=*/1,
           /*chunk_max=*/64, /*rows_max=*/64, {}};
 }
@@ -74,11 +74,13 @@ void backward_cpu(const LayerBackwardArgs& a, const PersistentLayout& L) {
 
 constexpr PersistentDevice kCpuTwin{&cpu_target, &forward_cpu, &backward_cpu};
 
-void run_forward(LayerForwardArgs& a) { rnn_persistent_forward(a, kCpuTwin, /*required=*/true); }
+void run_forward(LayerForwardArgs& a) { rnn_persistent_forward(a, kCpuTwin); }
 
-void run_backward(LayerBackwardArgs& a) { rnn_persistent_backward(a, kCpuTwin, /*required=*/true); }
+void run_backward(LayerBackwardArgs& a) { rnn_persistent_backward(a, kCpuTwin); }
 
 }  // namespace
+
+const PersistentDevice& cpu_persistent_device() { return kCpuTwin; }
 
 TORCH_LIBRARY_IMPL(fastseq, CPU, m) {
   m.impl("rnn_layer_forward_persistent", &layer_forward_op<&run_forward>);

@@ -1,7 +1,8 @@
-// CUDA implementation of the sequence ops: the persistent kernel (csrc/cuda/rnn_persistent.cu)
-// where its plan fits, else the GEMM-per-step path: the shared host loop issues the recurrent
-// GEMM through cuBLAS (at::mm, current stream) and this file's fused pointwise step kernel,
-// 2 launches per step.
+// CUDA implementation of the sequence ops' GEMM-per-step loop: the shared host loop issues the
+// recurrent GEMM through cuBLAS (at::mm, current stream) and this file's fused pointwise step
+// kernel, 2 launches per step. The persistent kernel has its own ops
+// (csrc/cuda/rnn_persistent.cu); which of the two runs a call is decided in Python
+// (fastseq/ops/native_recurrence.py).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -11,7 +12,6 @@
 #include <algorithm>
 
 #include "fastseq/rnn_layer.h"
-#include "fastseq/rnn_persistent.h"
 
 namespace fastseq {
 namespace {
@@ -71,17 +71,9 @@ void backward_step_cuda(const LayerBackwardStep& s) {
 
 constexpr LayerStepKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda};
 
-// The persistent kernel where its plan fits (fastseq/rnn_persistent.h states the rule), else
-// the GEMM-per-step loop; forward and backward choose independently (same workspace layout).
-void run_forward(LayerForwardArgs& a) {
-  if (!rnn_persistent_forward(a, cuda_persistent_device(), /*required=*/false))
-    rnn_layer_forward_loop(a, kCudaKernels);
-}
+void run_forward(LayerForwardArgs& a) { rnn_layer_forward_loop(a, kCudaKernels); }
 
-void run_backward(LayerBackwardArgs& a) {
-  if (!rnn_persistent_backward(a, cuda_persistent_device(), /*required=*/false))
-    rnn_layer_backward_loop(a, kCudaKernels);
-}
+void run_backward(LayerBackwardArgs& a) { rnn_layer_backward_loop(a, kCudaKernels); }
 
 }  // namespace
 

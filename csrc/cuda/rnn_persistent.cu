@@ -5,6 +5,7 @@
 // tensor-core GEMM (WMMA 16x16x16, fp16/bf16 in, fp32 accumulate), the kernels and launches.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -12,8 +13,6 @@
 #include <mma.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 
 #include "fastseq/rnn_persistent.h"
 
@@ -109,19 +108,16 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
   return value;
 }
 
-PersistentTarget cuda_target(const at::Tensor& like) {
-  const int device = like.get_device();
+PersistentTarget cuda_target(at::ScalarType dtype, c10::DeviceIndex index) {
+  const int device = index >= 0 ? index : c10::cuda::current_device();
   PersistentTarget target{device_attribute(cudaDevAttrMultiProcessorCount, device),
                           device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                          like.scalar_type() == at::kHalf || like.scalar_type() == at::kBFloat16,
+                          dtype == at::kHalf || dtype == at::kBFloat16,
                           kThreads,
                           /*chunk_max=*/int64_t{1} << 40,  // all of A at once where it fits
                           /*rows_max=*/64,
                           {}};
-  const char* enabled = std::getenv("FASTSEQ_PERSISTENT");
-  if (enabled != nullptr && std::strcmp(enabled, "0") == 0) {
-    target.refusal = "FASTSEQ_PERSISTENT=0 turns it off";
-  } else if (like.scalar_type() == at::kDouble) {
+  if (dtype == at::kDouble) {
     target.refusal = "fp64 runs the GEMM-per-step loop (the kernel serves fp32, fp16, bf16)";
   } else if (!device_attribute(cudaDevAttrCooperativeLaunch, device)) {
     target.refusal = "the device has no cooperative launch (needed for the grid barrier)";
@@ -175,13 +171,9 @@ void backward_cuda(const LayerBackwardArgs& a, const PersistentLayout& L) {
   });
 }
 
-void run_forward(LayerForwardArgs& a) {
-  rnn_persistent_forward(a, cuda_persistent_device(), /*required=*/true);
-}
+void run_forward(LayerForwardArgs& a) { rnn_persistent_forward(a, cuda_persistent_device()); }
 
-void run_backward(LayerBackwardArgs& a) {
-  rnn_persistent_backward(a, cuda_persistent_device(), /*required=*/true);
-}
+void run_backward(LayerBackwardArgs& a) { rnn_persistent_backward(a, cuda_persistent_device()); }
 
 }  // namespace
 

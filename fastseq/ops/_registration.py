@@ -123,28 +123,23 @@ def fused(forward_name: str) -> Callable:
     return _FUNCTIONS[forward_name].apply
 
 
-def register_fakes_and_autograd(forward_name: str, backward_name: str, *,
-                                forward_fake: Callable, backward_fake: Callable,
-                                setup_context: Callable,
-                                make_backward: Callable[[Callable], Callable]) -> None:
-    """Register both ops' fakes, and autograd on `forward_name` whose backward calls the op
-    `backward_name` (make_backward(backward_op) builds the autograd formula); the backward op's
-    own autograd refuses double backward by name; both ops get a vmap batching rule. The same
-    formulas also make the autograd.Function that fused(forward_name) returns."""
-    torch.library.register_fake(forward_name)(forward_fake)
+# backward op name -> how a forward's formula calls it outside torch.compile (through an
+# autograd.Function refusing double backward); each backward op is registered once, also
+# where several forward ops share it (the native recurrence's persistent kernel and loop).
+_BACKWARD_CALLS: dict[str, Callable] = {}
+
+
+def _register_backward(backward_name: str, backward_fake: Callable) -> None:
+    if backward_name in _BACKWARD_CALLS:
+        return
     torch.library.register_fake(backward_name)(backward_fake)
     backward_op = _op(backward_name)
     refuse = _refuse_double_backward(backward_name)
-    no_context = lambda ctx, inputs, output: None  # noqa: E731
-    torch.library.register_autograd(forward_name, make_backward(backward_op),
-                                    setup_context=setup_context)
-    torch.library.register_autograd(backward_name, refuse, setup_context=no_context)
-    for name in (forward_name, backward_name):
-        torch.library.register_vmap(name, vmap_by_slices(name))
+    torch.library.register_autograd(backward_name, refuse, setup_context=_no_context)
+    torch.library.register_vmap(backward_name, vmap_by_slices(backward_name))
+    backward_function = _function_class(f"{backward_name.split('::')[1]}_function", backward_op,
+                                        _no_context, refuse)
 
-    short = forward_name.split("::")[1]
-    backward_function = _function_class(f"{short}_backward_function", backward_op, no_context,
-                                        refuse)
     def call_backward(*args):
         # Compiled autograd (which traces backwards with Dynamo) cannot trace one Function's
         # apply inside another's backward: the op itself, whose registered autograd refuses a
@@ -152,5 +147,37 @@ def register_fakes_and_autograd(forward_name: str, backward_name: str, *,
         if torch.compiler.is_compiling():
             return backward_op(*args)
         return backward_function.apply(*args)
+    _BACKWARD_CALLS[backward_name] = call_backward
+
+
+def _no_context(ctx, inputs, output) -> None:
+    return None
+
+
+def register_fakes_and_autograd(forward_name: str, backward_name: str | tuple[str, ...], *,
+                                forward_fake: Callable, backward_fake: Callable,
+                                setup_context: Callable,
+                                make_backward: Callable[[Callable], Callable],
+                                pick_backward: Optional[Callable[..., str]] = None) -> None:
+    """Register both ops' fakes, and autograd on `forward_name` whose backward calls the op
+    `backward_name` (make_backward(backward_op) builds the autograd formula); the backward op's
+    own autograd refuses double backward by name; both ops get a vmap batching rule. The same
+    formulas also make the autograd.Function that fused(forward_name) returns.
+
+    Where a forward's gradient has several implementations reading the same saved tensors (the
+    native recurrence: its persistent kernel and its loop), backward_name is the tuple of their
+    ops and pick_backward(*backward_args) names the one each backward runs."""
+    names = (backward_name,) if isinstance(backward_name, str) else tuple(backward_name)
+    if len(names) > 1 and pick_backward is None:
+        raise ValueError(f"{forward_name}: several backward ops {names} need a pick_backward")
+    pick = pick_backward if pick_backward is not None else (lambda *args: names[0])
+    for name in names:
+        _register_backward(name, backward_fake)
+    torch.library.register_fake(forward_name)(forward_fake)
+    torch.library.register_autograd(forward_name,
+                                    make_backward(lambda *args: _op(pick(*args))(*args)),
+                                    setup_context=setup_context)
+    torch.library.register_vmap(forward_name, vmap_by_slices(forward_name))
     _FUNCTIONS[forward_name] = _function_class(
-        f"{short}_function", _op(forward_name), setup_context, make_backward(call_backward))
+        f"{forward_name.split('::')[1]}_function", _op(forward_name), setup_context,
+        make_backward(lambda *args: _BACKWARD_CALLS[pick(*args)](*args)))

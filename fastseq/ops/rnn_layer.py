@@ -15,7 +15,8 @@ from torch import Tensor
 from .. import backend as _backends
 from ..kernels.recurrent.layout import GATES
 from ..reference import recurrent as _reference
-from . import rnn_layer_registration as _registered_ops  # noqa: F401  (registers the ops)
+from . import native_recurrence
+from . import rnn_layer_registration as _registered_ops
 from ._autocast import autocast_op, recurrent_mode
 from ._registration import fused
 from ._checks import (check_same_dtype_device, check_shape, check_tensor, checked_lengths, fail,
@@ -67,7 +68,8 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
 
     chosen = BACKENDS.choose({"device": input.device, "steps": steps, "reverse": reverse,
                               "lengths": lengths, "zoneout": zoneout,
-                              "projection": w_hr is not None}, backend)
+                              "projection": w_hr is not None, "mode": mode, "batch": batch,
+                              "cell": cell, "dtype": input.dtype}, backend)
     if h0 is None:
         h0 = input.new_zeros(batch, hidden)
     if lstm and c0 is None:
@@ -88,8 +90,13 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     else:
         gates_x = F.linear(input, w_ih, b_ih)  # every step's input projection: one GEMM
         grad = needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-        forward = fused("fastseq::rnn_layer_forward_triton" if chosen == "triton"
-                        else "fastseq::rnn_layer_forward")
+        if chosen == "triton":
+            forward = fused(_registered_ops.TRITON_FORWARD)
+        elif native_recurrence.runs_persistent(mode, False, batch, cell, input.dtype,
+                                               input.device):
+            forward = fused(_registered_ops.PERSISTENT_FORWARD)
+        else:
+            forward = fused(_registered_ops.NATIVE_FORWARD)
         if w_hr is not None:
             y, h_n, c_n = _projected_layer(forward, gates_x, h0, c0, w_hh, b_hh, w_hr, lengths,
                                            reverse, grad)
@@ -307,20 +314,17 @@ _FOLDED = "; the projection folded into W_hh W_hr"
 
 
 def _native_variant(call: dict) -> str:
-    folded = _FOLDED if call["projection"] else ""
-    if call["device"].type == "cuda":
-        # Decided by the C++ op at each call from its plan (csrc/include/fastseq/
-        # rnn_persistent.h: plan_persistent), which needs the device's shared memory and SMs.
-        return ("the persistent kernel where its plan fits (B <= 64 and each SM's slice of "
-                "W_hh in shared memory; FASTSEQ_PERSISTENT=0 turns it off), else a GEMM and "
-                "one fused kernel per step" + folded)
-    return "the C++ loop: a GEMM and one fused pointwise pass per step" + folded
+    """The native backend's recurrence for each pass: the persistent kernel or the loop, as
+    native_recurrence decides it (the forward below, the backward in the autograd formula)."""
+    return native_recurrence.describe(call["mode"], call["batch"], call["cell"], call["dtype"],
+                                      call["device"]) + (_FOLDED if call["projection"] else "")
 
 
 # torch first where it serves the call: cuDNN on GPUs, aten on CPUs. The Triton path keeps one
 # program per 16 batch rows (a handful of SMs at training batch sizes); the native op on GPUs
-# is the persistent kernel where W_hh fits on chip, else the GEMM-per-step loop (2 launches a
-# step), and on CPUs the loop's C++ twin. None has been timed on a GPU yet, so none is put
+# is the persistent kernel where W_hh fits on chip (B <= 64 and each SM's slice in shared
+# memory), else the GEMM-per-step loop (2 launches a step), and on CPUs the loop's C++ twin;
+# forward and backward choose separately (native_recurrence). None has been timed on a GPU yet, so none is put
 # before cuDNN; they serve the reverse and padded-length calls torch cannot.
 BACKENDS = _backends.OpBackends(
     OP,
@@ -349,4 +353,5 @@ BIDIRECTIONAL_BACKENDS = _backends.OpBackends(
     preference=BACKENDS.preference,
     variants={"triton": lambda call: "one folded rnn_layer launch per direction"
               if call["projection"] else "both directions in one launch",
-              "native": lambda call: "one rnn_layer call per direction: " + _native_variant(call)})
+              "native": lambda call: "one rnn_layer call per direction (each reports its "
+                                     "recurrence)"})

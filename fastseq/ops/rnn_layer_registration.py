@@ -2,9 +2,11 @@
 their autograd. Two implementations share one schema (csrc/ops.cpp):
 
   torch.ops.fastseq.rnn_layer_forward / rnn_layer_backward                C++ (CPU) and CUDA
-      (on CUDA: the persistent kernel where it fits, else the GEMM-per-step loop)
+      the GEMM-per-step loop
   torch.ops.fastseq.rnn_layer_forward_persistent / ..._backward_persistent
-      the persistent kernel only (CUDA; raises where it does not fit) and its CPU twin
+      the persistent kernel (CUDA; raises where its plan does not fit) and its CPU twin
+      (the native forward and backward each run one of the two, as native_recurrence decides:
+      a native forward's gradient runs whichever backward fits, since both share the workspace)
   torch.ops.fastseq.rnn_layer_forward_triton / rnn_layer_backward_triton  Triton (kernels/)
   torch.ops.fastseq.rnn_bidirectional_layer_forward_triton / ..._backward_triton
       both directions of a layer in one launch each way: every tensor but lengths stacked on a
@@ -29,6 +31,7 @@ from torch import Tensor
 
 from .. import _extension
 from ..kernels.recurrent.layout import GATES, LAYER_WORKSPACE
+from . import native_recurrence
 from ._registration import (contiguous_or_none, register_fakes_and_autograd,
                             triton_custom_op)
 
@@ -155,14 +158,22 @@ def _autograd_backward(backward_op):
     return backward
 
 
-def _register(forward_name: str, backward_name: str) -> None:
+def _native_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, *_rest) -> str:
+    """The backward op of a native forward, loop or persistent alike: decided for this pass."""
+    batch, hidden = y.shape[-2], y.shape[-1]
+    if native_recurrence.runs_persistent(mode, True, batch, hidden, y.dtype, y.device):
+        return PERSISTENT_BACKWARD
+    return NATIVE_BACKWARD
+
+
+def _register(forward_name: str, backward_name, pick_backward=None) -> None:
     register_fakes_and_autograd(forward_name, backward_name, forward_fake=_forward_fake,
                                 backward_fake=_backward_fake, setup_context=_setup_context,
-                                make_backward=_autograd_backward)
+                                make_backward=_autograd_backward, pick_backward=pick_backward)
 
 
 _register(TRITON_FORWARD, TRITON_BACKWARD)
 _register(BIDIRECTIONAL_FORWARD, BIDIRECTIONAL_BACKWARD)
 if _extension.is_built():
-    _register(NATIVE_FORWARD, NATIVE_BACKWARD)
-    _register(PERSISTENT_FORWARD, PERSISTENT_BACKWARD)
+    for _forward in (NATIVE_FORWARD, PERSISTENT_FORWARD):
+        _register(_forward, (NATIVE_BACKWARD, PERSISTENT_BACKWARD), _native_backward)

@@ -209,6 +209,10 @@ struct LayerStepKernels {
   void (*backward)(const LayerBackwardStep&);
 };
 
+// The dtype the sequence ops keep their running state in (h, c, dh, dc): fp64 for fp64, else
+// fp32 (at::opmath_type's rule).
+at::ScalarType layer_accumulator_type(at::ScalarType dtype);
+
 // Checked, contiguous arguments of rnn_layer_forward with its outputs allocated and its state
 // initialised: where the GEMM-per-step loop and the persistent kernel both start.
 struct LayerForwardArgs {

@@ -15,7 +15,8 @@
 // every CTA has staged slot t%2 before anyone passes the barrier of step t. The state (h, c,
 // dh, dc) of a unit lives where the loop keeps it, in fp32 [B, H] tensors, and is touched only
 // by the CTA that owns the unit. Inputs, outputs and the workspace have the loop's layout, so
-// a persistent forward pairs with a loop backward and the other way round.
+// a persistent forward pairs with a loop backward and the other way round (the backward's
+// plan needs less shared memory per row, so it fits at batches where the forward does not).
 //
 // The per-CTA phases below are host+device functions: the CUDA kernel runs them with a grid
 // barrier between steps (csrc/cuda/rnn_persistent.cu); the C++ CPU twin runs the same phases
@@ -24,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "fastseq/rnn_layer.h"
 
@@ -66,7 +68,8 @@ struct PersistentPlan {
   bool fits() const { return refusal.empty(); }
 };
 
-// The rule (stated once, used by the CUDA op and its CPU twin): units per CTA =
+// The plan (stated once: the CUDA op, its CPU twin and Python's choice through
+// persistent_batch_limits all read it): units per CTA =
 // ceil(H / ctas_max), the fewest that keep every SM busy; the recurrence runs persistently
 // when that CTA's W slice, its partial sums and a chunk of A at least 16 (tensor cores) or 1
 // column wide fit in smem_max; the chunk is as wide as what is left allows; and B <= rows_max
@@ -74,8 +77,8 @@ struct PersistentPlan {
 // (backward) each step, 128 CTAs x 64 x 768 x 2 bytes = 12.6 MB of L2 reads a step at B=64,
 // while at large B the loop's per-step GEMMs are big enough for cuBLAS to run well (64 is
 // a first guess, to be tuned on a GPU; cuDNN's persistent algorithm also stops at small
-// batches). Otherwise the GEMM-per-step loop runs (e.g. LSTM H=2048 bf16: W_hh alone is 33.5 MB, more than the
-// 132 SMs x 227 KB = 30 MB of an H100's shared memory).
+// batches). Otherwise the GEMM-per-step loop runs (e.g. LSTM H=2048 bf16: W_hh alone is
+// 33.5 MB, more than the 132 SMs x 227 KB = 30 MB of an H100's shared memory).
 PersistentPlan plan_persistent(CellMode mode, bool backward, int64_t B, int64_t H,
                                int64_t elem_bytes, int64_t acc_bytes,
                                const PersistentTarget& target);
@@ -343,18 +346,33 @@ FASTSEQ_HOST_DEVICE void persistent_backward_finish(
 
 // ------------------------------------------------------------------------------ host side
 
-// What a device provides: where the plan must fit, and the launches.
+// What a device provides: where the plan must fit (for a dtype on a device index), and the
+// launches.
 struct PersistentDevice {
-  PersistentTarget (*target)(const at::Tensor& like);
+  PersistentTarget (*target)(at::ScalarType dtype, c10::DeviceIndex device);
   void (*forward)(const LayerForwardArgs& a, const PersistentLayout& L, const at::Tensor& exchange);
   void (*backward)(const LayerBackwardArgs& a, const PersistentLayout& L);
 };
 
-// Runs the op persistently if its plan fits on `device` and returns true; returns false
-// (nothing done) when it does not fit and `required` is false, raises with the plan's reason
-// when it is true.
-bool rnn_persistent_forward(LayerForwardArgs& a, const PersistentDevice& device, bool required);
-bool rnn_persistent_backward(LayerBackwardArgs& a, const PersistentDevice& device, bool required);
+// Runs the op persistently on `device`; raises with the plan's reason when it does not fit.
+// Whether a call runs here or in the GEMM-per-step loop is decided in Python, once, from the
+// limits below (fastseq/ops/native_recurrence.py); these ops only run what they are given.
+void rnn_persistent_forward(LayerForwardArgs& a, const PersistentDevice& device);
+void rnn_persistent_backward(LayerBackwardArgs& a, const PersistentDevice& device);
+
+// The largest batch the plan fits at each hidden size 0 .. size()-1 (0: none; past the end
+// nothing fits, the W_hh slice alone being too big), on `device`'s target for a mode,
+// direction of the pass and dtype. Entry H holds the largest B such that every batch 1..B
+// fits, so "B <= limits[H]" is a rule Python can evaluate under torch.compile with symbolic
+// sizes. An empty vector: the target refuses every call (its refusal says why).
+std::vector<int64_t> persistent_batch_limits(CellMode mode, bool backward, at::ScalarType dtype,
+                                             const PersistentDevice& device,
+                                             c10::DeviceIndex index);
+
+// Why one call does not fit (the plan's own words), or "" when it does: what explain reports.
+std::string persistent_refusal(CellMode mode, bool backward, int64_t B, int64_t H,
+                               at::ScalarType dtype, const PersistentDevice& device,
+                               c10::DeviceIndex index);
 
 // The kernels' parameters from the prepared op arguments.
 template <typename scalar_t, typename acc_t>
@@ -392,7 +410,9 @@ PersistentBackwardParams<scalar_t, acc_t> persistent_backward_params(const Layer
   return p;
 }
 
-// The CUDA device (csrc/cuda/rnn_persistent.cu; CUDA builds only).
+// The CUDA device (csrc/cuda/rnn_persistent.cu; CUDA builds only) and the CPU twin
+// (csrc/cpu/rnn_persistent.cpp).
 const PersistentDevice& cuda_persistent_device();
+const PersistentDevice& cpu_persistent_device();
 
 }  // namespace fastseq
