@@ -74,16 +74,18 @@ constexpr int kWithCuda = 0;
 constexpr const char* kCudaVersion = "";
 #endif
 
-// The persistent plan's device, dtype and mode from Python's names; a Python exception on
-// anything else.
+// The persistent plan's target, dtype and mode from Python's arguments (mode, dtype,
+// device_type, device_index, multiprocessors, smem_optin, cooperative_launch): device_type
+// "cpu" the CPU twin's target, "cuda" the CUDA device's (read off it), "gpu" a described GPU's
+// (the last three arguments; ignored otherwise). A Python exception on anything else.
 struct PlanQuery {
   fastseq::CellMode mode;
   at::ScalarType dtype;
-  const fastseq::PersistentDevice* device;
-  c10::DeviceIndex index;
+  fastseq::PersistentTarget target;
 };
 
-PlanQuery plan_query(const char* mode, const char* dtype, const char* device_type, int index) {
+PlanQuery plan_query(const char* mode, const char* dtype, const char* device_type, int index,
+                     long long multiprocessors, long long smem_optin, int cooperative) {
   const std::string d = dtype;
   at::ScalarType scalar;
   if (d == "float32") scalar = at::kFloat;
@@ -91,26 +93,35 @@ PlanQuery plan_query(const char* mode, const char* dtype, const char* device_typ
   else if (d == "float16") scalar = at::kHalf;
   else if (d == "bfloat16") scalar = at::kBFloat16;
   else TORCH_CHECK(false, "fastseq: the persistent plan has no dtype ", d);
+  const fastseq::CellMode cell = fastseq::parse_cell_mode(mode);
   const std::string type = device_type;
-  const fastseq::PersistentDevice* device = nullptr;
-  if (type == "cpu") device = &fastseq::cpu_persistent_device();
+  const auto device_index = static_cast<c10::DeviceIndex>(index);
+  if (type == "cpu") return {cell, scalar, fastseq::cpu_persistent_device().target(scalar, device_index)};
+  if (type == "gpu") {
+    TORCH_CHECK(multiprocessors > 0 && smem_optin > 0,
+                "fastseq: a described GPU needs multiprocessors and shared memory > 0");
+    return {cell, scalar, fastseq::gpu_persistent_target(scalar, multiprocessors, smem_optin, cooperative != 0)};
+  }
 #ifdef FASTSEQ_WITH_CUDA
-  if (type == "cuda") device = &fastseq::cuda_persistent_device();
+  if (type == "cuda") return {cell, scalar, fastseq::cuda_persistent_device().target(scalar, device_index)};
 #endif
-  TORCH_CHECK(device != nullptr, "fastseq: this build has no persistent recurrence for ", type);
-  return {fastseq::parse_cell_mode(mode), scalar, device, static_cast<c10::DeviceIndex>(index)};
+  TORCH_CHECK(false, "fastseq: this build has no persistent recurrence for ", type);
 }
 
-// persistent_batch_limits(mode, backward, dtype, device_type, device_index) -> tuple of ints:
-// the largest batch the plan fits at each hidden size (fastseq/rnn_persistent.h).
+// persistent_batch_limits(mode, backward, dtype, device_type, device_index, multiprocessors,
+// smem_optin, cooperative_launch) -> tuple of ints: the largest batch the plan fits at each
+// hidden size (fastseq/rnn_persistent.h).
 PyObject* persistent_batch_limits(PyObject*, PyObject* args) {
   const char *mode, *dtype, *device_type;
-  int backward, index;
-  if (!PyArg_ParseTuple(args, "spssi", &mode, &backward, &dtype, &device_type, &index)) return nullptr;
+  int backward, index, cooperative;
+  long long multiprocessors, smem_optin;
+  if (!PyArg_ParseTuple(args, "spssiLLp", &mode, &backward, &dtype, &device_type, &index,
+                        &multiprocessors, &smem_optin, &cooperative))
+    return nullptr;
   try {
-    const PlanQuery q = plan_query(mode, dtype, device_type, index);
+    const PlanQuery q = plan_query(mode, dtype, device_type, index, multiprocessors, smem_optin, cooperative);
     const std::vector<int64_t> limits =
-        fastseq::persistent_batch_limits(q.mode, backward != 0, q.dtype, *q.device, q.index);
+        fastseq::persistent_batch_limits(q.mode, backward != 0, q.dtype, q.target);
     PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(limits.size()));
     if (result == nullptr) return nullptr;
     for (size_t h = 0; h < limits.size(); ++h)
@@ -122,19 +133,20 @@ PyObject* persistent_batch_limits(PyObject*, PyObject* args) {
   }
 }
 
-// persistent_refusal(mode, backward, batch, hidden, dtype, device_type, device_index) -> str:
-// why that call's plan does not fit, "" when it does.
+// persistent_refusal(mode, backward, batch, hidden, dtype, device_type, device_index,
+// multiprocessors, smem_optin, cooperative_launch) -> str: why that call's plan does not fit,
+// "" when it does.
 PyObject* persistent_refusal(PyObject*, PyObject* args) {
   const char *mode, *dtype, *device_type;
-  int backward, index;
-  long long batch, hidden;
-  if (!PyArg_ParseTuple(args, "spLLssi", &mode, &backward, &batch, &hidden, &dtype, &device_type,
-                        &index))
+  int backward, index, cooperative;
+  long long batch, hidden, multiprocessors, smem_optin;
+  if (!PyArg_ParseTuple(args, "spLLssiLLp", &mode, &backward, &batch, &hidden, &dtype,
+                        &device_type, &index, &multiprocessors, &smem_optin, &cooperative))
     return nullptr;
   try {
-    const PlanQuery q = plan_query(mode, dtype, device_type, index);
-    const std::string why = fastseq::persistent_refusal(q.mode, backward != 0, batch, hidden,
-                                                        q.dtype, *q.device, q.index);
+    const PlanQuery q = plan_query(mode, dtype, device_type, index, multiprocessors, smem_optin, cooperative);
+    const std::string why =
+        fastseq::persistent_refusal(q.mode, backward != 0, batch, hidden, q.dtype, q.target);
     return PyUnicode_FromStringAndSize(why.data(), static_cast<Py_ssize_t>(why.size()));
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());

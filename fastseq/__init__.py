@@ -27,7 +27,8 @@ if importlib.util.find_spec("fastseq.kernels") is None:
         "elsewhere")
 
 from . import _extension
-from .backend import BackendError, backends, explain, use_backend
+from .backend import BackendError, backends, explain, explain_on_gpu, use_backend
+from .described_gpu import H200, GPUDescription
 from . import ops, nn, reference  # noqa: E402
 from .ops._checks import InputError
 from .nn.scripting import TorchScriptError
@@ -35,7 +36,8 @@ from .ops._registration import DoubleBackwardError
 from .patching import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["backends", "use_backend", "explain", "BackendError", "InputError",
+__all__ = ["backends", "use_backend", "explain", "explain_on_gpu", "GPUDescription", "H200",
+           "BackendError", "InputError",
            "DoubleBackwardError", "TorchScriptError", "ops", "nn", "reference", "build_info",
            "patch", "unpatch", "PatchReport"]
 build_info = _extension.build_info

@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
-from . import _extension
+from . import _extension, described_gpu
 from ._versions import MIN_TRITON, dotted, version_tuple
 
 BACKENDS = ("triton", "native", "torch", "reference")
@@ -137,6 +138,9 @@ def native_unavailable(device: torch.device) -> str | None:
     if device.type == "cuda":
         if not _extension.has_cuda_kernels():
             return "fastseq._C was built without CUDA kernels (no nvcc at build time)"
+        gpu = described_gpu.current()  # fastseq.explain_on_gpu's stand-in for a device
+        if gpu is not None:
+            return _extension.cuda_arch_mismatch(gpu.capability)
         # Dynamo folds get_device_properties to a constant; torch caches it per device.
         properties = torch.cuda.get_device_properties(device)
         return _extension.cuda_arch_mismatch((properties.major, properties.minor))
@@ -247,15 +251,24 @@ class Decision:
 
 @dataclasses.dataclass
 class Explanation:
-    """What fastseq.explain() saw: one Decision per fastseq op or layer call, in order."""
+    """What fastseq.explain() saw: one Decision per fastseq op or layer call, in order (on a
+    described GPU for explain_on_gpu: `described`)."""
     decisions: list
     result: Any = None
     error: Optional[Exception] = None
+    described: Optional[described_gpu.GPUDescription] = None
 
     def __str__(self) -> str:
         lines = [str(d) for d in self.decisions] or ["no fastseq op chose a backend in this call"]
+        if self.described is not None:
+            gpu = self.described
+            lines.insert(0, f"on {gpu.name}: sm_{gpu.capability[0]}{gpu.capability[1]}, "
+                            f"{gpu.multiprocessors} multiprocessors, "
+                            f"{gpu.shared_memory_per_block_optin} bytes of shared memory a block "
+                            f"(fake tensors: every choice made, no kernel run)")
         if self.error is not None:
-            lines.append(f"raised {type(self.error).__name__}: {self.error}")
+            verb = "stopped at" if self.described is not None else "raised"
+            lines.append(f"{verb} {type(self.error).__name__}: {str(self.error).splitlines()[0]}")
         return "\n".join(lines)
 
 
@@ -269,6 +282,53 @@ def explain(fn: Callable, *args, **kwargs) -> Explanation:
         return Explanation(_explanations[-1], result=fn(*args, **kwargs))
     except BackendError as error:
         return Explanation(_explanations[-1], error=error)
+    finally:
+        _explanations.pop()
+
+
+def explain_on_gpu(fn: Callable, *args, gpu: described_gpu.GPUDescription = described_gpu.H200,
+                   **kwargs) -> Explanation:
+    """fastseq.explain for a GPU this machine need not have: what fn(*args, **kwargs) (an op, a
+    layer or a model) would run on `gpu` (default: the H200 this project is lent), and why.
+
+    The call runs on fake CUDA tensors (torch's FakeTensorMode: shapes, dtypes and strides, no
+    data, no kernel launched): the tensors in args and kwargs, and fn's parameters and buffers
+    when fn is a module, take their place there; `gpu` stands in for the device wherever a
+    choice reads one (the native kernels' architectures, the persistent recurrence's plan).
+    Every fastseq choice is the one that GPU would make. A kernel of torch's own that needs the
+    real device (cuDNN's RNNs) stops the run where it is called: `error` holds what stopped it,
+    and the report holds every choice made before."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def on_fake_gpu(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        with fake_mode:
+            fake = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                       device="cuda")
+        return fake.requires_grad_() if value.requires_grad else fake
+
+    call_args, call_kwargs = tree_map(on_fake_gpu, (args, kwargs))
+    run = fn
+    if isinstance(fn, torch.nn.Module):
+        state = {name: on_fake_gpu(t) for name, t in
+                 list(fn.named_parameters()) + list(fn.named_buffers())}
+
+        def run(*a, **k):
+            return torch.func.functional_call(fn, state, a, k)
+    _explanations.append([])
+    try:
+        with described_gpu.describing(gpu), fake_mode, warnings.catch_warnings():
+            # torch's RNN modules read their weights' data pointers (cuDNN's flat buffer),
+            # which fake tensors warn about: noise here, where no kernel runs.
+            warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor")
+            result = run(*call_args, **call_kwargs)
+        return Explanation(_explanations[-1], result=result, described=gpu)
+    except Exception as error:  # noqa: BLE001 (a real kernel on fake tensors: the run stops)
+        return Explanation(_explanations[-1], error=error, described=gpu)
     finally:
         _explanations.pop()
 

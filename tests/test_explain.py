@@ -69,3 +69,86 @@ def test_decisions_are_recorded_only_inside_explain():
     assert fastseq.backend._explanations == []
     empty = fastseq.explain(lambda: None)
     assert empty.decisions == [] and "no fastseq op chose" in str(empty)
+
+
+# fastseq.explain_on_gpu: the choices a GPU would make, on fake CUDA tensors (no GPU needed).
+needs_cuda_kernels = pytest.mark.skipif(not fastseq._extension.has_cuda_kernels(),
+                                        reason="fastseq._C was built without CUDA kernels")
+needs_triton = pytest.mark.skipif(fastseq.backend.TRITON_VERSION is None, reason="no Triton")
+
+
+def test_an_lstm_layer_on_the_described_gpu_takes_cudnn():
+    """auto in eager mode runs torch's own module on CUDA (cuDNN). In fp32, cuDNN's weight
+    flattening needs the real device: the described run stops there, after the choice, and
+    says so; in bf16 (torch 2.14) it runs through on fake tensors."""
+    lstm = fastseq.nn.LSTM(16, 32)
+    report = fastseq.explain_on_gpu(lstm, torch.randn(10, 4, 16))
+    first = report.decisions[0]
+    assert first.op == "fastseq.nn.LSTM" and first.device == "cuda:0" and first.chosen == "torch"
+    text = str(report)
+    assert text.startswith("on NVIDIA H200 (described): sm_90, 132 multiprocessors")
+    assert report.described is fastseq.H200
+    if report.error is not None:
+        assert text.splitlines()[-1].startswith(f"stopped at {type(report.error).__name__}")
+    else:
+        assert report.result[0].device.type == "cuda"
+
+
+@needs_cuda_kernels
+def test_the_native_recurrence_on_the_described_gpu_names_its_plan():
+    """nn.LSTM(backend="native") at the headline size (B=16, H=768, bf16) fits the persistent
+    plan on an H200 for both passes; a batch of 128 and an fp64 layer take the loop, each with
+    the plan's reason; H=2048's slice of W_hh does not fit 132 x 227 KB."""
+    def variant(hidden, batch, dtype):
+        lstm = fastseq.nn.LSTM(hidden, hidden, backend="native", dtype=dtype)
+        report = fastseq.explain_on_gpu(lstm, torch.randn(3, batch, hidden, dtype=dtype))
+        assert report.error is None, report.error
+        (layer,) = [d for d in report.decisions if d.op == "fastseq.ops.rnn_layer"]
+        assert layer.chosen == "native"
+        return layer.variant
+
+    assert variant(768, 16, torch.bfloat16).startswith(
+        "forward and backward: the persistent kernel (its plan fits up to batch 64 at hidden size 768)")
+    assert "batch 128 is more than the 64 rows it runs" in variant(768, 128, torch.bfloat16)
+    assert "fp64 runs the GEMM-per-step loop" in variant(64, 4, torch.float64)
+    wide = variant(2048, 16, torch.bfloat16)
+    assert wide.startswith("forward: the loop, a cuBLAS GEMM") and "backward: the loop" in wide
+    assert wide.count("bytes of shared memory") == 2
+    custom = fastseq.GPUDescription("a GPU without cooperative launch", (9, 0), 132, 232_448,
+                                    cooperative_launch=False)
+    lstm = fastseq.nn.LSTM(64, 64, backend="native")
+    layer = [d for d in fastseq.explain_on_gpu(lstm, torch.randn(3, 4, 64), gpu=custom).decisions
+             if d.op == "fastseq.ops.rnn_layer"][0]
+    assert "no cooperative launch" in layer.variant
+
+
+@needs_triton
+def test_attention_on_the_described_gpu_takes_triton_within_its_head_dims():
+    q = torch.randn(2, 8, 128, 128, dtype=torch.bfloat16)
+    report = fastseq.explain_on_gpu(fastseq.ops.attention, q, q, q, is_causal=True)
+    assert report.error is None and report.decisions[0].chosen == "triton"
+    assert report.result.device.type == "cuda" and report.result.shape == q.shape
+    wide = torch.randn(1, 2, 16, 512, dtype=torch.bfloat16)
+    passed_over = fastseq.explain_on_gpu(fastseq.ops.attention, wide, wide, wide).decisions[0]
+    assert passed_over.chosen == "torch" and "head dims up to" in passed_over.verdicts["triton"]
+
+
+@needs_triton
+def test_a_transformer_xl_layer_on_the_described_gpu():
+    layer = fastseq.nn.TransformerXLLayer(4, 64, 16, 128, dropout=0.0, own_biases=True)
+    x, pos = torch.randn(12, 2, 64), torch.randn(20, 64)  # 8 positions of memory + 12
+    mems = torch.randn(8, 2, 64)
+    report = fastseq.explain_on_gpu(layer, x, pos, mems=mems, is_causal=True)
+    assert report.error is None, report.error
+    (rel,) = [d for d in report.decisions if d.op == "fastseq.ops.rel_attention"]
+    assert rel.chosen == "triton" and rel.device == "cuda:0"
+    # The same layer and input on this machine's CPU: torch's kernels, as explain shows.
+    on_cpu = [d for d in fastseq.explain(layer, x, pos, mems=mems, is_causal=True).decisions
+              if d.op == "fastseq.ops.rel_attention"]
+    assert on_cpu[0].device == "cpu" and on_cpu[0].chosen != "triton"
+
+
+def test_the_described_gpu_leaves_no_trace():
+    fastseq.explain_on_gpu(fastseq.ops.gru_cell, torch.randn(2, 3), None, torch.randn(12, 3),
+                           torch.randn(12, 4))
+    assert fastseq.described_gpu.current() is None and fastseq.backend._explanations == []

@@ -19,7 +19,7 @@
 namespace fastseq {
 namespace {
 
-constexpr int kThreads = 256;  // 8 warps: one per GEMM tile or K split of the B=16 case
+constexpr int kThreads = kPersistentThreads;
 
 template <typename scalar_t>
 struct WmmaElement;
@@ -110,19 +110,9 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
 
 PersistentTarget cuda_target(at::ScalarType dtype, c10::DeviceIndex index) {
   const int device = index >= 0 ? index : c10::cuda::current_device();
-  PersistentTarget target{device_attribute(cudaDevAttrMultiProcessorCount, device),
-                          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                          dtype == at::kHalf || dtype == at::kBFloat16,
-                          kThreads,
-                          /*chunk_max=*/int64_t{1} << 40,  // all of A at once where it fits
-                          /*rows_max=*/64,
-                          {}};
-  if (dtype == at::kDouble) {
-    target.refusal = "fp64 runs the GEMM-per-step loop (the kernel serves fp32, fp16, bf16)";
-  } else if (!device_attribute(cudaDevAttrCooperativeLaunch, device)) {
-    target.refusal = "the device has no cooperative launch (needed for the grid barrier)";
-  }
-  return target;
+  return gpu_persistent_target(dtype, device_attribute(cudaDevAttrMultiProcessorCount, device),
+                               device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                               device_attribute(cudaDevAttrCooperativeLaunch, device) != 0);
 }
 
 // A cooperative launch of `kernel` over the plan's CTAs, all resident at once (the grid

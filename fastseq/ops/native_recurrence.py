@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .. import _extension
+from .. import _extension, described_gpu
 
 SETTINGS = ("", "0", "1")
 
@@ -51,18 +51,25 @@ def _switched_off(device: torch.device) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _limits(mode: str, backward: bool, dtype: str, device_type: str,
-            index: int) -> tuple[int, ...]:
-    return _extension._C.persistent_batch_limits(mode, backward, dtype, device_type, index)
+def _limits(mode: str, backward: bool, dtype: str, target: tuple) -> tuple[int, ...]:
+    return _extension._C.persistent_batch_limits(mode, backward, dtype, *target)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else (
+def _target(device: torch.device) -> tuple:
+    """The plan's target as _C's queries take it: (device type, index, multiprocessors, shared
+    memory, cooperative launch); a described GPU (fastseq.explain_on_gpu) gives the last three,
+    a real device has them read off it."""
+    gpu = described_gpu.current()
+    if device.type == "cuda" and gpu is not None:
+        return ("gpu", -1, gpu.multiprocessors, gpu.shared_memory_per_block_optin,
+                gpu.cooperative_launch)
+    index = device.index if device.index is not None else (
         torch.cuda.current_device() if device.type == "cuda" else -1)
+    return (device.type, index, 0, 0, False)
 
 
 @torch.compiler.assume_constant_result
@@ -71,7 +78,7 @@ def batch_limits(mode: str, backward: bool, dtype: torch.dtype,
     """The largest batch the persistent plan fits at each hidden size 0 .. len-1 (empty: none
     fits on this device and dtype). A constant to torch.compile: it depends only on these
     arguments, which Dynamo guards on already."""
-    return _limits(mode, backward, _dtype_name(dtype), device.type, _index(device))
+    return _limits(mode, backward, _dtype_name(dtype), _target(device))
 
 
 def runs_persistent(mode: str, backward: bool, batch, hidden, dtype: torch.dtype,
@@ -96,7 +103,7 @@ def refusal(mode: str, backward: bool, batch: int, hidden: int, dtype: torch.dty
     if hidden == 0:
         return "a layer of hidden size 0 has nothing to run"
     why = _extension._C.persistent_refusal(mode, backward, batch, hidden, _dtype_name(dtype),
-                                           device.type, _index(device))
+                                           *_target(device))
     if why:
         return why
     # The table keeps the batches up to the first that does not fit (a rule that holds for

@@ -360,19 +360,27 @@ struct PersistentDevice {
 void rnn_persistent_forward(LayerForwardArgs& a, const PersistentDevice& device);
 void rnn_persistent_backward(LayerBackwardArgs& a, const PersistentDevice& device);
 
+// Threads per CTA of the CUDA kernel: 8 warps, one per GEMM tile or K split of the B=16 case.
+constexpr int kPersistentThreads = 256;
+
+// A GPU's target from its properties (the CUDA device reads them off the device; a described
+// GPU, fastseq.explain_on_gpu, gives them): one CTA per multiprocessor, the opt-in shared
+// memory per block, tensor cores for fp16/bf16; fp64 and GPUs without cooperative launch
+// refused.
+PersistentTarget gpu_persistent_target(at::ScalarType dtype, int64_t multiprocessors,
+                                       int64_t smem_optin, bool cooperative_launch);
+
 // The largest batch the plan fits at each hidden size 0 .. size()-1 (0: none; past the end
-// nothing fits, the W_hh slice alone being too big), on `device`'s target for a mode,
-// direction of the pass and dtype. Entry H holds the largest B such that every batch 1..B
-// fits, so "B <= limits[H]" is a rule Python can evaluate under torch.compile with symbolic
-// sizes. An empty vector: the target refuses every call (its refusal says why).
+// nothing fits, the W_hh slice alone being too big), on `target`, for a mode, direction of the
+// pass and dtype. Entry H holds the largest B such that every batch 1..B fits, so
+// "B <= limits[H]" is a rule Python can evaluate under torch.compile with symbolic sizes. An
+// empty vector: the target refuses every call (its refusal says why).
 std::vector<int64_t> persistent_batch_limits(CellMode mode, bool backward, at::ScalarType dtype,
-                                             const PersistentDevice& device,
-                                             c10::DeviceIndex index);
+                                             const PersistentTarget& target);
 
 // Why one call does not fit (the plan's own words), or "" when it does: what explain reports.
 std::string persistent_refusal(CellMode mode, bool backward, int64_t B, int64_t H,
-                               at::ScalarType dtype, const PersistentDevice& device,
-                               c10::DeviceIndex index);
+                               at::ScalarType dtype, const PersistentTarget& target);
 
 // The kernels' parameters from the prepared op arguments.
 template <typename scalar_t, typename acc_t>
