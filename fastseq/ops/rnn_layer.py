@@ -324,8 +324,9 @@ def _native_variant(call: dict) -> str:
 # program per 16 batch rows (a handful of SMs at training batch sizes); the native op on GPUs
 # is the persistent kernel where W_hh fits on chip (B <= 64 and each SM's slice in shared
 # memory), else the GEMM-per-step loop (2 launches a step), and on CPUs the loop's C++ twin;
-# forward and backward choose separately (native_recurrence). None has been timed on a GPU yet, so none is put
-# before cuDNN; they serve the reverse and padded-length calls torch cannot.
+# forward and backward choose separately (native_recurrence). None has been timed on a GPU
+# yet, so none is put before cuDNN; they serve the reverse and padded-length calls torch
+# cannot.
 BACKENDS = _backends.OpBackends(
     OP,
     refusals={"triton": lambda call: _backends.triton_unavailable(call["device"]),
