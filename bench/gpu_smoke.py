@@ -26,6 +26,7 @@ os.environ.setdefault("FASTSEQ_POISON_OUTPUTS", "1")  # an unwritten element rea
 import torch  # noqa: E402
 
 import fastseq  # noqa: E402
+from fastseq.ops import native_recurrence  # noqa: E402
 from fastseq.reference.tolerance import rule_check  # noqa: E402
 
 DEVICE = torch.device("cpu" if DRY else "cuda")
@@ -55,16 +56,19 @@ def outputs_and_grads(call, leaves64, dtype, backend, grad_outputs):
 
 
 def check(out, family, case, backend, dtype, call, leaves64, names, terms, env=None, label=None,
-          forward_only=False):
+          forward_only=False, variant=None):
     """One case: fastseq's `backend` against plain PyTorch in `dtype` and float64 truth, with
     `env` set while it runs; `label` names the backend in the report (default: backend);
-    forward_only: outputs alone (an op with no backward)."""
+    forward_only: outputs alone (an op with no backward); variant(dtype): what the backend runs
+    inside for this case (recorded in the row, e.g. which recurrence each pass took)."""
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     began = time.perf_counter()
     row = {"family": family, "case": case, "backend": label or backend,
            "dtype": str(dtype).split(".")[1]}
     try:
+        if variant is not None:
+            row["variant"] = variant(dtype)
         truth_outs = call("reference", [t.detach() for t in leaves64])
         grad_outputs = None if forward_only else [rand(*o.shape) for o in truth_outs]
         truth = outputs_and_grads(call, leaves64, torch.float64, "reference", grad_outputs)
@@ -139,11 +143,15 @@ def layer_cases(out):
         names = (["y", "h_n", "c_n"] if lstm else ["y", "h_n"]) + \
             ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"] + (["dc0"] if lstm else [])
         for backend, label, env in (("triton", None, None),
-                                    ("native", "native-persistent", {"FASTSEQ_PERSISTENT": ""}),
+                                    ("native", "native-persistent", {"FASTSEQ_PERSISTENT": "1"}),
                                     ("native", "native-loop", {"FASTSEQ_PERSISTENT": "0"})):
+            def recurrence(dtype, mode=mode):
+                # the native recurrence each pass runs here (persistent or loop, and why)
+                return native_recurrence.describe(mode, B, H, dtype, DEVICE)
             for dtype in DTYPES:
                 ok &= check(out, "rnn_layer", f"{mode} T={T} B={B} I={I} H={H} lengths", backend,
-                            dtype, call, leaves, names, T * B, env=env, label=label)
+                            dtype, call, leaves, names, T * B, env=env, label=label,
+                            variant=recurrence if backend == "native" else None)
     return ok
 
 

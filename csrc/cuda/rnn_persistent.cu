@@ -13,7 +13,6 @@
 #include <mma.h>
 #include <torch/library.h>
 
-
 #include "fastseq/rnn_persistent.h"
 
 namespace fastseq {
