@@ -268,7 +268,8 @@ class Explanation:
                             f"(fake tensors: every choice made, no kernel run)")
         if self.error is not None:
             verb = "stopped at" if self.described is not None else "raised"
-            lines.append(f"{verb} {type(self.error).__name__}: {str(self.error).splitlines()[0]}")
+            first_line = (str(self.error).splitlines() or [""])[0]  # an error may have no text
+            lines.append(f"{verb} {type(self.error).__name__}: {first_line}")
         return "\n".join(lines)
 
 

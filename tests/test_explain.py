@@ -69,6 +69,8 @@ def test_decisions_are_recorded_only_inside_explain():
     assert fastseq.backend._explanations == []
     empty = fastseq.explain(lambda: None)
     assert empty.decisions == [] and "no fastseq op chose" in str(empty)
+    silent = fastseq.backend.Explanation([], error=RuntimeError())  # an error without text
+    assert str(silent).endswith("raised RuntimeError: ")
 
 
 # fastseq.explain_on_gpu: the choices a GPU would make, on fake CUDA tensors (no GPU needed).

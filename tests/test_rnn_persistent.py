@@ -18,7 +18,7 @@ from fastseq.ops import native_recurrence
 from conftest import DEVICES
 from recurrent_cases import (MODES, assert_backends_match_reference, assert_compiles_like_eager,
                              gradcheck_layer, lengths_for, make_grad_outputs, make_leaves,
-                             persistent_layer)
+                             persistent_everywhere, persistent_layer)
 
 pytestmark = pytest.mark.skipif(fastseq.backend.native_unavailable(torch.device("cpu")) is not None,
                                 reason="fastseq._C is not built")
@@ -29,8 +29,9 @@ LOOP_FORWARD, LOOP_BACKWARD = "fastseq::rnn_layer_forward", "fastseq::rnn_layer_
 
 
 @pytest.fixture(autouse=True)
-def persistent_everywhere(monkeypatch):
-    monkeypatch.setenv("FASTSEQ_PERSISTENT", "1")
+def persistent_kernel_on_cpu():
+    with persistent_everywhere():
+        yield
 
 # (T, B, I, H, dtype): one unit and one CTA; 8 CTAs with a short last one at odd B; 8 CTAs of 38
 # units (the GEMM's depth 300 not a multiple of 4); the half dtypes on the 8-CTA case.

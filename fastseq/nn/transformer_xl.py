@@ -177,13 +177,19 @@ class TransformerXLLayer(RefusesTorchScript, nn.Module):
         return self.pos_ff(out)
 
 
+def position_rows(distances: int, clamp_len: int) -> int:
+    """How many distance embeddings distances 0 .. distances - 1 need: all of them, or
+    clamp_len + 1 when clamp_len > 0 (the farther ones share clamp_len's, the last row)."""
+    return distances if clamp_len <= 0 else min(distances, clamp_len + 1)
+
+
 def decode_segment(model, embedded: Tensor, mems, r_w_bias, r_r_bias, dtype):
     """One segment through `model`'s decoder stack (its layers, pos_emb, drop, mem_len,
     clamp_len, same_length): embedded [qlen, B, d_model] (before dropout) -> (the last layer's
     output after dropout, hids: the input of every layer, then the last layer's output)."""
     qlen, mlen = embedded.shape[0], (mems[0].shape[0] if mems else 0)
     klen = mlen + qlen
-    positions = klen if model.clamp_len <= 0 else min(klen, model.clamp_len + 1)
+    positions = position_rows(klen, model.clamp_len)
     pos_seq = torch.arange(positions - 1, -1, -1.0, device=embedded.device)
     # Rows ordered by distance positions-1 ... 0, as the layers' r (the original's order;
     # distances past clamp_len read the last row, as its clamped pos_seq does).
@@ -325,7 +331,7 @@ class TransformerXL(RefusesTorchScript, nn.Module):
         """A preallocated memory to run this model a few tokens at a time (sequence first; see
         fastseq.nn.TransformerXLDecodingState): state.step(self.word_emb(tokens) *
         self.emb_scale) -> hidden."""
-        from .transformer_xl_decoding import TransformerXLDecodingState
+        from .transformer_xl_decoding import TransformerXLDecodingState  # it imports this module
 
         return TransformerXLDecodingState(self, batch_size, max_step=max_step, mem_len=mem_len)
 

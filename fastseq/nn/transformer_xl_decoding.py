@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..ops._checks import InputError
 from ..ops.rel_attention import rel_attention
+from .transformer_xl import position_rows
 
 OP = "fastseq.nn.TransformerXLDecodingState"
 
@@ -65,7 +66,7 @@ class TransformerXLDecodingState:
         """Per layer, r_net of the embeddings of distances 0 .. distances - 1 ([P, H, D], the
         op's pos order), clamped at the model's clamp_len as its forward clamps them."""
         model = self.model
-        rows = distances if model.clamp_len <= 0 else min(distances, model.clamp_len + 1)
+        rows = position_rows(distances, model.clamp_len)
         param = model.layers[0].dec_attn.qkv_net.weight
         embedded = model.pos_emb(torch.arange(rows, device=param.device, dtype=torch.float64)
                                  ).to(param.dtype)
