@@ -114,21 +114,20 @@ def triton_attention_unavailable(query: torch.Tensor, value: torch.Tensor,
     return None
 
 
-def attention_backends(op: str, max_head_dim: int, *,
-                       torch_refusal: Callable[[dict], Optional[str]],
-                       variants: Mapping[str, Callable[[dict], str]]) -> "OpBackends":
+def attention_backends(op: str, max_head_dim: int, *, triton: tuple[Variant, ...],
+                       torch_backend: Backend, reference: tuple[Variant, ...]) -> "OpBackends":
     """The attention families' declaration (attention, relative attention, the KV-cache step):
     Triton on GPUs (refused without Triton or past the kernels' head-dim limit), torch's own
     kernels on CPUs (the interpreter is never chosen automatically), the reference anywhere.
     The call needs its "query" and "value" tensors."""
     return OpBackends(
         op,
-        refusals={"triton": lambda call: triton_attention_unavailable(
-                      call["query"], call["value"], max_head_dim),
-                  "torch": torch_refusal, "reference": lambda call: None},
+        backends={"triton": Backend(lambda call: triton_attention_unavailable(
+                                        call["query"], call["value"], max_head_dim), triton),
+                  "torch": torch_backend,
+                  "reference": Backend(serves_every_call, reference)},
         preference={"cuda": ("triton", "torch", "reference"),
-                    "cpu": ("torch", "reference", "triton")},
-        variants=variants)
+                    "cpu": ("torch", "reference", "triton")})
 
 
 def native_unavailable(device: torch.device) -> str | None:
@@ -149,34 +148,88 @@ def native_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def serves_every_call(call: dict) -> None:
+    """A backend's refusal for a backend that can serve any call (the reference)."""
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way a backend runs a call: `run(**call)` computes the op's result from the call's
+    arguments (each implementation names the ones it reads and takes the rest as **_), `what`
+    (text, or call -> text) says what it runs for explain, and `when(call)` selects it (None:
+    always, the last of a backend's variants)."""
+    what: Any  # str or Callable[[dict], str]
+    run: Callable[..., Any]
+    when: Optional[Callable[[dict], bool]] = None
+
+    def describe(self, call: dict) -> str:
+        return self.what(call) if callable(self.what) else self.what
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A backend of one op: why it cannot serve a call (`refuse(call)`, None when it can) and
+    the ways it runs one, tried in order (the first variant whose `when` holds runs)."""
+    refuse: Callable[[dict], Optional[str]]
+    variants: tuple[Variant, ...]
+
+    def __post_init__(self) -> None:
+        if not self.variants or self.variants[-1].when is not None:
+            raise ValueError("a backend's last variant must run every call it serves (when=None)")
+
+    def variant(self, call: dict) -> Variant:
+        return next(v for v in self.variants if v.when is None or v.when(call))
+
+
+def serves(refuse: Callable[[dict], Optional[str]], run: Callable[..., Any], what: Any = "",
+           *exceptions: Variant) -> Backend:
+    """A Backend that runs `run` (described by `what`), after any `exceptions` whose `when`
+    holds (an empty shape with nothing to launch, a split-KV decode step, ...)."""
+    return Backend(refuse, (*exceptions, Variant(what, run)))
+
+
 @dataclasses.dataclass(frozen=True)
 class OpBackends:
-    """One op's backends, declared once.
+    """One op's backends, declared once, and the only place a backend is decided and run.
 
-    refusals: backend -> f(call) giving why it cannot serve the call (None: it can); `call` is
-    the op's dict of checked arguments, with its "device" (and its "op" name where one
-    declaration serves several public functions). preference: device type -> auto's
-    order, or f(call) -> order ("cpu" serves any other type). variants: backend -> f(call)
-    describing what that backend runs for the call, where it has more than one way (reported
-    by explain)."""
+    backends: name -> Backend (its refusal and its implementations); `call` is the op's dict of
+    checked arguments plus the facts the choice reads, with its "device" (and its "op" name
+    where one declaration serves several public functions). preference: device type -> auto's
+    order, or f(call) -> order ("cpu" serves any other type). `run(call, backend)` chooses and
+    runs the chosen backend's variant: the path from a public function to its kernel is the
+    declaration, read top to bottom."""
     op: str
-    refusals: Mapping[str, Callable[[dict], Optional[str]]]
-    preference: Mapping[str, tuple[str, ...]]
-    variants: Mapping[str, Callable[[dict], str]] = dataclasses.field(default_factory=dict)
+    backends: Mapping[str, Backend]
+    preference: Mapping[str, Any]  # device type -> tuple of names, or f(call) -> tuple
+
+    @property
+    def refusals(self) -> dict:
+        return {name: b.refuse for name, b in self.backends.items()}
 
     def order(self, call: dict) -> tuple[str, ...]:
         order = self.preference.get(call["device"].type, self.preference["cpu"])
         return order(call) if callable(order) else order
 
+    def run(self, call: dict, backend: Optional[str] = None) -> Any:
+        """Choose (below) and run the chosen backend's variant for this call."""
+        return self.run_chosen(self.choose(call, backend), call)
+
+    def run_chosen(self, chosen: str, call: dict) -> Any:
+        """Run a backend this declaration chose earlier for an equivalent call (a streaming
+        step chooses once per frame and runs one cell per layer)."""
+        return self.backends[chosen].variant(call).run(**call)
+
     def choose(self, call: dict, backend: Optional[str] = None) -> str:
-        """The backend that runs this call (the only place a backend is decided): the requested
-        one, or under auto the first of the order that can serve the call; BackendError with
-        the reasons otherwise, never a silent fallback from a backend the user asked for. Only
-        the refusals it needs are evaluated (a streaming step at batch 1 calls this per frame)."""
+        """The backend that runs this call: the requested one, or under auto the first of the
+        order that can serve the call; BackendError with the reasons otherwise, never a silent
+        fallback from a backend the user asked for. Only the refusals it needs are evaluated (a
+        streaming step at batch 1 calls this per frame)."""
         requested = requested_backend(backend)
         if _explanations:  # inside fastseq.explain(): record the verdicts (never under compile)
             _explanations[-1].append(Decision.of(self, call, requested))
-        chosen, error = self.resolve(call, requested, lambda name: self.refusals[name](call))
+        chosen, error = self.resolve(call, requested,
+                                     lambda name: self.backends[name].refuse(call))
         if error is not None:
             raise BackendError(f"{call.get('op', self.op)}: {error}")
         return chosen
@@ -186,9 +239,9 @@ class OpBackends:
         """(the backend, None), or (None, why none): the rule itself, given verdict(name), a
         backend's refusal of this call (choose asks each only as needed; explain has them all)."""
         if requested != "auto":
-            if requested not in self.refusals:
+            if requested not in self.backends:
                 return None, (f"backend {requested!r} has no implementation of this op "
-                              f"(it has: {', '.join(self.refusals)})")
+                              f"(it has: {', '.join(self.backends)})")
             reason = verdict(requested)
             if reason is not None:
                 return None, f"backend {requested!r} cannot run this call: {reason}"
@@ -206,6 +259,15 @@ class OpBackends:
 _explanations: list[list] = []
 
 
+def report_path(op: str, device: torch.device, what: str) -> None:
+    """Tell fastseq.explain about code that runs without a backend choice (plain PyTorch a
+    layer runs whatever the backend: MultiheadAttention's need_weights=True path, the projected
+    LSTM's step), so its report shows every path a call took. Free outside explain."""
+    if _explanations:
+        _explanations[-1].append(Decision(op, requested_backend(None), str(device), (), {},
+                                          "plain PyTorch", what, None))
+
+
 @dataclasses.dataclass
 class Decision:
     """One op call's choice: what was asked, what ran, and every backend's verdict."""
@@ -220,10 +282,10 @@ class Decision:
 
     @classmethod
     def of(cls, backends: OpBackends, call: dict, requested: str) -> "Decision":
-        verdicts = {name: refuse(call) for name, refuse in backends.refusals.items()}
+        verdicts = {name: b.refuse(call) for name, b in backends.backends.items()}
         order = backends.order(call)
         chosen, error = backends.resolve(call, requested, verdicts.__getitem__)
-        variant = backends.variants[chosen](call) if chosen in backends.variants else None
+        variant = backends.backends[chosen].variant(call).describe(call) if chosen else None
         return cls(call.get("op", backends.op), requested, str(call["device"]), order, verdicts,
                    chosen, variant, error)
 

@@ -42,14 +42,32 @@ def test_requested_backend_that_cannot_run_names_itself_and_why():
 
 
 def test_auto_lists_every_reason_when_nothing_fits():
-    declared = backend_module.OpBackends(
-        "op", refusals={"a": lambda call: "nope", "b": lambda call: "nope"},
-        preference={"cpu": ("a", "b")})
+    never = backend_module.serves(lambda call: "nope", lambda **call: None)
+    declared = backend_module.OpBackends("op", backends={"a": never, "b": never},
+                                         preference={"cpu": ("a", "b")})
     with pytest.raises(fastseq.BackendError, match="no backend can run this call .*a: nope; b: nope"):
         declared.choose({"device": torch.device("cpu")}, "auto")
     with pytest.raises(fastseq.BackendError, match="backend 'reference' has no implementation"):
         with fastseq.use_backend("reference"):
             declared.choose({"device": torch.device("cpu")}, None)
+
+
+def test_the_declaration_runs_the_first_variant_that_applies():
+    """A backend's variants are tried in order; the chosen one is what runs and what explain
+    reports. A backend whose last variant is conditional is refused at declaration."""
+    declared = backend_module.OpBackends(
+        "op", backends={"a": backend_module.serves(
+            backend_module.serves_every_call, lambda x, **_: ("plain", x), "plain",
+            backend_module.Variant("small", lambda x, **_: ("small", x), when=lambda c: c["x"] < 2))},
+        preference={"cpu": ("a",)})
+    cpu = torch.device("cpu")
+    assert declared.run({"device": cpu, "x": 1}) == ("small", 1)
+    assert declared.run({"device": cpu, "x": 5}) == ("plain", 5)
+    (decision,) = fastseq.explain(declared.run, {"device": cpu, "x": 1}).decisions
+    assert decision.chosen == "a" and decision.variant == "small"
+    with pytest.raises(ValueError, match="last variant must run every call"):
+        backend_module.Backend(backend_module.serves_every_call, (
+            backend_module.Variant("only some", lambda **_: None, when=lambda c: True),))
 
 
 def test_override_order(monkeypatch):

@@ -57,8 +57,11 @@ def test_each_op_declares_its_backends_once():
                     "layer_norm_rnn_layer": module("layer_norm_rnn_layer").BACKENDS,
                     "attention": module("attention").BACKENDS,
                     "rel_attention": module("rel_attention").BACKENDS,
+                    "attention_with_kv_cache": module("kv_cache").BACKENDS,
                     "nn recurrent layers": importlib.import_module("fastseq.nn.rnn").LAYER_BACKENDS}
     for name, declared in declarations.items():
         assert isinstance(declared, fastseq.backend.OpBackends), name
         for device, order in declared.preference.items():
-            assert callable(order) or set(order) <= set(declared.refusals), (name, device)
+            assert callable(order) or set(order) <= set(declared.backends), (name, device)
+        for backend, served in declared.backends.items():
+            assert isinstance(served, fastseq.backend.Backend), (name, backend)

@@ -72,5 +72,5 @@ def test_refusals_name_the_alternative():
     with pytest.raises(ValueError, match=r"h0 must have shape \[num_layers\*num_directions, "
                                          r"batch, hidden_size\] = \[2, 2, 4\]"):
         fastseq.nn.GRU(3, 4, num_layers=2).step(torch.randn(2, 3), torch.zeros(1, 2, 4))
-    with pytest.raises(NotImplementedError, match="call the layer on each chunk"):
-        fastseq.nn.LayerNormLSTM(3, 4).step(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="bidirectional layer needs the whole sequence"):
+        fastseq.nn.LayerNormLSTM(3, 4, bidirectional=True).step(torch.randn(2, 3))

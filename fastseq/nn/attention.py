@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
+from .. import backend as _backends
 from .. import ops
 from ..ops._checks import InputError, check_features, check_like_parameters
 from ..reference import attention as _reference
+from .attention_steps import AttentionSteps
 from .scripting import RefusesTorchScript
 
 OP = "fastseq.nn.MultiheadAttention"
@@ -41,7 +43,7 @@ class AttentionInputError(InputError, AssertionError):
     written against torch's module catch it where they caught torch's."""
 
 
-class MultiheadAttention(RefusesTorchScript, torch.nn.MultiheadAttention):
+class MultiheadAttention(RefusesTorchScript, AttentionSteps, torch.nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
@@ -138,6 +140,9 @@ class MultiheadAttention(RefusesTorchScript, torch.nn.MultiheadAttention):
                                  extra, query)
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
+            _backends.report_path(OP + "(need_weights=True)", query.device,
+                                  "the L x S probabilities in plain PyTorch, returned as the "
+                                  "weights (need_weights=False runs fastseq.ops.attention)")
             out, weights = _weighted(q, k, v, mask, dropout_p, is_causal and attn_mask is None)
             weights = weights.mean(1) if average_attn_weights else weights
         else:

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..ops._checks import InputError
 from ..reference.layer_norm_recurrent import EPS
 from .rnn import _FastRNNBase
 
@@ -72,9 +73,20 @@ class _LayerNormRNNBase(_FastRNNBase):
         return super().extra_repr() + (f", eps={self.eps}" if self.eps != EPS else "")
 
     def step(self, input, hx=None):
-        raise NotImplementedError(
-            f"{self._display_name()}: step (one frame at a time) is not implemented for the "
-            f"layer-normalized recurrences; call the layer on each chunk of frames with hx")
+        """One frame (the step protocol, fastseq.nn.state): input [B, input_size] (or
+        [input_size]), hx as forward's. The layer's own forward over a one-frame sequence (the
+        layer-normalized cell has no kernel of its own; one launch a layer on GPUs)."""
+        name = self._display_name()
+        if self.bidirectional:
+            raise InputError(f"{name}: step runs one frame forwards; a bidirectional layer needs "
+                             f"the whole sequence (call the layer on it)")
+        if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2):
+            got = list(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+            raise InputError(f"{name}: step takes one frame [batch, input_size] or "
+                             f"[input_size], got {got}")
+        frames = input.unsqueeze(1 if self.batch_first and input.dim() == 2 else 0)
+        out, hx = self.forward(frames, hx)
+        return out.squeeze(1 if self.batch_first and input.dim() == 2 else 0), hx
 
     def forward(self, input, hx=None, lengths=None):
         # The backend passes through: fastseq.ops.layer_norm_rnn_layer declares and chooses.

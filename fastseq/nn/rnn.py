@@ -34,8 +34,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .. import backend as _backends
 from .. import ops
 from ..ops._checks import InputError, check_features, check_like_parameters, checked_lengths
+from ..ops.rnn_layer import TORCH_HAS_NO_ZONEOUT, TORCH_REFUSES_EMPTY
 from .scripting import RefusesTorchScript
-from .streaming import recurrent_step
+from .streaming import RecurrentSteps
 
 _MODULE_NAMES = {"LSTM": "fastseq.nn.LSTM", "GRU": "fastseq.nn.GRU", "RNN_TANH": "fastseq.nn.RNN",
                  "RNN_RELU": "fastseq.nn.RNN"}
@@ -44,9 +45,9 @@ _OP_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "
 
 def _torch_module_refusal(call: dict) -> Optional[str]:
     if call["zoneout"]:
-        return "torch's RNNs have no zoneout (fastseq's backends have)"
+        return TORCH_HAS_NO_ZONEOUT
     if call["empty"]:
-        return "torch's RNNs refuse zero-length sequences (fastseq's backends keep h0)"
+        return TORCH_REFUSES_EMPTY
     if call["zero_lengths"]:
         return "torch's packed sequences refuse zero lengths (fastseq's backends take them)"
     return None
@@ -57,25 +58,37 @@ def _order(call: dict, eager: tuple[str, ...]) -> tuple[str, ...]:
     return ("triton", "native", "reference") if call["compiling"] else eager
 
 
+def _torch_module_forward(module, input, hx, lengths, **_):
+    return module._torch_forward(input, hx, lengths)
+
+
+def _per_layer(backend: str):
+    def run(module, input, hx, lengths, **_):
+        return module._sequence_forward(input, hx, lengths, backend)
+    return run
+
+
 # The layers' choice: torch's own module forward (cuDNN on GPUs, aten on CPUs: all layers and
 # directions in one call) first in eager mode, as a drop-in user on either must not get slower
 # (fastseq's persistent kernel has not been timed against cuDNN yet); else fastseq.ops.rnn_layer
-# per layer and direction on the chosen backend.
+# per layer and direction on the chosen backend (each op call reports its own choice).
 _PER_LAYER = "fastseq.ops.rnn_layer per layer and direction"
 LAYER_BACKENDS = _backends.OpBackends(
     "fastseq.nn.LSTM/GRU/RNN",
-    refusals={"torch": _torch_module_refusal,
-              "triton": lambda call: _backends.triton_unavailable(call["device"]),
-              "native": lambda call: _backends.native_unavailable(call["device"]),
-              "reference": lambda call: None},
+    backends={
+        "torch": _backends.serves(_torch_module_refusal, _torch_module_forward,
+                                  "torch's own module forward, every layer and direction"),
+        "triton": _backends.serves(lambda call: _backends.triton_unavailable(call["device"]),
+                                   _per_layer("triton"), _PER_LAYER),
+        "native": _backends.serves(lambda call: _backends.native_unavailable(call["device"]),
+                                   _per_layer("native"), _PER_LAYER),
+        "reference": _backends.serves(_backends.serves_every_call, _per_layer("reference"),
+                                      _PER_LAYER)},
     preference={"cuda": lambda call: _order(call, ("torch", "triton", "native", "reference")),
-                "cpu": lambda call: _order(call, ("torch", "native", "reference"))},
-    variants={"torch": lambda call: "torch's own module forward, every layer and direction",
-              "triton": lambda call: _PER_LAYER, "native": lambda call: _PER_LAYER,
-              "reference": lambda call: _PER_LAYER})
+                "cpu": lambda call: _order(call, ("torch", "native", "reference"))})
 
 
-class _FastRNNBase(RefusesTorchScript, torch.nn.RNNBase):
+class _FastRNNBase(RefusesTorchScript, RecurrentSteps, torch.nn.RNNBase):
     """torch.nn.RNNBase with fastseq's forward; `self.backend` pins a backend."""
 
     _torch_class: type  # the torch module this one replaces, whose forward `auto` runs
@@ -99,9 +112,6 @@ class _FastRNNBase(RefusesTorchScript, torch.nn.RNNBase):
     def forward(self, input, hx=None, lengths=None):
         return self._fastseq_forward(input, hx, lengths)
 
-    # One frame at a time with the state carried (streaming inference): fastseq/nn/streaming.py.
-    step = recurrent_step
-
     def _fastseq_forward(self, input, hx, lengths):
         op = self._display_name()
         if lengths is not None and isinstance(input, PackedSequence):
@@ -115,12 +125,10 @@ class _FastRNNBase(RefusesTorchScript, torch.nn.RNNBase):
         # Whether any row has length 0 reads the lengths: skipped under compile, where torch's
         # forward is never auto's choice anyway.
         zero_lengths = lengths is not None and not compiling and bool((lengths == 0).any())
-        chosen = LAYER_BACKENDS.choose(
+        return LAYER_BACKENDS.run(
             {"op": op, "device": _device_of(input), "zoneout": zoneout, "empty": empty,
-             "zero_lengths": zero_lengths, "compiling": compiling}, self.backend)
-        if chosen == "torch":
-            return self._torch_forward(input, hx, lengths)
-        return self._sequence_forward(input, hx, lengths, chosen)
+             "zero_lengths": zero_lengths, "compiling": compiling, "module": self,
+             "input": input, "hx": hx, "lengths": lengths}, self.backend)
 
     def _check_input(self, input) -> None:
         """What torch's own forward checks, named the same way on every backend (the ops below

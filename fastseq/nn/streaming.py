@@ -1,26 +1,47 @@
 """One frame at a time through a multi-layer recurrent layer (streaming inference: speech, time
-series), carrying the state between calls: fastseq.nn.LSTM/GRU/RNN.step.
+series), carrying the state between calls: the step protocol (fastseq.nn.state) of
+fastseq.nn.LSTM/GRU/RNN, a base class of theirs (RecurrentSteps).
 
 Each layer is one cell step (fastseq.ops.*_cell on the layer's backend: one fused kernel a
 layer on GPUs, torch's own cell under auto on CPUs), so a whole multi-layer step is a handful
 of launches with no host sync, capturable in a CUDA graph with fixed shapes. The LSTM with a
 projection (proj_size) steps in plain PyTorch (the fused cell has no projection): gates from
-x and the projected state, then h = W_hr (o * tanh(c)).
+x and the projected state, then h = W_hr (o * tanh(c)); fastseq.explain reports it.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import backend as _backends
 from .. import ops
 from ..ops import rnn_cell as _cell_ops
 from ..ops._checks import InputError, check_features, check_like_parameters
 
+
+class RecurrentSteps:
+    """init_state and step for torch.nn.RNNBase-shaped layers (fastseq.nn.LSTM/GRU/RNN)."""
+
+    def init_state(self, batch_size: Optional[int] = None):
+        """Zeros in the layer's hx form: h [num_layers, batch_size, H] (and c for the LSTM);
+        batch_size None: unbatched ([num_layers, H]). `None` as hx means the same."""
+        lstm = self.mode == "LSTM"
+        batch = () if batch_size is None else (batch_size,)
+        param = self.weight_hh_l0
+        h = param.new_zeros(self.num_layers, *batch, getattr(self, "proj_size", 0) or self.hidden_size)
+        return (h, param.new_zeros(self.num_layers, *batch, self.hidden_size)) if lstm else h
+
+    def step(self, input: Tensor, hx=None):
+        """One frame: input [B, input_size] (or [input_size] unbatched), hx as the layer's own
+        (h [num_layers, B, H], and c for the LSTM; None: zeros). Returns (output [B, H] (the
+        last layer's h), new hx); equal to the layer over the frames one by one."""
+        return recurrent_step(self, input, hx)
+
+
 def recurrent_step(module, input: Tensor, hx=None):
-    """module.step(input, hx): input [B, input_size] (or [input_size] unbatched), hx as the
-    module's own (h [num_layers, B, H], and c for the LSTM; None: zeros). Returns (output
-    [B, H] (the last layer's h), new hx); equal to the module over the frames one by one."""
     name = module._display_name()
     if module.bidirectional:
         raise InputError(f"{name}: step runs one frame forwards; a bidirectional layer needs the "
@@ -54,6 +75,8 @@ def recurrent_step(module, input: Tensor, hx=None):
         weights = own[:4] if module.bias else [own[0], own[1], None, None]
         state = (hs[layer], cs[layer]) if lstm else hs[layer]
         if projected:
+            _backends.report_path(name + ".step", x.device, "the projected LSTM cell "
+                                  "(proj_size) in plain PyTorch: the fused cell has no projection")
             out = _projected_lstm_step(x, state, *weights, own[-1])
         elif autocast:
             out = getattr(ops, f"{mode}_cell")(x, state, *weights, backend=module.backend)

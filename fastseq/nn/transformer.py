@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .attention import MultiheadAttention
+from .attention_steps import DecoderLayerSteps
 from .scripting import RefusesTorchScript
 
 
@@ -42,7 +43,8 @@ class TransformerEncoderLayer(RefusesTorchScript, torch.nn.TransformerEncoderLay
         return self.norm2(x + self._ff_block(x))
 
 
-class TransformerDecoderLayer(RefusesTorchScript, torch.nn.TransformerDecoderLayer):
+class TransformerDecoderLayer(RefusesTorchScript, DecoderLayerSteps,
+                              torch.nn.TransformerDecoderLayer):
     """torch's forward (self-attention, cross-attention over `memory`, feed-forward) runs as is:
     it has no fast path, and both attentions are fastseq's."""
 

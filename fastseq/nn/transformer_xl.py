@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from ..ops._checks import InputError, check_like_parameters
 from ..ops.rel_attention import rel_attention
 from .scripting import RefusesTorchScript
+from .state import SlidingKV
+from .transformer_xl_decoding import TransformerXLDecodingState, decode_step, position_rows
 
 
 class RelPartialLearnableMultiHeadAttn(RefusesTorchScript, nn.Module):
@@ -73,24 +75,60 @@ class RelPartialLearnableMultiHeadAttn(RefusesTorchScript, nn.Module):
             r_w_bias, r_r_bias = self.r_w_bias, self.r_r_bias
         self._check_inputs(w, r, r_w_bias, r_r_bias, attn_mask, mems)
         cat = w if mems is None or mems.shape[0] == 0 else torch.cat([mems, w], 0)
-        w_heads = self.qkv_net(self.layer_norm(cat) if self.pre_lnorm else cat)
-        klen = w_heads.shape[0]
-        heads = w_heads.view(klen, bsz, 3, self.n_head, self.d_head)
+        heads = self._heads(cat)
         # [len, B, H, D] buffers seen as [B, H, len, D] (strided views: the kernel takes strides)
         query = heads[-qlen:, :, 0].permute(1, 2, 0, 3)
         key = heads[:, :, 1].permute(1, 2, 0, 3)
         value = heads[:, :, 2].permute(1, 2, 0, 3)
-        r_head_k = self.r_net(r).view(r.shape[0], self.n_head, self.d_head)
         # r is ordered by distance rlen-1 ... 0; the op's pos by distance 0 ... P-1.
-        pos = r_head_k.flip(0)
+        pos = self.position_rows(r.reshape(r.shape[0], self.d_model)).flip(0)
         attn_vec = rel_attention(
             query, key, value, pos, r_w_bias, r_r_bias, attn_mask=_visible(attn_mask),
             is_causal=is_causal, window=window,
             dropout_p=self.dropatt.p if self.training else 0.0, scale=self.scale)
+        return self._output(w, attn_vec)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """q, k and v of every position of x [len, B, d_model]: [len, B, 3, n_head, d_head]."""
+        heads = self.qkv_net(self.layer_norm(x) if self.pre_lnorm else x)
+        return heads.view(x.shape[0], x.shape[1], 3, self.n_head, self.d_head)
+
+    def position_rows(self, embedded: Tensor) -> Tensor:
+        """r_net of position embeddings [P, d_model]: the attention's pos rows [P, n_head,
+        d_head], in the order given."""
+        return self.r_net(embedded).view(embedded.shape[0], self.n_head, self.d_head)
+
+    def _output(self, w: Tensor, attn_vec: Tensor) -> Tensor:
+        """The block after the attention: heads [B, H, qlen, D] joined, o_net, dropout, the
+        residual and layer norm (after, or before in pre_lnorm)."""
+        qlen, bsz = w.shape[0], w.shape[1]
         attn_vec = attn_vec.permute(2, 0, 1, 3).reshape(qlen, bsz, self.n_head * self.d_head)
         attn_out = self.drop(self.o_net(attn_vec))
         return w + attn_out if self.pre_lnorm else self.layer_norm(w + attn_out)
 
+    def init_state(self, batch_size: int, *, mem_len: int, max_step: int = 1) -> SlidingKV:
+        """The step protocol's state (fastseq.nn.state): this layer's keys and values of the
+        last mem_len positions, preallocated for steps of up to max_step positions."""
+        like = self.qkv_net.weight
+        return SlidingKV(like, batch_size, self.n_head, self.d_head, self.d_head, mem_len,
+                         max_step)
+
+    def step(self, w: Tensor, state: SlidingKV, pos: Tensor, r_w_bias: Optional[Tensor] = None,
+             r_r_bias: Optional[Tensor] = None, *, window: Optional[int] = None
+             ) -> tuple[Tensor, SlidingKV]:
+        """forward for the new positions w [rows, B, d_model] against the memory kept in
+        `state` (their keys and values are appended to it): causal, pos the attention's rows
+        [P >= kept + rows, n_head, d_head] by distance 0 ... P-1 (position_rows of the
+        embeddings)."""
+        if r_w_bias is None or r_r_bias is None:
+            r_w_bias, r_r_bias = self.r_w_bias, self.r_r_bias
+        heads = self._heads(w)
+        keys, values = state.append(heads[:, :, 1].permute(1, 2, 0, 3),
+                                    heads[:, :, 2].permute(1, 2, 0, 3))
+        attn_vec = rel_attention(heads[:, :, 0].permute(1, 2, 0, 3), keys, values,
+                                 pos[:keys.shape[2]], r_w_bias, r_r_bias, is_causal=True,
+                                 window=window, scale=self.scale)
+        return self._output(w, attn_vec), state
 
     def _check_inputs(self, w, r, r_w_bias, r_r_bias, attn_mask, mems) -> None:
         """Shapes, dtypes and devices in the layer's own terms (otherwise a wrong width fails
@@ -176,11 +214,16 @@ class TransformerXLLayer(RefusesTorchScript, nn.Module):
                             is_causal=is_causal, window=window)
         return self.pos_ff(out)
 
+    def init_state(self, batch_size: int, *, mem_len: int, max_step: int = 1) -> SlidingKV:
+        """The step protocol's state: its attention's (RelPartialLearnableMultiHeadAttn)."""
+        return self.dec_attn.init_state(batch_size, mem_len=mem_len, max_step=max_step)
 
-def position_rows(distances: int, clamp_len: int) -> int:
-    """How many distance embeddings distances 0 .. distances - 1 need: all of them, or
-    clamp_len + 1 when clamp_len > 0 (the farther ones share clamp_len's, the last row)."""
-    return distances if clamp_len <= 0 else min(distances, clamp_len + 1)
+    def step(self, dec_inp: Tensor, state: SlidingKV, pos: Tensor,
+             r_w_bias: Optional[Tensor] = None, r_r_bias: Optional[Tensor] = None, *,
+             window: Optional[int] = None) -> tuple[Tensor, SlidingKV]:
+        """forward for new positions against the memory in `state` (see dec_attn.step)."""
+        out, state = self.dec_attn.step(dec_inp, state, pos, r_w_bias, r_r_bias, window=window)
+        return self.pos_ff(out), state
 
 
 def decode_segment(model, embedded: Tensor, mems, r_w_bias, r_r_bias, dtype):
@@ -327,13 +370,24 @@ class TransformerXL(RefusesTorchScript, nn.Module):
                     f"streams continue, pass mems = [m[:, :{bsz}] for m in mems] "
                     f"([m[:{bsz}] ...] with batch_first); to start afresh pass mems=None")
 
-    def decoding_state(self, batch_size: int, *, max_step: int = 1, mem_len: Optional[int] = None):
-        """A preallocated memory to run this model a few tokens at a time (sequence first; see
-        fastseq.nn.TransformerXLDecodingState): state.step(self.word_emb(tokens) *
-        self.emb_scale) -> hidden."""
-        from .transformer_xl_decoding import TransformerXLDecodingState  # it imports this module
-
+    def init_state(self, batch_size: int, *, max_step: int = 1,
+                   mem_len: Optional[int] = None) -> TransformerXLDecodingState:
+        """The step protocol's state (fastseq.nn.state): every layer's keys and values of the
+        last mem_len positions (default the model's), for steps of up to max_step tokens."""
         return TransformerXLDecodingState(self, batch_size, max_step=max_step, mem_len=mem_len)
+
+    decoding_state = init_state  # the name generation code used first
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, state: TransformerXLDecodingState
+             ) -> tuple[Tensor, TransformerXLDecodingState]:
+        """forward for new tokens [L <= max_step, B] ([B, L] with batch_first) against the
+        memory kept in `state`: the hidden states of those positions, and the state (updated
+        in place)."""
+        if self.batch_first:
+            tokens = tokens.t()
+        hidden = decode_step(self, self.word_emb(tokens) * self.emb_scale, state)
+        return (hidden.transpose(0, 1) if self.batch_first else hidden), state
 
     def init_mems(self) -> None:
         """The first segment's memory: none (the original returns empty tensors; None reads the

@@ -39,7 +39,7 @@ from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from .scripting import RefusesTorchScript
 from .transformer_xl import (PositionalEmbedding, TransformerXLLayer, decode_segment,
                              updated_mems)
-from .transformer_xl_decoding import TransformerXLDecodingState
+from .transformer_xl_decoding import TransformerXLDecodingState, decode_step
 from ..ops._checks import InputError
 
 
@@ -118,11 +118,22 @@ class TransformerXLLM(RefusesTorchScript, nn.Module):
         log_probs = self.crit.log_prob(hidden.reshape(-1, self.d_model))
         return log_probs.view(*hidden.shape[:2], self.n_token), new_mems
 
-    def decoding_state(self, batch_size: int, *, max_step: int = 1,
-                       mem_len: Optional[int] = None) -> TransformerXLDecodingState:
-        """A preallocated memory to run this model a few tokens at a time (see
-        TransformerXLDecodingState); feed it self.word_emb(tokens)."""
+    def init_state(self, batch_size: int, *, max_step: int = 1,
+                   mem_len: Optional[int] = None) -> TransformerXLDecodingState:
+        """The step protocol's state (fastseq.nn.state): every layer's keys and values of the
+        last mem_len positions (default the model's), for steps of up to max_step tokens."""
         return TransformerXLDecodingState(self, batch_size, max_step=max_step, mem_len=mem_len)
+
+    decoding_state = init_state  # the name generation code used first
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, state: TransformerXLDecodingState
+             ) -> tuple[Tensor, TransformerXLDecodingState]:
+        """New tokens [L <= max_step, B] against the memory in `state` -> (log-probabilities of
+        the next token at each [L, B, n_token], the state, updated in place)."""
+        hidden = decode_step(self, self.word_emb(tokens), state)
+        log_probs = self.crit.log_prob(hidden.reshape(-1, self.d_model))
+        return log_probs.view(*hidden.shape[:2], self.n_token), state
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, do_sample: bool = False,

@@ -49,32 +49,24 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     attn_mask, is_causal, causal_shift = _causal_bias(attn_mask, is_causal, query, key)
     heads_q, heads_k = _validate(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    device = query.device
-    call = {"device": device, "query": query, "value": value, "attn_mask": attn_mask,
-            "is_causal": is_causal, "return_lse": return_lse, "keys": key.shape[-2],
-            "dropout_p": dropout_p,
-            "needs_grad": needs_grad(query, key, value)}
-    chosen = BACKENDS.choose(call, backend)
-    empty = query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0
-    if chosen == "reference" or (chosen == "triton" and empty):
-        # Empty shapes have nothing to launch; the reference gives the same (empty or zero) answer.
-        return _reference.scaled_dot_product_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-            return_lse=return_lse, causal_shift=causal_shift)
-    if chosen == "torch":
-        if causal_shift:  # torch's own kernels take the lower-right mask materialized
-            attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool,
-                                   device=device).tril(causal_shift)
-            is_causal = False
-        return _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                enable_gqa)
-    if split_kv_decode(call):
-        out, lse = _triton_decode(query, key, value, is_causal, causal_shift, scale, heads_q,
-                                  heads_k)
-    else:
-        out, lse = _triton_attention(query, key, value, attn_mask, dropout_p, is_causal,
-                                     causal_shift, scale, heads_q, heads_k)
-    return (out, lse) if return_lse else out
+    call = {"device": query.device, "query": query, "key": key, "value": value,
+            "attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal,
+            "causal_shift": causal_shift, "scale": scale, "enable_gqa": enable_gqa,
+            "heads_q": heads_q, "heads_k": heads_k, "return_lse": return_lse,
+            "keys": key.shape[-2], "needs_grad": needs_grad(query, key, value)}
+    return BACKENDS.run(call, backend)
+
+
+def _reference_attention(query, key, value, attn_mask, dropout_p, is_causal, causal_shift, scale,
+                         enable_gqa, return_lse, **_):
+    return _reference.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+        return_lse=return_lse, causal_shift=causal_shift)
+
+
+def _empty(call: dict) -> bool:
+    """Nothing to launch: no query row, no key or no value column."""
+    return call["query"].numel() == 0 or call["keys"] == 0 or call["value"].shape[-1] == 0
 
 
 def _causal_bias(attn_mask, is_causal, query, key):
@@ -93,7 +85,7 @@ def _causal_bias(attn_mask, is_causal, query, key):
 
 
 def _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, causal_shift, scale,
-                      heads_q, heads_k):
+                      heads_q, heads_k, return_lse, **_):
     L, E = query.shape[-2:]
     S, EV = value.shape[-2:]
     q = query.reshape(-1, heads_q, L, E)
@@ -109,7 +101,12 @@ def _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, causal
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=query.device)
     out, lse = fused("fastseq::attention_forward_triton")(
         q, k, v, mask, seed, float(dropout_p), bool(is_causal), int(causal_shift), scale)
-    return out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1])
+    return _with_lse(out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1]),
+                     return_lse)
+
+
+def _with_lse(out, lse, return_lse: bool):
+    return (out, lse) if return_lse else out
 
 
 # The Triton backend's sub-choice: a few query rows against many keys (a decode step, or a
@@ -127,7 +124,8 @@ def split_kv_decode(call: dict) -> bool:
             and not call["needs_grad"])
 
 
-def _triton_decode(query, key, value, is_causal, causal_shift, scale, heads_q, heads_k):
+def _triton_decode(query, key, value, is_causal, causal_shift, scale, heads_q, heads_k,
+                   return_lse, **_):
     """The decode kernels on a full cache: every row's cache length is S, and query i sees
     keys j <= i + causal_shift, i.e. i + S + (causal_shift - S)."""
     L, E = query.shape[-2:]
@@ -138,10 +136,16 @@ def _triton_decode(query, key, value, is_causal, causal_shift, scale, heads_q, h
     kv_len = torch.full((q.shape[0],), S, dtype=torch.int32, device=query.device)
     out, lse = torch.ops.fastseq.attention_decode_triton(q, k, v, kv_len, bool(is_causal),
                                                          int(causal_shift) - S, 0, scale)
-    return out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1])
+    return _with_lse(out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1]),
+                     return_lse)
 
 
-def _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, causal_shift, scale,
+                     enable_gqa, **_):
+    if causal_shift:  # torch's own kernels take the lower-right mask materialized
+        attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool,
+                               device=query.device).tril(causal_shift)
+        is_causal = False
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     if attn_mask is not None:
@@ -166,14 +170,19 @@ def _torch_unavailable(call: dict) -> Optional[str]:
 # GPUs: the fused Triton kernels. CPUs: torch's SDPA (its CPU flash kernel); the Triton
 # interpreter is never chosen automatically there.
 BACKENDS = _backends.attention_backends(
-    OP, ATTENTION_MAX_HEAD_DIM, torch_refusal=_torch_unavailable,
-    variants={"triton": lambda call: (
-                  f"split-KV decode kernels ({call['query'].shape[-2]} query rows <= "
-                  f"{DECODE_MAX_QUERY_ROWS} against {call['keys']} keys >= {DECODE_MIN_KEYS}, "
-                  f"no mask, dropout or backward)" if split_kv_decode(call) else
-                  "one fused forward kernel (online softmax), two fused backward kernels "
-                  "(dK/dV, dQ)"),
-              "torch": lambda call: "torch.nn.functional.scaled_dot_product_attention"})
+    OP, ATTENTION_MAX_HEAD_DIM,
+    triton=(_backends.Variant("nothing to launch (an empty shape): the reference's empty or "
+                              "zero answer", _reference_attention, when=_empty),
+            _backends.Variant(lambda call: (
+                f"split-KV decode kernels ({call['query'].shape[-2]} query rows <= "
+                f"{DECODE_MAX_QUERY_ROWS} against {call['keys']} keys >= {DECODE_MIN_KEYS}, "
+                f"no mask, dropout or backward)"), _triton_decode, when=split_kv_decode),
+            _backends.Variant("one fused forward kernel (online softmax), two fused backward "
+                              "kernels (dK/dV, dQ)", _triton_attention)),
+    torch_backend=_backends.serves(_torch_unavailable, _torch_attention,
+                                   "torch.nn.functional.scaled_dot_product_attention"),
+    reference=(_backends.Variant("fastseq.reference.scaled_dot_product_attention",
+                                 _reference_attention),))
 
 
 def _validate(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> tuple[int, int]:

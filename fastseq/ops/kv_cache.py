@@ -66,28 +66,43 @@ def attention_with_kv_cache(query: Tensor, k_cache: Tensor, v_cache: Tensor,
     _check_capacity(lengths, new, k_cache.shape[2])
     window = int(window or 0)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    chosen = BACKENDS.choose({"device": query.device, "query": query, "value": v_cache,
-                              "return_lse": return_lse}, backend)
-    if query.numel() == 0 or v_cache.shape[3] == 0:
-        # Nothing to attend with or to return (an empty batch, no query rows, EV = 0): the new
-        # rows still go into the caches.
-        if key is not None and key.numel():
-            _reference.append(k_cache, v_cache, key, value, lengths)
-        out, lse = _reference.empty_result(query, v_cache)
-    elif chosen == "reference":
-        out, lse = _reference.attention_with_kv_cache(
-            query, k_cache, v_cache, lengths, key, value, is_causal=is_causal, window=window,
-            scale=scale)
-    elif chosen == "torch":
-        out, lse = _torch_decode(query, k_cache, v_cache, lengths, key, value, is_causal,
-                                 window, scale), None
-    else:
-        if key is not None:
-            torch.ops.fastseq.kv_cache_append_triton(k_cache, v_cache, key, value, lengths)
-        out, lse = torch.ops.fastseq.attention_decode_triton(
-            query, k_cache, v_cache, lengths + new if new else lengths, is_causal,
-            -query.shape[2], window, scale)
+    call = {"device": query.device, "query": query, "k_cache": k_cache, "v_cache": v_cache,
+            "value": v_cache, "lengths": lengths, "key": key, "new_value": value,
+            "is_causal": is_causal, "window": window, "scale": scale, "return_lse": return_lse}
+    out, lse = BACKENDS.run(call, backend)
     return (out, lse) if return_lse else out
+
+
+def _empty_step(query, k_cache, v_cache, lengths, key, new_value, **_):
+    """Nothing to attend with or to return (an empty batch, no query rows, EV = 0): the new
+    rows still go into the caches."""
+    if key is not None and key.numel():
+        _reference.append(k_cache, v_cache, key, new_value, lengths)
+    return _reference.empty_result(query, v_cache)
+
+
+def _empty(call: dict) -> bool:
+    return call["query"].numel() == 0 or call["v_cache"].shape[3] == 0
+
+
+_EMPTY = _backends.Variant("nothing to attend (an empty shape): the new rows appended, an empty "
+                           "result", _empty_step, when=_empty)
+
+
+def _reference_step(query, k_cache, v_cache, lengths, key, new_value, is_causal, window, scale,
+                    **_):
+    return _reference.attention_with_kv_cache(query, k_cache, v_cache, lengths, key, new_value,
+                                              is_causal=is_causal, window=window, scale=scale)
+
+
+def _triton_step(query, k_cache, v_cache, lengths, key, new_value, is_causal, window, scale,
+                 **_):
+    new = 0 if key is None else key.shape[2]
+    if key is not None:
+        torch.ops.fastseq.kv_cache_append_triton(k_cache, v_cache, key, new_value, lengths)
+    return torch.ops.fastseq.attention_decode_triton(
+        query, k_cache, v_cache, lengths + new if new else lengths, is_causal, -query.shape[2],
+        window, scale)
 
 
 def _in_the_caches_dtype(query, key, value, k_cache):
@@ -129,6 +144,12 @@ def _check_capacity(lengths: Tensor, new: int, capacity: int) -> None:
             fail(OP, message.removeprefix(f"{OP}: ") + f" (cache_seqlens = {lengths.tolist()})")
     else:
         torch._assert_async(fits, message)
+
+
+def _torch_step(query, k_cache, v_cache, lengths, key, new_value, is_causal, window, scale,
+                **_):
+    return _torch_decode(query, k_cache, v_cache, lengths, key, new_value, is_causal, window,
+                         scale), None
 
 
 def _torch_decode(query, k_cache, v_cache, lengths, key, value, is_causal, window, scale):
@@ -201,10 +222,14 @@ def _validate(query, k_cache, v_cache, key, value, window) -> None:
 
 
 # GPUs: the split-KV Triton kernels. CPUs: torch's kernels (the interpreter is never chosen
-# automatically there), then the reference.
+# automatically there), then the reference. Each returns (out, lse); torch's has no lse.
 BACKENDS = _backends.attention_backends(
-    OP, ATTENTION_MAX_HEAD_DIM, torch_refusal=lambda call: NO_LSE if call["return_lse"] else None,
-    variants={"triton": lambda call: "split-KV decode: key ranges across programs, partial "
-                                     "softmaxes combined by a second kernel",
-              "torch": lambda call: "scatter_ into the caches, then "
-                                    "scaled_dot_product_attention with the visibility mask"})
+    OP, ATTENTION_MAX_HEAD_DIM,
+    triton=(_EMPTY, _backends.Variant("split-KV decode: key ranges across programs, partial "
+                                      "softmaxes combined by a second kernel", _triton_step)),
+    torch_backend=_backends.Backend(
+        lambda call: NO_LSE if call["return_lse"] else None,
+        (_EMPTY, _backends.Variant("scatter_ into the caches, then scaled_dot_product_attention "
+                                   "with the visibility mask", _torch_step))),
+    reference=(_EMPTY, _backends.Variant("fastseq.reference.attention_with_kv_cache",
+                                         _reference_step)))

@@ -3,7 +3,7 @@ fastseq.ops.layer_norm_rnn_layer (the math: fastseq.reference.layer_norm_recurre
 
 The input's share of the gates is one GEMM and one layer norm over all steps; the recurrence,
 with the layer norms of the recurrent projection and (LSTM) of the cell state fused into it, is
-one Triton launch (kernels/layer_norm_rnn_layer.py); its backward one launch plus sums over all
+one Triton launch (kernels/recurrent/layer_norm_layer.py); its backward one launch plus sums over all
 steps for the parameters. cuDNN has no layer-normalized RNN, so there is no torch backend.
 """
 from __future__ import annotations
@@ -53,36 +53,54 @@ def layer_norm_rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tenso
         fail(OP, f"eps must be a positive number, got {eps!r}")
     steps, batch = input.shape[0], input.shape[1]
     lengths = _checked_lengths(lengths, steps, batch, input.device)
-    chosen = BACKENDS.choose({"device": input.device}, backend)
     if h0 is None:
         h0 = input.new_zeros(batch, hidden)
     if lstm and c0 is None:
         c0 = input.new_zeros(batch, hidden)
     weights = _reference.LayerNormWeights(w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight,
                                           ln_c_weight, ln_c_bias)
-    if chosen == "reference":
-        y, h_n, c_n = _reference.layer_norm_run_direction(mode, input, h0, c0, weights, lengths,
-                                                          reverse, eps)
-    else:
-        gates_x = _reference.input_gates(input, w_ih, b_ih, ln_ih_weight, eps)  # all steps at once
-        y, h_n, c_n, _workspace, _stats = fused("fastseq::layer_norm_rnn_layer_forward_triton")(
-            mode, gates_x, h0, c0, w_hh, b_hh, ln_hh_weight, ln_c_weight, ln_c_bias, lengths,
-            float(eps), reverse, needs_grad(input, h0, c0, *weights))
+    y, h_n, c_n = BACKENDS.run({"device": input.device, "mode": mode, "input": input, "h0": h0,
+                                "c0": c0, "weights": weights, "lengths": lengths,
+                                "reverse": reverse, "eps": eps}, backend)
     return (y, (h_n, c_n)) if lstm else (y, h_n)
+
+
+def _reference_layer(mode, input, h0, c0, weights, lengths, reverse, eps, **_):
+    return _reference.layer_norm_run_direction(mode, input, h0, c0, weights, lengths, reverse,
+                                               eps)
+
+
+def _triton_layer(mode, input, h0, c0, weights, lengths, reverse, eps, **_):
+    w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight, ln_c_weight, ln_c_bias = weights
+    gates_x = _reference.input_gates(input, w_ih, b_ih, ln_ih_weight, eps)  # every step at once
+    y, h_n, c_n, _workspace, _stats = fused("fastseq::layer_norm_rnn_layer_forward_triton")(
+        mode, gates_x, h0, c0, w_hh, b_hh, ln_hh_weight, ln_c_weight, ln_c_bias, lengths,
+        float(eps), reverse, needs_grad(input, h0, c0, *weights))
+    return y, h_n, c_n
+
+
+def _refused(reason: str) -> _backends.Backend:
+    """A backend that serves no call of this op (its run is never reached)."""
+    def run(**_):
+        raise AssertionError(reason)
+    return _backends.serves(lambda call: reason, run)
 
 
 # Neither torch nor cuDNN has a layer-normalized recurrence; the reference (plain PyTorch, a
 # Python loop over steps) is auto's choice on CPUs, where Triton is only the interpreter.
 BACKENDS = _backends.OpBackends(
     OP,
-    refusals={"triton": lambda call: _backends.triton_unavailable(call["device"]),
-              "reference": lambda call: None,
-              "torch": lambda call: "torch and cuDNN have no layer-normalized RNN",
-              "native": lambda call: "fastseq has no C++/CUDA layer-normalized recurrence "
-                                     "(its kernel is Triton's)"},
-    preference={"cuda": ("triton", "reference"), "cpu": ("reference",)},
-    variants={"triton": lambda call: "one launch forward, one backward: the recurrent and "
-                                     "cell-state layer norms inside the recurrence"})
+    backends={
+        "triton": _backends.serves(
+            lambda call: _backends.triton_unavailable(call["device"]), _triton_layer,
+            "one launch forward, one backward: the recurrent and cell-state layer norms inside "
+            "the recurrence"),
+        "reference": _backends.serves(_backends.serves_every_call, _reference_layer,
+                                      "fastseq.reference.layer_norm_recurrent, a loop over steps"),
+        "torch": _refused("torch and cuDNN have no layer-normalized RNN"),
+        "native": _refused("fastseq has no C++/CUDA layer-normalized recurrence (its kernel is "
+                           "Triton's)")},
+    preference={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
 
 def _validate_layer_norm(mode, input, hidden, columns, ln_ih_weight, ln_hh_weight, ln_c_weight,

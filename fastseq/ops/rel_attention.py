@@ -52,20 +52,40 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
     _validate(query, key, value, pos, content_bias, position_bias, attn_mask, is_causal, window,
               pos_offset, dropout_p, scale)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    device = query.device
-    call = {"device": device, "query": query, "value": value, "return_lse": return_lse,
-            "attn_mask": attn_mask, "keys": key.shape[-2], "dropout_p": dropout_p,
+    call = {"device": query.device, "query": query, "key": key, "value": value, "pos": pos,
+            "content_bias": content_bias, "position_bias": position_bias,
+            "attn_mask": attn_mask, "is_causal": is_causal, "window": window,
+            "pos_offset": pos_offset, "dropout_p": dropout_p, "scale": scale,
+            "return_lse": return_lse, "keys": key.shape[-2],
             "needs_grad": needs_grad(query, key, value, pos, content_bias, position_bias)}
-    chosen = BACKENDS.choose(call, backend)
-    if chosen == "torch":
-        return _torch_rel_attention(query, key, value, pos, content_bias, position_bias,
-                                    attn_mask, is_causal, window, pos_offset, dropout_p, scale)
-    if chosen == "reference" or query.numel() == 0 or value.shape[-1] == 0:
-        # Empty shapes have nothing to launch; the reference gives the same (empty) answer.
-        return _reference.rel_attention(
-            query, key, value, pos, content_bias, position_bias, attn_mask=attn_mask,
-            is_causal=is_causal, window=window, pos_offset=pos_offset, dropout_p=dropout_p,
-            scale=scale, return_lse=return_lse)
+    return BACKENDS.run(call, backend)
+
+
+def _reference_rel_attention(query, key, value, pos, content_bias, position_bias, attn_mask,
+                             is_causal, window, pos_offset, dropout_p, scale, return_lse, **_):
+    return _reference.rel_attention(
+        query, key, value, pos, content_bias, position_bias, attn_mask=attn_mask,
+        is_causal=is_causal, window=window, pos_offset=pos_offset, dropout_p=dropout_p,
+        scale=scale, return_lse=return_lse)
+
+
+def _empty(call: dict) -> bool:
+    """Nothing to launch: no query row or no value column."""
+    return call["query"].numel() == 0 or call["value"].shape[-1] == 0
+
+
+def _triton_decode(query, key, value, pos, content_bias, position_bias, is_causal, window,
+                   pos_offset, scale, return_lse, **_):
+    """The split-KV decode kernel (attention's rule: a few rows against many keys, forward
+    only)."""
+    out, lse = torch.ops.fastseq.rel_attention_decode_triton(
+        query + content_bias[:, None, :], query + position_bias[:, None, :], key, value, pos,
+        bool(is_causal), None if window is None else int(window), int(pos_offset), scale)
+    return (out, lse) if return_lse else out
+
+
+def _triton_rel_attention(query, key, value, pos, content_bias, position_bias, attn_mask,
+                          is_causal, window, pos_offset, dropout_p, scale, return_lse, **_):
     B, H, L, _ = query.shape
     mask = None
     if attn_mask is not None:
@@ -74,36 +94,16 @@ def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, conten
         mask = attn_mask.expand(B, H, L, key.shape[-2])
     seed = None
     if dropout_p > 0.0:
-        seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
-    qu = query + content_bias[:, None, :]
-    qv = query + position_bias[:, None, :]
-    if split_kv_decode(call):  # attention's rule: a few rows against many keys, forward only
-        out, lse = torch.ops.fastseq.rel_attention_decode_triton(
-            qu, qv, key, value, pos, bool(is_causal), None if window is None else int(window),
-            int(pos_offset), scale)
-        return (out, lse) if return_lse else out
+        seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=query.device)
     out, lse = fused("fastseq::rel_attention_forward_triton")(
-        qu, qv, key, value, pos, mask, seed, float(dropout_p), bool(is_causal),
-        None if window is None else int(window), int(pos_offset), scale)
+        query + content_bias[:, None, :], query + position_bias[:, None, :], key, value, pos,
+        mask, seed, float(dropout_p), bool(is_causal), None if window is None else int(window),
+        int(pos_offset), scale)
     return (out, lse) if return_lse else out
 
 
-# GPUs: the fused Triton kernels (the position term inside each tile). CPUs: torch's SDPA with
-# the position term as its mask (the "torch" backend, as the original code's cost: Lq x Lk).
-BACKENDS = _backends.attention_backends(
-    OP, REL_ATTENTION_MAX_HEAD_DIM,
-    torch_refusal=lambda call: NO_LSE if call["return_lse"] else None,
-    variants={"triton": lambda call: (
-                  "split-KV decode kernel: key ranges across programs, the position term from "
-                  "each key block's band of pos rows" if split_kv_decode(call) else
-                  "fused kernels: content and position terms per tile, no Lq x Lk tensor in "
-                  "memory"),
-              "torch": lambda call: "scaled_dot_product_attention, the position term as its "
-                                    "additive mask"})
-
-
 def _torch_rel_attention(query, key, value, pos, content_bias, position_bias, attn_mask,
-                         is_causal, window, pos_offset, dropout_p, scale):
+                         is_causal, window, pos_offset, dropout_p, scale, **_):
     """torch's own attention kernel (F.scaled_dot_product_attention on q + u) with the position
     term as its additive mask: (q_i + v) . pos[row(i, j)] * scale from one GEMM against every
     pos row and a gather (an Lq x Lk tensor in memory, as the original code's BD is), the
@@ -129,6 +129,24 @@ def _torch_rel_attention(query, key, value, pos, content_bias, position_bias, at
         scale=scale)
     visible = (bias != float("-inf")).any(-1, keepdim=True)
     return torch.where(visible, out, out.new_zeros(()))
+
+
+# GPUs: the fused Triton kernels (the position term inside each tile). CPUs: torch's SDPA with
+# the position term as its mask (the "torch" backend, as the original code's cost: Lq x Lk).
+BACKENDS = _backends.attention_backends(
+    OP, REL_ATTENTION_MAX_HEAD_DIM,
+    triton=(_backends.Variant("nothing to launch (an empty shape): the reference's empty "
+                              "answer", _reference_rel_attention, when=_empty),
+            _backends.Variant("split-KV decode kernel: key ranges across programs, the position "
+                              "term from each key block's band of pos rows", _triton_decode,
+                              when=split_kv_decode),
+            _backends.Variant("fused kernels: content and position terms per tile, no Lq x Lk "
+                              "tensor in memory", _triton_rel_attention)),
+    torch_backend=_backends.serves(lambda call: NO_LSE if call["return_lse"] else None,
+                                   _torch_rel_attention, "scaled_dot_product_attention, the "
+                                   "position term as its additive mask"),
+    reference=(_backends.Variant("fastseq.reference.rel_attention",
+                                 _reference_rel_attention),))
 
 
 def _validate(query, key, value, pos, content_bias, position_bias, attn_mask, is_causal,

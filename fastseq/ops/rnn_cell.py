@@ -113,19 +113,44 @@ def _cuda_order(call: dict) -> tuple[str, ...]:
     return ("native", "triton", "torch")
 
 
+def _torch_cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, **_):
+    return _TORCH_CELLS[mode](input, (h, c) if mode == "lstm" else h, w_ih, w_hh, b_ih, b_hh)
+
+
+def _reference_cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, **_):
+    return _REFERENCE_CELLS[mode](input, (h, c) if mode == "lstm" else h, w_ih, w_hh, b_ih, b_hh)
+
+
+def _fused_cell(op_name: str):
+    """The registered forward op `op_name` as a backend's implementation."""
+    def run(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, **_):
+        grad = needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh)
+        hy, cy, _workspace = fused(op_name)(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, grad)
+        return (hy, cy) if mode == "lstm" else hy
+    return run
+
+
 # CPU: torch's own cells. The C++ kernel (BLAS GEMMs + one fused SIMD pass) measured
 # 0.75x-1.07x of torch's cells forward and 0.64x-0.98x for a training step on 2 cores
 # (bench/NOTES.md): never faster by a margin, so a drop-in CPU user keeps torch's speed. It
 # stays selectable as "native" and is the CI-tested twin of the CUDA math. Triton's
-# interpreter is never chosen automatically.
+# interpreter is never chosen automatically. Each backend runs on batched [B, *] tensors with
+# the states given (run_checked_cell adds the batch dim and the zeros).
 BACKENDS = _backends.OpBackends(
     "fastseq.ops.*_cell",
-    refusals={"triton": lambda call: _backends.triton_unavailable(call["device"]),
-              "native": lambda call: _backends.native_unavailable(call["device"]),
-              "torch": lambda call: None, "reference": lambda call: None},
-    preference={"cuda": _cuda_order, "cpu": ("torch", "native")},
-    variants={"triton": lambda call: "one fused kernel: both gate GEMMs, biases, update",
-              "native": lambda call: "GEMMs, then one fused pointwise kernel"})
+    backends={
+        "triton": _backends.serves(
+            lambda call: _backends.triton_unavailable(call["device"]),
+            _fused_cell("fastseq::rnn_cell_forward_triton"),
+            "one fused kernel: both gate GEMMs, biases, update"),
+        "native": _backends.serves(
+            lambda call: _backends.native_unavailable(call["device"]),
+            _fused_cell("fastseq::rnn_cell_forward"), "GEMMs, then one fused pointwise kernel"),
+        "torch": _backends.serves(_backends.serves_every_call, _torch_cell,
+                                  "torch's own cell (torch.lstm_cell & co.)"),
+        "reference": _backends.serves(_backends.serves_every_call, _reference_cell,
+                                      "fastseq.reference's cell")},
+    preference={"cuda": _cuda_order, "cpu": ("torch", "native")})
 
 
 def _cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, backend):
@@ -134,15 +159,20 @@ def _cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, backend):
                             choose_cell_backend(mode, input, backend))
 
 
+def cell_call(mode: str, input: Tensor) -> dict:
+    """What the cells' declaration reads to choose (the device and dtype of a frame)."""
+    return {"op": _CELL_NAMES[mode], "device": input.device, "dtype": input.dtype}
+
+
 def choose_cell_backend(mode: str, input: Tensor, backend: Optional[str]) -> str:
-    return BACKENDS.choose({"op": _CELL_NAMES[mode], "device": input.device,
-                            "dtype": input.dtype}, backend)
+    return BACKENDS.choose(cell_call(mode, input), backend)
 
 
 def run_checked_cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, chosen: str):
     """One cell step on the chosen backend, for callers that checked the arguments and chose
     already (a multi-layer streaming step chooses once and checks its own state: at batch 1
-    on CPU the per-call checks cost ~13 us against torch's ~44 us cell)."""
+    on CPU the per-call checks cost ~13 us against torch's ~44 us cell). Returns (h', c') for
+    the LSTM, (h',) for the others."""
     batched = input.dim() == 2
     if not batched:
         input = input.unsqueeze(0)
@@ -153,18 +183,8 @@ def run_checked_cell(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, chosen: str):
         h = input.new_zeros(input.shape[0], hidden)
     if mode == "lstm" and c is None:
         c = input.new_zeros(input.shape[0], hidden)
-
-    if chosen == "torch":
-        out = _TORCH_CELLS[mode](input, (h, c) if mode == "lstm" else h, w_ih, w_hh, b_ih, b_hh)
-    elif chosen == "reference":
-        out = _REFERENCE_CELLS[mode](input, (h, c) if mode == "lstm" else h, w_ih, w_hh, b_ih, b_hh)
-    else:
-        grad = needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh)
-        forward = fused("fastseq::rnn_cell_forward_triton" if chosen == "triton"
-                        else "fastseq::rnn_cell_forward")
-        hy, cy, _workspace = forward(mode, input, h, c, w_ih, w_hh, b_ih, b_hh, grad)
-        out = (hy, cy) if mode == "lstm" else hy
-
+    out = BACKENDS.run_chosen(chosen, dict(cell_call(mode, input), mode=mode, input=input, h=h,
+                                           c=c, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh))
     outs = out if mode == "lstm" else (out,)
     if not batched:
         outs = tuple(t.squeeze(0) for t in outs)

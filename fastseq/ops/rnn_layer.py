@@ -66,44 +66,52 @@ def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
     _validate_zoneout(mode, input, hidden, zoneout_h, zoneout_c)
     lengths = _checked_lengths(lengths, steps, batch, input.device)
 
-    chosen = BACKENDS.choose({"device": input.device, "steps": steps, "reverse": reverse,
-                              "lengths": lengths, "zoneout": zoneout,
-                              "projection": w_hr is not None, "mode": mode, "batch": batch,
-                              "cell": cell, "dtype": input.dtype}, backend)
     if h0 is None:
         h0 = input.new_zeros(batch, hidden)
     if lstm and c0 is None:
         c0 = input.new_zeros(batch, cell)
+    call = {"device": input.device, "mode": mode, "input": input, "h0": h0, "c0": c0,
+            "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr,
+            "lengths": lengths, "reverse": reverse, "zoneout_h": zoneout_h,
+            "zoneout_c": zoneout_c, "steps": steps, "batch": batch, "cell": cell,
+            "dtype": input.dtype, "zoneout": zoneout, "projection": w_hr is not None}
+    y, h_n, c_n = BACKENDS.run(call, backend)
+    return (y, (h_n, c_n)) if lstm else (y, h_n)
 
-    if chosen == "reference":
-        y, h_n, c_n = _reference._run_direction(
-            mode, input, h0, c0, _reference.LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr), lengths,
-            reverse, zoneout_h, zoneout_c)
-    elif chosen == "torch":
-        params = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else []) + \
-            ([w_hr] if w_hr is not None else [])
-        state = (h0.unsqueeze(0), c0.unsqueeze(0)) if lstm else h0.unsqueeze(0)
-        y, *states = _TORCH_LAYERS[mode](input, state, params, b_ih is not None, 1, 0.0, False,
-                                         False, False)
-        h_n = states[0].squeeze(0)
-        c_n = states[1].squeeze(0) if lstm else None
-    else:
+
+def _reference_layer(mode, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                     zoneout_h, zoneout_c, **_):
+    return _reference._run_direction(
+        mode, input, h0, c0, _reference.LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr), lengths,
+        reverse, zoneout_h, zoneout_c)
+
+
+def _torch_layer(mode, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, **_):
+    lstm = mode == "lstm"
+    params = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else []) + \
+        ([w_hr] if w_hr is not None else [])
+    state = (h0.unsqueeze(0), c0.unsqueeze(0)) if lstm else h0.unsqueeze(0)
+    y, *states = _TORCH_LAYERS[mode](input, state, params, b_ih is not None, 1, 0.0, False,
+                                     False, False)
+    return y, states[0].squeeze(0), (states[1].squeeze(0) if lstm else None)
+
+
+def _fused_layer(forward_op: str):
+    """A fused recurrence (the registered forward op `forward_op`: Triton's, or the native
+    persistent kernel or loop) as a backend's implementation; the input projection of every
+    step is one GEMM before it."""
+    def run(mode, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, zoneout_h,
+            zoneout_c, **_):
         gates_x = F.linear(input, w_ih, b_ih)  # every step's input projection: one GEMM
         grad = needs_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-        if chosen == "triton":
-            forward = fused(_registered_ops.TRITON_FORWARD)
-        elif native_recurrence.runs_persistent(mode, False, batch, cell, input.dtype,
-                                               input.device):
-            forward = fused(_registered_ops.PERSISTENT_FORWARD)
-        else:
-            forward = fused(_registered_ops.NATIVE_FORWARD)
+        forward = fused(forward_op)
         if w_hr is not None:
-            y, h_n, c_n = _projected_layer(forward, gates_x, h0, c0, w_hh, b_hh, w_hr, lengths,
-                                           reverse, grad)
-        else:
-            y, h_n, c_n, _workspace = forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths,
-                                              zoneout_h, zoneout_c, reverse, grad)
-    return (y, (h_n, c_n)) if lstm else (y, h_n)
+            return _projected_layer(forward, gates_x, h0, c0, w_hh, b_hh, w_hr, lengths,
+                                    reverse, grad)
+        y, h_n, c_n, _workspace = forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths,
+                                          zoneout_h, zoneout_c, reverse, grad)
+        return y, h_n, c_n
+    return run
 
 
 def _projected_layer(forward, gates_x, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, grad):
@@ -180,21 +188,34 @@ def rnn_bidirectional_layer(mode: str, input: Tensor, hx, forward_weights: Seque
                 if lstm else h0[d]
         per_direction.append(direction_hx)
 
-    def one_direction(d, chosen):
-        return rnn_layer(mode, input, per_direction[d], *weights[d][:4], w_hr=weights[d][4],
-                         lengths=lengths, reverse=d == 1,
-                         zoneout_h=zoneout_h[d] if zoneout_h is not None else None,
-                         zoneout_c=zoneout_c[d] if zoneout_c is not None else None, backend=chosen)
-
-    device = input.device
     projection = weights[0][4] is not None or weights[1][4] is not None
-    chosen = BIDIRECTIONAL_BACKENDS.choose(
-        {"device": device, "steps": input.shape[0], "reverse": False, "lengths": lengths,
-         "zoneout": zoneout_h is not None or zoneout_c is not None, "projection": projection},
-        backend)
-    if chosen != "triton" or projection:
-        return _joined(lstm, [one_direction(d, chosen) for d in range(2)])
-    # The fused path: validate each direction as rnn_layer would, then one launch for both.
+    call = {"device": input.device, "mode": mode, "input": input, "h0": h0, "c0": c0,
+            "per_direction": per_direction, "weights": weights, "lengths": lengths,
+            "zoneout_h": zoneout_h, "zoneout_c": zoneout_c, "steps": input.shape[0],
+            "reverse": False, "zoneout": zoneout_h is not None or zoneout_c is not None,
+            "projection": projection}
+    return BIDIRECTIONAL_BACKENDS.run(call, backend)
+
+
+def _per_direction(backend: str):
+    """The two directions as two rnn_layer calls on `backend` (each reports its own choice)."""
+    def run(mode, input, per_direction, weights, lengths, zoneout_h, zoneout_c, **_):
+        return _joined(mode == "lstm", [
+            rnn_layer(mode, input, per_direction[d], *weights[d][:4], w_hr=weights[d][4],
+                      lengths=lengths, reverse=d == 1,
+                      zoneout_h=zoneout_h[d] if zoneout_h is not None else None,
+                      zoneout_c=zoneout_c[d] if zoneout_c is not None else None,
+                      backend=backend)
+            for d in range(2)])
+    return run
+
+
+def _triton_both_directions(mode, input, h0, c0, per_direction, weights, lengths, zoneout_h,
+                            zoneout_c, **_):
+    """Both directions in one Triton launch (forward and backward), their input projections
+    one GEMM; each direction validated as rnn_layer would."""
+    lstm = mode == "lstm"
+    device = input.device
     cell_sizes = []
     for d in range(2):
         state_h, state_c = (per_direction[d] if per_direction[d] is not None else (None, None)) \
@@ -294,13 +315,19 @@ def _checked_lengths(lengths, steps: int, batch: int, device: torch.device) -> O
     return checked_lengths(OP, lengths, steps, batch).to(device=device, dtype=torch.int32)
 
 
+# torch's refusals shared with fastseq.nn's recurrent layers (whose torch backend is torch's
+# own module forward).
+TORCH_HAS_NO_ZONEOUT = "torch's RNNs have no zoneout (fastseq's backends have)"
+TORCH_REFUSES_EMPTY = "torch's RNNs refuse zero-length sequences (fastseq's backends keep h0)"
+
+
 def _torch_unsupported(call: dict) -> Optional[str]:
     steps, zoneout, reverse, lengths = (call["steps"], call["zoneout"], call["reverse"],
                                         call["lengths"])
     if steps == 0:
-        return "torch's RNNs refuse zero-length sequences (fastseq's backends return h0)"
+        return TORCH_REFUSES_EMPTY
     if zoneout:
-        return "torch's RNNs have no zoneout (fastseq's backends have)"
+        return TORCH_HAS_NO_ZONEOUT
     if reverse:
         return ("torch's functional RNNs run one direction only forwards (reverse=True needs "
                 "triton, native or reference)")
@@ -320,39 +347,59 @@ def _native_variant(call: dict) -> str:
                                       call["device"]) + (_FOLDED if call["projection"] else "")
 
 
+def _runs_persistent(call: dict) -> bool:
+    return native_recurrence.runs_persistent(call["mode"], False, call["batch"], call["cell"],
+                                             call["dtype"], call["device"])
+
+
 # torch first where it serves the call: cuDNN on GPUs, aten on CPUs. The Triton path keeps one
 # program per 16 batch rows (a handful of SMs at training batch sizes); the native op on GPUs
 # is the persistent kernel where W_hh fits on chip (B <= 64 and each SM's slice in shared
 # memory), else the GEMM-per-step loop (2 launches a step), and on CPUs the loop's C++ twin;
-# forward and backward choose separately (native_recurrence). None has been timed on a GPU
-# yet, so none is put before cuDNN; they serve the reverse and padded-length calls torch
-# cannot.
+# forward and backward choose separately (native_recurrence: the forward below, the backward
+# in the autograd formula). None has been timed on a GPU yet, so none is put before cuDNN;
+# they serve the reverse and padded-length calls torch cannot.
 BACKENDS = _backends.OpBackends(
     OP,
-    refusals={"triton": lambda call: _backends.triton_unavailable(call["device"]),
-              "native": lambda call: _backends.native_unavailable(call["device"]),
-              "torch": _torch_unsupported, "reference": lambda call: None},
+    backends={
+        "triton": _backends.serves(
+            lambda call: _backends.triton_unavailable(call["device"]),
+            _fused_layer(_registered_ops.TRITON_FORWARD),
+            lambda call: "one launch, a program per 16 batch rows" + (
+                _FOLDED if call["projection"] else "")),
+        "native": _backends.serves(
+            lambda call: _backends.native_unavailable(call["device"]),
+            _fused_layer(_registered_ops.NATIVE_FORWARD), _native_variant,
+            _backends.Variant(_native_variant, _fused_layer(_registered_ops.PERSISTENT_FORWARD),
+                              when=_runs_persistent)),
+        "torch": _backends.serves(_torch_unsupported, _torch_layer,
+                                  "torch's functional layer (torch.lstm & co.)"),
+        "reference": _backends.serves(_backends.serves_every_call, _reference_layer,
+                                      "fastseq.reference's layer, a Python loop over steps")},
     preference={"cuda": ("torch", "triton", "native", "reference"),
-                "cpu": ("torch", "native", "reference")},
-    variants={"native": _native_variant,
-              "triton": lambda call: "one launch, a program per 16 batch rows" + (
-                  _FOLDED if call["projection"] else "")})
+                "cpu": ("torch", "native", "reference")})
 
 
 def _reverse_direction_refusal(backend: str) -> Callable[[dict], Optional[str]]:
     """What rnn_layer's `backend` refuses for the reverse direction (the forward one asks
     less): a bidirectional layer needs both."""
-    return lambda call: BACKENDS.refusals[backend](dict(call, reverse=True))
+    return lambda call: BACKENDS.backends[backend].refuse(dict(call, reverse=True))
 
+
+_ONE_CALL_PER_DIRECTION = "one rnn_layer call per direction (each reports its own choice)"
 
 # Triton runs both directions in one launch (and their input projections as one GEMM); the
 # other backends run rnn_layer once per direction. Same order as rnn_layer's: torch, which
 # cannot run a reverse direction, is passed over for the Triton launch on GPUs.
 BIDIRECTIONAL_BACKENDS = _backends.OpBackends(
     "fastseq.ops.rnn_bidirectional_layer",
-    refusals={name: _reverse_direction_refusal(name) for name in BACKENDS.refusals},
-    preference=BACKENDS.preference,
-    variants={"triton": lambda call: "one folded rnn_layer launch per direction"
-              if call["projection"] else "both directions in one launch",
-              "native": lambda call: "one rnn_layer call per direction (each reports its "
-                                     "recurrence)"})
+    backends={
+        "triton": _backends.serves(
+            _reverse_direction_refusal("triton"), _triton_both_directions,
+            "both directions in one launch",
+            _backends.Variant("one folded rnn_layer launch per direction",
+                              _per_direction("triton"), when=lambda call: call["projection"])),
+        **{name: _backends.serves(_reverse_direction_refusal(name), _per_direction(name),
+                                  _ONE_CALL_PER_DIRECTION)
+           for name in ("native", "torch", "reference")}},
+    preference=BACKENDS.preference)
