@@ -38,7 +38,7 @@ MIN_STACK_TESTS := tests/test_triton_gpu_compile.py tests/test_rnn_cell_ops.py \
 	tests/test_serialization.py tests/test_torchscript.py tests/test_causal_bias_nn.py \
 	tests/test_torch_suite_cases.py tests/test_transformer_xl_lm.py tests/test_streaming.py \
 	tests/test_registry.py tests/test_explain.py tests/test_without_triton.py tests/test_kv_cache.py \
-	tests/test_transformer_xl_decoding.py
+	tests/test_transformer_xl_decoding.py tests/test_step_protocol.py
 
 .PHONY: test test-min-stack bench install install-min-stack clean
 

@@ -122,12 +122,19 @@ def assert_backends_match_reference(mode, leaves64, dtype, backends, lengths, re
             assert_within_rule(f"{backend} {mode} {name}", o, p, r)
         for name, g, p, r in zip(grad_names, grads, plain_grads, ref_grads):
             assert_within_rule(f"{backend} {mode} grad {name}", g, p, r,
-                               terms=parameter_gradient_terms(name, leaves64[0]))
+                               terms=parameter_gradient_terms(name, leaves64[0], leaves64[4]))
 
 
-def parameter_gradient_terms(name: str, x64) -> int:
-    """How many products a gradient element sums: T*B for a parameter, few for x and h0/c0."""
-    return x64.shape[0] * x64.shape[1] if name.startswith(("w_", "b_", "ln_")) else 1
+def parameter_gradient_terms(name: str, x64, w_hh64) -> int:
+    """How many products a gradient element sums: T*B for a parameter (every step of every
+    row); for x and h0/c0 the gate columns G*H (dx = W_ih^T dg, dh = W_hh^T dg, the latter
+    compounded over the steps). The test_layer_norm_rnn fp32 case T6-B5-H20 (G*H = 80) failed
+    once under load with grad h0 at 7.87e-6 against a bound of 7.59e-6 that counted 1 term:
+    the rounding of an 80-term sum (~sqrt(80) ulps) moves with the summation order, which
+    plain PyTorch's threaded GEMM changes with the machine's load."""
+    if name.startswith(("w_", "b_", "ln_")):
+        return x64.shape[0] * x64.shape[1]
+    return w_hh64.shape[0]
 
 
 def gradcheck_layer(mode, backend, T, B, I, H, lengths, zoneout=False):

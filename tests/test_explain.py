@@ -154,3 +154,33 @@ def test_the_described_gpu_leaves_no_trace():
     fastseq.explain_on_gpu(fastseq.ops.gru_cell, torch.randn(2, 3), None, torch.randn(12, 3),
                            torch.randn(12, 4))
     assert fastseq.described_gpu.current() is None and fastseq.backend._explanations == []
+
+
+def test_paths_without_a_backend_choice_are_reported_too():
+    """Every path that runs code is in the report: MultiheadAttention's need_weights=True
+    (plain PyTorch whatever the backend), the fused kernels' empty-shape path, and the
+    projected LSTM's step."""
+    mha = fastseq.nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 3, 8)
+    weighted = fastseq.explain(mha, x, x, x)
+    (path,) = weighted.decisions
+    assert path.op.endswith("(need_weights=True)") and path.chosen == "plain PyTorch"
+    assert "need_weights=False runs fastseq.ops.attention" in str(weighted)
+    fused = fastseq.explain(mha, x, x, x, need_weights=False)
+    assert [d.op for d in fused.decisions] == ["fastseq.ops.attention"]
+    if fastseq.backend.triton_unavailable(torch.device("cpu")) is None:
+        empty, keys = torch.randn(1, 2, 0, 8), torch.randn(1, 2, 3, 8)
+        (decision,) = fastseq.explain(fastseq.ops.attention, empty, keys, keys,
+                                      backend="triton").decisions
+        assert decision.chosen == "triton" and "nothing to launch" in decision.variant
+    lstmp = fastseq.nn.LSTM(3, 4, proj_size=2)
+    (step,) = fastseq.explain(lstmp.step, torch.randn(2, 3)).decisions
+    assert step.chosen == "plain PyTorch" and "proj_size" in step.variant
+
+
+def test_a_transformer_xl_layer_reports_its_attention():
+    layer = fastseq.nn.TransformerXLLayer(2, 8, 4, 16, 0.0, own_biases=True)
+    x, r = torch.randn(3, 2, 8), torch.randn(5, 8)
+    report = fastseq.explain(layer, x, r, mems=torch.randn(2, 2, 8), is_causal=True)
+    (decision,) = report.decisions
+    assert decision.op == "fastseq.ops.rel_attention" and decision.variant

@@ -77,7 +77,7 @@ def test_triton_matches_reference(mode, shape, variant, dtype):
     names = [n for n, t in zip(NAMES, leaves64) if t is not None]
     for name, g, p, r in zip(names, grads, plain_grads, ref_grads):
         assert_within_rule(f"{mode} grad {name}", g, p, r,
-                           terms=parameter_gradient_terms(name, leaves64[0]))
+                           terms=parameter_gradient_terms(name, leaves64[0], leaves64[4]))
 
 
 @triton_or_skip

@@ -65,3 +65,18 @@ def test_each_op_declares_its_backends_once():
             assert callable(order) or set(order) <= set(declared.backends), (name, device)
         for backend, served in declared.backends.items():
             assert isinstance(served, fastseq.backend.Backend), (name, backend)
+
+
+def test_dispatch_is_one_mechanism():
+    """No backend if-chains in ops/ or nn/: a backend name is compared nowhere; what runs is
+    the declared implementation OpBackends.run picks (and explain reports)."""
+    import pathlib
+    import re
+
+    package = pathlib.Path(fastseq.__file__).parent
+    chain = re.compile(r"""(chosen|backend)\s*[!=]=\s*["'](triton|native|torch|reference)["']""")
+    offenders = [f"{path.relative_to(package)}:{n}: {line.strip()}"
+                 for folder in ("ops", "nn") for path in sorted((package / folder).glob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if chain.search(line)]
+    assert not offenders, "\n".join(offenders)

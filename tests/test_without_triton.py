@@ -33,5 +33,5 @@ print("ok")
 
 def test_fastseq_runs_without_triton():
     run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         timeout=300, env={"PATH": "/usr/bin:/bin"})
+                         env={"PATH": "/usr/bin:/bin"})
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

@@ -62,12 +62,13 @@ def recurrent_step(module, input: Tensor, hx=None):
     # states are checked above: the cells run without the op's per-call checks, on one backend
     # chosen once for the step. Under autocast the public ops cast as torch's cells do.
     autocast = torch.is_autocast_enabled(x.device.type)
-    chosen = None if autocast else _cell_ops.choose_cell_backend(mode, x, module.backend)
+    projected = getattr(module, "proj_size", 0) > 0  # plain PyTorch, no cell op to choose
+    chosen = None if autocast or projected else _cell_ops.choose_cell_backend(mode, x,
+                                                                              module.backend)
     # torch's flat list of every layer's parameters, in order: w_ih, w_hh, (b_ih, b_hh),
     # (w_hr) per layer (one lookup instead of an attribute per weight: ~10 us a step at batch 1).
     flat = module._flat_weights
     per_layer = len(flat) // module.num_layers
-    projected = getattr(module, "proj_size", 0) > 0
     hs, cs = h.unbind(0), (c.unbind(0) if lstm else [None] * module.num_layers)
     new_h, new_c = [], []
     for layer in range(module.num_layers):
