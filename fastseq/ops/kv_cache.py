@@ -66,6 +66,8 @@ def attention_with_kv_cache(query: Tensor, k_cache: Tensor, v_cache: Tensor,
     _check_capacity(lengths, new, k_cache.shape[2])
     window = int(window or 0)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    # "value" is what the attention families' head-dim refusal reads (here the cache's); the
+    # step's new value rows are "new_value".
     call = {"device": query.device, "query": query, "k_cache": k_cache, "v_cache": v_cache,
             "value": v_cache, "lengths": lengths, "key": key, "new_value": value,
             "is_causal": is_causal, "window": window, "scale": scale, "return_lse": return_lse}
