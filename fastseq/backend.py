@@ -148,6 +148,16 @@ def native_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def triton_refuses(call: dict) -> str | None:
+    """The triton backend's refusal of a call on its "device" (for a declaration)."""
+    return triton_unavailable(call["device"])
+
+
+def native_refuses(call: dict) -> str | None:
+    """The native backend's refusal of a call on its "device" (for a declaration)."""
+    return native_unavailable(call["device"])
+
+
 def serves_every_call(call: dict) -> None:
     """A backend's refusal for a backend that can serve any call (the reference)."""
     return None
@@ -202,10 +212,6 @@ class OpBackends:
     op: str
     backends: Mapping[str, Backend]
     preference: Mapping[str, Any]  # device type -> tuple of names, or f(call) -> tuple
-
-    @property
-    def refusals(self) -> dict:
-        return {name: b.refuse for name, b in self.backends.items()}
 
     def order(self, call: dict) -> tuple[str, ...]:
         order = self.preference.get(call["device"].type, self.preference["cpu"])

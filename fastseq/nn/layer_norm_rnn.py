@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..ops._checks import InputError
 from ..reference.layer_norm_recurrent import EPS
 from .rnn import _FastRNNBase
+from .streaming import check_frame
 
 _GATES = {"LSTM": 4, "GRU": 3}
 
@@ -76,14 +76,7 @@ class _LayerNormRNNBase(_FastRNNBase):
         """One frame (the step protocol, fastseq.nn.state): input [B, input_size] (or
         [input_size]), hx as forward's. The layer's own forward over a one-frame sequence (the
         layer-normalized cell has no kernel of its own; one launch a layer on GPUs)."""
-        name = self._display_name()
-        if self.bidirectional:
-            raise InputError(f"{name}: step runs one frame forwards; a bidirectional layer needs "
-                             f"the whole sequence (call the layer on it)")
-        if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2):
-            got = list(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
-            raise InputError(f"{name}: step takes one frame [batch, input_size] or "
-                             f"[input_size], got {got}")
+        check_frame(self, input)
         frames = input.unsqueeze(1 if self.batch_first and input.dim() == 2 else 0)
         out, hx = self.forward(frames, hx)
         return out.squeeze(1 if self.batch_first and input.dim() == 2 else 0), hx

@@ -78,9 +78,9 @@ LAYER_BACKENDS = _backends.OpBackends(
     backends={
         "torch": _backends.serves(_torch_module_refusal, _torch_module_forward,
                                   "torch's own module forward, every layer and direction"),
-        "triton": _backends.serves(lambda call: _backends.triton_unavailable(call["device"]),
+        "triton": _backends.serves(_backends.triton_refuses,
                                    _per_layer("triton"), _PER_LAYER),
-        "native": _backends.serves(lambda call: _backends.native_unavailable(call["device"]),
+        "native": _backends.serves(_backends.native_refuses,
                                    _per_layer("native"), _PER_LAYER),
         "reference": _backends.serves(_backends.serves_every_call, _per_layer("reference"),
                                       _PER_LAYER)},

@@ -41,7 +41,9 @@ class RecurrentSteps:
         return recurrent_step(self, input, hx)
 
 
-def recurrent_step(module, input: Tensor, hx=None):
+def check_frame(module, input) -> None:
+    """What a recurrent layer's step refuses before it runs: a bidirectional layer, and
+    anything but one frame [batch, input_size] or [input_size]."""
     name = module._display_name()
     if module.bidirectional:
         raise InputError(f"{name}: step runs one frame forwards; a bidirectional layer needs the "
@@ -50,6 +52,11 @@ def recurrent_step(module, input: Tensor, hx=None):
         got = list(input.shape) if isinstance(input, Tensor) else type(input).__name__
         raise InputError(f"{name}: step takes one frame [batch, input_size] or [input_size], got "
                          f"{got}")
+
+
+def recurrent_step(module, input: Tensor, hx=None):
+    name = module._display_name()
+    check_frame(module, input)
     check_features(name, "input", input, "input_size", module.input_size)
     check_like_parameters(name, "input", input, module.weight_ih_l0)
     unbatched = input.dim() == 1

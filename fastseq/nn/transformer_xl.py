@@ -67,7 +67,7 @@ class RelPartialLearnableMultiHeadAttn(RefusesTorchScript, nn.Module):
                 r_r_bias: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
                 mems: Optional[Tensor] = None, *, is_causal: bool = False,
                 window: Optional[int] = None) -> Tensor:
-        qlen, bsz = w.shape[0], w.shape[1]
+        qlen = w.shape[0]
         if r_w_bias is None or r_r_bias is None:
             if not hasattr(self, "r_w_bias"):
                 raise ValueError("RelPartialLearnableMultiHeadAttn: r_w_bias and r_r_bias are "

@@ -92,7 +92,7 @@ BACKENDS = _backends.OpBackends(
     OP,
     backends={
         "triton": _backends.serves(
-            lambda call: _backends.triton_unavailable(call["device"]), _triton_layer,
+            _backends.triton_refuses, _triton_layer,
             "one launch forward, one backward: the recurrent and cell-state layer norms inside "
             "the recurrence"),
         "reference": _backends.serves(_backends.serves_every_call, _reference_layer,

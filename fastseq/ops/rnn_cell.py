@@ -140,11 +140,11 @@ BACKENDS = _backends.OpBackends(
     "fastseq.ops.*_cell",
     backends={
         "triton": _backends.serves(
-            lambda call: _backends.triton_unavailable(call["device"]),
+            _backends.triton_refuses,
             _fused_cell("fastseq::rnn_cell_forward_triton"),
             "one fused kernel: both gate GEMMs, biases, update"),
         "native": _backends.serves(
-            lambda call: _backends.native_unavailable(call["device"]),
+            _backends.native_refuses,
             _fused_cell("fastseq::rnn_cell_forward"), "GEMMs, then one fused pointwise kernel"),
         "torch": _backends.serves(_backends.serves_every_call, _torch_cell,
                                   "torch's own cell (torch.lstm_cell & co.)"),

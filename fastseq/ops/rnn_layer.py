@@ -363,12 +363,12 @@ BACKENDS = _backends.OpBackends(
     OP,
     backends={
         "triton": _backends.serves(
-            lambda call: _backends.triton_unavailable(call["device"]),
+            _backends.triton_refuses,
             _fused_layer(_registered_ops.TRITON_FORWARD),
             lambda call: "one launch, a program per 16 batch rows" + (
                 _FOLDED if call["projection"] else "")),
         "native": _backends.serves(
-            lambda call: _backends.native_unavailable(call["device"]),
+            _backends.native_refuses,
             _fused_layer(_registered_ops.NATIVE_FORWARD), _native_variant,
             _backends.Variant(_native_variant, _fused_layer(_registered_ops.PERSISTENT_FORWARD),
                               when=_runs_persistent)),
