@@ -26,21 +26,13 @@ MIN_TORCH := torch==2.11.0
 MIN_TORCH_DEPS := triton==3.6.0 filelock "typing-extensions>=4.10" "setuptools<82" "sympy>=1.13.3" \
 	"networkx>=2.5.1" jinja2 "fsspec>=0.8.5" "cuda-bindings>=13.0.3,<14"
 MIN_DEV_DEPS := "numpy<2.4" pytest pytest-benchmark hypothesis "cmake>=3.26" ninja setuptools wheel
-# What the second leg runs: the sm_90 AOT compile test, the op and layer tests of every family
-# (Triton through the interpreter), compile/export, the GPU script's dry run, and the tests of
-# the torch APIs fastseq hooks into (double backward, vmap, error types, weights_only loads).
-MIN_STACK_TESTS := tests/test_triton_gpu_compile.py tests/test_rnn_cell_ops.py \
-	tests/test_rnn_layer_ops.py tests/test_rnn_bidirectional.py tests/test_layer_norm_rnn.py \
-	tests/test_attention.py tests/test_rel_attention.py tests/test_rnn_cell_nn.py \
-	tests/test_rnn_nn.py tests/test_attention_nn.py tests/test_transformer_xl.py \
-	tests/test_compile_models.py tests/test_export.py tests/test_gpu_run_script.py \
-	tests/test_double_backward.py tests/test_vmap.py tests/test_drop_in_errors.py \
-	tests/test_serialization.py tests/test_torchscript.py tests/test_causal_bias_nn.py \
-	tests/test_torch_suite_cases.py tests/test_transformer_xl_lm.py tests/test_streaming.py \
-	tests/test_registry.py tests/test_explain.py tests/test_without_triton.py tests/test_kv_cache.py \
-	tests/test_transformer_xl_decoding.py tests/test_step_protocol.py
+# What the second leg runs: every test folder but the ones fastseq/families.py leaves to the
+# newest stack (NEWEST_STACK_ONLY): each family's tests (Triton through the interpreter), the
+# dispatch and step-protocol tests, the torch APIs fastseq hooks into (compile, export, double
+# backward, vmap, TorchScript, weights_only loads) and the sm_90 compile and GPU-script dry run.
+MIN_STACK_TESTS = $(shell $(PYTHON) fastseq/families.py --min-stack-tests)
 
-.PHONY: test test-min-stack bench install install-min-stack clean
+.PHONY: test test-min-stack bench docs install install-min-stack clean
 
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,6 +79,19 @@ test-min-stack: install-min-stack
 # bench/out (bench.json, table.md, PNG plots). BENCH_ARGS passes options, e.g. --quick.
 bench: install
 	$(VENV)/bin/fastseq-bench --out bench/out $(BENCH_ARGS)
+
+# The documentation (mkdocs.yml, docs/) into build/docs, warnings as errors. Its own small venv:
+# mkdocstrings reads the API from the sources statically, so neither torch nor the extension is
+# needed. CI builds it.
+DOCS_VENV := .venv-docs
+DOCS_DEPS := "mkdocs>=1.6,<2" "mkdocs-material>=9.5,<10" "mkdocstrings[python]>=0.26"
+$(DOCS_VENV)/.deps-installed: Makefile
+	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install -q $(DOCS_DEPS)
+	touch $@
+
+docs: $(DOCS_VENV)/.deps-installed
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf build bench/out *.egg-info

@@ -1,7 +1,7 @@
 """Whole-sequence recurrent layers: fastseq.nn.LSTM/GRU against torch.nn.LSTM/GRU (cuDNN).
 
 Providers on a GPU: fastseq-persistent (backend native: the persistent kernel where its plan
-fits, else the GEMM-per-step loop, chosen per pass by fastseq/ops/native_recurrence.py),
+fits, else the GEMM-per-step loop, chosen per pass by fastseq/ops/rnn_native.py),
 fastseq-loop (native with FASTSEQ_PERSISTENT=0: the loop alone), fastseq-triton (the program-per-batch-tile Triton kernel) and torch. On a CPU:
 fastseq-native (the C++ loop: an MKL GEMM and a scalar pointwise pass per step) and torch (aten),
 on small cases; Triton there is the interpreter, not timed.

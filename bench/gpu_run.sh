@@ -17,7 +17,7 @@
 #                                    the rel-attention decode step, Transformer-XL generation
 #   bash bench/gpu_run.sh --dry all  every stage on this CPU with tiny shapes (Triton through the
 #                                    interpreter; chunks collected, not run): a typo costs no
-#                                    GPU minutes. CI runs it (tests/test_gpu_run_script.py).
+#                                    GPU minutes. CI runs it (tests/gpu/test_gpu_run_script.py).
 #
 # Every stage builds first if this tree is not yet installed (a fresh machine: ~1.5 min), so
 # any stage can be a machine's first call. The device copy has no .git: pass GIT_COMMIT=...
@@ -62,28 +62,33 @@ BENCH_TXL_GEN_S=${BENCH_TXL_GEN_S:-90}
 CHUNK_S=${CHUNK_S:-420}
 SANITIZER_S=${SANITIZER_S:-140}
 
-# The test chunks, runtime first. "rest" is every other test file, found at run time, so a new
-# test file is never left out, but for CPU_ONLY: test_packaging builds wheels from `git
-# ls-files` (the device copy has no .git) and test_gpu_run_script is this script's dry run on
-# the CPU; CI runs both.
+# The test chunks, runtime first: the CUDA runtime and persistent-kernel tests; the recurrent
+# and the attention families' test folders (from fastseq/families.py, so a new family is never
+# left out); the rnn family's layer tests again with the persistent kernel off (loop); "rest",
+# every other test file, found at run time, but for CPU_ONLY: tests/project/test_packaging.py
+# builds wheels from `git ls-files` (the device copy has no .git) and
+# tests/gpu/test_gpu_run_script.py is this script's dry run on the CPU; CI runs both.
 CHUNKS="runtime recurrent loop attention rest"
-CPU_ONLY="tests/test_packaging.py tests/test_gpu_run_script.py"
+RUNTIME="tests/across_ops/test_cuda_runtime.py tests/rnn/test_rnn_persistent.py"
+CPU_ONLY="tests/project/test_packaging.py tests/gpu/test_gpu_run_script.py"
+# FILES... less those in the space-separated list $1.
+files_except() {
+  local skip=" $1 " f; shift
+  for f in "$@"; do case "$skip" in *" $f "*) ;; *) printf '%s ' "$f" ;; esac; done; echo
+}
 chunk_files() {
+  local folders
   case "$1" in
-    runtime) echo tests/test_cuda_runtime.py tests/test_rnn_persistent.py ;;
-    recurrent) echo tests/test_rnn_cell_ops.py tests/test_rnn_cell_nn.py \
-        tests/test_rnn_cell_registration.py tests/test_rnn_layer_ops.py tests/test_rnn_nn.py \
-        tests/test_rnn_bidirectional.py tests/test_rnn_zoneout.py tests/test_layer_norm_rnn.py ;;
-    loop) echo tests/test_rnn_layer_ops.py tests/test_rnn_nn.py ;;  # with FASTSEQ_PERSISTENT=0
-    attention) echo tests/test_attention.py tests/test_attention_nn.py tests/test_kv_cache.py \
-        tests/test_rel_attention.py tests/test_transformer_xl.py \
-        tests/test_transformer_xl_decoding.py ;;
+    runtime) echo $RUNTIME ;;
+    recurrent|attention)
+      folders=$("$PYTHON" "$REPO/fastseq/families.py" --test-folders "$1") || return 1
+      # shellcheck disable=SC2086
+      files_except "$RUNTIME" $(for d in $folders; do echo "$d"/test_*.py; done) ;;
+    loop) echo tests/rnn/test_rnn.py tests/rnn/test_rnn_nn.py ;;  # FASTSEQ_PERSISTENT=0
     rest)
-      local named
-      named=" $(for c in runtime recurrent attention; do chunk_files $c; done | tr '\n' ' ') $CPU_ONLY "
-      for f in tests/test_*.py; do
-        case "$named" in *" $f "*) ;; *) printf '%s ' "$f" ;; esac
-      done; echo ;;
+      # shellcheck disable=SC2046
+      files_except "$(for c in runtime recurrent attention; do chunk_files $c; done | tr '\n' ' ') $CPU_ONLY" \
+        tests/*/test_*.py ;;
     *) return 1 ;;
   esac
 }
@@ -167,7 +172,7 @@ stage2() {
 }
 
 stage5() {
-  bench_suites tables-inference.md "decode:$BENCH_DECODE_S" "txl_generation:$BENCH_TXL_GEN_S"
+  bench_suites tables-inference.md "kv_cache:$BENCH_DECODE_S" "txl_generation:$BENCH_TXL_GEN_S"
 }
 
 stage3() {

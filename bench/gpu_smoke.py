@@ -26,7 +26,7 @@ os.environ.setdefault("FASTSEQ_POISON_OUTPUTS", "1")  # an unwritten element rea
 import torch  # noqa: E402
 
 import fastseq  # noqa: E402
-from fastseq.ops import native_recurrence  # noqa: E402
+from fastseq.ops import rnn_native  # noqa: E402
 from fastseq.reference.tolerance import rule_check  # noqa: E402
 
 DEVICE = torch.device("cpu" if DRY else "cuda")
@@ -122,7 +122,7 @@ def cell_cases(out):
             + (["dc"] if lstm else [])
         for backend in ("triton", "native"):
             for dtype in DTYPES:
-                ok &= check(out, "cell", f"{mode} B={B} I={I} H={H}", backend, dtype, call,
+                ok &= check(out, "rnn_cell", f"{mode} B={B} I={I} H={H}", backend, dtype, call,
                             leaves, names, B)
     return ok
 
@@ -147,9 +147,9 @@ def layer_cases(out):
                                     ("native", "native-loop", {"FASTSEQ_PERSISTENT": "0"})):
             def recurrence(dtype, mode=mode):
                 # the native recurrence each pass runs here (persistent or loop, and why)
-                return native_recurrence.describe(mode, B, H, dtype, DEVICE)
+                return rnn_native.describe(mode, B, H, dtype, DEVICE)
             for dtype in DTYPES:
-                ok &= check(out, "rnn_layer", f"{mode} T={T} B={B} I={I} H={H} lengths", backend,
+                ok &= check(out, "rnn", f"{mode} T={T} B={B} I={I} H={H} lengths", backend,
                             dtype, call, leaves, names, T * B, env=env, label=label,
                             variant=recurrence if backend == "native" else None)
     return ok
@@ -174,7 +174,7 @@ def layer_norm_cases(out):
             ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dln_ih", "dln_hh"] + \
             (["dc0", "dln_c_weight", "dln_c_bias"] if lstm else [])
         for dtype in DTYPES:
-            ok &= check(out, "layer_norm_rnn_layer", f"{mode} T={T} B={B} I={I} H={H}", "triton",
+            ok &= check(out, "layer_norm_rnn", f"{mode} T={T} B={B} I={I} H={H}", "triton",
                         dtype, call, leaves, names, T * B)
     return ok
 
@@ -217,7 +217,7 @@ def decode_cases(out):
                 q, k_cache.clone(), v_cache.clone(), lengths, key, value, window=window,
                 backend=backend)]
         for dtype in DTYPES:
-            ok &= check(out, "decode", f"B={B} Hq={H} Hk={H // 2} S_max={capacity} D={D} "
+            ok &= check(out, "kv_cache", f"B={B} Hq={H} Hk={H // 2} S_max={capacity} D={D} "
                         f"Lq={new} window={window}", "triton", dtype, call, leaves, ["out"], 1,
                         forward_only=True)
     return ok

@@ -62,7 +62,7 @@ def tanh(x):
 
 # Launch specs: one compilation of a kernel as its launcher runs it on a GPU, as data. Each
 # launcher module's launch_specs() lists the ones it can produce, built by the same function
-# that builds its launch arguments, so the sm_90 compile test (tests/test_triton_gpu_compile.py)
+# that builds its launch arguments, so the sm_90 compile test (tests/gpu/test_triton_gpu_compile.py)
 # checks exactly what runs and a new kernel or configuration is checked without editing it.
 AOT_ARCH = 90  # the H100/H200
 POINTER_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",

@@ -1,8 +1,15 @@
 """Test set-up: Triton's interpreter where there is no GPU, poisoned outputs everywhere.
 
 Both variables must be set before fastseq (and so its kernels) is imported.
+
+tests/ has one folder per family (fastseq.families) and one per cross-cutting concern. The
+helpers beside this file (numerics, recurrent_cases, triton_aot) and a family's test modules
+are imported by name from any folder (tests/across_ops runs the families' own runners under
+other inputs), so every folder is on sys.path whichever files pytest was given.
 """
 import os
+import pathlib
+import sys
 
 import torch
 
@@ -11,6 +18,11 @@ if not torch.cuda.is_available():
 os.environ.setdefault("FASTSEQ_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
+
+_TESTS = pathlib.Path(__file__).resolve().parent
+for _folder in [_TESTS, *sorted(p for p in _TESTS.iterdir() if p.is_dir() and any(p.glob("test_*.py")))]:
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 import fastseq  # noqa: E402
 

@@ -8,8 +8,8 @@ import os
 import torch
 
 import fastseq
-from fastseq.ops import native_recurrence
-from fastseq.kernels.recurrent.layout import GATES
+from fastseq.ops import rnn_native
+from fastseq.kernels.recurrent_layout import GATES
 
 from numerics import assert_within_rule
 
@@ -72,7 +72,7 @@ def persistent_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=
     batch, hidden = x.shape[1], w_hh.shape[1]
     with persistent_everywhere():
         for backward in (False, True):
-            assert native_recurrence.runs_persistent(mode, backward, batch, hidden, x.dtype,
+            assert rnn_native.runs_persistent(mode, backward, batch, hidden, x.dtype,
                                                      x.device), (mode, backward, batch, hidden)
         return fastseq.ops.rnn_layer(mode, x, hx, w_ih, w_hh, b_ih, b_hh, lengths=lengths,
                                      reverse=reverse, zoneout_h=zoneout_h, zoneout_c=zoneout_c,

@@ -7,8 +7,8 @@ from .rnn import GRU, LSTM, RNN
 from .rnn_cell import GRUCell, LSTMCell, RNNCell
 from .serialization import safe_globals
 from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
-from .transformer_xl import (PositionwiseFF, RelPartialLearnableMultiHeadAttn, TransformerXL,
-                             TransformerXLLayer)
+from .rel_attention import RelPartialLearnableMultiHeadAttn
+from .transformer_xl import PositionwiseFF, TransformerXL, TransformerXLLayer
 from .transformer_xl_decoding import TransformerXLDecodingState
 from .transformer_xl_lm import TransformerXLLM
 

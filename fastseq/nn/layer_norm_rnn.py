@@ -1,5 +1,5 @@
 """fastseq.nn.LayerNormLSTM and LayerNormGRU: layer-normalized recurrent layers (Ba et al.,
-2016, in haste's formulation; the math: fastseq.reference.layer_norm_recurrent), which cuDNN
+2016, in haste's formulation; the math: fastseq.reference.layer_norm_rnn), which cuDNN
 and torch do not have.
 
 Constructor and forward as torch.nn.LSTM/GRU's (input_size, hidden_size, num_layers, bias,
@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..reference.layer_norm_recurrent import EPS
+from ..reference.layer_norm_rnn import EPS
 from .rnn import _FastRNNBase
 from .streaming import check_frame
 

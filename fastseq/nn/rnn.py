@@ -34,7 +34,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .. import backend as _backends
 from .. import ops
 from ..ops._checks import InputError, check_features, check_like_parameters, checked_lengths
-from ..ops.rnn_layer import TORCH_HAS_NO_ZONEOUT, TORCH_REFUSES_EMPTY
+from ..ops.rnn import TORCH_HAS_NO_ZONEOUT, TORCH_REFUSES_EMPTY
 from .scripting import RefusesTorchScript
 from .streaming import RecurrentSteps
 

@@ -4,7 +4,7 @@ Their forward chooses a backend in Python (fastseq.backend: devices, dtypes, wha
 serves) and calls Triton and C++ kernels through torch.library ops whose autograd is Python;
 TorchScript compiles none of that (it stopped at the first generator expression of the
 recurrent layers' forward). torch.compile(fullgraph=True) and torch.export trace the same
-layers whole (tests/test_compile_models.py, tests/test_export.py), so the refusal points there.
+layers whole (tests/torch_api/test_compile_models.py, tests/torch_api/test_export.py), so the refusal points there.
 torch.jit.script calls __prepare_scriptable__ on a module and each of its submodules before
 compiling anything, so a model holding a fastseq layer anywhere gets this error first.
 """

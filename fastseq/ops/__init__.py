@@ -4,9 +4,9 @@ with fake and autograd. PUBLIC_OPS (registry.py) lists them for the derived chec
 from .attention import attention
 from .kv_cache import attention_with_kv_cache
 from .rnn_cell import gru_cell, lstm_cell, rnn_relu_cell, rnn_tanh_cell
-from .layer_norm_rnn_layer import layer_norm_rnn_layer
+from .layer_norm_rnn import layer_norm_rnn_layer
 from .rel_attention import rel_attention
-from .rnn_layer import rnn_bidirectional_layer, rnn_layer
+from .rnn import rnn_bidirectional_layer, rnn_layer
 
 from .registry import PUBLIC_OPS
 

@@ -14,7 +14,7 @@ be a multiple of Hk), with deliberate differences:
     ([..., Hq, L], fp32; fp64 for fp64 inputs; -inf for a row with nothing visible), and a
     gradient flowing into it is honoured.
 The Triton backend (auto's choice on CUDA) runs one fused forward kernel and two fused backward
-kernels (kernels/attention.py); its backward is deterministic (no atomics). fp32 inputs use TF32
+kernels (kernels/attention/kernel.py); its backward is deterministic (no atomics). fp32 inputs use TF32
 tensor-core dots exactly when torch.backends.cuda.matmul.allow_tf32 is set, else exact fp32.
 Dropout is drawn from torch's generator (one seed per call), so torch.manual_seed fixes it.
 """
@@ -110,12 +110,12 @@ def _with_lse(out, lse, return_lse: bool):
 
 
 # The Triton backend's sub-choice: a few query rows against many keys (a decode step, or a
-# short query in cross-attention) take the split-KV decode kernels (kernels/attention/decode.py)
+# short query in cross-attention) take the split-KV decode kernels (kernels/kv_cache/kernel.py)
 # when nothing they lack is needed (a mask, dropout, a backward). The fused forward gives each
 # program >= 16 query rows and all S keys, so at L <= 16 it runs B x H programs that each read
 # the whole cache; split-KV spreads the keys over the GPU's SMs. Below 256 keys the forward's
 # loop is at most 4 key blocks and splitting has nothing to win. Both numbers are predictions
-# (no GPU has been lent yet): bench_decode's L = 1/4/16/64 cases at 1k-64k keys measure the
+# (no GPU has been lent yet): bench_kv_cache's L = 1/4/16/64 cases at 1k-64k keys measure the
 # crossover (bench/NOTES.md). Relative attention follows the same rule.
 def split_kv_decode(call: dict) -> bool:
     L = call["query"].shape[-2]

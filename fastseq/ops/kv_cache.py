@@ -29,7 +29,7 @@ Under torch.autocast the step runs in the caches' dtype (query and new rows are 
 caches cannot be, being written in place).
 
 Backends: triton (split-KV "flash-decoding": the keys are split into ranges across programs
-and their partial softmaxes combined; kernels/attention/decode.py), torch (scatter_ and
+and their partial softmaxes combined; kernels/kv_cache/kernel.py), torch (scatter_ and
 torch's scaled_dot_product_attention with the visibility as a mask), reference (row by row,
 float64-checkable).
 """

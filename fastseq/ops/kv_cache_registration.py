@@ -1,5 +1,5 @@
 """The registered decode ops (torch.ops.fastseq.attention_decode_triton and
-kv_cache_append_triton): custom ops around kernels/attention/decode_launch.py and their fakes.
+kv_cache_append_triton): custom ops around kernels/kv_cache/launch.py and their fakes.
 Forward only: a decode step has no backward (fastseq.ops.attention_with_kv_cache refuses
 inputs that require grad; fastseq.ops.attention takes this path only when none does), and the
 vmap rule runs the op per slice as the other ops' do.
@@ -23,7 +23,7 @@ APPEND = "fastseq::kv_cache_append_triton"
 def attention_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_len: Tensor,
                             is_causal: bool, causal_offset: int, window: int, scale: float
                             ) -> tuple[Tensor, Tensor]:
-    from ..kernels.attention import decode_launch  # Triton is imported with the first launch
+    from ..kernels.kv_cache import launch as decode_launch  # Triton is imported with the first launch
 
     return decode_launch.attention_decode(q, k_cache, v_cache, kv_len, is_causal,
                                           causal_offset, window, scale)
@@ -32,7 +32,7 @@ def attention_decode_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_len:
 @triton_custom_op(APPEND, mutates_args=("k_cache", "v_cache"))
 def kv_cache_append_triton(k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor,
                            cache_len: Tensor) -> None:
-    from ..kernels.attention import decode_launch  # Triton is imported with the first launch
+    from ..kernels.kv_cache import launch as decode_launch  # Triton is imported with the first launch
 
     decode_launch.kv_cache_append(k_cache, v_cache, key, value, cache_len)
 

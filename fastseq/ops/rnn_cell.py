@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backends
-from ..kernels.recurrent.layout import GATES
-from ..reference import recurrent as _reference
+from ..kernels.recurrent_layout import GATES
+from ..reference import rnn_cell as _reference
 from . import rnn_cell_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import autocast_op
 from ._registration import fused

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension
-from ..kernels.recurrent.layout import GATES, WORKSPACE
+from ..kernels.recurrent_layout import GATES, WORKSPACE
 from ._registration import (contiguous_or_none, register_fakes_and_autograd,
                             triton_custom_op)
 
@@ -32,7 +32,7 @@ def rnn_cell_forward_triton(
     mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
     b_ih: Optional[Tensor], b_hh: Optional[Tensor], save_workspace: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels.recurrent import cell as rnn_cell
+    from ..kernels.rnn_cell import launch as rnn_cell
 
     return rnn_cell.rnn_cell_forward(
         mode, *contiguous_or_none(input, hx, cx, w_ih, w_hh, b_ih, b_hh), save_workspace)
@@ -43,7 +43,7 @@ def rnn_cell_backward_triton(
     mode: str, grad_hy: Tensor, grad_cy: Optional[Tensor], hx: Tensor, cx: Optional[Tensor],
     hy: Tensor, cy: Optional[Tensor], workspace: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from ..kernels.recurrent import cell as rnn_cell
+    from ..kernels.rnn_cell import launch as rnn_cell
 
     if WORKSPACE[mode] and workspace.numel() == 0 and hy.shape[0] > 0:
         raise RuntimeError("fastseq: the workspace is empty: the forward ran with "

@@ -168,7 +168,7 @@ def attention_forward_kernel(
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         ACC_DTYPE: tl.constexpr):
     """Program (query block, batch * head): out and lse of BLOCK_M query rows. length_bucket is
-    unused here: it is the autotuner's key (kernels/attention_launch.py)."""
+    unused here: it is the autotuner's key (kernels/attention/launch.py)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     if not SHIFTED:  # a compile-time 0: unshifted launches keep their registers

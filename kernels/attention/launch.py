@@ -1,4 +1,4 @@
-"""Block sizes and launchers of the attention kernels (kernels/attention.py).
+"""Block sizes and launchers of the attention kernels (kernels/attention/kernel.py).
 
 On a GPU each kernel is autotuned (triton.autotune) over a few configurations chosen by dtype,
 head dim and feature set, keyed on the power-of-two bucket of the longest length, so a new
@@ -34,7 +34,7 @@ def _configs(shapes):
 # whether the launch reads a mask tile or draws dropout ("heavy": a [L, S] mask's per-element
 # pointers or the Philox state cost registers). Every entry compiled for sm_90 without
 # register spills on its own feature set under triton 3.6 and 3.8 alike
-# (tests/test_triton_gpu_compile.py, run by both CI legs; the sweeps that chose them are in
+# (tests/gpu/test_triton_gpu_compile.py, run by both CI legs; the sweeps that chose them are in
 # bench/NOTES.md, 2026-12-01 and -02); most larger tiles spilled, and 3.6 spilled six 4-warp
 # entries that 3.8 kept clean, which now take 8 warps or a narrower tile. For the dK/dV
 # kernel BLOCK_N is the key block a program owns and BLOCK_M the query rows it streams.

@@ -1,9 +1,9 @@
-"""Backward kernels of the fused relative-position attention (kernels/rel_attention.py).
+"""Backward kernels of the fused relative-position attention (kernels/rel_attention/forward.py).
 
 Deterministic (no atomics, every sum in a fixed order), three kernels, each recomputing the
 probabilities from the forward's log-sum-exp (delta = rowsum(dO * O) - dlse from the caller):
   * dK, dV: program per (key block, batch * head), streaming the query blocks that see it;
-    dK = scale * dS^T qu, computed transposed as kernels/attention.py does;
+    dK = scale * dS^T qu, computed transposed as kernels/attention/kernel.py does;
   * d(qu), d(qv): program per (query block, batch * head), streaming key blocks;
     d(qu) = scale * dS k, and d(qv) = scale * dBand pos_band, where dBand [BLOCK_M, BAND] is
     dS scattered back along the diagonals it was gathered from (itself a gather);

@@ -1,7 +1,7 @@
 """Split-KV relative-position attention for a few query rows (a Transformer-XL generation step:
 1-16 new rows against memory + segment), forward only.
 
-The split kernel of kernels/attention/decode.py with the Transformer-XL score: each program
+The split kernel of kernels/kv_cache/kernel.py with the Transformer-XL score: each program
 takes a range of keys of one (batch, head) and every query row, and adds the position term
 qv_i . pos[row(M + i - j)] per key block from the band of pos rows the block needs (BLOCK_M +
 BLOCK_N - 1 consecutive distances: one [BLOCK_M, BAND] GEMM against the band, then a gather
@@ -16,7 +16,7 @@ Lq memory keys, distance d = M + i - j, causal d >= 0, window d < window.
 import triton
 import triton.language as tl
 
-from ..attention.decode import add_values, empty_rows, load_keys_t, store_partial
+from ..kv_cache.kernel import add_values, empty_rows, load_keys_t, store_partial
 from ..attention.kernel import online_softmax
 from ..common import dot_acc
 from .forward import band_index, pos_band_rows, relative_visibility

@@ -1,5 +1,5 @@
 """Launcher of the relative-attention decode kernel (kernels/rel_attention/decode.py): the key
-ranges as the attention decode splits them (kernels/attention/decode_launch.py: 2 programs per
+ranges as the attention decode splits them (kernels/kv_cache/launch.py: 2 programs per
 SM, >= 256 keys a range, a shape-only plan), its combine kernel for the partials.
 
 Tiles: one per dtype and head-dim class, the query rows padded to 16 (the step has at most
@@ -10,7 +10,7 @@ NOTES.md); unmeasured for speed.
 import torch
 import triton
 
-from ..attention.decode_launch import SMALL_TILE, combine_partials, partials, split_plan
+from ..kv_cache.launch import SMALL_TILE, combine_partials, partials, split_plan
 from ..attention.launch import LOG2E, head_block
 from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_precision, launch_spec,
                       tl_accumulator_dtype)

@@ -1,5 +1,5 @@
 """Fused Transformer-XL relative-position attention: the forward kernel and the helpers its
-backward kernels (kernels/rel_attention_backward.py) share. Nothing of size Lq x Lk is ever
+backward kernels (kernels/rel_attention/backward.py) share. Nothing of size Lq x Lk is ever
 written to memory (except the gradient of a float mask that requires grad).
 
 The math is fastseq.reference.rel_attention's. With M = Lk - Lq memory keys, query i and key j
@@ -27,7 +27,7 @@ without ever materialising the Lq x Lk matrix or the original's pad-and-reshape 
 
 Layout: qu, qv [B, H, Lq, E], k [B, H, Lk, E], v [B, H, Lk, EV], pos [P, H, E], all with any
 strides; out [B, H, Lq, EV]; lse [B, H, Lq] (natural log). Masks, dropout, exp2 softmax and
-the zero rows of rows with nothing visible are kernels/attention.py's.
+the zero rows of rows with nothing visible are kernels/attention/kernel.py's.
 """
 import triton
 import triton.language as tl

@@ -1,9 +1,9 @@
 """Block sizes and launchers of the relative-position attention kernels
-(kernels/rel_attention.py, kernels/rel_attention_backward.py).
+(kernels/rel_attention/forward.py, kernels/rel_attention/backward.py).
 
 The forward, dK/dV and dQ kernels are autotuned on a GPU like the attention kernels (same key:
 the length bucket and the constexprs that change the work per tile), over configurations that
-compiled for sm_90 without register spills (tests/test_triton_gpu_compile.py); their speed is
+compiled for sm_90 without register spills (tests/gpu/test_triton_gpu_compile.py); their speed is
 unmeasured (no GPU has been lent to this project). The band of pos rows a tile reads is
 BAND = next_power_of_two(BLOCK_M + BLOCK_N - 1) rows in the backward kernels (the forward
 computes it in chunks of BLOCK_N). The d(pos) kernel runs one fixed square
