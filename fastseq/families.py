@@ -59,7 +59,8 @@ FAMILIES = {f.name: f for f in (
            ops=("lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"),
            layers=("LSTMCell", "GRUCell", "RNNCell"),
            auto_cpu="torch (its own cell)", auto_cuda="native (fp32, fp64), triton (fp16, bf16)"),
-    Family("rnn", "recurrent", "whole LSTM/GRU/RNN sequences: layers, directions, lengths, projection",
+    Family("rnn", "recurrent",
+           "whole LSTM/GRU/RNN sequences: layers, directions, lengths, projection",
            ops=("rnn_layer", "rnn_bidirectional_layer"),
            layers=("LSTM", "GRU", "RNN"),
            auto_cpu="torch, else native (zoneout, empty lengths, compiled)",
@@ -115,7 +116,8 @@ def main(argv: list[str]) -> str:
       --test-folders KIND  the test folders of the families of one kind
     """
     if argv == ["--min-stack-tests"]:
-        return " ".join(f"tests/{name}" for name in folders_of_tests() if name not in NEWEST_STACK_ONLY)
+        return " ".join(f"tests/{name}" for name in folders_of_tests()
+                        if name not in NEWEST_STACK_ONLY)
     if len(argv) == 2 and argv[0] == "--test-folders" and argv[1] in {"recurrent", "attention"}:
         return " ".join(f"tests/{f.name}" for f in FAMILIES.values() if f.kind == argv[1])
     raise SystemExit(main.__doc__)

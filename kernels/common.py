@@ -1,4 +1,5 @@
 """Helpers shared by fastseq's Triton kernels."""
+import inspect
 import os
 
 import torch
@@ -60,6 +61,17 @@ def tanh(x):
     return tl.where(x < 0, -t, t)
 
 
+def strided(pointer: str, tensor: torch.Tensor, strides: str) -> dict:
+    """One tensor's launch arguments by name: `pointer` -> the tensor, and each of the
+    space-separated `strides` names -> its stride along that dimension. Launchers pass these as
+    keywords, so a wrong name fails at the launch instead of shifting every later positional
+    argument; an absent tensor is `pointer=None` beside its kernel's flag."""
+    names = strides.split()
+    if len(names) != tensor.dim():
+        raise ValueError(f"{pointer}: {len(names)} stride names for a {tensor.dim()}-d tensor")
+    return {pointer: tensor, **dict(zip(names, tensor.stride()))}
+
+
 # Launch specs: one compilation of a kernel as its launcher runs it on a GPU, as data. Each
 # launcher module's launch_specs() lists the ones it can produce, built by the same function
 # that builds its launch arguments, so the sm_90 compile test (tests/gpu/test_triton_gpu_compile.py)
@@ -75,13 +87,19 @@ def _json_constexpr(value):
 
 
 def launch_spec(kernel, dtype: torch.dtype, launch: dict, *, pointers: dict | None = None,
-                scalars: dict | None = None, gemm: bool = False) -> dict:
+                scalars: dict | None = None, gemm: bool = False, absent=()) -> dict:
     """`kernel` compiled with `launch` (its constexprs plus num_warps/num_stages) for pointers
     to `dtype`; `pointers` and `scalars` name arguments of other types (pointers default to
-    `dtype`, scalars to int32). gemm: its half-precision GEMMs must run on the tensor cores."""
+    `dtype`, scalars to int32). gemm: its half-precision GEMMs must run on the tensor cores.
+    absent: pointer arguments the launcher passes as None (a tensor the call has not: Triton
+    specializes None as a constexpr, which the kernel reads only under its HAS_ flag)."""
     fn = kernel.fn
     constexprs = {k: _json_constexpr(v) for k, v in launch.items()
                   if k not in ("num_warps", "num_stages")}
+    unknown = set(absent) - set(inspect.signature(fn).parameters)
+    if unknown:
+        raise ValueError(f"{fn.__name__} has no arguments {sorted(unknown)}")
+    constexprs.update({name: None for name in absent})
     return {"module": fn.__module__.removeprefix("fastseq.kernels."), "kernel": fn.__name__,
             "arch": AOT_ARCH, "pointer_dtype": POINTER_DTYPES[dtype],
             "pointer_overrides": {k: POINTER_DTYPES.get(v, v) for k, v in (pointers or {}).items()},

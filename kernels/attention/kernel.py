@@ -184,7 +184,8 @@ def attention_forward_kernel(
                 mask=(offs_m[:, None] < L) & (offs_d[None, :] < E), other=0.0)
     k_ptr += b * stride_kb + kv_h * stride_kh
     v_ptr += b * stride_vb + kv_h * stride_vh
-    mask_ptr += b * stride_mb + h * stride_mh
+    if MASK_KIND != 0:  # NO_MASK: mask_ptr is None (a constexpr)
+        mask_ptr += b * stride_mb + h * stride_mh
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr) + bh
@@ -353,8 +354,10 @@ def attention_backward_key_kernel(
         seed = tl.load(seed_ptr) + bh
     q_ptr += b * stride_qb + h * stride_qh
     do_ptr += b * stride_dob + h * stride_doh
-    mask_ptr += b * stride_mb + h * stride_mh
-    dmask_ptr += bh.to(tl.int64) * L * S
+    if MASK_KIND != 0:  # NO_MASK: mask_ptr is None (a constexpr)
+        mask_ptr += b * stride_mb + h * stride_mh
+    if MASK_GRAD:  # else dmask_ptr is None
+        dmask_ptr += bh.to(tl.int64) * L * S
     lse_ptr += bh * L
     delta_ptr += bh * L
     for start_m in range(first, free_start, BLOCK_M):
@@ -429,7 +432,8 @@ def attention_backward_query_kernel(
     lse2, delta = load_row_stats(lse_ptr + bh * L, delta_ptr + bh * L, offs_m, L, ACC_DTYPE)
     k_ptr += b * stride_kb + kv_h * stride_kh
     v_ptr += b * stride_vb + kv_h * stride_vh
-    mask_ptr += b * stride_mb + h * stride_mh
+    if MASK_KIND != 0:  # NO_MASK: mask_ptr is None (a constexpr)
+        mask_ptr += b * stride_mb + h * stride_mh
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr) + bh

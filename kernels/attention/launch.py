@@ -12,7 +12,7 @@ import torch
 import triton
 
 from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_precision, launch_spec,
-                      new_output, tl_accumulator_dtype)
+                      new_output, strided, tl_accumulator_dtype)
 from .kernel import (BOOL_KEY_MASK, BOOL_MASK, FLOAT_KEY_MASK, FLOAT_MASK, NO_MASK,
                      attention_backward_key_kernel, attention_backward_query_kernel,
                      attention_forward_kernel)
@@ -114,15 +114,25 @@ def length_bucket(*lengths: int) -> int:
     return triton.next_power_of_2(max(lengths))
 
 
-def mask_arguments(mask, like):
-    """(pointer tensor, kind, its 4 strides) of a [B, H, L, S] mask view; bool masks as uint8.
-    A mask broadcast over the query rows (stride 0, e.g. key padding) is read as one row."""
+MASK_STRIDES = "stride_mb stride_mh stride_mm stride_mn"
+Q_STRIDES = "stride_qb stride_qh stride_qm stride_qd"
+K_STRIDES = "stride_kb stride_kh stride_kn stride_kd"
+V_STRIDES = "stride_vb stride_vh stride_vn stride_vd"
+OUT_STRIDES = "stride_ob stride_oh stride_om stride_od"
+DOUT_STRIDES = "stride_dob stride_doh stride_dom stride_dod"
+
+
+def mask_arguments(mask) -> tuple[dict, int]:
+    """(the mask's launch arguments by name, its kind) of a [B, H, L, S] mask view or None (a
+    None pointer and NO_MASK); bool masks as uint8. A mask broadcast over the query rows
+    (stride 0, e.g. key padding) is read as one row."""
     if mask is None:
-        return like, NO_MASK, (0, 0, 0, 0)
+        return {"mask_ptr": None, **dict.fromkeys(MASK_STRIDES.split(), 0)}, NO_MASK
     one_row = mask.stride(2) == 0 or mask.shape[2] == 1
     if mask.dtype == torch.bool:
-        return mask.view(torch.uint8), BOOL_KEY_MASK if one_row else BOOL_MASK, mask.stride()
-    return mask, FLOAT_KEY_MASK if one_row else FLOAT_MASK, mask.stride()
+        return (strided("mask_ptr", mask.view(torch.uint8), MASK_STRIDES),
+                BOOL_KEY_MASK if one_row else BOOL_MASK)
+    return strided("mask_ptr", mask, MASK_STRIDES), FLOAT_KEY_MASK if one_row else FLOAT_MASK
 
 
 def feature_constexprs(dtype, block_d, block_dv, is_causal, shifted, dropout, PRECISION,
@@ -141,7 +151,7 @@ def _common(q, k, v, scale, is_causal, causal_shift, dropout_p):
     constexprs = feature_constexprs(q.dtype, head_block(E), head_block(EV), is_causal,
                                     bool(is_causal and causal_shift != 0), dropout_p > 0.0,
                                     dot_precision(q.dtype), INTERPRETED)
-    scalars = (H, H // k.shape[1], L, S, E, EV)
+    scalars = dict(H=H, GROUP=H // k.shape[1], L=L, S=S, E=E, EV=EV)
     return B, H, L, S, E, EV, constexprs, scalars, float(scale) * LOG2E
 
 
@@ -155,13 +165,15 @@ def attention_forward(q, k, v, mask, seed, dropout_p: float, is_causal: bool, ca
                                                                  causal_shift, dropout_p)
     out = new_output((B, H, L, EV), q)
     lse = new_output((B, H, L), q.new_empty(0, dtype=accumulator_dtype(q.dtype)))
-    mask_arg, mask_kind, mask_strides = mask_arguments(mask, q)
+    mask_args, mask_kind = mask_arguments(mask)
     kernel, launch = _kernel_for("forward", attention_forward_kernel, q.dtype,
                                  constexprs["BLOCK_D"], heavy_launch(mask_kind, dropout_p))
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-    kernel[grid](q, k, v, out, lse, mask_arg, seed if seed is not None else lse,
-                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-                 *scalars, qk_scale2, float(dropout_p), int(causal_shift), length_bucket(L, S),
+    kernel[grid](**strided("q_ptr", q, Q_STRIDES), **strided("k_ptr", k, K_STRIDES),
+                 **strided("v_ptr", v, V_STRIDES), **strided("out_ptr", out, OUT_STRIDES),
+                 **mask_args, lse_ptr=lse, seed_ptr=seed if dropout_p > 0.0 else None,
+                 **scalars, qk_scale2=qk_scale2, dropout_p=float(dropout_p),
+                 causal_shift=int(causal_shift), length_bucket=length_bucket(L, S),
                  MASK_KIND=mask_kind, **constexprs, **launch)
     return out, lse
 
@@ -183,26 +195,24 @@ def attention_backward(dout, q, k, v, lse, delta, mask, mask_grad: bool, seed,
     # Entries no program visits (keys hidden by the causal rule) have gradient 0: zeros.
     dmask = (torch.zeros((B, H, L, S), dtype=mask.dtype, device=q.device) if mask_grad
              else q.new_empty(0))
-    mask_arg, mask_kind, mask_strides = mask_arguments(mask, q)
-    seed_arg = seed if seed is not None else lse
-    bucket = length_bucket(L, S)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *mask_strides)
+    mask_args, mask_kind = mask_arguments(mask)
+    # What both backward kernels read, by name.
+    shared = dict(**strided("q_ptr", q, Q_STRIDES), **strided("k_ptr", k, K_STRIDES),
+                  **strided("v_ptr", v, V_STRIDES), **strided("do_ptr", dout, DOUT_STRIDES),
+                  **mask_args, lse_ptr=lse, delta_ptr=delta,
+                  seed_ptr=seed if dropout_p > 0.0 else None, **scalars, qk_scale2=qk_scale2,
+                  scale=float(scale), dropout_p=float(dropout_p), causal_shift=int(causal_shift),
+                  length_bucket=length_bucket(L, S), MASK_KIND=mask_kind, **constexprs)
     heavy = heavy_launch(mask_kind, dropout_p)
     kernel, launch = _kernel_for("backward_key", attention_backward_key_kernel, q.dtype,
                                  constexprs["BLOCK_D"], heavy)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731
-    kernel[grid](q, k, v, dout, lse, delta, mask_arg, seed_arg, dk, dv,
-                 dmask if mask_grad else q, *strides, *scalars, qk_scale2, float(scale),
-                 float(dropout_p), int(causal_shift), bucket, MASK_KIND=mask_kind,
-                 MASK_GRAD=mask_grad,
-                 **constexprs, **launch)
+    kernel[grid](**shared, dk_ptr=dk, dv_ptr=dv, dmask_ptr=dmask if mask_grad else None,
+                 MASK_GRAD=mask_grad, **launch)
     kernel, launch = _kernel_for("backward_query", attention_backward_query_kernel, q.dtype,
                                  constexprs["BLOCK_D"], heavy)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-    kernel[grid](q, k, v, dout, lse, delta, mask_arg, seed_arg, dq, *strides, *scalars,
-                 qk_scale2, float(scale), float(dropout_p), int(causal_shift), bucket,
-                 MASK_KIND=mask_kind,
-                 **constexprs, **launch)
+    kernel[grid](**shared, dq_ptr=dq, **launch)
     if group > 1:
         dk = dk.view(B, k.shape[1], group, S, E).sum(2).to(k.dtype)
         dv = dv.view(B, k.shape[1], group, S, EV).sum(2).to(v.dtype)
@@ -240,8 +250,10 @@ def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int, heavy: bool,
                                            **GPU_DOT))
         if kernel == "backward_key":
             launch["MASK_GRAD"] = heavy
+        # Light launches pass no seed (no dropout) and no mask gradient: None, as the launchers.
+        absent = [] if heavy else ["seed_ptr"] + (["dmask_ptr"] if kernel == "backward_key" else [])
         specs.append(launch_spec(KERNELS[kernel], dtype, launch, pointers=pointers,
-                                 scalars=scalars, gemm=True))
+                                 scalars=scalars, gemm=True, absent=absent))
     return specs
 
 

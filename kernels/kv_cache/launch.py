@@ -17,11 +17,12 @@ win): the rows of a program are the G x Lq query rows of a key/value head, padde
 import torch
 import triton
 
+from ..attention.launch import (K_STRIDES, LOG2E, OUT_STRIDES, Q_STRIDES, V_STRIDES,
+                                head_block)
 from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_precision, launch_spec,
-                      new_output, tl_accumulator_dtype)
+                      new_output, strided, tl_accumulator_dtype)
 from .kernel import (attention_decode_combine_kernel, attention_decode_split_kernel,
                      kv_cache_append_kernel)
-from ..attention.launch import LOG2E, head_block
 
 MIN_SPLIT_KEYS = 256
 MAX_SPLITS = 128
@@ -110,9 +111,11 @@ def attention_decode(q, k_cache, v_cache, kv_len, is_causal: bool, causal_offset
     splits, split_size = split_plan(B, HK, row_blocks, capacity, launch["BLOCK_N"], q.device)
     part_out, part_lse = partials(B, HQ, LQ, splits, EV, q)
     attention_decode_split_kernel[(splits, B * HK, row_blocks)](
-        q, k_cache, v_cache, kv_len, part_out, part_lse, *q.stride(), *k_cache.stride(),
-        *v_cache.stride(), HQ, group, LQ, E, EV, splits, split_size, float(scale) * LOG2E,
-        int(causal_offset), int(window),
+        **strided("q_ptr", q, Q_STRIDES), **strided("k_ptr", k_cache, K_STRIDES),
+        **strided("v_ptr", v_cache, V_STRIDES), kv_len_ptr=kv_len, part_out_ptr=part_out,
+        part_lse_ptr=part_lse, HQ=HQ, GROUP=group, LQ=LQ, E=E, EV=EV, SPLITS=splits,
+        split_size=split_size, qk_scale2=float(scale) * LOG2E,
+        causal_offset=int(causal_offset), window=int(window),
         **_constexprs(q.dtype, block_m, block_d, block_dv, is_causal, window > 0,
                       dot_precision(q.dtype), INTERPRETED), **launch)
     return combine_partials(part_out, part_lse, q)
@@ -132,8 +135,8 @@ def combine_partials(part_out: torch.Tensor, part_lse: torch.Tensor, like: torch
     out = new_output((B, H, LQ, EV), like)
     lse = new_output((B, H, LQ), part_out)
     attention_decode_combine_kernel[(B * H * LQ,)](
-        part_out, part_lse, out, lse, *out.stride(), H, LQ, EV, splits,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), CHUNK_S=COMBINE_CHUNK,
+        part_out_ptr=part_out, part_lse_ptr=part_lse, **strided("out_ptr", out, OUT_STRIDES),
+        lse_ptr=lse, HQ=H, LQ=LQ, EV=EV, SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), CHUNK_S=COMBINE_CHUNK,
         BLOCK_DV=head_block(EV), num_warps=4)
     return out, lse
 
@@ -146,9 +149,10 @@ def kv_cache_append(k_cache, v_cache, key, value, cache_len) -> None:
     if B * HK * LQ == 0:
         return
     kv_cache_append_kernel[(B * HK, LQ)](
-        k_cache, v_cache, key, value, cache_len, *k_cache.stride(), *v_cache.stride(),
-        *key.stride(), *value.stride(), HK, k_cache.shape[2], E, EV,
-        BLOCK_D=triton.next_power_of_2(E), BLOCK_DV=triton.next_power_of_2(EV), num_warps=1)
+        **strided("k_cache_ptr", k_cache, "stride_cb stride_ch stride_cn stride_cd"),
+        **strided("v_cache_ptr", v_cache, "stride_wb stride_wh stride_wn stride_wd"),
+        **strided("k_ptr", key, K_STRIDES), **strided("v_ptr", value, V_STRIDES),
+        cache_len_ptr=cache_len, HK=HK, S_MAX=k_cache.shape[2], E=E, EV=EV, BLOCK_D=triton.next_power_of_2(E), BLOCK_DV=triton.next_power_of_2(EV), num_warps=1)
 
 
 # The launches a GPU runs, per dtype and head dim: the split kernel at every row count it takes

@@ -27,6 +27,8 @@ recurrent LN's backward over G*H; GRU 1+2) its gates as the plain layer. Then 3)
 recurrent LN's backward, 4) dh_{t-1} += dp W_hh. The gains' and W_hh's gradients are sums
 over all steps afterwards (fastseq/ops/layer_norm_rnn.py).
 """
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -106,7 +108,8 @@ def _ln_rnn_forward_kernel(
         h_read = hbuf_ptr + (step % 2) * BH
         h_write = hbuf_ptr + ((step + 1) % 2) * BH
         valid = (t < lengths)[:, None]
-        stats = stats_ptr + t64 * B * S + rows_b * S
+        if SAVE_WS:  # else stats_ptr is None
+            stats = stats_ptr + t64 * B * S + rows_b * S
 
         # A: p = h_{t-1} W_hh^T (every gate of a tile of units) and its row sums.
         p_sum = tl.zeros((BLOCK_B,), ACC_DTYPE)
@@ -152,8 +155,8 @@ def _ln_rnn_forward_kernel(
                 q3 += b3[None, :]
             gx0, gx1, gx2, gx3 = _load_gates(gx_ptr + t64 * B * GH + rows_b[:, None] * GH + offs_h[None, :],
                                              H, mask, G, ACC_DTYPE)
-            ws = ws_ptr + t64 * B * WS * H + rows_b[:, None] * (WS * H) + offs_h[None, :]
-            if SAVE_WS:
+            if SAVE_WS:  # else ws_ptr is None
+                ws = ws_ptr + t64 * B * WS * H + rows_b[:, None] * (WS * H) + offs_h[None, :]
                 _store_gates(ws + NP * H, H, mask, n0, n1, n2, n3, G)
             h_prev = tl.load(h_read + state, mask=mask, other=0.0)
             if MODE == 0:
@@ -416,14 +419,14 @@ def layer_norm_rnn_forward(mode, gates_x, h0, c0, w_hh, b_hh, ln_hh_weight, ln_c
                                UPCAST=INTERPRETED, HAS_B_HH=b_hh is not None,
                                SAVE_WS=ws.numel() > 0)
     grid = (triton.cdiv(B, launch["BLOCK_B"]),)
+    saved = ws.numel() > 0
     _ln_rnn_forward_kernel[grid](
-        gates_x, h0, c0 if lstm else h0, w_hh, b_hh if b_hh is not None else h0, ln_hh_weight,
-        ln_c_weight if lstm else h0, ln_c_bias if lstm else h0,
-        lengths if lengths is not None else h0,
-        y, h_n, c_n if lstm else h_n, ws if ws.numel() else y, stats if stats.numel() else hbuf,
-        hbuf, cbuf, pbuf,
-        T, B, H, eps, **launch,
-    )
+        gx_ptr=gates_x, h0_ptr=h0, c0_ptr=c0 if lstm else None, w_hh_ptr=w_hh, b_hh_ptr=b_hh,
+        a_hh_ptr=ln_hh_weight, a_c_ptr=ln_c_weight if lstm else None,
+        b_c_ptr=ln_c_bias if lstm else None, len_ptr=lengths, y_ptr=y, hn_ptr=h_n,
+        cn_ptr=c_n if lstm else None, ws_ptr=ws if saved else None,
+        stats_ptr=stats if saved else None, hbuf_ptr=hbuf, cbuf_ptr=cbuf, pbuf_ptr=pbuf,
+        T=T, B=B, H=H, eps=eps, **launch)
     return y, h_n, c_n, ws, stats
 
 
@@ -458,13 +461,13 @@ def layer_norm_rnn_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, ln_h
                                UPCAST=INTERPRETED, HAS_GRAD_CN=grad_c_n is not None)
     grid = (triton.cdiv(B, launch["BLOCK_B"]),)
     _ln_rnn_backward_kernel[grid](
-        grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0, c0 if lstm else h0,
-        w_hh, ln_hh_weight, ln_c_weight if lstm else h0, ln_c_bias if lstm else h0, y, workspace,
-        stats, lengths if lengths is not None else h0,
-        dgx, dq if gru else dgx, dp, da if lstm else dgx, dh0, dc0 if lstm else dh0,
-        dhbuf, dcbuf, dqbuf,
-        T, B, H, **launch,
-    )
+        gy_ptr=grad_y, ghn_ptr=grad_h_n, gcn_ptr=grad_c_n, h0_ptr=h0,
+        c0_ptr=c0 if lstm else None, w_hh_ptr=w_hh, a_hh_ptr=ln_hh_weight,
+        a_c_ptr=ln_c_weight if lstm else None, b_c_ptr=ln_c_bias if lstm else None, y_ptr=y,
+        ws_ptr=workspace, stats_ptr=stats, len_ptr=lengths, dgx_ptr=dgx,
+        dq_ptr=dq if gru else None, dp_ptr=dp, da_ptr=da if lstm else None, dh0_ptr=dh0,
+        dc0_ptr=dc0 if lstm else None, dhbuf_ptr=dhbuf, dcbuf_ptr=dcbuf, dqbuf_ptr=dqbuf,
+        T=T, B=B, H=H, **launch)
     return dgx, dq, dp, da, dh0, dc0
 
 
@@ -484,9 +487,14 @@ def launch_specs() -> list[dict]:
     in bf16 and fp32, on the longest path (reverse, lengths, biases, workspace)."""
     specs = []
     for kernel, fn in (("forward", _ln_rnn_forward_kernel), ("backward", _ln_rnn_backward_kernel)):
-        flags = {"HAS_B_HH": True, "SAVE_WS": True} if kernel == "forward" else \
-            {"HAS_GRAD_CN": True}
         for mode in ("lstm", "gru"):
+            lstm = mode == "lstm"
+            flags = ({"HAS_B_HH": True, "SAVE_WS": True} if kernel == "forward"
+                     else {"HAS_GRAD_CN": lstm})
+            # The tensors the mode has not are absent (None), as the launchers pass them.
+            lstm_only = ("c0_ptr", "a_c_ptr", "b_c_ptr", "cn_ptr", "gcn_ptr", "da_ptr", "dc0_ptr")
+            absent = [name for name in (("dq_ptr",) if lstm else lstm_only)
+                      if name in inspect.signature(fn.fn).parameters]
             for dtype in (torch.bfloat16, torch.float32):
                 state = accumulator_dtype(dtype)
                 pointers = {"len_ptr": "i32", **{name: state for name in (
@@ -494,5 +502,5 @@ def launch_specs() -> list[dict]:
                     "dqbuf_ptr")}}
                 specs.append(launch_spec(fn, dtype, layer_norm_launch(
                     kernel, mode, dtype, has_lengths=True, reverse=True, **GPU_DOT, **flags),
-                    pointers=pointers, scalars={"eps": "fp32"}, gemm=True))
+                    pointers=pointers, scalars={"eps": "fp32"}, gemm=True, absent=absent))
     return specs

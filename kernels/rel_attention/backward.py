@@ -157,8 +157,10 @@ def rel_attention_backward_key_kernel(
     qv_ptr += b * stride_qb + h * stride_qh
     do_ptr += b * stride_dob + h * stride_doh
     pos_ptr += h * stride_ph
-    mask_ptr += b * stride_mb + h * stride_mh
-    dmask_ptr += bh.to(tl.int64) * L * S
+    if MASK_KIND != 0:  # NO_MASK: mask_ptr is None (a constexpr)
+        mask_ptr += b * stride_mb + h * stride_mh
+    if MASK_GRAD:  # else dmask_ptr is None
+        dmask_ptr += bh.to(tl.int64) * L * S
     lse_ptr += bh * L
     delta_ptr += bh * L
     for start_m in range(lo, free_lo, BLOCK_M):
@@ -262,7 +264,8 @@ def rel_attention_backward_query_kernel(
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
     pos_ptr += h * stride_ph
-    mask_ptr += b * stride_mb + h * stride_mh
+    if MASK_KIND != 0:  # NO_MASK: mask_ptr is None (a constexpr)
+        mask_ptr += b * stride_mb + h * stride_mh
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr) + bh
@@ -370,8 +373,11 @@ def rel_attention_backward_pos_kernel(
                          mask=rows_ok & (offs_dv[None, :] < EV), other=0.0)
             lse2, delta = load_row_stats(lse_ptr + bh * L, delta_ptr + bh * L, offs_m, L,
                                          ACC_DTYPE)
+            head_mask = mask_ptr  # None without a mask (NO_MASK)
+            if MASK_KIND != 0:
+                head_mask = mask_ptr + b * stride_mb + h * stride_mh
             p = rel_probabilities(qu, qv, k, pos_band, offs_m, offs_n, lse2, gather_index, L, S,
-                                  MEM, window, mask_ptr + b * stride_mb + h * stride_mh,
+                                  MEM, window, head_mask,
                                   stride_mm, stride_mn, qk_scale2, MASK_KIND, IS_CAUSAL,
                                   HAS_WINDOW, True, PRECISION, UPCAST)
             ds, _ = score_gradient(p, do, v, offs_m, offs_n, delta, S, seed, dropout_p, DROPOUT,

@@ -16,6 +16,7 @@ from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_precision, la
                       tl_accumulator_dtype)
 from ..limits import DECODE_MAX_QUERY_ROWS as DECODE_MAX_ROWS
 from .decode import rel_attention_decode_split_kernel
+from .launch import input_arguments
 
 
 def gpu_tile(dtype: torch.dtype, block_d: int) -> dict:
@@ -49,9 +50,9 @@ def rel_attention_decode(qu, qv, k, v, pos, is_causal: bool, window, pos_offset:
     splits, split_size = split_plan(B, H, 1, S, launch["BLOCK_N"], qu.device)
     part_out, part_lse = partials(B, H, LQ, splits, EV, qu)
     rel_attention_decode_split_kernel[(splits, B * H)](
-        qu, qv, k, v, pos, part_out, part_lse, *qu.stride(), *k.stride(), *v.stride(),
-        *pos.stride(), H, LQ, S, E, EV, P, S - LQ, int(window or 0), int(pos_offset), splits,
-        split_size, float(scale) * LOG2E,
+        **input_arguments(qu, qv, k, v, pos), part_out_ptr=part_out, part_lse_ptr=part_lse, H=H, LQ=LQ,
+        S=S, E=E, EV=EV, P=P, MEM=S - LQ, window=int(window or 0), pos_offset=int(pos_offset),
+        SPLITS=splits, split_size=split_size, qk_scale2=float(scale) * LOG2E,
         **_constexprs(qu.dtype, launch["BLOCK_N"], block_d, block_dv, is_causal,
                       window is not None, dot_precision(qu.dtype), INTERPRETED), **launch)
     return combine_partials(part_out, part_lse, qu)

@@ -186,7 +186,8 @@ def rel_attention_forward_kernel(
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
     pos_ptr += h * stride_ph
-    mask_ptr += b * stride_mb + h * stride_mh
+    if MASK_KIND != 0:  # NO_MASK: mask_ptr is None (a constexpr)
+        mask_ptr += b * stride_mb + h * stride_mh
     seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr) + bh

@@ -14,10 +14,11 @@ import torch
 import triton
 
 from ..attention.kernel import BOOL_KEY_MASK, FLOAT_MASK
-from ..attention.launch import (head_block, heavy_launch, length_bucket, mask_arguments,
+from ..attention.launch import (DOUT_STRIDES, K_STRIDES, OUT_STRIDES, Q_STRIDES, V_STRIDES,
+                                head_block, heavy_launch, length_bucket, mask_arguments,
                                 spec_types)
 from ..common import (GPU_DOT, INTERPRETED, accumulator_dtype, dot_precision, launch_spec,
-                      new_output, tl_accumulator_dtype)
+                      new_output, strided, tl_accumulator_dtype)
 from .backward import (rel_attention_backward_key_kernel, rel_attention_backward_pos_kernel,
                        rel_attention_backward_query_kernel)
 from .forward import rel_attention_forward_kernel
@@ -132,17 +133,24 @@ def rel_attention_forward(qu, qv, k, v, pos, mask, seed, dropout_p: float, is_ca
     B, H, L, S, E, EV, P, constexprs = _common(qu, k, v, pos, is_causal, window, dropout_p)
     out = new_output((B, H, L, EV), qu)
     lse = new_output((B, H, L), qu.new_empty(0, dtype=accumulator_dtype(qu.dtype)))
-    mask_arg, mask_kind, mask_strides = mask_arguments(mask, qu)
+    mask_args, mask_kind = mask_arguments(mask)
     kernel, launch = _kernel_for("forward", rel_attention_forward_kernel, qu.dtype,
                                  constexprs["BLOCK_D"], heavy_launch(mask_kind, dropout_p))
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-    kernel[grid](qu, qv, k, v, pos, out, lse, mask_arg, seed if seed is not None else lse,
-                 *qu.stride(), *k.stride(), *v.stride(), *pos.stride(), *out.stride(),
-                 *mask_strides, H, L, S, E, EV, P, int(pos_offset),
-                 int(window) if window is not None else 0, float(scale) * LOG2E,
-                 float(dropout_p), length_bucket(L, S), MASK_KIND=mask_kind, **constexprs,
-                 **launch)
+    kernel[grid](**input_arguments(qu, qv, k, v, pos), **strided("out_ptr", out, OUT_STRIDES),
+                 **mask_args, lse_ptr=lse, seed_ptr=seed if dropout_p > 0.0 else None,
+                 H=H, L=L, S=S, E=E, EV=EV, P=P, pos_offset=int(pos_offset),
+                 window=int(window) if window is not None else 0,
+                 qk_scale2=float(scale) * LOG2E, dropout_p=float(dropout_p),
+                 length_bucket=length_bucket(L, S), MASK_KIND=mask_kind, **constexprs, **launch)
     return out, lse
+
+
+def input_arguments(qu, qv, k, v, pos) -> dict:
+    """The inputs every relative-attention kernel reads, by name (qv shares qu's strides)."""
+    return dict(**strided("qu_ptr", qu, Q_STRIDES), qv_ptr=qv, **strided("k_ptr", k, K_STRIDES),
+                **strided("v_ptr", v, V_STRIDES),
+                **strided("pos_ptr", pos, "stride_pp stride_ph stride_pd"))
 
 
 def rel_attention_backward(dout, qu, qv, k, v, pos, lse, delta, mask, mask_grad: bool, seed,
@@ -158,34 +166,33 @@ def rel_attention_backward(dout, qu, qv, k, v, pos, lse, delta, mask, mask_grad:
     dv = new_output(v.shape, v)
     dmask = (torch.zeros((B, H, L, S), dtype=mask.dtype, device=qu.device) if mask_grad
              else qu.new_empty(0))
-    mask_arg, mask_kind, mask_strides = mask_arguments(mask, qu)
+    mask_args, mask_kind = mask_arguments(mask)
     heavy = heavy_launch(mask_kind, dropout_p)
-    arguments = (qu, qv, k, v, pos, dout, lse, delta, mask_arg,
-                 seed if seed is not None else lse)
-    strides = (*qu.stride(), *k.stride(), *v.stride(), *pos.stride(), *dout.stride(),
-               *mask_strides)
-    scalars = (L, S, E, EV, P, int(pos_offset), int(window) if window is not None else 0,
-               float(scale) * LOG2E, float(scale), float(dropout_p), length_bucket(L, S))
+    # What the three backward kernels read, by name.
+    shared = dict(**input_arguments(qu, qv, k, v, pos), **strided("do_ptr", dout, DOUT_STRIDES),
+                  **mask_args, lse_ptr=lse, delta_ptr=delta,
+                  seed_ptr=seed if dropout_p > 0.0 else None, H=H, L=L, S=S, E=E, EV=EV, P=P,
+                  pos_offset=int(pos_offset), window=int(window) if window is not None else 0,
+                  qk_scale2=float(scale) * LOG2E, scale=float(scale), dropout_p=float(dropout_p),
+                  length_bucket=length_bucket(L, S), MASK_KIND=mask_kind, **constexprs)
 
     kernel, launch = _kernel_for("backward_key", rel_attention_backward_key_kernel, qu.dtype,
                                  constexprs["BLOCK_D"], heavy)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731
-    kernel[grid](*arguments, dk, dv, dmask if mask_grad else qu, *strides, H, *scalars,
-                 MASK_KIND=mask_kind, MASK_GRAD=mask_grad, **constexprs, **launch)
+    kernel[grid](**shared, dk_ptr=dk, dv_ptr=dv, dmask_ptr=dmask if mask_grad else None,
+                 MASK_GRAD=mask_grad, **launch)
 
     kernel, launch = _kernel_for("backward_query", rel_attention_backward_query_kernel,
                                  qu.dtype, constexprs["BLOCK_D"], heavy)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-    kernel[grid](*arguments, dqu, dqv, *strides, H, *scalars, MASK_KIND=mask_kind,
-                 **constexprs, **launch)
+    kernel[grid](**shared, dqu_ptr=dqu, dqv_ptr=dqv, **launch)
 
     block, warps, stages = pos_tile(qu.dtype, constexprs["BLOCK_D"])
     diagonals = triton.cdiv(L, block) + triton.cdiv(S, block) - 1
     dband = new_output((H, diagonals, 2 * block, E),
                        qu.new_empty(0, dtype=accumulator_dtype(qu.dtype)))
     rel_attention_backward_pos_kernel[(diagonals, H)](
-        *arguments, dband, *strides, B, H, *scalars, MASK_KIND=mask_kind,
-        **pos_launch(block, warps, stages), **constexprs)
+        **shared, dband_ptr=dband, B=B, **pos_launch(block, warps, stages))
     dpos = fold_band_gradient(dband, L, S, P, block, int(pos_offset)).to(pos.dtype)
     return dqu, dqv, dk, dv, dpos, dmask
 
@@ -209,11 +216,12 @@ def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int, heavy: bool) ->
         pointers["dband_ptr"] = accumulator_dtype(dtype)
     features = dict(MASK_KIND=FLOAT_MASK if heavy else BOOL_KEY_MASK,
                     **feature_constexprs(dtype, head_dim, head_dim, True, True, heavy, **GPU_DOT))
+    # Light launches pass no seed (no dropout) and no mask gradient: None, as the launchers.
+    absent = [] if heavy else ["seed_ptr"] + (["dmask_ptr"] if kernel == "backward_key" else [])
     if kernel == "backward_pos":
         return [launch_spec(rel_attention_backward_pos_kernel, dtype,
                             dict(features, **pos_launch(*pos_tile(dtype, head_dim, False))),
-                            pointers=pointers,
-                            scalars=scalars, gemm=True)]
+                            pointers=pointers, scalars=scalars, gemm=True, absent=absent)]
     specs = []
     for config in candidate_configs(kernel, dtype, head_dim, heavy):
         launch = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
@@ -221,7 +229,7 @@ def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int, heavy: bool) ->
         if kernel == "backward_key":
             launch["MASK_GRAD"] = heavy
         specs.append(launch_spec(KERNELS[kernel], dtype, launch, pointers=pointers,
-                                 scalars=scalars, gemm=True))
+                                 scalars=scalars, gemm=True, absent=absent))
     return specs
 
 

@@ -21,6 +21,8 @@ Zoneout (LSTM h and c, GRU h): per-step weights m [T, B, H], h_t = m h_{t-1} + (
 y and the workspace's c_t hold the zoned-out states, the backward recomputes the LSTM's
 c~_t = f c_{t-1} + i g (the math of csrc/include/fastseq/rnn_layer.h).
 """
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -126,17 +128,23 @@ def _rnn_layer_forward_kernel(
         reverse = _runs_reversed(REVERSE)
         gx_ptr += d * T * B * G * H
         h0_ptr += d * BH
-        c0_ptr += d * BH
         w_hh_ptr += d * G * H * H
-        b_hh_ptr += d * G * H
-        zh_ptr += d * T * BH
-        zc_ptr += d * T * BH
         y_ptr += d * T * BH
         hn_ptr += d * BH
-        cn_ptr += d * BH
-        ws_ptr += d * T * B * WS * H
         hbuf_ptr += d * 2 * BH
         cbuf_ptr += d * BH
+        # Absent tensors are None (constexpr): only the present ones move.
+        if MODE == 0:
+            c0_ptr += d * BH
+            cn_ptr += d * BH
+        if HAS_B_HH:
+            b_hh_ptr += d * G * H
+        if HAS_ZH:
+            zh_ptr += d * T * BH
+        if HAS_ZC:
+            zc_ptr += d * T * BH
+        if SAVE_WS:
+            ws_ptr += d * T * B * WS * H
 
     # State buffers start as h0 (buffer 0) and c0.
     for j0 in range(0, H, BLOCK_H):
@@ -235,20 +243,27 @@ def _rnn_layer_backward_kernel(
         reverse = _runs_reversed(REVERSE)
         gy_ptr += d * T * BH
         ghn_ptr += d * BH
-        gcn_ptr += d * BH
         h0_ptr += d * BH
-        c0_ptr += d * BH
         w_hh_ptr += d * GH * H
         y_ptr += d * T * BH
-        ws_ptr += d * T * B * WS * H
-        zh_ptr += d * T * BH
-        zc_ptr += d * T * BH
         dgx_ptr += d * T * B * GH
-        dgh_ptr += d * T * B * GH
         dh0_ptr += d * BH
-        dc0_ptr += d * BH
         dhbuf_ptr += d * BH
         dcbuf_ptr += d * BH
+        # Absent tensors are None (constexpr): only the present ones move.
+        if MODE == 0:
+            c0_ptr += d * BH
+            dc0_ptr += d * BH
+        if MODE == 1:
+            dgh_ptr += d * T * B * GH
+        if MODE <= 1:
+            ws_ptr += d * T * B * WS * H
+        if HAS_GRAD_CN:
+            gcn_ptr += d * BH
+        if HAS_ZH:
+            zh_ptr += d * T * BH
+        if HAS_ZC:
+            zc_ptr += d * T * BH
     # dgh holds the gradients of the recurrent pre-activations: the GRU's differ from dgx in
     # the n gate; the other cells share dgx.
     if MODE == 1:
@@ -291,9 +306,12 @@ def _rnn_layer_backward_kernel(
             h_prev = tl.where(has_prev,
                               tl.load(y_ptr + t_prev_safe * BH + state, mask=mask, other=0.0).to(ACC_DTYPE),
                               tl.load(h0_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE))
-            ws = ws_ptr + t64 * B * WS * H + rows_b[:, None] * (WS * H) + offs_h[None, :]
             zero = tl.zeros_like(dh)
-            w0, w1, w2, w3 = load_saved(ws, H, mask, MODE, ACC_DTYPE, dh)
+            if MODE <= 1:  # plain RNNs save no workspace (None)
+                ws = ws_ptr + t64 * B * WS * H + rows_b[:, None] * (WS * H) + offs_h[None, :]
+                w0, w1, w2, w3 = load_saved(ws, H, mask, MODE, ACC_DTYPE, dh)
+            else:
+                w0, w1, w2, w3 = zero, zero, zero, zero
             if MODE == 0:
                 dc = tl.load(dcbuf_ptr + state, mask=mask, other=0.0)
                 c_new = tl.load(ws + 4 * H, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -403,12 +421,11 @@ def rnn_layer_forward(mode, gates_x, h0, c0, w_hh, b_hh, lengths, zoneout_h, zon
             HAS_B_HH=b_hh is not None, SAVE_WS=ws.numel() > 0)
         grid = (triton.cdiv(B, launch["BLOCK_B"]), D)
         _rnn_layer_forward_kernel[grid](
-            gates_x, h0, c0 if c0 is not None else h0, w_hh, b_hh if b_hh is not None else h0,
-            lengths if lengths is not None else h0,
-            zoneout_h if zoneout_h is not None else h0, zoneout_c if zoneout_c is not None else h0,
-            y, h_n, c_n if c_n.numel() else h_n, ws if ws.numel() else y, hbuf, cbuf,
-            T, B, H, **launch,
-        )
+            gx_ptr=gates_x, h0_ptr=h0, c0_ptr=c0, w_hh_ptr=w_hh, b_hh_ptr=b_hh,
+            len_ptr=lengths, zh_ptr=zoneout_h, zc_ptr=zoneout_c,
+            y_ptr=y, hn_ptr=h_n, cn_ptr=c_n if lstm else None,
+            ws_ptr=ws if ws.numel() else None, hbuf_ptr=hbuf, cbuf_ptr=cbuf,
+            T=T, B=B, H=H, **launch)
     return outputs if stacked else tuple(t[0] for t in outputs)
 
 
@@ -444,13 +461,11 @@ def rnn_layer_backward(mode, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, y, worksp
             HAS_GRAD_CN=grad_c_n is not None)
         grid = (triton.cdiv(B, launch["BLOCK_B"]), D)
         _rnn_layer_backward_kernel[grid](
-            grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, h0,
-            c0 if c0 is not None else h0, w_hh, y, workspace if workspace.numel() else y,
-            lengths if lengths is not None else h0,
-            zoneout_h if zoneout_h is not None else h0, zoneout_c if zoneout_c is not None else h0,
-            dgx, dgh if gru else dgx, dh0, dc0 if lstm else dh0, dhbuf, dcbuf,
-            T, B, H, **launch,
-        )
+            gy_ptr=grad_y, ghn_ptr=grad_h_n, gcn_ptr=grad_c_n, h0_ptr=h0, c0_ptr=c0,
+            w_hh_ptr=w_hh, y_ptr=y, ws_ptr=workspace if LAYER_WORKSPACE[mode] else None,
+            len_ptr=lengths, zh_ptr=zoneout_h, zc_ptr=zoneout_c,
+            dgx_ptr=dgx, dgh_ptr=dgh if gru else None, dh0_ptr=dh0, dc0_ptr=dc0 if lstm else None,
+            dhbuf_ptr=dhbuf, dcbuf_ptr=dcbuf, T=T, B=B, H=H, **launch)
     return outputs if stacked else tuple(t[0] for t in outputs)
 
 
@@ -467,16 +482,24 @@ def layer_launch(kernel, mode, dtype, batch, *, directions, has_lengths, reverse
 
 def _layer_spec(kernel, mode, dtype, zoneout=False, directions=1):
     """One spec on the longest path: reverse with lengths, biases, workspace, and with zoneout
-    the masks the mode takes (one tile shape at every batch size: batch 1 stands for all)."""
-    flags = {"HAS_B_HH": True, "SAVE_WS": True} if kernel == "forward" else {"HAS_GRAD_CN": True}
+    the masks the mode takes (one tile shape at every batch size: batch 1 stands for all). The
+    tensors the mode has not are absent (None) as the launchers pass them."""
+    lstm, gru, saves = mode == "lstm", mode == "gru", LAYER_WORKSPACE[mode] > 0
+    flags = ({"HAS_B_HH": True, "SAVE_WS": saves} if kernel == "forward"
+             else {"HAS_GRAD_CN": lstm})
+    has_zh, has_zc = zoneout, zoneout and lstm
     launch = layer_launch(kernel, mode, dtype, 1, directions=directions, has_lengths=True,
-                          reverse=True, has_zh=zoneout, has_zc=zoneout and mode == "lstm",
-                          **GPU_DOT, **flags)
+                          reverse=True, has_zh=has_zh, has_zc=has_zc, **GPU_DOT, **flags)
+    present = {"c0_ptr": lstm, "cn_ptr": lstm, "dc0_ptr": lstm, "gcn_ptr": lstm,
+               "dgh_ptr": gru, "ws_ptr": saves, "zh_ptr": has_zh, "zc_ptr": has_zc}
     state = accumulator_dtype(dtype)  # the kernels' scratch state buffers
     pointers = {"len_ptr": "i32", "hbuf_ptr": state, "cbuf_ptr": state, "dhbuf_ptr": state,
                 "dcbuf_ptr": state}
     fn = _rnn_layer_forward_kernel if kernel == "forward" else _rnn_layer_backward_kernel
-    return launch_spec(fn, dtype, launch, pointers=pointers, gemm=True)
+    arguments = inspect.signature(fn.fn).parameters
+    return launch_spec(fn, dtype, launch, pointers=pointers, gemm=True,
+                       absent=[name for name, has in present.items()
+                               if not has and name in arguments])
 
 
 def launch_specs() -> list[dict]:

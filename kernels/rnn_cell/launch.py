@@ -108,7 +108,6 @@ def _rnn_cell_backward_kernel(
     rows_b = offs_b.to(tl.int64)
     mask = (offs_b < B)[:, None] & (offs_h < H)[None, :]
     state = rows_b[:, None] * H + offs_h[None, :]
-    ws = ws_ptr + rows_b[:, None] * (4 * H) + offs_h[None, :]
     dg = dg_ih_ptr + rows_b[:, None] * (G * H) + offs_h[None, :]
     out_ty = dg_ih_ptr.dtype.element_ty
     dh = tl.load(grad_hy_ptr + state, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -125,7 +124,11 @@ def _rnn_cell_backward_kernel(
     else:
         c_prev = zero
         c_new = zero
-    w0, w1, w2, w3 = load_saved(ws, H, mask, MODE, ACC_DTYPE, dh)
+    if MODE <= 1:  # plain RNNs save no workspace (ws_ptr None)
+        ws = ws_ptr + rows_b[:, None] * (4 * H) + offs_h[None, :]
+        w0, w1, w2, w3 = load_saved(ws, H, mask, MODE, ACC_DTYPE, dh)
+    else:
+        w0, w1, w2, w3 = zero, zero, zero, zero
     d0, d1, d2, d3, dn_hh, dh_direct, dc_prev = cell_backward_math(
         MODE, dh, dc, w0, w1, w2, w3, h_prev, c_prev, h_new, c_new)
     tl.store(dg, d0.to(out_ty), mask=mask)
@@ -180,12 +183,11 @@ def rnn_cell_forward(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, save_workspace
                             has_b_hh=b_hh is not None, save_ws=ws.numel() > 0,
                             PRECISION=dot_precision(input.dtype), UPCAST=INTERPRETED)
     grid = (triton.cdiv(H, launch["BLOCK_H"]), triton.cdiv(B, launch["BLOCK_B"]))
+    lstm = mode == "lstm"
     _rnn_cell_forward_kernel[grid](
-        input, hx, cx if cx is not None else hy, w_ih, w_hh,
-        b_ih if b_ih is not None else hy, b_hh if b_hh is not None else hy,
-        hy, cy if cy.numel() else hy, ws if ws.numel() else hy,
-        B, I, H, **launch,
-    )
+        x_ptr=input, hx_ptr=hx, cx_ptr=cx if lstm else None, w_ih_ptr=w_ih, w_hh_ptr=w_hh,
+        b_ih_ptr=b_ih, b_hh_ptr=b_hh, hy_ptr=hy, cy_ptr=cy if lstm else None,
+        ws_ptr=ws if ws.numel() else None, B=B, I=I, H=H, **launch)
     return hy, cy, ws
 
 
@@ -203,12 +205,11 @@ def rnn_cell_backward(mode, grad_hy, grad_cy, hx, cx, hy, cy, workspace):
     launch = backward_launch(mode, hy.dtype, has_grad_cy=grad_cy is not None)
     grid = (triton.cdiv(H, launch["BLOCK_H"]), triton.cdiv(B, launch["BLOCK_B"]))
     _rnn_cell_backward_kernel[grid](
-        grad_hy, grad_cy if grad_cy is not None else grad_hy, hx,
-        cx if cx is not None else hy, hy, cy if cy is not None else hy,
-        workspace if workspace.numel() else hy,
-        dg_ih, dg_hh if gru else dg_ih, dh_direct if gru else dg_ih, dcx if lstm else dg_ih,
-        B, H, **launch,
-    )
+        grad_hy_ptr=grad_hy, grad_cy_ptr=grad_cy, hx_ptr=hx, cx_ptr=cx if lstm else None,
+        hy_ptr=hy, cy_ptr=cy if lstm else None,
+        ws_ptr=workspace if WORKSPACE[mode] else None, dg_ih_ptr=dg_ih,
+        dg_hh_ptr=dg_hh if gru else None, dh_direct_ptr=dh_direct if gru else None,
+        dcx_ptr=dcx if lstm else None, B=B, H=H, **launch)
     return dg_ih, dg_hh, dh_direct, dcx
 
 
@@ -232,13 +233,27 @@ def launch_specs() -> list[dict]:
     specs = []
     for mode in MODE_IDS:
         for dtype in (torch.bfloat16, torch.float32):
-            specs += [launch_spec(_rnn_cell_forward_kernel, dtype, forward_launch(
-                mode, dtype, batch, has_b_ih=True, has_b_hh=True, save_ws=True, **GPU_DOT),
-                gemm=True) for batch in (1, 32, 100)]
-            specs.append(launch_spec(_rnn_cell_backward_kernel, dtype,
-                                     backward_launch(mode, dtype, has_grad_cy=True)))
+            specs += [_forward_spec(mode, dtype, batch) for batch in (1, 32, 100)]
+            specs.append(_backward_spec(mode, dtype))
     for dtype in (torch.float16, torch.float64):
-        specs += [launch_spec(_rnn_cell_forward_kernel, dtype, forward_launch(
-            "lstm", dtype, batch, has_b_ih=True, has_b_hh=True, save_ws=True, **GPU_DOT),
-            gemm=True) for batch in (1, 100)]
+        specs += [_forward_spec("lstm", dtype, batch) for batch in (1, 100)]
     return specs
+
+
+def _forward_spec(mode, dtype, batch):
+    """Biases, and the workspace the mode saves; the tensors the mode has not are absent (None)
+    as the launcher passes them."""
+    lstm, saves = mode == "lstm", WORKSPACE[mode] > 0
+    launch = forward_launch(mode, dtype, batch, has_b_ih=True, has_b_hh=True, save_ws=saves,
+                            **GPU_DOT)
+    absent = ([] if lstm else ["cx_ptr", "cy_ptr"]) + ([] if saves else ["ws_ptr"])
+    return launch_spec(_rnn_cell_forward_kernel, dtype, launch, gemm=True, absent=absent)
+
+
+def _backward_spec(mode, dtype):
+    lstm, gru = mode == "lstm", mode == "gru"
+    absent = (([] if lstm else ["grad_cy_ptr", "cx_ptr", "cy_ptr", "dcx_ptr"])
+              + ([] if gru else ["dg_hh_ptr", "dh_direct_ptr"])
+              + ([] if WORKSPACE[mode] else ["ws_ptr"]))
+    return launch_spec(_rnn_cell_backward_kernel, dtype,
+                       backward_launch(mode, dtype, has_grad_cy=lstm), absent=absent)
