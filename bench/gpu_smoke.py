@@ -26,6 +26,7 @@ os.environ.setdefault("FASTSEQ_POISON_OUTPUTS", "1")  # an unwritten element rea
 import torch  # noqa: E402
 
 import fastseq  # noqa: E402
+from fastseq.families import FAMILIES  # noqa: E402
 from fastseq.ops import rnn_native  # noqa: E402
 from fastseq.reference.tolerance import rule_check  # noqa: E402
 
@@ -240,6 +241,12 @@ def rel_attention_cases(out):
     return ok
 
 
+# Each family's smoke case (fastseq.families names them; main refuses a family without one).
+SMOKE = {"rnn_cell": cell_cases, "rnn": layer_cases, "layer_norm_rnn": layer_norm_cases,
+         "attention": attention_cases, "kv_cache": decode_cases,
+         "rel_attention": rel_attention_cases}
+
+
 def main() -> int:
     if not DRY and not torch.cuda.is_available():
         print("gpu_smoke: no CUDA device (use --dry to run on the CPU)", file=sys.stderr)
@@ -249,9 +256,10 @@ def main() -> int:
     with open(path, "w") as out:
         out.write(json.dumps({"backends": fastseq.backends(), "device": str(DEVICE),
                               "torch": torch.__version__}) + "\n")
-        results = [family(out) for family in (cell_cases, layer_cases, layer_norm_cases,
-                                              attention_cases, decode_cases,
-                                              rel_attention_cases)]
+        missing = [name for name in FAMILIES if name not in SMOKE]
+        if missing:  # every declared family gets its smoke case here
+            raise SystemExit(f"gpu_smoke: no smoke case for the families {missing}")
+        results = [SMOKE[name](out) for name in FAMILIES]
     print("gpu_smoke:", "every case within the rule" if all(results) else "FAILURES", flush=True)
     return 0 if all(results) else 1
 
