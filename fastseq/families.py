@@ -61,7 +61,7 @@ FAMILIES = {f.name: f for f in (
            auto_cpu="torch (its own cell)", auto_cuda="native (fp32, fp64), triton (fp16, bf16)"),
     Family("rnn", "recurrent",
            "whole LSTM/GRU/RNN sequences: layers, directions, lengths, projection",
-           ops=("rnn_layer", "rnn_bidirectional_layer"),
+           ops=("rnn_stack", "rnn_layer", "rnn_bidirectional_layer"),
            layers=("LSTM", "GRU", "RNN"),
            auto_cpu="torch, else native (zoneout, empty lengths, compiled)",
            auto_cuda="torch (cuDNN), else triton (zoneout, empty lengths, compiled)"),

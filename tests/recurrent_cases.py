@@ -175,3 +175,33 @@ def assert_compiles_like_eager(loss_fn, x, params):
     torch.testing.assert_close(compiled, eager)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+def make_stack(mode, T, B, I, H, num_layers, bidirectional, proj, device, bias=True):
+    """(x [T, B, I], hx, flat weights in torch's order) of a whole stack, float64 leaves."""
+    g, k, directions = GATES[mode], H ** -0.5, 2 if bidirectional else 1
+    out = proj or H
+
+    def rand(*shape, s=1.0):
+        return ((torch.rand(*shape, dtype=torch.float64, device=device) * 2 - 1) * s).requires_grad_()
+
+    weights = []
+    for layer in range(num_layers):
+        width = I if layer == 0 else out * directions
+        for _ in range(directions):
+            weights += [rand(g * H, width, s=k), rand(g * H, out, s=k)]
+            weights += [rand(g * H, s=k), rand(g * H, s=k)] if bias else []
+            weights += [rand(proj, H, s=k)] if proj else []
+    h0 = rand(num_layers * directions, B, out)
+    hx = (h0, rand(num_layers * directions, B, H)) if mode == "lstm" else h0
+    return rand(T, B, I), hx, weights
+
+
+def layer_weights(weights, per_group, bias=True):
+    """Flat weights (torch's order: w_ih, w_hh, (b_ih, b_hh), (w_hr)) as
+    fastseq.reference.rnn's LayerWeights, one per layer and direction."""
+    from fastseq.reference.rnn import LayerWeights
+    projected = per_group > 2 + 2 * bias
+    return [LayerWeights(g[0], g[1], *(g[2:4] if bias else (None, None)),
+                         g[-1] if projected else None)
+            for g in (weights[i:i + per_group] for i in range(0, len(weights), per_group))]

@@ -20,7 +20,11 @@ from typing import Optional
 
 import torch
 
+from torch.nn.utils.rnn import PackedSequence
+
 from .. import ops
+from ..ops._checks import InputError
+from ..ops.rnn_stack import run_layers
 from ..reference.layer_norm_rnn import EPS
 from .rnn import _FastRNNBase
 from .streaming import check_frame
@@ -82,29 +86,39 @@ class _LayerNormRNNBase(_FastRNNBase):
         return out.squeeze(1 if self.batch_first and input.dim() == 2 else 0), hx
 
     def forward(self, input, hx=None, lengths=None):
-        # The backend passes through: fastseq.ops.layer_norm_rnn_layer declares and chooses.
+        # The layer loop is the stack op's (fastseq.ops.rnn_stack.run_layers); the backend passes
+        # through to fastseq.ops.layer_norm_rnn_layer, which declares and chooses per layer.
+        if lengths is not None and isinstance(input, PackedSequence):
+            raise InputError(f"{self._display_name()}: lengths is for padded input; a "
+                             f"PackedSequence carries its own")
         self._check_input(input)
         lengths = self._checked_lengths(input, lengths)
-        return self._sequence_forward(input, hx, lengths, self.backend)
+        return run_layers(self._display_name(), self.mode.lower(), input, hx, lengths,
+                          num_layers=self.num_layers, directions=2 if self.bidirectional else 1,
+                          hidden=self.hidden_size, proj=0, batch_first=self.batch_first,
+                          dropout=self.dropout, training=self.training, run_layer=self._run_layer,
+                          run_both=self._run_both_directions)
 
-    def _run_both_directions(self, mode, layer, x, states, lengths, backend):
+    def _run_both_directions(self, layer, x, states, lengths):
         """The two directions one after the other (the layer-normalized kernel runs one)."""
+        lstm = self.mode == "LSTM"
         results = []
-        for d, sfx in enumerate((f"_l{layer}", f"_l{layer}_reverse")):
-            state = (states[0][d], states[1][d]) if mode == "lstm" else states[d]
-            results.append(self._run_layer(mode, sfx, x, state, lengths, d == 1, backend))
+        for d in range(2):
+            state = (states[0][d], states[1][d]) if lstm else states[d]
+            results.append(self._run_layer(layer, x, state, lengths, reverse=d == 1))
         out = torch.cat([r[0] for r in results], dim=-1)
-        if mode == "lstm":
+        if lstm:
             return out, tuple(torch.stack([r[1][i] for r in results]) for i in range(2))
         return out, torch.stack([r[1] for r in results])
 
-    def _run_layer(self, mode, sfx, x, state, lengths, reverse, backend):
+    def _run_layer(self, layer, x, state, lengths, reverse=False):
+        sfx = f"_l{layer}" + ("_reverse" if reverse else "")
         p = lambda name: getattr(self, name + sfx, None)  # noqa: E731
         biases = (p("bias_ih"), p("bias_hh")) if self.bias else (None, None)
         return ops.layer_norm_rnn_layer(
-            mode, x, state, p("weight_ih"), p("weight_hh"), *biases, p("ln_ih_weight"),
-            p("ln_hh_weight"), p("ln_c_weight"), p("ln_c_bias"), lengths=lengths, reverse=reverse,
-            eps=self.eps, backend=backend)
+            self.mode.lower(), x, state, p("weight_ih"), p("weight_hh"), *biases,
+            p("ln_ih_weight"), p("ln_hh_weight"), p("ln_c_weight"), p("ln_c_bias"),
+            lengths=lengths, reverse=reverse, eps=self.eps, backend=self.backend)
 
 
 class LayerNormLSTM(_LayerNormRNNBase):

@@ -19,6 +19,8 @@ from . import rnn_native
 from . import rnn_registration as _registered_ops
 from ._autocast import autocast_op, recurrent_mode
 from ._registration import fused
+# The whole stack (fastseq.nn.LSTM/GRU/RNN's op) is this family's too: exported from here.
+from .rnn_stack import TORCH_HAS_NO_ZONEOUT, TORCH_REFUSES_EMPTY, rnn_stack  # noqa: F401
 from ._checks import (check_same_dtype_device, check_shape, check_tensor, checked_lengths, fail,
                       needs_grad)
 
@@ -317,8 +319,6 @@ def _checked_lengths(lengths, steps: int, batch: int, device: torch.device) -> O
 
 # torch's refusals shared with fastseq.nn's recurrent layers (whose torch backend is torch's
 # own module forward).
-TORCH_HAS_NO_ZONEOUT = "torch's RNNs have no zoneout (fastseq's backends have)"
-TORCH_REFUSES_EMPTY = "torch's RNNs refuse zero-length sequences (fastseq's backends keep h0)"
 
 
 def _torch_unsupported(call: dict) -> Optional[str]:

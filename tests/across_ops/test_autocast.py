@@ -14,6 +14,7 @@ from conftest import TRITON_TEST_DEVICE
 COVERS = {"attention": ["test_attention_follows_sdpa", "test_multihead_attention_and_rel_attention"],
           "rel_attention": ["test_multihead_attention_and_rel_attention"],
           "attention_with_kv_cache": ["test_kv_cache_step_runs_in_the_caches_dtype"],
+          "rnn_stack": ["test_recurrent_layers_follow_torch"],
           "rnn_layer": ["test_recurrent_layers_follow_torch"],
           "rnn_bidirectional_layer": ["test_recurrent_layers_follow_torch"],
           "lstm_cell": ["test_cells_follow_torch"], "gru_cell": ["test_cells_follow_torch"],
@@ -65,7 +66,7 @@ def test_multihead_attention_and_rel_attention():
 @pytest.mark.parametrize("cls,bidirectional", [("LSTM", False), ("GRU", False), ("RNN", False),
                                                ("LSTM", True)])
 def test_recurrent_layers_follow_torch(cls, bidirectional, backend):
-    """Through rnn_layer, and rnn_bidirectional_layer for the bidirectional LSTM."""
+    """Through rnn_stack, then rnn_layer (rnn_bidirectional_layer for the bidirectional LSTM)."""
     if backend == "native" and fastseq.backend.native_unavailable(DEVICE) is not None:
         pytest.skip("the native extension is not built")
     torch.manual_seed(0)

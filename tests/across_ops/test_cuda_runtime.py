@@ -2,8 +2,8 @@
 nothing to check here): CUDA-graph capture of forward and backward, the current stream
 honoured, no host sync, memory flat over repeated calls, a tensor on cuda:1 served on cuda:1.
 Cases: every public op (attention, relative attention, an LSTM layer on Triton and on the
-native (persistent) kernel, both directions in one launch, the layer-normalized LSTM, the cell
-steps)."""
+native (persistent) kernel, both directions in one launch, a two-layer stack, the
+layer-normalized LSTM, the cell steps)."""
 import pytest
 import torch
 
@@ -58,6 +58,13 @@ def lstm_bidirectional(x, w_ih, w_hh, b_ih, b_hh):
                                                lengths=[50] * 8 + [17] * 8, backend="triton")[0]
 
 
+def lstm_stack(x, w_ih, w_hh, b_ih, b_hh):
+    """Two layers through the stack op, fastseq's per-layer path on Triton."""
+    w_ih_1 = w_hh.detach().requires_grad_(False)  # the second layer reads the first's H columns
+    return fastseq.ops.rnn_stack("lstm", x, None, [w_ih, w_hh, b_ih, b_hh, w_ih_1, w_hh, b_ih, b_hh],
+                                 num_layers=2, backend="triton")[0]
+
+
 def layer_norm_lstm(x, w_ih, w_hh, b_ih, b_hh):
     gains = torch.ones(512, device=x.device)
     return fastseq.ops.layer_norm_rnn_layer("lstm", x, None, w_ih, w_hh, b_ih, b_hh, gains,
@@ -73,12 +80,13 @@ CASES = {
     "lstm_and_rnn_cells": (lstm_inputs, lstm_cell),
     "lstm_bidirectional": (lstm_inputs, lstm_bidirectional),
     "layer_norm_lstm": (lstm_inputs, layer_norm_lstm),
+    "lstm_stack": (lstm_inputs, lstm_stack),
 }
 # Which public op each test covers (tests/dispatch/test_registry.py checks every op is named here):
 # every test runs every case.
 _ALL = ["test_cuda_graph_capture_of_forward_and_backward", "test_current_stream_is_honoured",
         "test_memory_stays_flat", "test_second_device", "test_no_host_sync_in_the_hot_path"]
-COVERS = {op: _ALL for op in ("attention", "rel_attention", "rnn_layer", "gru_cell", "lstm_cell",
+COVERS = {op: _ALL for op in ("attention", "rel_attention", "rnn_stack", "rnn_layer", "gru_cell", "lstm_cell",
                               "rnn_tanh_cell", "rnn_relu_cell", "rnn_bidirectional_layer",
                               "layer_norm_rnn_layer")}
 # The decode step is forward only: its own tests below.

@@ -19,6 +19,7 @@ _CELLS = ["test_recurrent_cell_empty_batch"]
 COVERS = {"rnn_layer": ["test_ten_thousand_steps", "test_recurrent_layer_empty_shapes",
                         "test_repeated_calls_leave_nothing_behind"],
           "rnn_bidirectional_layer": ["test_recurrent_modules_empty_shapes"],
+          "rnn_stack": ["test_recurrent_modules_empty_shapes"],
           "layer_norm_rnn_layer": ["test_recurrent_modules_empty_shapes"],
           "lstm_cell": _CELLS, "gru_cell": _CELLS, "rnn_tanh_cell": _CELLS, "rnn_relu_cell": _CELLS,
           "attention": ["test_attention_scores_near_the_fp16_limit",

@@ -14,7 +14,8 @@ from fastseq import reference
 
 from conftest import TRITON_TEST_DEVICE
 from numerics import assert_within_rule
-from recurrent_cases import MODES, layer_backends, make_grad_outputs, make_leaves, run
+from recurrent_cases import (MODES, layer_backends, layer_weights, make_grad_outputs, make_leaves,
+                             make_stack, run)
 
 pytestmark = pytest.mark.usefixtures("on_triton_test_device")
 BUDGET = settings(max_examples=12, deadline=None, derandomize=True, database=None,
@@ -24,7 +25,8 @@ F64 = dict(atol=1e-9, rtol=1e-9)
 
 # Which public op each test covers (tests/dispatch/test_registry.py checks every op is named here).
 _CELLS = ["test_cells_equal_reference"]
-COVERS = {"rnn_layer": ["test_rnn_layer_equals_reference", "test_rnn_layer_low_precision_within_rule"],
+COVERS = {"rnn_stack": ["test_rnn_stack_equals_reference"],
+          "rnn_layer": ["test_rnn_layer_equals_reference", "test_rnn_layer_low_precision_within_rule"],
           "rnn_bidirectional_layer": ["test_bidirectional_layer_equals_reference"],
           "layer_norm_rnn_layer": ["test_layer_norm_layer_equals_reference"],
           "lstm_cell": _CELLS, "gru_cell": _CELLS, "rnn_tanh_cell": _CELLS, "rnn_relu_cell": _CELLS,
@@ -54,6 +56,41 @@ def test_rnn_layer_equals_reference(data):
     for backend in layer_backends(TRITON_TEST_DEVICE.type):
         got = run(mode, leaves, torch.float64, backend, lengths, reverse, grad_outputs)
         for g, e in zip(got[0] + got[1], expected[0] + expected[1]):
+            torch.testing.assert_close(g, e, **F64, msg=lambda m: f"{backend}: {m}")
+
+
+@settings(BUDGET, max_examples=8)
+@given(data=st.data())
+def test_rnn_stack_equals_reference(data):
+    """The whole stack (layers, directions, lengths, batch_first, projection) on torch's stacked
+    forward and every fastseq backend, float64, equals the reference's network."""
+    mode = data.draw(st.sampled_from(MODES), "mode")
+    T, B = data.draw(st.integers(1, 6), "T"), data.draw(st.integers(1, 5), "B")
+    I, H = data.draw(st.integers(1, 5), "I"), data.draw(st.integers(1, 6), "H")
+    layers, bidirectional = data.draw(st.integers(1, 2), "layers"), data.draw(st.booleans(), "bi")
+    proj = data.draw(st.integers(0, H - 1), "proj") if mode == "lstm" and H > 1 else 0
+    lengths = data.draw(st.none() | st.lists(st.integers(1, T), min_size=B, max_size=B), "lengths")
+    batch_first = data.draw(st.booleans(), "batch_first")
+    x, hx, weights = make_stack(mode, T, B, I, H, layers, bidirectional, proj,
+                                TRITON_TEST_DEVICE.type)
+    x = x.transpose(0, 1) if batch_first else x
+    states = list(hx) if mode == "lstm" else [hx]
+    leaves = [x, *states, *weights]
+    options = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                   lengths=lengths)
+
+    def outputs_and_grads(out, state):
+        outs = [out] + (list(state) if mode == "lstm" else [state])
+        torch.manual_seed(1)
+        total = sum((o * torch.randn_like(o)).sum() for o in outs)
+        return outs + list(torch.autograd.grad(total, leaves))
+
+    expected = outputs_and_grads(*reference.rnn(
+        mode, x, hx, layer_weights(weights, 4 + bool(proj)), **options))
+    for backend in ["torch"] + layer_backends(TRITON_TEST_DEVICE.type):
+        got = outputs_and_grads(*fastseq.ops.rnn_stack(mode, x, hx, weights, backend=backend,
+                                                       **options))
+        for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, **F64, msg=lambda m: f"{backend}: {m}")
 
 

@@ -26,7 +26,7 @@ def test_a_layer_reports_its_choice_and_the_ops_below_it():
     assert [d.chosen for d in plain.decisions] == ["torch"]  # torch's own module, eagerly
     padded = fastseq.explain(lstm, x, lengths=[5, 0])  # torch refuses a zero length
     first, *below = padded.decisions
-    assert first.op == "fastseq.nn.LSTM" and first.chosen != "torch"
+    assert first.op == "fastseq.ops.rnn_stack" and first.chosen != "torch"
     assert "zero lengths" in first.verdicts["torch"]
     assert {d.op for d in below} >= {"fastseq.ops.rnn_bidirectional_layer"}
     assert all(d.requested == first.chosen for d in below)
@@ -50,7 +50,7 @@ def test_an_lstm_layer_names_the_persistent_kernel_for_each_pass(monkeypatch):
     monkeypatch.setenv("FASTSEQ_PERSISTENT", "1")
     lstm = fastseq.nn.LSTM(3, 8, num_layers=2, backend="native")
     first, *layers = fastseq.explain(lstm, torch.randn(4, 2, 3)).decisions
-    assert first.op == "fastseq.nn.LSTM" and len(layers) == 2
+    assert first.op == "fastseq.ops.rnn_stack" and len(layers) == 2
     assert all(d.variant.startswith("forward and backward: the persistent kernel") for d in layers)
     wide = fastseq.explain(lstm, torch.randn(2, 65, 3)).decisions[1]
     assert "batch 65 is more than the 64 rows it runs" in wide.variant
@@ -86,7 +86,7 @@ def test_an_lstm_layer_on_the_described_gpu_takes_cudnn():
     lstm = fastseq.nn.LSTM(16, 32)
     report = fastseq.explain_on_gpu(lstm, torch.randn(10, 4, 16))
     first = report.decisions[0]
-    assert first.op == "fastseq.nn.LSTM" and first.device == "cuda:0" and first.chosen == "torch"
+    assert first.op == "fastseq.ops.rnn_stack" and first.device == "cuda:0" and first.chosen == "torch"
     text = str(report)
     assert text.startswith("on NVIDIA H200 (described): sm_90, 132 multiprocessors")
     assert report.described is fastseq.H200

@@ -232,3 +232,48 @@ def test_projection_errors_name_the_argument():
     with pytest.raises(fastseq.InputError, match="w_hr .* is for the lstm, not gru"):
         fastseq.ops.rnn_layer("gru", x, None, torch.zeros(21, 5), torch.zeros(21, 3),
                               w_hr=lstm.weight_hr_l0)
+
+
+# fastseq.ops.rnn_stack: the whole stack (what fastseq.nn.LSTM/GRU/RNN call).
+
+@pytest.mark.parametrize("backend", ["torch", "native", "reference"])
+@pytest.mark.parametrize("layout", ["packed", "unbatched", "batch_first"])
+def test_rnn_stack_takes_torch_layouts(backend, layout):
+    """Packed (rows unsorted), unbatched and batch-first inputs, as torch.nn.LSTM takes them,
+    with the module's own flat weights: equal to torch's module in float64."""
+    if backend == "native" and fastseq.backend.native_unavailable(torch.device("cpu")) is not None:
+        pytest.skip("the native extension is not built")
+    torch.manual_seed(0)
+    module = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2,
+                           batch_first=layout == "batch_first").double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64) if layout == "batch_first" else \
+        torch.randn(5, 3, dtype=torch.float64) if layout == "unbatched" else \
+        torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 3, 3, dtype=torch.float64),
+                                                [2, 5, 3], enforce_sorted=False)
+    got_out, (got_h, got_c) = fastseq.ops.rnn_stack(
+        "lstm", x, None, module._flat_weights, num_layers=2, bidirectional=True,
+        batch_first=layout == "batch_first", backend=backend)
+    out, (h, c) = module(x)
+    for got, expected in ((got_out, out), (got_h, h), (got_c, c)):
+        got = got.data if layout == "packed" else got
+        expected = expected.data if layout == "packed" else expected
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_rnn_stack_names_what_is_wrong():
+    x = torch.randn(4, 2, 3)
+    weights = [torch.randn(12, 3), torch.randn(12, 3), torch.randn(12), torch.randn(12)]
+    cases = [(dict(mode="lstmx"), "mode must be one of"),
+             (dict(weights=weights[:3]), r"4 tensors .* for each of the 1 layers and directions"),
+             (dict(weights=[weights[0], None] + weights[2:]), r"weights\[1\] must be a Tensor"),
+             (dict(hx=torch.zeros(1, 2, 3)), "hx must be a tuple"),
+             (dict(lengths=[4]), "lengths must be 1-D with one length per batch row"),
+             (dict(zoneout=(0.5, 2.0)), "zoneout must be"),
+             (dict(input=torch.randn(4, 2, 3, 1)), "input must be 3-D or 2-D")]
+    for change, message in cases:
+        call = dict(mode="lstm", input=x, hx=None, weights=weights) | change
+        with pytest.raises(fastseq.InputError, match=message):
+            fastseq.ops.rnn_stack(call.pop("mode"), call.pop("input"), call.pop("hx"),
+                                  call.pop("weights"), **call)
+    with pytest.raises(fastseq.InputError, match="zoneout"):
+        fastseq.ops.rnn_stack("rnn_tanh", x, None, [w[:3] for w in weights], zoneout=(0.1, 0.0))
