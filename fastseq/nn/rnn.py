@@ -74,9 +74,7 @@ class _FastRNNBase(RefusesTorchScript, RecurrentSteps, torch.nn.RNNBase):
                              f"PackedSequence carries its own")
         self._check_input(input)
         lengths = self._checked_lengths(input, lengths)
-        update = getattr(self, "_update_flat_weights", None)  # torch >= 2.12's forward does it
-        if update is not None:
-            update()
+        self._update_flat_weights()  # as torch's forward does (torch 2.11 and 2.14 alike)
         return ops.rnn_stack(
             _OP_MODES[self.mode], input, hx, self._flat_weights, num_layers=self.num_layers,
             bias=self.bias, bidirectional=self.bidirectional, batch_first=self.batch_first,
