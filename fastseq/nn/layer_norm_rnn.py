@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
