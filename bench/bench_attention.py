@@ -191,3 +191,27 @@ def bench_multihead_attention(benchmark, provider, passes):
               passes=passes, gflop=flop * (1 if passes == "fwd" else 3) / 1e9,
               shape=f"B={batch} L={length} E={embed} H={heads} padded",
               dtype=str(dtype).split(".")[1], length=length)
+
+
+def gpu_smoke(out) -> bool:
+    """This family's case in bench/gpu_smoke.py (the GPU run's stage 1): fastseq against
+    plain PyTorch and float64 truth under the tolerance rule; True when every quantity keeps it."""
+    from .smoke_checks import DEVICE, DTYPES, ATTENTION, rand, check
+    from torch.nn.attention.bias import causal_lower_right
+
+    B, H, L, M, D = ATTENTION
+    ok = True
+    padding = torch.arange(L, device=DEVICE) < torch.tensor([L, L - L // 3], device=DEVICE)[:B, None]
+    # (variant, key length, mask, is_causal); bottom-right causal against M cached keys.
+    for variant, S, mask, causal in (("causal", L, None, True),
+                                     ("key-padding", L, padding.view(B, 1, 1, L), False),
+                                     ("causal-lower-right", L + M, causal_lower_right(L, L + M),
+                                      False)):
+        leaves = [rand(B, H, L, D), rand(B, H, S, D), rand(B, H, S, D)]
+
+        def call(backend, t, mask=mask, causal=causal):
+            return [fastseq.ops.attention(*t, mask, is_causal=causal, backend=backend)]
+        for dtype in DTYPES:
+            ok &= check(out, "attention", f"B={B} H={H} L={L} S={S} D={D} {variant}", "triton",
+                        dtype, call, leaves, ["out", "dq", "dk", "dv"], S)
+    return ok

@@ -168,3 +168,27 @@ def bench_rel_decode_step(benchmark, provider, batch, keys):
         run_timed(benchmark, fn, calls_per_round=20, op="rel_decode", provider=provider,
                   passes="fwd", gbytes=gbytes, shape=f"B={batch} H={H} Lk={keys} D={D} Lq=1",
                   dtype=str(DTYPE).split(".")[1], length=keys)
+
+
+def gpu_smoke(out) -> bool:
+    """A decode step against a ragged, GQA cache (split-KV kernels, forward only): four new
+    rows appended per row, causal among themselves, with and without a window. The caches are
+    leaves 1 and 2: each call appends into its own copy."""
+    from .smoke_checks import DEVICE, DTYPES, ATTENTION, rand, check
+    B, H, L, M, D = ATTENTION
+    capacity, new = 4 * L, 4
+    lengths = torch.tensor([capacity - new, L][:B], dtype=torch.int32, device=DEVICE)
+    leaves = [rand(B, H, new, D), rand(B, H // 2, capacity, D), rand(B, H // 2, capacity, D),
+              rand(B, H // 2, new, D), rand(B, H // 2, new, D)]
+    ok = True
+    for window in (None, L // 2):
+        def call(backend, t, window=window):
+            q, k_cache, v_cache, key, value = t
+            return [fastseq.ops.attention_with_kv_cache(
+                q, k_cache.clone(), v_cache.clone(), lengths, key, value, window=window,
+                backend=backend)]
+        for dtype in DTYPES:
+            ok &= check(out, "kv_cache", f"B={B} Hq={H} Hk={H // 2} S_max={capacity} D={D} "
+                        f"Lq={new} window={window}", "triton", dtype, call, leaves, ["out"], 1,
+                        forward_only=True)
+    return ok

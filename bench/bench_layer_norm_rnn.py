@@ -51,3 +51,30 @@ def bench_layer_norm_layer(benchmark, provider, mode, case, passes):
     run_timed(benchmark, step, calls_per_round=3, op="layer_norm_rnn", cell=mode, provider=provider,
               shape=f"B={batch} H={hidden} T={steps}", dtype=str(dtype).split(".")[1], passes=passes,
               steps=steps, length=steps, gflop=per_step * steps * (3 if passes == "fwd+bwd" else 1) / 1e9)
+
+
+def gpu_smoke(out) -> bool:
+    """This family's case in bench/gpu_smoke.py (the GPU run's stage 1): fastseq against
+    plain PyTorch and float64 truth under the tolerance rule; True when every quantity keeps it."""
+    from .smoke_checks import DTYPES, GATES, RECURRENT, rand, check, recurrent_leaves
+    T, B, I, H = RECURRENT
+    ok = True
+    for mode, g in GATES.items():
+        lstm = mode == "lstm"
+        plain = recurrent_leaves(mode, (T, B, I), B, H)  # the gains go after the biases
+        leaves = plain[:6] + [1 + rand(g * H, scale=0.3), 1 + rand(g * H, scale=0.3)] + \
+            plain[6:] + ([1 + rand(H, scale=0.3), rand(H, scale=0.3)] if lstm else [])
+
+        def call(backend, t, mode=mode, lstm=lstm):
+            hx = (t[1], t[8]) if lstm else t[1]
+            extra = (t[9], t[10]) if lstm else (None, None)
+            y, h_n = fastseq.ops.layer_norm_rnn_layer(mode, t[0], hx, *t[2:8], *extra,
+                                                      backend=backend)
+            return [y] + (list(h_n) if lstm else [h_n])
+        names = (["y", "h_n", "c_n"] if lstm else ["y", "h_n"]) + \
+            ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dln_ih", "dln_hh"] + \
+            (["dc0", "dln_c_weight", "dln_c_bias"] if lstm else [])
+        for dtype in DTYPES:
+            ok &= check(out, "layer_norm_rnn", f"{mode} T={T} B={B} I={I} H={H}", "triton",
+                        dtype, call, leaves, names, T * B)
+    return ok

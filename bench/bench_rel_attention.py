@@ -122,3 +122,23 @@ def bench_rel_attention(benchmark, provider, length, passes):
               passes=passes, gflop=flop / 1e9,
               shape=f"B={BATCH} H={HEADS} Lq={length} M={length} D={DIM} causal",
               dtype=str(DTYPE).split(".")[1], length=length)
+
+
+def gpu_smoke(out) -> bool:
+    """This family's case in bench/gpu_smoke.py (the GPU run's stage 1): fastseq against
+    plain PyTorch and float64 truth under the tolerance rule; True when every quantity keeps it."""
+    from .smoke_checks import DTYPES, ATTENTION, rand, check
+    B, H, L, M, D = ATTENTION
+    D = min(D, 128)
+    S = L + M
+    leaves = [rand(B, H, L, D), rand(B, H, S, D), rand(B, H, S, D), rand(S, H, D),
+              rand(H, D), rand(H, D)]
+
+    def call(backend, t):
+        return [fastseq.ops.rel_attention(*t, is_causal=True, backend=backend)]
+    ok = True
+    for dtype in DTYPES:
+        ok &= check(out, "rel_attention", f"B={B} H={H} Lq={L} M={M} D={D} causal", "triton",
+                    dtype, call, leaves, ["out", "dq", "dk", "dv", "dpos", "dcontent_bias",
+                     "dposition_bias"], S)
+    return ok

@@ -183,3 +183,35 @@ def bench_stream_step(benchmark, provider, mode, case):
     run_timed(benchmark, step, op="stream_step", cell=mode, provider=provider,
               shape=f"B={batch} H={hidden} L=2", dtype=str(dtype).split(".")[1], passes="fwd",
               steps=1, length=batch, gflop=2 * batch * 2 * 2 * GATES[mode] * hidden ** 2 / 1e9)
+
+
+def gpu_smoke(out) -> bool:
+    """This family's case in bench/gpu_smoke.py (the GPU run's stage 1): fastseq against
+    plain PyTorch and float64 truth under the tolerance rule; True when every quantity keeps it."""
+    from .smoke_checks import DEVICE, DTYPES, GATES, RECURRENT, check, recurrent_leaves
+    from fastseq.ops import rnn_native
+    T, B, I, H = RECURRENT
+    ok = True
+    lengths = [T - (b * 3) % T for b in range(B)]
+    for mode in GATES:
+        lstm = mode == "lstm"
+        leaves = recurrent_leaves(mode, (T, B, I), B, H)
+
+        def call(backend, t, mode=mode, lstm=lstm):
+            hx = (t[1], t[6]) if lstm else t[1]
+            y, h_n = fastseq.ops.rnn_layer(mode, t[0], hx, t[2], t[3], t[4], t[5],
+                                           lengths=lengths, backend=backend)
+            return [y] + (list(h_n) if lstm else [h_n])
+        names = (["y", "h_n", "c_n"] if lstm else ["y", "h_n"]) + \
+            ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"] + (["dc0"] if lstm else [])
+        for backend, label, env in (("triton", None, None),
+                                    ("native", "native-persistent", {"FASTSEQ_PERSISTENT": "1"}),
+                                    ("native", "native-loop", {"FASTSEQ_PERSISTENT": "0"})):
+            def recurrence(dtype, mode=mode):
+                # the native recurrence each pass runs here (persistent or loop, and why)
+                return rnn_native.describe(mode, B, H, dtype, DEVICE)
+            for dtype in DTYPES:
+                ok &= check(out, "rnn", f"{mode} T={T} B={B} I={I} H={H} lengths", backend,
+                            dtype, call, leaves, names, T * B, env=env, label=label,
+                            variant=recurrence if backend == "native" else None)
+    return ok

@@ -65,3 +65,27 @@ def bench_cell(benchmark, provider, mode, shape, dtype, passes):
     run_timed(benchmark, step, op="rnn_cell", cell=mode, provider=provider,
               shape=f"B={batch} I={input_size} H={hidden}", dtype=str(dtype).split(".")[1],
               passes=passes, gflop=gflop(mode, batch, input_size, hidden, passes))
+
+
+def gpu_smoke(out) -> bool:
+    """This family's case in bench/gpu_smoke.py (the GPU run's stage 1): fastseq against
+    plain PyTorch and float64 truth under the tolerance rule; True when every quantity keeps it."""
+    from .smoke_checks import DTYPES, GATES, CELL, check, recurrent_leaves
+    _, B, I, H = CELL
+    ok = True
+    for mode in GATES:
+        lstm = mode == "lstm"
+        op = getattr(fastseq.ops, f"{mode}_cell")
+        leaves = recurrent_leaves(mode, (B, I), B, H)
+
+        def call(backend, t, op=op, lstm=lstm):
+            hx = (t[1], t[6]) if lstm else t[1]
+            result = op(t[0], hx, t[2], t[3], t[4], t[5], backend=backend)
+            return list(result) if lstm else [result]
+        names = (["h", "c"] if lstm else ["h"]) + ["dx", "dh", "dw_ih", "dw_hh", "db_ih", "db_hh"] \
+            + (["dc"] if lstm else [])
+        for backend in ("triton", "native"):
+            for dtype in DTYPES:
+                ok &= check(out, "rnn_cell", f"{mode} B={B} I={I} H={H}", backend, dtype, call,
+                            leaves, names, B)
+    return ok

@@ -22,19 +22,19 @@ PIECES = {
                                 "ahead of time for sm_90 by the tests)",
     "fastseq/reference/{name}.py": "the plain-PyTorch definition, the tests' float64 truth",
     "fastseq/nn/{name}.py": "the layers",
-    "bench/bench_{name}.py": "the fastseq-bench suite",
+    "bench/bench_{name}.py": "the fastseq-bench suite, and gpu_smoke(out): its correctness case "
+                             "on CUDA for the GPU run's stage 1 (bench/gpu_smoke.py)",
     "tests/{name}/test_{name}.py": "the tests (more files in tests/{name}/ as it grows)",
 }
 # The shared files a family edits, and the test that fails until it does.
 SHARED_EDITS = {
-    "fastseq/families.py": "its declaration (tests/dispatch/test_families.py)",
-    "fastseq/ops/__init__.py": "exports its ops (test_families: the op module test)",
-    "fastseq/nn/__init__.py": "exports its layers (test_families: the nn module test)",
-    "bench/gpu_smoke.py": "its correctness case on CUDA for the GPU run's stage 1 "
-                          "(tests/gpu/test_gpu_run_script.py)",
-    "tests/across_ops/*.py": "its ops in the checks run over every op, or the reason they are "
-                             "left out (tests/dispatch/test_registry.py)",
+    "fastseq/families.py": "its declaration (tests/dispatch/test_families.py); fastseq.ops and "
+                           "fastseq.nn export its ops and layers from it",
+    "README.md": "its row in the families table (tests/project/test_readme.py)",
 }
+# Not a shared edit: the checks run over every op (tests/across_ops) take a family's share from
+# its own tests/<name>/test_<name>.py (ACROSS_OPS: check -> {op: its tests there, or why not}),
+# or from the across_ops files' COVERS (tests/dispatch/test_registry.py reads both).
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,18 +1,26 @@
-"""Drop-in nn.Module layers built on fastseq's ops, and layers torch does not have."""
-from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
-from .attention import MultiheadAttention
-from .kv_cache import KVCache
-from .layer_norm_rnn import LayerNormGRU, LayerNormLSTM
-from .rnn import GRU, LSTM, RNN
-from .rnn_cell import GRUCell, LSTMCell, RNNCell
-from .serialization import safe_globals
-from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
-from .rel_attention import RelPartialLearnableMultiHeadAttn
-from .transformer_xl import PositionwiseFF, TransformerXL, TransformerXLLayer
-from .transformer_xl_decoding import TransformerXLDecodingState
-from .transformer_xl_lm import TransformerXLLM
+"""Drop-in nn.Module layers built on fastseq's ops, and layers torch does not have.
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU",
-           "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
-           "RelPartialLearnableMultiHeadAttn", "PositionwiseFF", "TransformerXLLayer", "TransformerXL",
-           "TransformerXLLM", "TransformerXLDecodingState", "KVCache", "AdaptiveEmbedding", "ProjectedAdaptiveLogSoftmax", "safe_globals"]
+Each family's layers are defined in fastseq/nn/<family>.py and exported here as
+fastseq/families.py declares them (`Family.layers`), so a new family's layers need no edit in
+this file. The models built on the families (`Family.models`, modules of their own) and the
+helpers are imported by name below.
+"""
+import importlib as _importlib
+
+from ..families import FAMILIES as _FAMILIES
+
+for _family in _FAMILIES.values():
+    _module = _importlib.import_module(f"{__name__}.{_family.name}")
+    globals().update({_layer: getattr(_module, _layer) for _layer in _family.layers})
+
+from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax  # noqa: E402
+from .serialization import safe_globals  # noqa: E402
+from .transformer import TransformerDecoderLayer, TransformerEncoderLayer  # noqa: E402
+from .transformer_xl import PositionwiseFF, TransformerXL, TransformerXLLayer  # noqa: E402
+from .transformer_xl_decoding import TransformerXLDecodingState  # noqa: E402
+from .transformer_xl_lm import TransformerXLLM  # noqa: E402
+
+__all__ = [layer for family in _FAMILIES.values() for layer in family.layers] + [
+    "TransformerEncoderLayer", "TransformerDecoderLayer", "PositionwiseFF", "TransformerXLLayer",
+    "TransformerXL", "TransformerXLLM", "TransformerXLDecodingState", "AdaptiveEmbedding",
+    "ProjectedAdaptiveLogSoftmax", "safe_globals"]

@@ -1,15 +1,20 @@
 """fastseq's functional API: each function validates its input, picks a backend (its
 declaration, chosen through fastseq.backend) and calls a registered op (torch.ops.fastseq.*)
-with fake and autograd. PUBLIC_OPS (registry.py) lists them for the derived checks."""
-from .attention import attention
-from .kv_cache import attention_with_kv_cache
-from .rnn_cell import gru_cell, lstm_cell, rnn_relu_cell, rnn_tanh_cell
-from .layer_norm_rnn import layer_norm_rnn_layer
-from .rel_attention import rel_attention
-from .rnn import rnn_bidirectional_layer, rnn_layer, rnn_stack
+with fake and autograd. PUBLIC_OPS (registry.py) lists them for the derived checks.
 
-from .registry import PUBLIC_OPS
+Each family's ops are defined in fastseq/ops/<family>.py and exported here as
+fastseq/families.py declares them (`Family.ops`), so a new family edits nothing in this file:
+fastseq.ops.lstm_cell is fastseq.ops.rnn_cell.lstm_cell, fastseq.ops.attention is
+fastseq.ops.attention.attention, and so on.
+"""
+import importlib as _importlib
 
-__all__ = ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "rnn_stack", "rnn_layer",
-           "rnn_bidirectional_layer", "layer_norm_rnn_layer", "attention", "attention_with_kv_cache", "rel_attention",
-           "PUBLIC_OPS"]
+from ..families import FAMILIES as _FAMILIES
+
+for _family in _FAMILIES.values():
+    _module = _importlib.import_module(f"{__name__}.{_family.name}")
+    globals().update({_op: getattr(_module, _op) for _op in _family.ops})
+
+from .registry import PUBLIC_OPS  # noqa: E402 (it reads the functions exported above)
+
+__all__ = [op for family in _FAMILIES.values() for op in family.ops] + ["PUBLIC_OPS"]

@@ -14,12 +14,13 @@ COVERS = {"lstm_cell": ["test_cell_step"], "gru_cell": ["test_cell_step"],
           "rnn_tanh_cell": ["test_cell_step"], "rnn_relu_cell": ["test_cell_step"],
           "rnn_layer": ["test_layer_with_lengths", "test_native_layer_ops_take_views_directly"],
           "rnn_bidirectional_layer": ["test_bidirectional_layer"],
-          "rnn_stack": ["test_stack"],
           "layer_norm_rnn_layer": ["test_layer_norm_layer"],
           "attention": ["test_attention_heads_as_views"],
           "attention_with_kv_cache": ["test_kv_cache_step_with_views"],
           "rel_attention": ["test_rel_attention_heads_as_views"]}
 EXCLUDES: dict = {}
+# rnn_stack's case lives in tests/rnn/test_rnn.py (its ACROSS_OPS): a family may keep these
+# checks beside its own tests.
 
 G = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 I, H = 5, 4
@@ -111,26 +112,6 @@ def test_bidirectional_layer(backend):
         y, (h_n, c_n) = fastseq.ops.rnn_bidirectional_layer(
             "lstm", x, (h, c), weights[:4], weights[4:], lengths=[5, 3], backend=backend)
         return [y, h_n, c_n]
-
-    compare(run, views)
-
-
-@pytest.mark.parametrize("backend", backends_for("cpu"))
-def test_stack(backend):
-    """Two bidirectional layers, batch-first input seen through a transpose, weights as
-    views: torch's stacked forward and fastseq's per-layer path."""
-    T, B, g = 5, 2, G["gru"]
-    views = [strided((B, T, I), "transposed"), strided((4, B, H), "every_other")]
-    for layer in range(2):
-        for _ in range(2):
-            views += [strided((g * H, I if layer == 0 else 2 * H), "transposed"),
-                      strided((g * H, H), "every_other"), torch.randn(2 * g * H)[::2],
-                      torch.randn(g * H)]
-
-    def run(x, h, *weights):
-        y, h_n = fastseq.ops.rnn_stack("gru", x, h, weights, num_layers=2, bidirectional=True,
-                                       batch_first=True, backend=backend)
-        return [y, h_n]
 
     compare(run, views)
 

@@ -104,6 +104,15 @@ def test_every_family_has_a_suite_and_every_suite_a_family():
         f"family: {sorted(set(suites) - expected)}")
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_the_bench_file_has_the_gpu_smoke_case(family):
+    """Read, not imported (the bench package imports its conftest): bench/gpu_smoke.py stops
+    the GPU run's stage 1 without it, and tests/gpu/test_gpu_run_script.py runs it on CPU."""
+    source = (ROOT / "bench" / f"bench_{family}.py").read_text()
+    assert "\ndef gpu_smoke(out)" in source, (
+        f"bench/bench_{family}.py has no gpu_smoke(out) (its case for the GPU run's stage 1)")
+
+
 def test_tests_has_a_folder_per_family_and_per_cross_cutting_concern():
     folders = {p.name for p in (ROOT / "tests").iterdir()
                if p.is_dir() and any(p.glob("test_*.py"))}

@@ -1,6 +1,7 @@
 """The registries are derived, and this file is what keeps them honest: fastseq.ops.PUBLIC_OPS
 is fastseq.ops.__all__; every file of tests/across_ops names, for every public op, the tests
-that cover it or the reason it is left out; every declaration is an OpBackends and dispatch is
+that cover it or the reason it is left out (or the op's family names them in its own test file's
+ACROSS_OPS); every declaration is an OpBackends and dispatch is
 one mechanism. What each family holds is tests/dispatch/test_families.py's."""
 import importlib
 import importlib.util
@@ -13,7 +14,8 @@ import fastseq
 import fastseq.families
 from fastseq.ops import PUBLIC_OPS
 
-ACROSS_OPS = sorted((pathlib.Path(__file__).resolve().parents[1] / "across_ops").glob("test_*.py"))
+TESTS = pathlib.Path(__file__).resolve().parents[1]
+ACROSS_OPS = sorted((TESTS / "across_ops").glob("test_*.py"))
 
 
 def test_every_public_op_is_registered():
@@ -33,19 +35,53 @@ def _load(path: pathlib.Path):
     return module
 
 
+def _family_claims(check: str) -> dict:
+    """{op: (test module, [tests] or a reason)}: what each family's own test file
+    (tests/<family>/test_<family>.py) says of a cross-cutting check in its ACROSS_OPS, so that
+    a new family can keep these tests beside its others instead of editing tests/across_ops."""
+    claims = {}
+    for family in fastseq.families.FAMILIES:
+        module = _load(TESTS / family / f"test_{family}.py")
+        for op, claim in getattr(module, "ACROSS_OPS", {}).get(check, {}).items():
+            claims[op] = (module, claim)
+    return claims
+
+
+def test_family_claims_name_real_checks_and_their_own_ops():
+    checks = {path.stem for path in ACROSS_OPS}
+    for name, family in fastseq.families.FAMILIES.items():
+        module = _load(TESTS / name / f"test_{name}.py")
+        for check, claims in getattr(module, "ACROSS_OPS", {}).items():
+            assert check in checks, f"tests/{name}: ACROSS_OPS names no check {check!r}"
+            assert set(claims) <= set(family.ops), f"tests/{name}: {check} claims another's op"
+
+
 @pytest.mark.parametrize("path", ACROSS_OPS, ids=lambda p: p.stem)
 def test_cross_cutting_tests_cover_or_exclude_every_op(path):
     name, module = path.stem, _load(path)
     covers, excludes = module.COVERS, module.EXCLUDES
+    claims = _family_claims(name)
     assert not set(covers) & set(excludes), name
-    assert set(covers) | set(excludes) == set(PUBLIC_OPS), (
-        f"{name}: name each public op in COVERS (its tests) or EXCLUDES (why not)")
+    assert not (set(covers) | set(excludes)) & set(claims), (
+        f"{name}: an op is named both here and in its family's ACROSS_OPS")
+    missing = set(PUBLIC_OPS) - set(covers) - set(excludes) - set(claims)
+    assert not missing, (
+        f"{name}: name each public op in COVERS (its tests) or EXCLUDES (why not), or in its "
+        f"family's tests/<family>/test_<family>.py ACROSS_OPS[{name!r}]: {sorted(missing)}")
     for op, tests in covers.items():
         assert tests, (name, op)
         for test in tests:
             assert callable(getattr(module, test, None)), f"{name}: no test {test} for {op}"
     for op, reason in excludes.items():
         assert len(reason) > 20, (name, op)
+    for op, (family_tests, claim) in claims.items():
+        if isinstance(claim, str):
+            assert len(claim) > 20, (name, op, "a reason to leave it out")
+            continue
+        assert claim, (name, op)
+        for test in claim:
+            assert callable(getattr(family_tests, test, None)), (
+                f"{family_tests.__file__}: no test {test} for {op} ({name})")
 
 
 def _declarations() -> dict:

@@ -6,11 +6,16 @@ import torch
 
 import fastseq
 
-from conftest import DEVICES
+from conftest import DEVICES, backends_for
 from numerics import assert_within_rule
+from test_strided_inputs import compare, strided  # tests/across_ops' helpers
 from recurrent_cases import (MODES, assert_backends_match_reference, assert_compiles_like_eager,
                              gradcheck_layer, layer_backends, lengths_for, make_grad_outputs,
                              make_leaves, run)
+
+# This family's share of the checks run over every op (tests/dispatch/test_registry.py reads it
+# beside tests/across_ops' own COVERS): check -> {op: its tests here}.
+ACROSS_OPS = {"test_strided_inputs": {"rnn_stack": ["test_rnn_stack_takes_strided_views"]}}
 
 # (T, B, I, H, dtype): odd sizes in fp32 (B=37: three 16-row programs), the half-precision
 # dtypes on one mid-size case.
@@ -277,3 +282,23 @@ def test_rnn_stack_names_what_is_wrong():
                                   call.pop("weights"), **call)
     with pytest.raises(fastseq.InputError, match="zoneout"):
         fastseq.ops.rnn_stack("rnn_tanh", x, None, [w[:3] for w in weights], zoneout=(0.1, 0.0))
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_rnn_stack_takes_strided_views(backend):
+    """Two bidirectional layers, batch-first input seen through a transpose, weights as
+    views: torch's stacked forward and fastseq's per-layer path."""
+    T, B, g, I, H = 5, 2, 3, 5, 4
+    views = [strided((B, T, I), "transposed"), strided((4, B, H), "every_other")]
+    for layer in range(2):
+        for _ in range(2):
+            views += [strided((g * H, I if layer == 0 else 2 * H), "transposed"),
+                      strided((g * H, H), "every_other"), torch.randn(2 * g * H)[::2],
+                      torch.randn(g * H)]
+
+    def run(x, h, *weights):
+        y, h_n = fastseq.ops.rnn_stack("gru", x, h, weights, num_layers=2, bidirectional=True,
+                                       batch_first=True, backend=backend)
+        return [y, h_n]
+
+    compare(run, views)
