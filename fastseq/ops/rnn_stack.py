@@ -63,14 +63,15 @@ def rnn_stack(mode: str, input, hx, weights: Sequence[Tensor], *, num_layers: in
     if lengths is not None:
         if data.dim() != 3:
             fail(OP, "lengths is for a padded batch (3-D input)")
-        batch, steps = (data.shape[0], data.shape[1]) if batch_first else (data.shape[1], data.shape[0])
+        batch, steps = (data.shape[0], data.shape[1]) if batch_first else \
+            (data.shape[1], data.shape[0])
         lengths = checked_lengths(OP, lengths, steps, batch)
     p_h, p_c = (float(p) for p in zoneout)
     if not (0 <= p_h <= 1 and 0 <= p_c <= 1) or (mode != "lstm" and p_c) or \
             (mode.startswith("rnn") and p_h):
         fail(OP, f"zoneout must be (p_h, p_c) in [0, 1], p_c for the lstm only and neither for the "
                  f"plain RNN; got {tuple(zoneout)} for {mode}")
-    empty = not packed and data.dim() == 3 and data.shape[1 if batch_first else 0] == 0
+    empty = not packed and data.shape[1 if batch_first and data.dim() == 3 else 0] == 0  # no steps
     compiling = torch.compiler.is_compiling()
     # Whether any row has length 0 reads the lengths: skipped under compile, where torch's
     # stacked forward is never `auto`'s choice anyway.
