@@ -88,8 +88,8 @@ class StackShape:
     """What a flat weight list says about the stack: layers, directions, hidden and state
     widths, and where each layer-direction's weights start."""
 
-    def __init__(self, mode, num_layers, directions, bias, per_group, hidden, proj):
-        self.mode, self.num_layers, self.directions, self.bias = mode, num_layers, directions, bias
+    def __init__(self, num_layers, directions, bias, per_group, hidden, proj):
+        self.num_layers, self.directions, self.bias = num_layers, directions, bias
         self.per_group, self.hidden, self.proj = per_group, hidden, proj
 
     @classmethod
@@ -106,11 +106,7 @@ class StackShape:
             fail(OP, f"weights must hold {plain} tensors{extra} for each of the {groups} layers and "
                      f"directions, {groups * plain} in all, got {count}")
         hidden = weights[0].shape[0] // GATES[mode]
-        return cls(mode, num_layers, directions, bias, per_group, hidden, proj)
-
-    @property
-    def state_width(self) -> int:
-        return self.proj or self.hidden
+        return cls(num_layers, directions, bias, per_group, hidden, proj)
 
     def group(self, weights, layer: int, direction: int):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction (None where absent)."""
@@ -161,8 +157,7 @@ def run_layers(op: str, mode: str, input, hx, lengths, *, num_layers: int, direc
         x, lengths = pad_packed_sequence(input)  # [T, B, I], rows in the caller's order
         unbatched = False
     else:
-        unbatched = input.dim() == 2
-        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
+        unbatched, x = input.dim() == 2, _time_major(input, batch_first)
     h0, c0 = initial_states(op, hx, x, unbatched, lstm, num_layers, directions, hidden, proj)
     layer_input = x
     h_n, c_n = [], []
@@ -191,6 +186,13 @@ def run_layers(op: str, mode: str, input, hx, lengths, *, num_layers: int, direc
     elif batch_first:
         out = out.transpose(0, 1).contiguous()  # torch returns a contiguous batch-first output
     return out, ((h_n, c_n) if lstm else h_n)
+
+
+def _time_major(input: Tensor, batch_first: bool) -> Tensor:
+    """A padded input as [T, B, I] (an unbatched [T, I] as one row): a view, no copy."""
+    if input.dim() == 2:
+        return input.unsqueeze(1)
+    return input.transpose(0, 1) if batch_first else input
 
 
 def _pack_like(padded: Tensor, like: PackedSequence) -> PackedSequence:
@@ -273,8 +275,7 @@ def _torch_stack(mode, input, hx, weights, shape, batch_first, dropout, training
         final = _rows(tuple(final) if lstm else final[0], unsorted_indices)
         return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), final
     unbatched = input.dim() == 2
-    x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
-    h0, c0 = initial_states(OP, hx, x, unbatched, lstm, shape.num_layers, shape.directions,
+    h0, c0 = initial_states(OP, hx, _time_major(input, batch_first), unbatched, lstm, shape.num_layers, shape.directions,
                             shape.hidden, shape.proj)
     batched = input.unsqueeze(0 if batch_first else 1) if unbatched else input
     out, *final = run(batched, (h0, c0) if lstm else h0, weights, shape.bias, shape.num_layers,
