@@ -122,7 +122,9 @@ def bench_decode_crossover(benchmark, provider, rows, keys):
             q, k, v, lengths, True, -rows, 0, scale)[0]
     else:
         fn = lambda: torch.ops.fastseq.attention_forward_triton(  # noqa: E731
-            q, k, v, None, None, 0.0, True, keys - rows, scale)[0]
+            q, k, v, None, None, None, None, None, None, None, None, dropout_p=0.0,
+            bottom_right=True, window_left=-1, window_right=0, softcap=0.0, max_seqlen_q=0,
+            max_seqlen_k=0, scale=scale)[0]
     with torch.no_grad():
         one = [t[:1, :HQ // HK].double() for t in (q, k[:, :1], v[:, :1])]
         expected = fastseq.reference.scaled_dot_product_attention(

@@ -35,33 +35,98 @@ from . import kv_cache_registration as _decode_ops  # noqa: F401  (the split-KV 
 from ._autocast import autocast_op
 from ._registration import fused
 from ._checks import check_mask, check_same_dtype_device, check_tensor, fail, needs_grad
+from .attention_mask import AttentionMask, Visibility, materialized, normalize, window_sides
 
 OP = "fastseq.ops.attention"
 
 
 @autocast_op("attention")
-def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-              enable_gqa: bool = False, *, return_lse: bool = False,
-              backend: Optional[str] = None):
+              enable_gqa: bool = False, *, window=None, softcap: Optional[float] = None,
+              alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+              return_lse: bool = False, backend: Optional[str] = None):
     """softmax(query key^T * scale + mask) value, with dropout on the probabilities.
     Returns out [..., Hq, L, Ev], or (out, lse) with return_lse."""
-    attn_mask, is_causal, causal_shift = _causal_bias(attn_mask, is_causal, query, key)
+    attn_mask, vis = _visibility(attn_mask, is_causal, window, query, key)
     heads_q, heads_k = _validate(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    softcap = _check_extras(query, heads_q, vis, softcap, alibi_slopes, sinks)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     call = {"device": query.device, "query": query, "key": key, "value": value,
-            "attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal,
-            "causal_shift": causal_shift, "scale": scale, "enable_gqa": enable_gqa,
-            "heads_q": heads_q, "heads_k": heads_k, "return_lse": return_lse,
-            "keys": key.shape[-2], "needs_grad": needs_grad(query, key, value)}
+            "attn_mask": attn_mask, "dropout_p": dropout_p, "vis": vis, "scale": scale,
+            "enable_gqa": enable_gqa, "softcap": softcap, "alibi_slopes": alibi_slopes,
+            "sinks": sinks, "heads_q": heads_q, "heads_k": heads_k, "return_lse": return_lse,
+            "keys": key.shape[-2], "needs_grad": needs_grad(query, key, value, sinks)}
     return BACKENDS.run(call, backend)
 
 
-def _reference_attention(query, key, value, attn_mask, dropout_p, is_causal, causal_shift, scale,
-                         enable_gqa, return_lse, **_):
+def _visibility(attn_mask, is_causal, window, query, key):
+    """(tensor mask or None, Visibility) of the call's attn_mask (a tensor, one of torch's
+    CausalBias masks or an AttentionMask description), is_causal and window."""
+    if isinstance(attn_mask, AttentionMask):
+        return None, normalize(OP, attn_mask, is_causal, window, query, key)
+    if isinstance(attn_mask, CausalBias):
+        L, S = query.shape[-2], key.shape[-2]
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
+            fail(OP, f"attn_mask is a causal bias for {attn_mask.seq_len_q} queries and "
+                     f"{attn_mask.seq_len_kv} keys, but query has {L} and key {S}")
+        if is_causal:  # torch refuses the pair too
+            fail(OP, "attn_mask is a CausalBias: leave is_causal False (the bias sets the "
+                     "alignment)")
+        left, right = window_sides(OP, window, True)
+        return None, Visibility(left, right, attn_mask.variant == CausalVariant.LOWER_RIGHT)
+    left, right = window_sides(OP, window, is_causal)
+    return attn_mask, Visibility(left, right)
+
+
+def _check_extras(query, heads_q, vis: Visibility, softcap, alibi_slopes, sinks) -> float:
+    """Checks the score modifiers; returns softcap as a float (0: off)."""
+    if softcap is not None and (isinstance(softcap, bool)
+                                or not isinstance(softcap, (int, float)) or softcap < 0):
+        fail(OP, f"softcap must be a number >= 0 (0 or None: off), got {softcap!r}")
+    if alibi_slopes is not None:
+        check_tensor(OP, "alibi_slopes", alibi_slopes)
+        batch = query.shape[0] if query.dim() == 4 and not vis.packed else None
+        shapes = [[heads_q]] + ([[batch, heads_q]] if batch is not None else [])
+        if list(alibi_slopes.shape) not in shapes or not alibi_slopes.dtype.is_floating_point:
+            fail(OP, f"alibi_slopes must be a float tensor of shape "
+                     f"{' or '.join(map(str, shapes))} ([H] or [B, H]), got {alibi_slopes.dtype} "
+                     f"with shape {list(alibi_slopes.shape)}")
+        if alibi_slopes.device != query.device:
+            fail(OP, f"alibi_slopes must be on the query's device {query.device}, got "
+                     f"{alibi_slopes.device}")
+        if alibi_slopes.requires_grad:
+            fail(OP, "alibi_slopes must not require grad: ALiBi's slopes are fixed (as in "
+                     "FlashAttention, no gradient flows to them); pass alibi_slopes.detach()")
+    if sinks is not None:
+        check_tensor(OP, "sinks", sinks)
+        if list(sinks.shape) != [heads_q] or not sinks.dtype.is_floating_point:
+            fail(OP, f"sinks must be a float tensor of shape [{heads_q}] (one logit per query "
+                     f"head), got {sinks.dtype} with shape {list(sinks.shape)}")
+        if sinks.device != query.device:
+            fail(OP, f"sinks must be on the query's device {query.device}, got {sinks.device}")
+    return float(softcap or 0.0)
+
+
+def _reference_attention(query, key, value, attn_mask, dropout_p, vis, scale, enable_gqa,
+                         softcap, alibi_slopes, sinks, return_lse, **_):
+    options = dict(dropout_p=dropout_p, scale=scale, window=(vis.left, vis.right),
+                   bottom_right=vis.bottom_right, softcap=softcap or None,
+                   alibi_slopes=alibi_slopes, sinks=sinks)
+    if vis.packed:
+        out, lse = _reference.packed_attention(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+            vis.cu_q, vis.cu_k, return_lse=True, **options)
+        return _with_lse(out.transpose(0, 1)[None], lse[None], return_lse)
     return _reference.scaled_dot_product_attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-        return_lse=return_lse, causal_shift=causal_shift)
+        query, key, value, attn_mask, is_causal=False, enable_gqa=enable_gqa,
+        return_lse=return_lse, key_start=_batch_view(vis.key_start, query),
+        key_end=_batch_view(vis.key_end, query), **options)
+
+
+def _batch_view(rows: Optional[Tensor], query: Tensor) -> Optional[Tensor]:
+    """Per-batch-row integers [prod(batch dims)] back in the batch dims' shape."""
+    return None if rows is None else rows.reshape(query.shape[:-3])
 
 
 def _empty(call: dict) -> bool:
@@ -69,23 +134,8 @@ def _empty(call: dict) -> bool:
     return call["query"].numel() == 0 or call["keys"] == 0 or call["value"].shape[-1] == 0
 
 
-def _causal_bias(attn_mask, is_causal, query, key):
-    """(attn_mask, is_causal, causal_shift) with a torch.nn.attention.bias CausalBias mask
-    turned into the kernels' causal rule: query i sees keys j <= i + causal_shift."""
-    if not isinstance(attn_mask, CausalBias):
-        return attn_mask, is_causal, 0
-    L, S = query.shape[-2], key.shape[-2]
-    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
-        fail(OP, f"attn_mask is a causal bias for {attn_mask.seq_len_q} queries and "
-                 f"{attn_mask.seq_len_kv} keys, but query has {L} and key {S}")
-    if is_causal:  # torch refuses the pair too
-        fail(OP, "attn_mask is a CausalBias: leave is_causal False (the bias sets the alignment)")
-    lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT
-    return None, True, (S - L if lower_right else 0)
-
-
-def _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, causal_shift, scale,
-                      heads_q, heads_k, return_lse, **_):
+def _triton_attention(query, key, value, attn_mask, dropout_p, vis, scale, heads_q, heads_k,
+                      softcap, alibi_slopes, sinks, return_lse, **_):
     L, E = query.shape[-2:]
     S, EV = value.shape[-2:]
     q = query.reshape(-1, heads_q, L, E)
@@ -99,8 +149,11 @@ def _triton_attention(query, key, value, attn_mask, dropout_p, is_causal, causal
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=query.device)
+    alibi = None if alibi_slopes is None else alibi_slopes.float()
     out, lse = fused("fastseq::attention_forward_triton")(
-        q, k, v, mask, seed, float(dropout_p), bool(is_causal), int(causal_shift), scale)
+        q, k, v, mask, seed, vis.cu_q, vis.cu_k, vis.key_start, vis.key_end, alibi, sinks,
+        float(dropout_p), vis.bottom_right, vis.left, vis.right, softcap, vis.max_q, vis.max_k,
+        scale)
     return _with_lse(out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1]),
                      return_lse)
 
@@ -124,28 +177,48 @@ def split_kv_decode(call: dict) -> bool:
             and not call["needs_grad"])
 
 
-def _triton_decode(query, key, value, is_causal, causal_shift, scale, heads_q, heads_k,
-                   return_lse, **_):
+def _split_kv_serves(call: dict) -> bool:
+    """split_kv_decode, and nothing the decode kernels lack: a window's left side, key ranges,
+    packed sequences, soft-capping, ALiBi or sinks."""
+    return (split_kv_decode(call) and call["vis"].plain and not call["softcap"]
+            and call["alibi_slopes"] is None and call["sinks"] is None)
+
+
+def _triton_decode(query, key, value, vis, scale, heads_q, heads_k, return_lse, **_):
     """The decode kernels on a full cache: every row's cache length is S, and query i sees
-    keys j <= i + causal_shift, i.e. i + S + (causal_shift - S)."""
+    keys j <= i + shift (0 top-left, S - L bottom-right), i.e. i + S + (shift - S)."""
     L, E = query.shape[-2:]
     S, EV = value.shape[-2:]
     q = query.reshape(-1, heads_q, L, E)
     k = key.reshape(-1, heads_k, S, E)
     v = value.reshape(-1, heads_k, S, EV)
     kv_len = torch.full((q.shape[0],), S, dtype=torch.int32, device=query.device)
-    out, lse = torch.ops.fastseq.attention_decode_triton(q, k, v, kv_len, bool(is_causal),
-                                                         int(causal_shift) - S, 0, scale)
+    shift = S - L if vis.bottom_right else 0
+    out, lse = torch.ops.fastseq.attention_decode_triton(q, k, v, kv_len, vis.right == 0,
+                                                         shift - S, 0, scale)
     return _with_lse(out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1]),
                      return_lse)
 
 
-def _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, causal_shift, scale,
-                     enable_gqa, **_):
-    if causal_shift:  # torch's own kernels take the lower-right mask materialized
-        attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool,
-                               device=query.device).tril(causal_shift)
-        is_causal = False
+def _torch_attention(query, key, value, attn_mask, dropout_p, vis, scale, enable_gqa,
+                     alibi_slopes, **_):
+    """torch's SDPA with what fastseq describes (a window, key ranges, bottom-right causal,
+    packed sequences, ALiBi) materialized as the [.., L, S] mask torch's kernels need."""
+    L, S = query.shape[-2], key.shape[-2]
+    is_causal = False
+    if vis.plain and vis.right == 0 and not vis.bottom_right and attn_mask is None \
+            and alibi_slopes is None:
+        is_causal = True  # torch's own causal kernels (top-left, as fastseq's default)
+    elif not vis.unrestricted or alibi_slopes is not None:
+        seen, distance = materialized(vis, L, S, query.device)
+        seen = seen.reshape(*query.shape[:-3], 1, L, S) if seen.shape[0] > 1 else seen
+        if alibi_slopes is not None:
+            slopes = alibi_slopes.to(query.dtype)
+            bias = -slopes[..., None, None] * distance.reshape(seen.shape).abs().to(query.dtype)
+            bias = bias.masked_fill(~seen, float("-inf"))
+            attn_mask = bias if attn_mask is None else _combine(attn_mask, bias)
+        else:
+            attn_mask = seen if attn_mask is None else _combine(attn_mask, seen)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     if attn_mask is not None:
@@ -155,6 +228,16 @@ def _torch_attention(query, key, value, attn_mask, dropout_p, is_causal, causal_
     return out
 
 
+def _combine(mask: Tensor, extra: Tensor) -> Tensor:
+    """A caller's tensor mask and a materialized description (bool visible or float bias)."""
+    if mask.dtype == torch.bool and extra.dtype == torch.bool:
+        return mask & extra
+    as_bias = lambda m: (torch.zeros((), dtype=extra.dtype if extra.dtype != torch.bool  # noqa: E731
+                                     else mask.dtype, device=m.device).masked_fill(~m, float("-inf"))
+                         if m.dtype == torch.bool else m)
+    return as_bias(mask) + as_bias(extra)
+
+
 # Why torch's backend cannot serve return_lse=True (relative attention's too).
 NO_LSE = "torch's scaled_dot_product_attention does not return the log-sum-exp"
 
@@ -162,8 +245,10 @@ NO_LSE = "torch's scaled_dot_product_attention does not return the log-sum-exp"
 def _torch_unavailable(call: dict) -> Optional[str]:
     if call["return_lse"]:
         return NO_LSE
-    if call["is_causal"] and call["attn_mask"] is not None:
-        return "torch refuses is_causal together with attn_mask"
+    if call["softcap"]:
+        return "torch's scaled_dot_product_attention has no soft-capping (softcap)"
+    if call["sinks"] is not None:
+        return "torch's scaled_dot_product_attention has no attention sinks (sinks)"
     return None
 
 
@@ -176,7 +261,7 @@ BACKENDS = _backends.attention_backends(
             _backends.Variant(lambda call: (
                 f"split-KV decode kernels ({call['query'].shape[-2]} query rows <= "
                 f"{DECODE_MAX_QUERY_ROWS} against {call['keys']} keys >= {DECODE_MIN_KEYS}, "
-                f"no mask, dropout or backward)"), _triton_decode, when=split_kv_decode),
+                f"no mask, dropout or backward)"), _triton_decode, when=_split_kv_serves),
             _backends.Variant("one fused forward kernel (online softmax), two fused backward "
                               "kernels (dK/dV, dQ)", _triton_attention)),
     torch_backend=_backends.serves(_torch_unavailable, _torch_attention,

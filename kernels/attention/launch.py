@@ -8,6 +8,9 @@ measured (no GPU has been lent to this project): bench/NOTES.md records what to 
 Under the interpreter one fixed 16 x 16 configuration, so CI's small odd shapes cross several
 blocks and the causal diagonal.
 """
+import dataclasses
+from typing import Optional
+
 import torch
 import triton
 
@@ -100,8 +103,7 @@ def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int, heavy: bool):
         # the listed arguments and the tensors' dtypes only).
         _tuned[key] = triton.autotune(
             candidate_configs(kernel, dtype, block_d, heavy),
-            key=["length_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "SHIFTED", "MASK_KIND",
-                 "DROPOUT"])(fn)
+            key=FEATURE_KEYS)(fn)
     return _tuned[key], {}
 
 
@@ -135,56 +137,128 @@ def mask_arguments(mask) -> tuple[dict, int]:
     return strided("mask_ptr", mask, MASK_STRIDES), FLOAT_KEY_MASK if one_row else FLOAT_MASK
 
 
-def feature_constexprs(dtype, block_d, block_dv, is_causal, shifted, dropout, PRECISION,
-                       UPCAST) -> dict:
-    """The constexprs every attention kernel takes (the launch and its specs). A shifted
-    diagonal (bottom-right causal) is its own compilation, so the common unshifted one keeps
-    its registers (the runtime shift alone made 4-5 sm_90 candidates spill)."""
-    return {"BLOCK_D": block_d, "BLOCK_DV": block_dv, "IS_CAUSAL": is_causal,
-            "SHIFTED": shifted, "DROPOUT": dropout, "PRECISION": PRECISION, "UPCAST": UPCAST,
-            "ACC_DTYPE": tl_accumulator_dtype(dtype)}
+@dataclasses.dataclass(frozen=True)
+class Extras:
+    """What a launch adds to plain masked attention (kernel.py's module docstring): packed
+    sequences (cu_q/cu_k int32 [N + 1], max_seqlen_q/k their longest), per-row key ranges
+    (key_start/key_end int32 [B]), the diagonal's alignment, the window's sides (-1: unbounded;
+    causal is window_right = 0), soft-capping (0: off), ALiBi slopes [H] or [B, H] and sinks
+    [H] (float tensors)."""
+    cu_q: Optional[torch.Tensor] = None
+    cu_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    key_start: Optional[torch.Tensor] = None
+    key_end: Optional[torch.Tensor] = None
+    bottom_right: bool = False
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi: Optional[torch.Tensor] = None
+    sinks: Optional[torch.Tensor] = None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_q is not None
 
 
-def _common(q, k, v, scale, is_causal, causal_shift, dropout_p):
+def feature_constexprs(dtype, block_d, block_dv, *, left=False, right=False, shifted=False,
+                       varlen=False, key_range=False, softcap=False, alibi=False, sinks=False,
+                       dropout=False, PRECISION, UPCAST) -> dict:
+    """The constexprs every attention kernel takes (the launch and its specs). Each feature is
+    its own compilation, so plain attention keeps its registers (a runtime diagonal shift alone
+    made 4-5 sm_90 candidates spill: SHIFTED is set only when the shift can be non-zero)."""
+    return {"BLOCK_D": block_d, "BLOCK_DV": block_dv, "LEFT_BOUND": left, "RIGHT_BOUND": right,
+            "SHIFTED": shifted, "VARLEN": varlen, "KEY_RANGE": key_range, "SOFTCAP": softcap,
+            "ALIBI": alibi, "SINKS": sinks, "DROPOUT": dropout, "PRECISION": PRECISION,
+            "UPCAST": UPCAST, "ACC_DTYPE": tl_accumulator_dtype(dtype)}
+
+
+FEATURE_KEYS = ["length_bucket", "BLOCK_D", "BLOCK_DV", "LEFT_BOUND", "RIGHT_BOUND", "SHIFTED",
+                "MASK_KIND", "VARLEN", "KEY_RANGE", "SOFTCAP", "ALIBI", "SINKS", "DROPOUT"]
+
+
+def _geometry(q, k, extras: Extras) -> tuple[int, int, int]:
+    """(sequences, the longest one's query rows, its keys) of a launch: dense [B, H, L, E], or
+    packed [1, H, T, E] whose sequences come from cu_q."""
+    if extras.varlen:
+        return extras.cu_q.shape[0] - 1, extras.max_seqlen_q, extras.max_seqlen_k
+    return q.shape[0], q.shape[2], k.shape[2]
+
+
+def _launch_arguments(q, k, v, mask, seed, dropout_p: float, extras: Extras, scale: float):
+    """(arguments by name shared by the three kernels, constexprs, sequences, grid rows, grid
+    keys) of one launch."""
     B, H, L, E = q.shape
     S, EV = k.shape[2], v.shape[3]
-    constexprs = feature_constexprs(q.dtype, head_block(E), head_block(EV), is_causal,
-                                    bool(is_causal and causal_shift != 0), dropout_p > 0.0,
-                                    dot_precision(q.dtype), INTERPRETED)
-    scalars = dict(H=H, GROUP=H // k.shape[1], L=L, S=S, E=E, EV=EV)
-    return B, H, L, S, E, EV, constexprs, scalars, float(scale) * LOG2E
+    sequences, rows, keys = _geometry(q, k, extras)
+    mask_args, mask_kind = mask_arguments(mask)
+    bounded = extras.window_left >= 0 or extras.window_right >= 0
+    may_shift = extras.varlen or extras.key_start is not None or L != S
+    constexprs = feature_constexprs(
+        q.dtype, head_block(E), head_block(v.shape[3]), left=extras.window_left >= 0,
+        right=extras.window_right >= 0,
+        shifted=bool(extras.bottom_right and may_shift and (bounded or extras.alibi is not None)),
+        varlen=extras.varlen, key_range=extras.key_start is not None,
+        softcap=extras.softcap > 0, alibi=extras.alibi is not None,
+        sinks=extras.sinks is not None, dropout=dropout_p > 0.0,
+        PRECISION=dot_precision(q.dtype), UPCAST=INTERPRETED)
+    strides = {**strided("q_ptr", q, Q_STRIDES), **strided("k_ptr", k, K_STRIDES),
+               **strided("v_ptr", v, V_STRIDES)}
+    if extras.varlen:  # one packed "batch": sequences are offsets along the rows
+        strides.update(stride_qb=0, stride_kb=0, stride_vb=0)
+    alibi = extras.alibi
+    alibi_strides = ({"stride_ab": 0, "stride_ah": 0} if alibi is None else
+                     {"stride_ab": alibi.stride(0) if alibi.dim() == 2 else 0,
+                      "stride_ah": alibi.stride(-1)})
+    softcap = float(extras.softcap)
+    args = dict(**strides, **mask_args, seed_ptr=seed if dropout_p > 0.0 else None,
+                cu_q_ptr=extras.cu_q, cu_k_ptr=extras.cu_k, key_start_ptr=extras.key_start,
+                key_end_ptr=extras.key_end, alibi_ptr=alibi, **alibi_strides,
+                stride_lb=0 if extras.varlen else H * L, stride_lh=L,
+                H=H, GROUP=H // k.shape[1], L=L, S=S, E=E, EV=EV,
+                qk_scale2=(softcap if softcap > 0 else float(scale)) * LOG2E,
+                softcap_scale=float(scale) / softcap if softcap > 0 else 0.0,
+                dropout_p=float(dropout_p), window_left=int(extras.window_left),
+                window_right=int(extras.window_right), length_bucket=length_bucket(rows, keys),
+                MASK_KIND=mask_kind)
+    return args, constexprs, sequences, rows, keys
 
 
-def attention_forward(q, k, v, mask, seed, dropout_p: float, is_causal: bool, causal_shift: int,
-                      scale: float):
-    """q [B, H, L, E], k [B, Hk, S, E], v [B, Hk, S, EV] (any strides), mask a [B, H, L, S] view
-    or None, seed an int64 [1] tensor (read when dropout_p > 0); is_causal: query i sees keys
-    j <= i + causal_shift (0: top-left, S - L: bottom-right). Returns (out [B, H, L, EV],
-    lse [B, H, L] in fp32, fp64 for fp64 inputs)."""
-    B, H, L, S, E, EV, constexprs, scalars, qk_scale2 = _common(q, k, v, scale, is_causal,
-                                                                 causal_shift, dropout_p)
+def attention_forward(q, k, v, mask, seed, dropout_p: float, scale: float,
+                      extras: Extras = Extras()):
+    """q [B, H, L, E], k [B, Hk, S, E], v [B, Hk, S, EV] (any strides; packed sequences:
+    B = 1 and extras.cu_q/cu_k), mask a [B, H, L, S] view or None, seed an int64 [1] tensor
+    (read when dropout_p > 0). Returns (out [B, H, L, EV], lse [B, H, L] in fp32, fp64 for
+    fp64 inputs; the sinks included)."""
+    B, H, L, _ = q.shape
+    EV = v.shape[3]
+    args, constexprs, sequences, rows, _ = _launch_arguments(q, k, v, mask, seed, dropout_p,
+                                                             extras, scale)
     out = new_output((B, H, L, EV), q)
     lse = new_output((B, H, L), q.new_empty(0, dtype=accumulator_dtype(q.dtype)))
-    mask_args, mask_kind = mask_arguments(mask)
     kernel, launch = _kernel_for("forward", attention_forward_kernel, q.dtype,
-                                 constexprs["BLOCK_D"], heavy_launch(mask_kind, dropout_p))
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-    kernel[grid](**strided("q_ptr", q, Q_STRIDES), **strided("k_ptr", k, K_STRIDES),
-                 **strided("v_ptr", v, V_STRIDES), **strided("out_ptr", out, OUT_STRIDES),
-                 **mask_args, lse_ptr=lse, seed_ptr=seed if dropout_p > 0.0 else None,
-                 **scalars, qk_scale2=qk_scale2, dropout_p=float(dropout_p),
-                 causal_shift=int(causal_shift), length_bucket=length_bucket(L, S),
-                 MASK_KIND=mask_kind, **constexprs, **launch)
+                                 constexprs["BLOCK_D"],
+                                 heavy_launch(args["MASK_KIND"], dropout_p))
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), sequences * H)  # noqa: E731
+    out_strides = strided("out_ptr", out, OUT_STRIDES)
+    if extras.varlen:
+        out_strides["stride_ob"] = 0
+    kernel[grid](**args, **out_strides, lse_ptr=lse, sinks_ptr=extras.sinks, **constexprs,
+                 **launch)
     return out, lse
 
 
 def attention_backward(dout, q, k, v, lse, delta, mask, mask_grad: bool, seed,
-                       dropout_p: float, is_causal: bool, causal_shift: int, scale: float):
+                       dropout_p: float, scale: float, extras: Extras = Extras()):
     """Gradients of attention_forward: dout [B, H, L, EV] (any strides), lse and delta
     (rowsum(dout * out) - dlse) [B, H, L] contiguous in the accumulator dtype. Returns (dq, dk,
-    dv, dmask): dmask [B, H, L, S] in the mask's dtype when mask_grad, else an empty tensor."""
-    B, H, L, S, E, EV, constexprs, scalars, qk_scale2 = _common(q, k, v, scale, is_causal,
-                                                                 causal_shift, dropout_p)
+    dv, dmask): dmask [B, H, L, S] in the mask's dtype when mask_grad, else an empty tensor.
+    The sinks' gradient is the caller's (a sum over rows of lse and delta)."""
+    B, H, L, E = q.shape
+    S, EV = k.shape[2], v.shape[3]
+    args, constexprs, sequences, rows, keys = _launch_arguments(q, k, v, mask, seed, dropout_p,
+                                                                extras, scale)
     dq = new_output(q.shape, q)
     # Per query head; summed over each group of G heads below (GQA). Accumulated in fp32 when
     # there is a sum to do, so the group's sum rounds once.
@@ -195,23 +269,20 @@ def attention_backward(dout, q, k, v, lse, delta, mask, mask_grad: bool, seed,
     # Entries no program visits (keys hidden by the causal rule) have gradient 0: zeros.
     dmask = (torch.zeros((B, H, L, S), dtype=mask.dtype, device=q.device) if mask_grad
              else q.new_empty(0))
-    mask_args, mask_kind = mask_arguments(mask)
-    # What both backward kernels read, by name.
-    shared = dict(**strided("q_ptr", q, Q_STRIDES), **strided("k_ptr", k, K_STRIDES),
-                  **strided("v_ptr", v, V_STRIDES), **strided("do_ptr", dout, DOUT_STRIDES),
-                  **mask_args, lse_ptr=lse, delta_ptr=delta,
-                  seed_ptr=seed if dropout_p > 0.0 else None, **scalars, qk_scale2=qk_scale2,
-                  scale=float(scale), dropout_p=float(dropout_p), causal_shift=int(causal_shift),
-                  length_bucket=length_bucket(L, S), MASK_KIND=mask_kind, **constexprs)
-    heavy = heavy_launch(mask_kind, dropout_p)
+    shared = dict(**args, **strided("do_ptr", dout, DOUT_STRIDES), lse_ptr=lse,
+                  delta_ptr=delta, scale=float(scale), **constexprs)
+    if extras.varlen:
+        shared["stride_dob"] = 0
+    heavy = heavy_launch(args["MASK_KIND"], dropout_p)
     kernel, launch = _kernel_for("backward_key", attention_backward_key_kernel, q.dtype,
                                  constexprs["BLOCK_D"], heavy)
-    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(keys, meta["BLOCK_N"]), sequences * H)  # noqa: E731
     kernel[grid](**shared, dk_ptr=dk, dv_ptr=dv, dmask_ptr=dmask if mask_grad else None,
-                 MASK_GRAD=mask_grad, **launch)
+                 stride_gb=0 if extras.varlen else H * S, stride_gh=S, MASK_GRAD=mask_grad,
+                 **launch)
     kernel, launch = _kernel_for("backward_query", attention_backward_query_kernel, q.dtype,
                                  constexprs["BLOCK_D"], heavy)
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), sequences * H)  # noqa: E731
     kernel[grid](**shared, dq_ptr=dq, **launch)
     if group > 1:
         dk = dk.view(B, k.shape[1], group, S, E).sum(2).to(k.dtype)

@@ -19,10 +19,10 @@ import triton
 import triton.language as tl
 
 from ..attention.kernel import (accumulate_key_gradients, apply_mask, load_row_stats,
-                        score_gradient)
+                                score_gradient, split_range)
 from ..common import dot_acc
 from .forward import (band_index, pos_band_rows, query_block_key_ranges,
-                            relative_visibility, split_range)
+                            relative_visibility)
 
 
 @triton.jit

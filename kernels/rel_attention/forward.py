@@ -32,18 +32,9 @@ the zero rows of rows with nothing visible are kernels/attention/kernel.py's.
 import triton
 import triton.language as tl
 
-from ..attention.kernel import apply_mask, dropout_keep, finish_rows, online_softmax
+from ..attention.kernel import (apply_mask, dropout_keep, finish_rows, online_softmax,
+                                split_range)
 from ..common import dot_acc
-
-
-@triton.jit
-def split_range(lo, free_lo, free_hi, hi):
-    """(a, b) splitting the block loop [lo, hi) into [lo, a) and [b, hi), which need the
-    visibility checks, and [a, b), which needs none (the free range [free_lo, free_hi) clipped;
-    empty when it lies outside [lo, hi) or hi <= lo)."""
-    a = tl.minimum(tl.maximum(free_lo, lo), hi)
-    b = tl.minimum(tl.maximum(free_hi, a), hi)
-    return a, b
 
 
 @triton.jit

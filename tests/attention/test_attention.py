@@ -226,27 +226,46 @@ def test_gradcheck_float64(mask_shape):
 
 
 @pytest.mark.parametrize("variant", ["plain", "bool-mask-causal", "float-mask-dropout",
-                                     "causal-lower-right"])
+                                     "causal-lower-right", "window-softcap-alibi-sinks",
+                                     "key-range", "packed"])
 def test_opcheck(variant):
     """Strided q/k/v (as the MHA's head views) so the fakes' layouts must match the kernels'."""
     triton_or_skip()
     q, k, v = [t.float().transpose(2, 3).contiguous().transpose(2, 3)
                for t in make_inputs((1, 2, 1, 7, 9, 16, 8))]
-    mask, seed, p, causal, shift = None, None, 0.0, False, 0
+    tensors = dict(mask=None, seed=None, cu_seqlens_q=None, cu_seqlens_k=None, key_start=None,
+                   key_end=None, alibi_slopes=None, sinks=None)
+    options = dict(dropout_p=0.0, bottom_right=False, window_left=-1, window_right=-1,
+                   softcap=0.0, max_seqlen_q=0, max_seqlen_k=0, scale=0.3)
     if variant == "bool-mask-causal":
-        mask, causal = (torch.rand(1, 1, 7, 9) > 0.3).expand(1, 2, 7, 9), True
+        tensors["mask"] = (torch.rand(1, 1, 7, 9) > 0.3).expand(1, 2, 7, 9)
+        options["window_right"] = 0
     if variant == "float-mask-dropout":
-        mask, seed, p = torch.randn(1, 2, 7, 9), torch.tensor([123], dtype=torch.int64), 0.25
+        tensors.update(mask=torch.randn(1, 2, 7, 9), seed=torch.tensor([123]))
+        options["dropout_p"] = 0.25
     if variant == "causal-lower-right":
-        causal, shift = True, 9 - 7
+        options.update(window_right=0, bottom_right=True)
+    if variant == "window-softcap-alibi-sinks":
+        tensors.update(alibi_slopes=torch.rand(2), sinks=torch.randn(2, requires_grad=True))
+        options.update(window_left=3, window_right=1, softcap=2.0, bottom_right=True)
+    if variant == "key-range":
+        tensors.update(key_start=torch.tensor([2], dtype=torch.int32),
+                       key_end=torch.tensor([8], dtype=torch.int32))
+        options.update(window_right=0, bottom_right=True)
+    if variant == "packed":
+        tensors.update(cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int32),
+                       cu_seqlens_k=torch.tensor([0, 5, 9], dtype=torch.int32))
+        options.update(window_right=0, bottom_right=True, max_seqlen_q=4, max_seqlen_k=5)
     forward = torch.ops.fastseq.attention_forward_triton
-    torch.library.opcheck(forward, (q.requires_grad_(), k, v, mask, seed, p, causal, shift, 0.3))
-    out, lse = forward(q.detach(), k, v, mask, seed, p, causal, shift, 0.3)
+    torch.library.opcheck(forward, (q.requires_grad_(), k, v, *tensors.values()), options)
+    out, lse = (t.detach() for t in forward(q.detach(), k, v, *tensors.values(), **options))
     delta = torch.randn_like(lse)
+    mask = tensors.pop("mask")
     mask_grad = mask is not None and mask.dtype != torch.bool
+    tensors.pop("sinks")
     torch.library.opcheck(torch.ops.fastseq.attention_backward_triton,
                           (torch.randn_like(out), q.detach(), k, v, lse, delta, mask, mask_grad,
-                           seed, p, causal, shift, 0.3))
+                           *tensors.values()), options)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "float-causal"])
