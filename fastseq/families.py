@@ -69,8 +69,10 @@ FAMILIES = {f.name: f for f in (
            ops=("layer_norm_rnn_layer",),
            layers=("LayerNormLSTM", "LayerNormGRU"),
            auto_cpu="reference (a loop over steps)", auto_cuda="triton"),
-    Family("attention", "attention", "scaled dot-product attention: masks, causal, dropout, GQA",
-           ops=("attention",),
+    Family("attention", "attention",
+           "scaled dot-product attention: masks, causal, windows, soft-capping, ALiBi, sinks, "
+           "dropout, GQA, packed sequences",
+           ops=("attention", "attention_varlen"),
            layers=("MultiheadAttention",),
            models=("TransformerEncoderLayer", "TransformerDecoderLayer"),
            auto_cpu="torch (SDPA)", auto_cuda="triton"),

@@ -1,7 +1,7 @@
 """Compile fastseq's Triton kernels ahead of time for a CUDA target, without a GPU, and report
 what the SASS uses. Run as a script (no TRITON_INTERPRET in its environment):
 
-    python triton_aot.py KERNEL_SPEC_JSON   ->  prints one JSON line per spec
+    python triton_aot.py < KERNEL_SPECS_JSON   ->  prints one JSON line per spec
 A spec: {"module": "rnn_cell", "kernel": "_rnn_cell_forward_kernel", "pointer_dtype": "bf16",
          "pointer_overrides": {"len_ptr": "i32"}, "scalar_overrides": {"eps": "fp32"},
          "constexprs": {...}, "arch": 90, "num_warps": 4}
@@ -53,5 +53,6 @@ def compile_spec(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
-    for spec in json.loads(sys.argv[1]):
+    # The specs arrive on stdin: 300+ of them overflow a command line (E2BIG at ~128 KiB).
+    for spec in json.loads(sys.stdin.read()):
         print(json.dumps(compile_spec(spec)), flush=True)

@@ -15,6 +15,8 @@ for _family in _FAMILIES.values():
     _module = _importlib.import_module(f"{__name__}.{_family.name}")
     globals().update({_op: getattr(_module, _op) for _op in _family.ops})
 
+from .attention_mask import AttentionMask  # noqa: E402 (attn_mask as a description)
 from .registry import PUBLIC_OPS  # noqa: E402 (it reads the functions exported above)
 
-__all__ = [op for family in _FAMILIES.values() for op in family.ops] + ["PUBLIC_OPS"]
+__all__ = [op for family in _FAMILIES.values() for op in family.ops] + ["AttentionMask",
+                                                                         "PUBLIC_OPS"]

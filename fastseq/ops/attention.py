@@ -1,22 +1,49 @@
 """Scaled dot-product attention: fastseq.ops.attention, a drop-in for
-torch.nn.functional.scaled_dot_product_attention.
+torch.nn.functional.scaled_dot_product_attention, and fastseq.ops.attention_varlen, FlashAttention's
+packed variable-length call.
 
-Same arguments and semantics (query [..., Hq, L, E], key [..., Hk, S, E], value [..., Hk, S, Ev];
-a bool mask keeps True entries, a float mask is added to the scores; any mask shape that
-broadcasts to [..., Hq, L, S]; causal is torch's top-left alignment; attn_mask may be one of
-torch.nn.attention.bias's causal masks, causal_upper_left(L, S) or causal_lower_right(L, S),
-the latter (query i sees keys j <= i + S - L: the new rows of a decode step against a cache)
-run by the same fused kernel with its diagonal shifted, never materialized; enable_gqa lets Hq
-be a multiple of Hk), with deliberate differences:
+Same arguments and semantics as SDPA (query [..., Hq, L, E], key [..., Hk, S, E], value
+[..., Hk, S, Ev]; a bool mask keeps True entries, a float mask is added to the scores; any mask
+shape that broadcasts to [..., Hq, L, S]; causal is torch's top-left alignment; attn_mask may be
+one of torch.nn.attention.bias's causal masks, causal_upper_left(L, S) or causal_lower_right(L, S),
+the latter run by the same fused kernel with its diagonal shifted, never materialized; enable_gqa
+lets Hq be a multiple of Hk), with deliberate differences:
   * a query row with no visible key gives zeros, and zero gradients (torch gives NaN);
   * is_causal and attn_mask may be given together (both apply; torch refuses the pair);
   * return_lse=True also returns the log-sum-exp of each row's scaled, masked scores
     ([..., Hq, L], fp32; fp64 for fp64 inputs; -inf for a row with nothing visible), and a
     gradient flowing into it is honoured.
+
+What it adds, each computed inside the fused forward and backward kernels (nothing L x S in
+memory), with FlashAttention's (flash_attn_func / flash_attn_varlen_func) name for it:
+
+| fastseq | FlashAttention | meaning |
+|---|---|---|
+| `window=(left, right)` | `window_size` | query i sees keys i + shift - left .. i + shift + right (-1/None: unbounded) |
+| `AttentionMask(align="bottom_right")` | its only alignment | shift = keys - queries: the last query row meets the last key |
+| `softcap=c` | `softcap` | scores become c * tanh(scores / c) before masks and biases |
+| `alibi_slopes` [H] or [B, H] | `alibi_slopes` | adds -slope * abs(i + shift - j); fixed (no gradient) |
+| `sinks` [H] | (gpt-oss's sinks) | a learned logit per head joins each row's softmax with no value; its gradient flows |
+| `AttentionMask(key_start=, key_end=)` | `cache_leftpad`, `seqused_k` | batch row b sees keys key_start[b] <= j < key_end[b] |
+| `attention_varlen(..., cu_seqlens_q, cu_seqlens_k)` | `flash_attn_varlen_func` | packed sequences, [T, H, E] |
+| `AttentionMask(cu_seqlens_q=, cu_seqlens_k=)` | xFormers' `BlockDiagonalMask` | the same on [1, H, T, E] |
+
+The window, causal and ALiBi share one diagonal: top-left (shift 0, torch's is_causal) unless
+the mask says bottom_right (FlashAttention's convention, and causal_lower_right's);
+attention_varlen is always bottom-right, as flash_attn_varlen_func. A description
+(fastseq.ops.AttentionMask, fastseq/ops/attention_mask.py) says which keys each row sees without
+a tensor; tensor masks keep working beside window= and the modifiers. With sinks, lse includes the
+sink (it is the log of the softmax's denominator), and a row with nothing visible gives zeros and
+lse = its sink. ALiBi slopes are constants: a slope tensor that requires grad is refused.
+
 The Triton backend (auto's choice on CUDA) runs one fused forward kernel and two fused backward
-kernels (kernels/attention/kernel.py); its backward is deterministic (no atomics). fp32 inputs use TF32
-tensor-core dots exactly when torch.backends.cuda.matmul.allow_tf32 is set, else exact fp32.
-Dropout is drawn from torch's generator (one seed per call), so torch.manual_seed fixes it.
+kernels (kernels/attention/kernel.py); its backward is deterministic (no atomics). fp32 inputs use
+TF32 tensor-core dots exactly when torch.backends.cuda.matmul.allow_tf32 is set, else exact fp32.
+Dropout is drawn from torch's generator (one seed per call), so torch.manual_seed fixes it. The
+torch backend materializes what SDPA can express as a mask (a window, key ranges, bottom-right
+causal, packed sequences, ALiBi as a float bias) and refuses soft-capping, sinks and return_lse
+by name; the reference computes half inputs in fp32 and rounds once (FlashAttention's
+attention_ref does the same).
 """
 from __future__ import annotations
 
@@ -38,6 +65,7 @@ from ._checks import check_mask, check_same_dtype_device, check_tensor, fail, ne
 from .attention_mask import AttentionMask, Visibility, materialized, normalize, window_sides
 
 OP = "fastseq.ops.attention"
+OP_VARLEN = "fastseq.ops.attention_varlen"
 
 
 @autocast_op("attention")
@@ -58,6 +86,37 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
             "sinks": sinks, "heads_q": heads_q, "heads_k": heads_k, "return_lse": return_lse,
             "keys": key.shape[-2], "needs_grad": needs_grad(query, key, value, sinks)}
     return BACKENDS.run(call, backend)
+
+
+def attention_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor,
+                     cu_seqlens_k: Tensor, max_seqlen_q: Optional[int] = None,
+                     max_seqlen_k: Optional[int] = None, *, dropout_p: float = 0.0,
+                     is_causal: bool = False, scale: Optional[float] = None, window=None,
+                     softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
+                     sinks: Optional[Tensor] = None, return_lse: bool = False,
+                     backend: Optional[str] = None):
+    """Packed variable-length attention, FlashAttention's flash_attn_varlen_func: query
+    [Tq, Hq, E], key [Tk, Hk, E], value [Tk, Hk, Ev] hold N sequences one after another,
+    sequence b's rows at cu_seqlens_q[b]:cu_seqlens_q[b+1] (keys: cu_seqlens_k), int32 or int64
+    [N + 1]; each attends only its own keys. max_seqlen_q/k bound the lengths (a host read
+    computes them when None). Hq a multiple of Hk is GQA. As in FlashAttention, causal and the
+    window are aligned bottom-right in each sequence (its last query row meets its last key);
+    alibi_slopes may be [Hq] or [N, Hq]. Returns out [Tq, Hq, Ev], or (out, lse [Hq, Tq]) with
+    return_lse (FlashAttention's layouts). The same kernels as attention with an AttentionMask
+    carrying cu_seqlens, on these tensors transposed to [1, H, T, E] (views, no copy)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(OP_VARLEN, name, t, ndims=(3,))
+    description = AttentionMask(causal=is_causal, window=window, align="bottom_right",
+                                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    result = attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
+                       value.transpose(0, 1)[None], description, dropout_p, False, scale,
+                       query.shape[1] != key.shape[1], softcap=softcap,
+                       alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse,
+                       backend=backend)
+    if return_lse:
+        return result[0][0].transpose(0, 1), result[1][0]
+    return result[0].transpose(0, 1)
 
 
 def _visibility(attn_mask, is_causal, window, query, key):
@@ -86,11 +145,13 @@ def _check_extras(query, heads_q, vis: Visibility, softcap, alibi_slopes, sinks)
         fail(OP, f"softcap must be a number >= 0 (0 or None: off), got {softcap!r}")
     if alibi_slopes is not None:
         check_tensor(OP, "alibi_slopes", alibi_slopes)
-        batch = query.shape[0] if query.dim() == 4 and not vis.packed else None
+        batch = (vis.cu_q.shape[0] - 1 if vis.packed
+                 else query.shape[0] if query.dim() == 4 else None)
         shapes = [[heads_q]] + ([[batch, heads_q]] if batch is not None else [])
         if list(alibi_slopes.shape) not in shapes or not alibi_slopes.dtype.is_floating_point:
             fail(OP, f"alibi_slopes must be a float tensor of shape "
-                     f"{' or '.join(map(str, shapes))} ([H] or [B, H]), got {alibi_slopes.dtype} "
+                     f"{' or '.join(map(str, shapes))} ([H] or [B, H]; packed: [N, H]), got "
+                     f"{alibi_slopes.dtype} "
                      f"with shape {list(alibi_slopes.shape)}")
         if alibi_slopes.device != query.device:
             fail(OP, f"alibi_slopes must be on the query's device {query.device}, got "
@@ -249,6 +310,9 @@ def _torch_unavailable(call: dict) -> Optional[str]:
         return "torch's scaled_dot_product_attention has no soft-capping (softcap)"
     if call["sinks"] is not None:
         return "torch's scaled_dot_product_attention has no attention sinks (sinks)"
+    if call["vis"].packed and call["alibi_slopes"] is not None \
+            and call["alibi_slopes"].dim() == 2:
+        return "per-sequence ALiBi slopes [N, H] of packed sequences (fastseq's own kernels)"
     return None
 
 

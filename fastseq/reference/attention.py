@@ -138,7 +138,7 @@ def scaled_dot_product_attention(
     causal_shift: int = 0, bottom_right: bool = False, window=None,
     softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None, key_start: Optional[Tensor] = None,
-    key_end: Optional[Tensor] = None,
+    key_end: Optional[Tensor] = None, upcast: bool = True,
 ):
     """query [..., Hq, L, E], key [..., Hk, S, E], value [..., Hk, S, Ev] -> [..., Hq, L, Ev].
 
@@ -147,10 +147,11 @@ def scaled_dot_product_attention(
     q k^T * scale, soft-capped (softcap * tanh(s / softcap)), then the float mask and ALiBi's
     -slope * |i + shift - j| are added. The diagonal (causal, window, ALiBi): query i's is key
     i + shift, shift = causal_shift (0: top-left) or, with bottom_right, the row's key end
-    (key_end[b] or S) - L. See visible_and_bias for the visibility rules.
+    (key_end[b] or S) - L. See visible_and_bias for the visibility rules. upcast=False computes
+    half inputs in their own dtype (the tests' "plain PyTorch in the same dtype" baseline).
     """
     out_dtype = query.dtype
-    work = compute_dtype(query.dtype)
+    work = compute_dtype(query.dtype) if upcast else query.dtype
     query, key, value = query.to(work), key.to(work), value.to(work)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(work)

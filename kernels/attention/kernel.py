@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ..common import dot_acc, tanh
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a @jit function may read
 
 # MASK_KIND: none, a bool or float [L, S] tile per (batch, head), or one bool or float row of S
 # keys shared by every query

@@ -304,25 +304,52 @@ def spec_types(dtype: torch.dtype, heavy: bool) -> tuple[dict, dict]:
     return pointers, {"qk_scale2": "fp32", "scale": "fp32", "dropout_p": "fp32"}
 
 
+# The feature sets the compile test checks, beyond plain causal attention with a mask: the
+# light path with everything a description and the score modifiers add (a window's two sides
+# bottom-right, key ranges, soft-capping, ALiBi, sinks), and packed sequences.
+FEATURE_SETS = {
+    "plain": {},
+    "shifted": {"shifted": True},
+    "described": {"left": True, "shifted": True, "key_range": True, "softcap": True,
+                  "alibi": True, "sinks": True},
+    "packed": {"left": True, "shifted": True, "varlen": True},
+}
+# Pointer arguments of each feature (int32 offsets and ranges, fp32 slopes); None when off.
+FEATURE_POINTERS = {"varlen": {"cu_q_ptr": "i32", "cu_k_ptr": "i32"},
+                    "key_range": {"key_start_ptr": "i32", "key_end_ptr": "i32"},
+                    "alibi": {"alibi_ptr": "fp32"}, "sinks": {"sinks_ptr": None}}
+
+
 def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int, heavy: bool,
-                 shifted: bool = False) -> list[dict]:
+                 features: str = "plain") -> list[dict]:
     """Every autotuning candidate of one kernel for a dtype, head dim and feature set, causal,
     on the longest path of that set: heavy = a float mask tile with its gradient and dropout;
-    light = a key-padding mask (one row of S keys); shifted = the bottom-right diagonal."""
+    light = a key-padding mask (one row of S keys); features: a FEATURE_SETS entry."""
     pointers, scalars = spec_types(dtype, heavy)
+    scalars["softcap_scale"] = "fp32"
     if kernel == "backward_key":  # per-head dK/dV in fp32 (summed over GQA groups after)
         acc = accumulator_dtype(dtype)
         pointers.update(dk_ptr=acc, dv_ptr=acc)
+    flags = dict(FEATURE_SETS[features], right=True)
+    absent = [] if heavy else ["seed_ptr"] + (["dmask_ptr"] if kernel == "backward_key" else [])
+    for feature, names in FEATURE_POINTERS.items():
+        if feature == "sinks" and kernel != "forward":  # the backward kernels take no sinks
+            continue
+        if flags.get(feature):
+            pointers.update({k: v or dtype for k, v in names.items()})
+        else:
+            absent += list(names)
     specs = []
     for config in candidate_configs(kernel, dtype, head_dim, heavy):
         launch = dict(config.kwargs, MASK_KIND=FLOAT_MASK if heavy else BOOL_KEY_MASK,
                       num_warps=config.num_warps, num_stages=config.num_stages,
-                      **feature_constexprs(dtype, head_dim, head_dim, True, shifted, heavy,
+                      **feature_constexprs(dtype, head_dim, head_dim, dropout=heavy, **flags,
                                            **GPU_DOT))
+        if flags.get("varlen"):
+            launch["MASK_KIND"] = NO_MASK  # packed sequences take no mask tensor
+            absent = sorted(set(absent) | {"mask_ptr"})
         if kernel == "backward_key":
             launch["MASK_GRAD"] = heavy
-        # Light launches pass no seed (no dropout) and no mask gradient: None, as the launchers.
-        absent = [] if heavy else ["seed_ptr"] + (["dmask_ptr"] if kernel == "backward_key" else [])
         specs.append(launch_spec(KERNELS[kernel], dtype, launch, pointers=pointers,
                                  scalars=scalars, gemm=True, absent=absent))
     return specs
@@ -330,11 +357,12 @@ def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int, heavy: bool,
 
 def launch_specs() -> list[dict]:
     """What the compile test checks: every candidate of the three kernels in bf16 at head dims
-    64/128/256, light and heavy, and in fp32 at 64/128; the bottom-right causal compilation of
-    the light bf16 ones at 64/128."""
+    64/128/256, light and heavy, and in fp32 at 64/128; the bottom-right, described and packed
+    compilations of the light bf16 ones at 64/128."""
     return ([spec for kernel in KERNELS for d in (64, 128, 256) for heavy in (False, True)
              for spec in kernel_specs(kernel, torch.bfloat16, d, heavy)]
             + [spec for kernel in KERNELS for d in (64, 128)
                for spec in kernel_specs(kernel, torch.float32, d, False)]
             + [spec for kernel in KERNELS for d in (64, 128)
-               for spec in kernel_specs(kernel, torch.bfloat16, d, False, shifted=True)])
+               for features in ("shifted", "described", "packed")
+               for spec in kernel_specs(kernel, torch.bfloat16, d, False, features)])

@@ -2,10 +2,13 @@
 own promises: masks of every broadcast shape, causal (top-left, L != S), GQA, fully masked rows,
 dropout with the same mask in forward and backward, the log-sum-exp and its gradient, opcheck,
 torch.compile, errors. Triton runs through the interpreter on CPU (small odd shapes)."""
+import itertools
 import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 
 import fastseq
@@ -15,6 +18,15 @@ from conftest import TRITON_TEST_DEVICE
 from numerics import assert_within_rule
 
 pytestmark = pytest.mark.usefixtures("on_triton_test_device")
+
+# attention_varlen's share of the cross-cutting checks (tests/dispatch/test_registry.py).
+ACROSS_OPS = {
+    "test_autocast": {"attention_varlen": ["test_varlen_under_autocast"]},
+    "test_cuda_runtime": {"attention_varlen": ["test_varlen_on_cuda"]},
+    "test_numerics": {"attention_varlen": ["test_varlen_scores_near_the_fp16_limit"]},
+    "test_properties": {"attention_varlen": ["test_varlen_equals_reference_for_any_lengths"]},
+    "test_strided_inputs": {"attention_varlen": ["test_varlen_takes_strided_views"]},
+}
 
 # (B, Hq, Hk, L, S, E, Ev): L=1, odd lengths crossing 16-row blocks, padded head dims (40, 80,
 # 96), a value head dim unlike the query's, GQA and MQA, Lq > Lk and Lq < Lk.
@@ -80,8 +92,10 @@ def run(backend, q, k, v, mask, causal, gqa, dtype, grad_out, grad_lse, mask_gra
         if mask_grad:
             leaves.append(m)
     if backend == "plain":
+        # In the tested dtype itself: the rule's "plain PyTorch" (the reference backend rounds
+        # half precision once, from fp32).
         out, lse = reference.scaled_dot_product_attention(*leaves[:3], m, 0.0, causal, None, gqa,
-                                                          return_lse=True)
+                                                          return_lse=True, upcast=False)
     else:
         out, lse = fastseq.ops.attention(*leaves[:3], m, 0.0, causal, None, gqa, return_lse=True,
                                          backend=backend)
@@ -416,3 +430,94 @@ def test_causal_bias_errors_name_the_problem():
         fastseq.ops.attention(q, q, q, causal_lower_right(4, 5))
     with pytest.raises(fastseq.InputError, match="leave is_causal False"):
         fastseq.ops.attention(q, q, q, causal_lower_right(5, 5), is_causal=True)
+
+
+# ---- attention_varlen: its share of the cross-cutting checks ----
+
+def packed(lengths_q, lengths_k, Hq=2, Hk=2, E=16, EV=8, dtype=torch.float64, device=None):
+    cu = [torch.tensor([0] + list(itertools.accumulate(n)), dtype=torch.int32, device=device)
+          for n in (lengths_q, lengths_k)]
+    T, Tk = int(cu[0][-1]), int(cu[1][-1])
+    return (torch.randn(T, Hq, E, dtype=dtype, device=device),
+            torch.randn(Tk, Hk, E, dtype=dtype, device=device),
+            torch.randn(Tk, Hk, EV, dtype=dtype, device=device), *cu)
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, **options):
+    causal = options.pop("is_causal", False)
+    return reference.packed_attention(q, k, v, cu_q, cu_k, is_causal=causal, bottom_right=True,
+                                      **options)
+
+
+def test_varlen_under_autocast():
+    """Under autocast the op runs in the autocast dtype, as SDPA and fastseq.ops.attention."""
+    q, k, v, cu_q, cu_k = packed([4, 9], [6, 9], dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastseq.ops.attention_varlen(q, k, v, cu_q, cu_k, is_causal=True)
+    assert out.dtype == torch.bfloat16
+    expected = fastseq.ops.attention_varlen(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu_q,
+                                            cu_k, is_causal=True)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_varlen_on_cuda():
+    """The compiled kernels on a GPU against the float64 reference on the CPU."""
+    q, k, v, cu_q, cu_k = packed([1, 130, 0, 77], [64, 130, 5, 300], Hq=8, Hk=2, E=64, EV=64,
+                                 dtype=torch.bfloat16, device="cuda")
+    out = fastseq.ops.attention_varlen(q, k, v, cu_q, cu_k, is_causal=True, window=(64, 0))
+    expected = varlen_reference(*(t.cpu().double() for t in (q, k, v)), cu_q.cpu(), cu_k.cpu(),
+                                is_causal=True, window=(64, 0))
+    torch.testing.assert_close(out.cpu().double(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_varlen_scores_near_the_fp16_limit():
+    """Scores of magnitude ~6e4 in fp16: the kernel's fp32 softmax stays finite and right."""
+    triton_or_skip()
+    q, k, v, cu_q, cu_k = packed([5, 12], [7, 12], dtype=torch.float64)
+    q, k = q * 60, k * 60
+    half = [t.half() for t in (q, k, v)]
+    out = fastseq.ops.attention_varlen(*half, cu_q, cu_k, scale=1.0, backend="triton")
+    expected = varlen_reference(*(t.double() for t in half), cu_q, cu_k, scale=1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_varlen_equals_reference_for_any_lengths(data):
+    """Any sequence lengths (empty ones included), GQA, causal or a window: output and
+    gradients equal the reference in float64."""
+    triton_or_skip()
+    n = data.draw(st.integers(1, 4), "sequences")
+    lengths_q = data.draw(st.lists(st.integers(0, 20), min_size=n, max_size=n), "lengths_q")
+    lengths_k = data.draw(st.lists(st.integers(0, 20), min_size=n, max_size=n), "lengths_k")
+    Hk = data.draw(st.sampled_from([1, 2]), "Hk")
+    options = data.draw(st.sampled_from([{}, {"is_causal": True}, {"window": (3, 1)},
+                                         {"is_causal": True, "window": (5, None)}]), "options")
+    q, k, v, cu_q, cu_k = packed(lengths_q, lengths_k, Hq=2 * Hk, Hk=Hk)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    got = fastseq.ops.attention_varlen(*leaves, cu_q, cu_k, backend="triton", **options)
+    expected = varlen_reference(*leaves, cu_q, cu_k, **options)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    weights = torch.randn_like(expected)
+    for g, e in zip(torch.autograd.grad((got * weights).sum(), leaves, allow_unused=True),
+                    torch.autograd.grad((expected * weights).sum(), leaves, allow_unused=True)):
+        torch.testing.assert_close(g if g is not None else torch.zeros(()),
+                                   e if e is not None else torch.zeros(()), atol=1e-10,
+                                   rtol=1e-10)
+
+
+def test_varlen_takes_strided_views():
+    """q, k and v as views of one packed qkv projection [T, 3, H, E] (FlashAttention's
+    flash_attn_varlen_qkvpacked layout): read in place, equal to contiguous copies."""
+    triton_or_skip()
+    cu = torch.tensor([0, 6, 6, 17], dtype=torch.int32)
+    qkv = torch.randn(17, 3, 2, 16, dtype=torch.float64)
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    got = fastseq.ops.attention_varlen(q, k, v, cu, cu, is_causal=True, backend="triton")
+    expected = fastseq.ops.attention_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu,
+                                            cu, is_causal=True, backend="triton")
+    torch.testing.assert_close(got, expected)

@@ -44,7 +44,7 @@ def test_every_triton_kernel_has_a_launch_spec():
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(TESTS / "triton_aot.py"), json.dumps(SPECS)],
+    run = subprocess.run([sys.executable, str(TESTS / "triton_aot.py")], input=json.dumps(SPECS),
                          capture_output=True, text=True, env=env, cwd=TESTS)
     assert run.returncode == 0, run.stderr[-3000:]
     return [json.loads(line) for line in run.stdout.splitlines()]
