@@ -157,6 +157,70 @@ def bench_masked_attention(benchmark, provider, mask_kind, passes):
                    dtype=str(dtype).split(".")[1], length=length)
 
 
+PACKED_PROVIDERS = ["fastseq-varlen", "fastseq-padded-lengths", "fastseq-padded-mask",
+                    "torch-sdpa-padded"]
+
+
+def packed_lengths():
+    """Sequence lengths of a packed batch: spread over [L/4, L], as a padded batch's would be."""
+    count, longest = (8, 2048) if GPU_CASES else (3, 96)
+    return torch.linspace(longest, longest // 4, count).long().tolist()
+
+
+def packed_call(provider, lengths, heads, dim, dtype):
+    """(f(q, k, v), q, k, v, check) of one provider on the same tokens: packed [T, H, D] for
+    varlen, else padded to the longest [B, H, Lmax, D] with the padding as key lengths (a
+    description), as a bool mask, or (torch) materialized with the causal rule."""
+    B, longest = len(lengths), max(lengths)
+    lens = torch.tensor(lengths, device=DEVICE)
+    if provider == "fastseq-varlen":
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                          device=DEVICE)
+        q, k, v = (torch.randn(sum(lengths), heads, dim, device=DEVICE, dtype=dtype)
+                   for _ in range(3))
+        fn = lambda q, k, v: fastseq.ops.attention_varlen(  # noqa: E731
+            q, k, v, cu, cu, longest, longest, is_causal=True)
+        return fn, q, k, v, lambda out, q, k, v: (out[:lengths[0], :1].transpose(0, 1),
+                                                  [t[:lengths[0], :1].transpose(0, 1)
+                                                   for t in (q, k, v)])
+    q, k, v = inputs(B, heads, longest, dim, dtype)
+    padding = (torch.arange(longest, device=DEVICE) < lens[:, None]).view(B, 1, 1, longest)
+    if provider == "fastseq-padded-lengths":
+        mask = fastseq.ops.AttentionMask(causal=True, key_end=lens.to(torch.int32))
+        fn = lambda q, k, v: fastseq.ops.attention(q, k, v, mask)  # noqa: E731
+    elif provider == "fastseq-padded-mask":
+        fn = lambda q, k, v: fastseq.ops.attention(q, k, v, padding, is_causal=True)  # noqa: E731
+    else:
+        full = padding & torch.ones(longest, longest, dtype=torch.bool, device=DEVICE).tril()
+        fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, full)  # noqa: E731
+    return fn, q, k, v, lambda out, q, k, v: (out[0, :1, :lengths[0]],
+                                              [t[0, :1, :lengths[0]] for t in (q, k, v)])
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", PACKED_PROVIDERS)
+def bench_packed_attention(benchmark, provider, passes):
+    """Packed variable-length sequences (attention_varlen) against the same tokens padded to
+    the longest with the padding as lengths, as a mask, and through torch's SDPA; causal. The
+    FLOPs counted are the useful ones (each sequence's own causal square), so TFLOP/s compare
+    what each way gets done."""
+    if HEADLINE:
+        pytest.skip("not a headline case")
+    dtype = torch.bfloat16 if GPU_CASES else torch.float32
+    heads, dim = (16, 128) if GPU_CASES else (4, 64)
+    lengths = packed_lengths()
+    fn, q, k, v, first = packed_call(provider, lengths, heads, dim, dtype)
+    with torch.no_grad():
+        got, one = first(fn(q, k, v), q, k, v)
+        expected = fastseq.reference.attention.scaled_dot_product_attention(
+            *(t.double() for t in one), is_causal=True)
+        record_error(benchmark, got, expected)
+    flop = sum(2 * heads * n * n * dim for n in lengths)  # 4 B H L^2 D, halved for causal
+    time_attention(benchmark, provider, fn, q, k, v, passes, flop,
+                   shape=f"N={len(lengths)} H={heads} L={min(lengths)}..{max(lengths)} D={dim} "
+                         f"causal", dtype=str(dtype).split(".")[1], length=max(lengths))
+
+
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", ["fastseq", "torch"])
 def bench_multihead_attention(benchmark, provider, passes):

@@ -328,13 +328,16 @@ def attention_forward_kernel(
     lo, a, b_free, hi = query_block_key_range(start_m, L, key_lo, key_hi, shift, window_left,
                                               window_right, BLOCK_M, BLOCK_N, LEFT_BOUND,
                                               RIGHT_BOUND)
-    for start_n in range(lo, a, BLOCK_N):
-        acc, l_i, m_i = forward_block(
-            acc, l_i, m_i, q, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
-            stride_kn, stride_kd, stride_vn, stride_vd, E, EV, L, S, mask_ptr, stride_mm,
-            stride_mn, qk_scale2, softcap_scale, alibi2, shift, window_left, window_right,
-            key_lo, key_hi, seed, dropout_p, MASK_KIND, True, LEFT_BOUND, RIGHT_BOUND,
-            KEY_RANGE, SOFTCAP, ALIBI, DROPOUT, PRECISION, UPCAST)
+    if LEFT_BOUND or KEY_RANGE:  # else [lo, a) is empty: no third loop to compile
+        for start_n in range(lo, a, BLOCK_N):
+            acc, l_i, m_i = forward_block(
+                acc, l_i, m_i, q, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
+                stride_kn, stride_kd, stride_vn, stride_vd, E, EV, L, S, mask_ptr, stride_mm,
+                stride_mn, qk_scale2, softcap_scale, alibi2, shift, window_left, window_right,
+                key_lo, key_hi, seed, dropout_p, MASK_KIND, True, LEFT_BOUND, RIGHT_BOUND,
+                KEY_RANGE, SOFTCAP, ALIBI, DROPOUT, PRECISION, UPCAST)
+    if not (LEFT_BOUND or KEY_RANGE):
+        a = 0
     for start_n in range(a, b_free, BLOCK_N):
         acc, l_i, m_i = forward_block(
             acc, l_i, m_i, q, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
@@ -518,14 +521,15 @@ def attention_backward_key_kernel(
     row0 = b * stride_lb + h * stride_lh + q0
     lse_ptr += row0
     delta_ptr += row0
-    for start_m in range(lo, a, BLOCK_M):
-        dk, dv = key_block_gradients(
-            dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv, q_ptr, do_ptr, lse_ptr,
-            delta_ptr, dmask_ptr, stride_qm, stride_qd, stride_dom, stride_dod, E, EV, L, S,
-            mask_ptr, stride_mm, stride_mn, qk_scale2, softcap_scale, alibi2, shift,
-            window_left, window_right, key_lo, key_hi, seed, dropout_p, MASK_KIND, True,
-            LEFT_BOUND, RIGHT_BOUND, KEY_RANGE, SOFTCAP, ALIBI, DROPOUT, MASK_GRAD, PRECISION,
-            UPCAST, ACC_DTYPE)
+    if RIGHT_BOUND or KEY_RANGE:  # else [lo, a) is empty: no third loop to compile
+        for start_m in range(lo, a, BLOCK_M):
+            dk, dv = key_block_gradients(
+                dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv, q_ptr, do_ptr, lse_ptr,
+                delta_ptr, dmask_ptr, stride_qm, stride_qd, stride_dom, stride_dod, E, EV, L, S,
+                mask_ptr, stride_mm, stride_mn, qk_scale2, softcap_scale, alibi2, shift,
+                window_left, window_right, key_lo, key_hi, seed, dropout_p, MASK_KIND, True,
+                LEFT_BOUND, RIGHT_BOUND, KEY_RANGE, SOFTCAP, ALIBI, DROPOUT, MASK_GRAD, PRECISION,
+                UPCAST, ACC_DTYPE)
     for start_m in range(a, b_free, BLOCK_M):
         dk, dv = key_block_gradients(
             dk, dv, k, v, start_m, offs_n, offs_m0, offs_d, offs_dv, q_ptr, do_ptr, lse_ptr,
@@ -629,13 +633,14 @@ def attention_backward_query_kernel(
     lo, a, b_free, hi = query_block_key_range(start_m, L, key_lo, key_hi, shift, window_left,
                                               window_right, BLOCK_M, BLOCK_N, LEFT_BOUND,
                                               RIGHT_BOUND)
-    for start_n in range(lo, a, BLOCK_N):
-        dq = query_block_gradient(
-            dq, q, do, lse2, delta, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
-            stride_kn, stride_kd, stride_vn, stride_vd, E, EV, L, S, mask_ptr, stride_mm,
-            stride_mn, qk_scale2, softcap_scale, alibi2, shift, window_left, window_right,
-            key_lo, key_hi, seed, dropout_p, MASK_KIND, True, LEFT_BOUND, RIGHT_BOUND,
-            KEY_RANGE, SOFTCAP, ALIBI, DROPOUT, PRECISION, UPCAST)
+    if LEFT_BOUND or KEY_RANGE:  # else [lo, a) is empty: no third loop to compile
+        for start_n in range(lo, a, BLOCK_N):
+            dq = query_block_gradient(
+                dq, q, do, lse2, delta, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,
+                stride_kn, stride_kd, stride_vn, stride_vd, E, EV, L, S, mask_ptr, stride_mm,
+                stride_mn, qk_scale2, softcap_scale, alibi2, shift, window_left, window_right,
+                key_lo, key_hi, seed, dropout_p, MASK_KIND, True, LEFT_BOUND, RIGHT_BOUND,
+                KEY_RANGE, SOFTCAP, ALIBI, DROPOUT, PRECISION, UPCAST)
     for start_n in range(a, b_free, BLOCK_N):
         dq = query_block_gradient(
             dq, q, do, lse2, delta, start_n, offs_m, offs_n0, offs_d, offs_dv, k_ptr, v_ptr,

@@ -34,33 +34,45 @@ def _configs(shapes):
 
 
 # (BLOCK_M, BLOCK_N, warps) candidates per kernel, head-dim class (<= 64, <= 128, <= 256) and
-# whether the launch reads a mask tile or draws dropout ("heavy": a [L, S] mask's per-element
-# pointers or the Philox state cost registers). Every entry compiled for sm_90 without
-# register spills on its own feature set under triton 3.6 and 3.8 alike
+# weight: "light", or "heavy" when the launch reads a mask tile or draws dropout (a [L, S]
+# mask's per-element pointers or the Philox state cost registers). Every entry compiled for
+# sm_90 without register spills on its own feature set under triton 3.6 and 3.8 alike
 # (tests/gpu/test_triton_gpu_compile.py, run by both CI legs; the sweeps that chose them are in
-# bench/NOTES.md, 2026-12-01 and -02); most larger tiles spilled, and 3.6 spilled six 4-warp
+# bench/NOTES.md, 2026-12-01, -02 and -06); most larger tiles spilled, and 3.6 spilled six 4-warp
 # entries that 3.8 kept clean, which now take 8 warps or a narrower tile. For the dK/dV
 # kernel BLOCK_N is the key block a program owns and BLOCK_M the query rows it streams.
 HALF_CANDIDATES = {
-    ("forward", 64, False): [(128, 64, 8), (64, 64, 4)],
-    ("forward", 64, True): [(128, 32, 8), (64, 32, 4)],
-    ("forward", 128, False): [(128, 32, 8), (64, 32, 8)],
-    ("forward", 128, True): [(64, 32, 8)],
-    ("forward", 256, False): [(32, 32, 8)],
-    ("forward", 256, True): [(32, 16, 8)],
-    ("backward_key", 64, False): [(32, 128, 8), (64, 64, 8)],
-    ("backward_key", 64, True): [(32, 32, 4), (16, 64, 4)],
-    ("backward_key", 128, False): [(32, 32, 8), (16, 32, 4)],
-    ("backward_key", 128, True): [(32, 32, 8), (32, 16, 8)],
-    ("backward_key", 256, False): [(16, 16, 4)],
-    ("backward_key", 256, True): [(16, 16, 8)],
-    ("backward_query", 64, False): [(128, 32, 8), (64, 64, 8), (64, 32, 4)],
-    ("backward_query", 64, True): [(128, 32, 8)],
-    ("backward_query", 128, False): [(32, 32, 8), (32, 16, 4), (16, 32, 4)],
-    ("backward_query", 128, True): [(32, 32, 8), (32, 16, 4)],
-    ("backward_query", 256, False): [(16, 32, 8)],
-    ("backward_query", 256, True): [(16, 16, 8)],
+    ("forward", 64, "light"): [(128, 64, 8), (64, 64, 4)],
+    ("forward", 64, "heavy"): [(128, 32, 8), (64, 32, 8)],
+    ("forward", 128, "light"): [(128, 32, 8), (64, 32, 8)],
+    ("forward", 128, "heavy"): [(64, 16, 8)],
+    ("forward", 256, "light"): [(32, 32, 8)],
+    ("forward", 256, "heavy"): [(32, 16, 8)],
+    ("backward_key", 64, "light"): [(32, 128, 8), (64, 64, 8)],
+    ("backward_key", 64, "heavy"): [(32, 32, 4), (16, 64, 4)],
+    ("backward_key", 128, "light"): [(32, 32, 8), (16, 32, 4)],
+    ("backward_key", 128, "heavy"): [(32, 32, 8), (32, 16, 8)],
+    ("backward_key", 256, "light"): [(16, 16, 4)],
+    ("backward_key", 256, "heavy"): [(16, 16, 8)],
+    ("backward_query", 64, "light"): [(128, 32, 8), (64, 64, 8), (64, 32, 4)],
+    ("backward_query", 64, "heavy"): [(128, 32, 8)],
+    ("backward_query", 128, "light"): [(32, 32, 8), (32, 16, 4), (16, 32, 4)],
+    ("backward_query", 128, "heavy"): [(32, 32, 8), (32, 16, 4)],
+    ("backward_query", 256, "light"): [(16, 32, 8)],
+    ("backward_query", 256, "heavy"): [(16, 16, 8)],
+    # "described": a window's left side, key ranges, soft-capping, ALiBi, sinks or packed
+    # sequences (their scalars and the third loop), else the light list; with a mask tile or
+    # dropout as well ("heavy+described"), the heavy list. 2026-12-06's sweep: these spilled
+    # with the light tiles.
+    ("forward", 128, "described"): [(128, 16, 8), (64, 32, 8)],
+    ("backward_key", 64, "described"): [(32, 128, 8), (32, 64, 8)],
+    ("backward_key", 256, "described"): [(16, 16, 8)],
+    ("backward_query", 64, "described"): [(128, 32, 8), (64, 32, 4)],  # 3.6 spilled 64x64
+    ("backward_query", 128, "described"): [(32, 32, 8), (16, 32, 4)],
+    ("forward", 64, "heavy+described"): [(64, 32, 8), (64, 16, 4)],
+    ("backward_query", 128, "heavy+described"): [(32, 32, 8)],
 }
+FALLBACK_WEIGHT = {"described": "light", "heavy+described": "heavy"}
 # fp32 dots run on FMA units (exact fp32) or as TF32: operands stay in registers, so tiles are
 # smaller still.
 FP32_CANDIDATES = {
@@ -77,32 +89,35 @@ def head_class(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int, heavy: bool) -> list:
-    """The autotuner's candidates for this kernel, dtype, padded head dim and feature set."""
+def candidate_configs(kernel: str, dtype: torch.dtype, block_d: int, weight: str) -> list:
+    """The autotuner's candidates for this kernel, dtype, padded head dim and feature weight
+    (HALF_CANDIDATES)."""
     if dtype == torch.float64:  # gradcheck-sized work only
         return _configs([(16, 16, 4, 1)])
     if dtype == torch.float32:  # head dims above 128 reuse the 128 list (not AOT-checked)
         shapes = FP32_CANDIDATES[(kernel, min(head_class(block_d), 128))]
         return _configs([(m, n, w, 2) for m, n, w in shapes])
-    shapes = HALF_CANDIDATES[(kernel, head_class(block_d), heavy)]
-    return _configs([(m, n, w, 3) for m, n, w in shapes])
+    key = (kernel, head_class(block_d), weight)
+    if key not in HALF_CANDIDATES:
+        key = (kernel, head_class(block_d), FALLBACK_WEIGHT[weight])
+    return _configs([(m, n, w, 3) for m, n, w in HALF_CANDIDATES[key]])
 
 
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 _tuned: dict = {}
 
 
-def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int, heavy: bool):
+def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int, weight: str):
     """The interpreter's plain kernel, or on a GPU the autotuned wrapper for this dtype,
-    head-dim class and feature set (built once per combination)."""
+    head-dim class and feature weight (built once per combination)."""
     if INTERPRETED:
         return fn, dict(INTERPRETER_CONFIG, num_warps=4)
-    key = (kernel, dtype, block_d, heavy)
+    key = (kernel, dtype, block_d, weight)
     if key not in _tuned:
         # The key names the constexprs that change the work per tile (triton.autotune keys on
         # the listed arguments and the tensors' dtypes only).
         _tuned[key] = triton.autotune(
-            candidate_configs(kernel, dtype, block_d, heavy),
+            candidate_configs(kernel, dtype, block_d, weight),
             key=FEATURE_KEYS)(fn)
     return _tuned[key], {}
 
@@ -110,6 +125,16 @@ def _kernel_for(kernel: str, fn, dtype: torch.dtype, block_d: int, heavy: bool):
 def heavy_launch(mask_kind: int, dropout_p: float) -> bool:
     """A mask tile or dropout: the launches that need the smaller candidate tiles."""
     return mask_kind in (BOOL_MASK, FLOAT_MASK) or dropout_p > 0.0
+
+
+DESCRIBED = ("LEFT_BOUND", "KEY_RANGE", "SOFTCAP", "ALIBI", "SINKS", "VARLEN")
+
+
+def launch_weight(heavy: bool, constexprs: dict) -> str:
+    """The candidate list's weight (HALF_CANDIDATES) of a launch."""
+    described = any(constexprs[name] for name in DESCRIBED)
+    return ("heavy+described" if heavy and described else "heavy" if heavy
+            else "described" if described else "light")
 
 
 def length_bucket(*lengths: int) -> int:
@@ -238,8 +263,8 @@ def attention_forward(q, k, v, mask, seed, dropout_p: float, scale: float,
     out = new_output((B, H, L, EV), q)
     lse = new_output((B, H, L), q.new_empty(0, dtype=accumulator_dtype(q.dtype)))
     kernel, launch = _kernel_for("forward", attention_forward_kernel, q.dtype,
-                                 constexprs["BLOCK_D"],
-                                 heavy_launch(args["MASK_KIND"], dropout_p))
+                                 constexprs["BLOCK_D"], launch_weight(
+                                     heavy_launch(args["MASK_KIND"], dropout_p), constexprs))
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), sequences * H)  # noqa: E731
     out_strides = strided("out_ptr", out, OUT_STRIDES)
     if extras.varlen:
@@ -273,15 +298,15 @@ def attention_backward(dout, q, k, v, lse, delta, mask, mask_grad: bool, seed,
                   delta_ptr=delta, scale=float(scale), **constexprs)
     if extras.varlen:
         shared["stride_dob"] = 0
-    heavy = heavy_launch(args["MASK_KIND"], dropout_p)
+    weight = launch_weight(heavy_launch(args["MASK_KIND"], dropout_p), constexprs)
     kernel, launch = _kernel_for("backward_key", attention_backward_key_kernel, q.dtype,
-                                 constexprs["BLOCK_D"], heavy)
+                                 constexprs["BLOCK_D"], weight)
     grid = lambda meta: (triton.cdiv(keys, meta["BLOCK_N"]), sequences * H)  # noqa: E731
     kernel[grid](**shared, dk_ptr=dk, dv_ptr=dv, dmask_ptr=dmask if mask_grad else None,
                  stride_gb=0 if extras.varlen else H * S, stride_gh=S, MASK_GRAD=mask_grad,
                  **launch)
     kernel, launch = _kernel_for("backward_query", attention_backward_query_kernel, q.dtype,
-                                 constexprs["BLOCK_D"], heavy)
+                                 constexprs["BLOCK_D"], weight)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), sequences * H)  # noqa: E731
     kernel[grid](**shared, dq_ptr=dq, **launch)
     if group > 1:
@@ -305,14 +330,15 @@ def spec_types(dtype: torch.dtype, heavy: bool) -> tuple[dict, dict]:
 
 
 # The feature sets the compile test checks, beyond plain causal attention with a mask: the
-# light path with everything a description and the score modifiers add (a window's two sides
-# bottom-right, key ranges, soft-capping, ALiBi, sinks), and packed sequences.
+# path with everything a description and the score modifiers add (a window's two sides
+# bottom-right, key ranges, soft-capping, ALiBi, sinks), and packed sequences with a window.
 FEATURE_SETS = {
     "plain": {},
     "shifted": {"shifted": True},
     "described": {"left": True, "shifted": True, "key_range": True, "softcap": True,
                   "alibi": True, "sinks": True},
-    "packed": {"left": True, "shifted": True, "varlen": True},
+    "packed": {"left": True, "shifted": True, "varlen": True, "softcap": True, "alibi": True,
+               "sinks": True},
 }
 # Pointer arguments of each feature (int32 offsets and ranges, fp32 slopes); None when off.
 FEATURE_POINTERS = {"varlen": {"cu_q_ptr": "i32", "cu_k_ptr": "i32"},
@@ -340,11 +366,11 @@ def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int, heavy: bool,
         else:
             absent += list(names)
     specs = []
-    for config in candidate_configs(kernel, dtype, head_dim, heavy):
+    constexprs = feature_constexprs(dtype, head_dim, head_dim, dropout=heavy, **flags,
+                                    **GPU_DOT)
+    for config in candidate_configs(kernel, dtype, head_dim, launch_weight(heavy, constexprs)):
         launch = dict(config.kwargs, MASK_KIND=FLOAT_MASK if heavy else BOOL_KEY_MASK,
-                      num_warps=config.num_warps, num_stages=config.num_stages,
-                      **feature_constexprs(dtype, head_dim, head_dim, dropout=heavy, **flags,
-                                           **GPU_DOT))
+                      num_warps=config.num_warps, num_stages=config.num_stages, **constexprs)
         if flags.get("varlen"):
             launch["MASK_KIND"] = NO_MASK  # packed sequences take no mask tensor
             absent = sorted(set(absent) | {"mask_ptr"})
@@ -357,12 +383,12 @@ def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int, heavy: bool,
 
 def launch_specs() -> list[dict]:
     """What the compile test checks: every candidate of the three kernels in bf16 at head dims
-    64/128/256, light and heavy, and in fp32 at 64/128; the bottom-right, described and packed
-    compilations of the light bf16 ones at 64/128."""
+    64/128/256, light and heavy, plain and described, and in fp32 at 64/128; the bottom-right
+    and packed compilations of the light bf16 ones at 64/128."""
     return ([spec for kernel in KERNELS for d in (64, 128, 256) for heavy in (False, True)
-             for spec in kernel_specs(kernel, torch.bfloat16, d, heavy)]
+             for features in ("plain", "described")
+             for spec in kernel_specs(kernel, torch.bfloat16, d, heavy, features)]
             + [spec for kernel in KERNELS for d in (64, 128)
                for spec in kernel_specs(kernel, torch.float32, d, False)]
-            + [spec for kernel in KERNELS for d in (64, 128)
-               for features in ("shifted", "described", "packed")
+            + [spec for kernel in KERNELS for d in (64, 128) for features in ("shifted", "packed")
                for spec in kernel_specs(kernel, torch.bfloat16, d, False, features)])

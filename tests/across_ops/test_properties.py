@@ -13,6 +13,7 @@ import fastseq
 from fastseq import reference
 
 from conftest import TRITON_TEST_DEVICE
+from test_attention import run as attention_run  # at import: it defines @given tests too
 from numerics import assert_within_rule
 from recurrent_cases import (MODES, layer_backends, layer_weights, make_grad_outputs, make_leaves,
                              make_stack, run)
@@ -258,8 +259,6 @@ def test_attention_low_precision_within_rule(data):
     """fp32/bf16/fp16, random shapes and masks: output, lse and every gradient within the
     tolerance rule."""
     triton_or_skip()
-    from test_attention import run as attention_run
-
     dtype = data.draw(LOW_PRECISION, "dtype")
     q, k, v, mask, gqa = attention_case(data)
     causal = data.draw(st.booleans(), "causal") and (mask is None or mask.dtype == torch.bool)
