@@ -239,24 +239,36 @@ def split_kv_decode(call: dict) -> bool:
 
 
 def _split_kv_serves(call: dict) -> bool:
-    """split_kv_decode, and nothing the decode kernels lack: a window's left side, key ranges,
-    packed sequences, soft-capping, ALiBi or sinks."""
-    return (split_kv_decode(call) and call["vis"].plain and not call["softcap"]
-            and call["alibi_slopes"] is None and call["sinks"] is None)
+    """split_kv_decode, and nothing the decode kernels lack: they take the causal diagonal, a
+    window's left side, key ranges aligned bottom-right, soft-capping, ALiBi and sinks, but no
+    window reaching right of the diagonal and no packed sequences."""
+    vis = call["vis"]
+    ranges_ok = vis.key_start is None or vis.bottom_right
+    return (split_kv_decode(call) and not vis.packed and vis.right in (-1, 0) and ranges_ok)
 
 
-def _triton_decode(query, key, value, vis, scale, heads_q, heads_k, return_lse, **_):
-    """The decode kernels on a full cache: every row's cache length is S, and query i sees
-    keys j <= i + shift (0 top-left, S - L bottom-right), i.e. i + S + (shift - S)."""
+def _triton_decode(query, key, value, vis, scale, heads_q, heads_k, softcap, alibi_slopes,
+                   sinks, return_lse, **_):
+    """The decode kernels on the keys as a cache: row b's cache length is its key end (S, or
+    key_end[b]), and query i's diagonal is key i + shift, i.e. i + kv_len + (shift - kv_len)
+    (shift 0 top-left, kv_len - L bottom-right); the window's left side w sees keys
+    j >= diagonal - w, the kernels' window of w + 1 positions."""
     L, E = query.shape[-2:]
     S, EV = value.shape[-2:]
     q = query.reshape(-1, heads_q, L, E)
     k = key.reshape(-1, heads_k, S, E)
     v = value.reshape(-1, heads_k, S, EV)
-    kv_len = torch.full((q.shape[0],), S, dtype=torch.int32, device=query.device)
-    shift = S - L if vis.bottom_right else 0
-    out, lse = torch.ops.fastseq.attention_decode_triton(q, k, v, kv_len, vis.right == 0,
-                                                         shift - S, 0, scale)
+    kv_len = (vis.key_end if vis.key_end is not None
+              else torch.full((q.shape[0],), S, dtype=torch.int32, device=query.device))
+    causal_offset = -L if vis.bottom_right else -S
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = alibi_slopes.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
+    sink_logits = None if sinks is None else sinks.to(
+        torch.float64 if query.dtype == torch.float64 else torch.float32)
+    out, lse = torch.ops.fastseq.attention_decode_triton(
+        q, k, v, kv_len, vis.right == 0, causal_offset, vis.left + 1 if vis.left >= 0 else 0,
+        scale, vis.key_start, None, None, alibi, sink_logits, None, None, None, softcap)
     return _with_lse(out.reshape(*query.shape[:-1], EV), lse.reshape(query.shape[:-1]),
                      return_lse)
 
@@ -325,7 +337,8 @@ BACKENDS = _backends.attention_backends(
             _backends.Variant(lambda call: (
                 f"split-KV decode kernels ({call['query'].shape[-2]} query rows <= "
                 f"{DECODE_MAX_QUERY_ROWS} against {call['keys']} keys >= {DECODE_MIN_KEYS}, "
-                f"no mask, dropout or backward)"), _triton_decode, when=_split_kv_serves),
+                f"no mask tensor, dropout or backward)"), _triton_decode,
+                when=_split_kv_serves),
             _backends.Variant("one fused forward kernel (online softmax), two fused backward "
                               "kernels (dK/dV, dQ)", _triton_attention)),
     torch_backend=_backends.serves(_torch_unavailable, _torch_attention,

@@ -56,23 +56,157 @@ def attention_with_kv_cache(query: Tensor, k_cache: Tensor, v_cache: Tensor,
                             cache_seqlens: Union[Tensor, int], key: Optional[Tensor] = None,
                             value: Optional[Tensor] = None, *, is_causal: bool = True,
                             window: Optional[int] = None, scale: Optional[float] = None,
-                            return_lse: bool = False, backend: Optional[str] = None):
+                            cache_leftpad: Optional[Tensor] = None,
+                            cache_batch_idx: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None,
+                            rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None,
+                            rotary_interleaved: bool = False, softcap: Optional[float] = None,
+                            alibi_slopes: Optional[Tensor] = None,
+                            sinks: Optional[Tensor] = None, return_lse: bool = False,
+                            backend: Optional[str] = None):
     """softmax(query k^T * scale) v over each row's filled cache (after appending key/value).
     Returns out [B, Hq, Lq, EV], or (out, lse) with return_lse."""
     query, key, value = _in_the_caches_dtype(query, key, value, k_cache)
-    _validate(query, k_cache, v_cache, key, value, window)
+    step = _validate_step_extras(query, k_cache, v_cache, key, cache_leftpad, cache_batch_idx,
+                                 block_table, rotary_cos, rotary_sin, rotary_interleaved,
+                                 softcap, alibi_slopes, sinks)
+    _validate(query, k_cache, v_cache, key, value, window, step)
     new = 0 if key is None else key.shape[2]
     lengths = _lengths(cache_seqlens, query.shape[0], k_cache.device)
-    _check_capacity(lengths, new, k_cache.shape[2])
+    _check_capacity(lengths, new, step["capacity"])
+    _check_step_indices(lengths, new, query.shape[2], step)
     window = int(window or 0)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     # "value" is what the attention families' head-dim refusal reads (here the cache's); the
     # step's new value rows are "new_value".
     call = {"device": query.device, "query": query, "k_cache": k_cache, "v_cache": v_cache,
             "value": v_cache, "lengths": lengths, "key": key, "new_value": value,
-            "is_causal": is_causal, "window": window, "scale": scale, "return_lse": return_lse}
+            "is_causal": is_causal, "window": window, "scale": scale, "return_lse": return_lse,
+            "step": step}
     out, lse = BACKENDS.run(call, backend)
     return (out, lse) if return_lse else out
+
+
+# The step's extras (FlashAttention's flash_attn_with_kvcache names) that torch's kernels have no
+# way to express beside a plain contiguous cache.
+STEP_EXTRAS = ("cache_batch_idx", "block_table", "rotary_cos", "softcap", "alibi_slopes",
+               "sinks")
+
+
+def _int_vector(name: str, value, batch: int, device) -> Optional[Tensor]:
+    if value is None:
+        return None
+    check_tensor(OP, name, value)
+    if value.dtype not in (torch.int32, torch.int64) or tuple(value.shape) != (batch,):
+        fail(OP, f"{name} must be an int32 or int64 tensor of shape [{batch}] (one entry per "
+                 f"batch row), got {value.dtype} of shape {list(value.shape)}")
+    if value.device != device:
+        fail(OP, f"{name} must be on the caches' device {device}, got {value.device}")
+    return value.to(torch.int32)
+
+
+def _table_dtype(query: Tensor) -> torch.dtype:
+    """The dtype the kernels read slopes, sinks and rotary tables in: fp32 (fp64 for fp64
+    queries, whose checks against the reference are exact)."""
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
+def _validate_step_extras(query, k_cache, v_cache, key, cache_leftpad, cache_batch_idx,
+                          block_table, rotary_cos, rotary_sin, rotary_interleaved, softcap,
+                          alibi_slopes, sinks) -> dict:
+    """Checks the step's extras; returns them normalized (int32 indices, fp32 tables) with the
+    cache's rows and per-row capacity."""
+    for name, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(OP, name, t, ndims=(4,))
+    B, HQ = query.shape[0], query.shape[1]
+    device = k_cache.device
+    step = {"key_start": _int_vector("cache_leftpad", cache_leftpad, B, device),
+            "batch_index": _int_vector("cache_batch_idx", cache_batch_idx, B, device),
+            "block_table": None, "rows": k_cache.shape[0], "capacity": k_cache.shape[2],
+            "softcap": 0.0, "alibi": None, "sinks": None, "cos": None, "sin": None,
+            "interleaved": bool(rotary_interleaved)}
+    if block_table is not None:
+        check_tensor(OP, "block_table", block_table, ndims=(2,))
+        if block_table.dtype not in (torch.int32, torch.int64) or block_table.device != device:
+            fail(OP, f"block_table must be an int32 or int64 tensor [rows, pages per row] on "
+                     f"the caches' device {device}, got {block_table.dtype} on "
+                     f"{block_table.device}")
+        step.update(block_table=block_table.to(torch.int32), rows=block_table.shape[0],
+                    capacity=block_table.shape[1] * k_cache.shape[2], pages=k_cache.shape[0])
+    rows = step["rows"]
+    if step["batch_index"] is None and rows != B:
+        fail(OP, f"{'block_table' if block_table is not None else 'k_cache'} has {rows} rows "
+                 f"but query has {B}: pass cache_batch_idx to say which row each batch row "
+                 f"uses")
+    if softcap is not None and (isinstance(softcap, bool)
+                                or not isinstance(softcap, (int, float)) or softcap < 0):
+        fail(OP, f"softcap must be a number >= 0 (0 or None: off), got {softcap!r}")
+    step["softcap"] = float(softcap or 0.0)
+    if alibi_slopes is not None:
+        check_tensor(OP, "alibi_slopes", alibi_slopes)
+        if list(alibi_slopes.shape) not in ([HQ], [B, HQ]) \
+                or not alibi_slopes.dtype.is_floating_point or alibi_slopes.device != device:
+            fail(OP, f"alibi_slopes must be a float tensor [{HQ}] or [{B}, {HQ}] on {device}, "
+                     f"got {alibi_slopes.dtype} {list(alibi_slopes.shape)} on "
+                     f"{alibi_slopes.device}")
+        step["alibi"] = alibi_slopes.to(_table_dtype(query))
+    if sinks is not None:
+        check_tensor(OP, "sinks", sinks)
+        if list(sinks.shape) != [HQ] or not sinks.dtype.is_floating_point \
+                or sinks.device != device:
+            fail(OP, f"sinks must be a float tensor [{HQ}] (one logit per query head) on "
+                     f"{device}, got {sinks.dtype} {list(sinks.shape)} on {sinks.device}")
+        step["sinks"] = sinks.to(_table_dtype(query))
+    if (rotary_cos is None) != (rotary_sin is None):
+        fail(OP, "rotary_cos and rotary_sin go together: pass both tables or neither")
+    if rotary_cos is not None:
+        E = query.shape[3]
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            check_tensor(OP, name, t, ndims=(2,))
+            if not t.dtype.is_floating_point or t.device != device:
+                fail(OP, f"{name} must be a float tensor on {device}, got {t.dtype} on "
+                         f"{t.device}")
+        if rotary_sin.shape != rotary_cos.shape or not 0 < 2 * rotary_cos.shape[1] <= E:
+            fail(OP, f"rotary_cos and rotary_sin must both be [positions, rotary_dim / 2] with "
+                     f"rotary_dim <= the head dim {E}, got {list(rotary_cos.shape)} and "
+                     f"{list(rotary_sin.shape)}")
+        if key is None:
+            fail(OP, "rotary_cos/rotary_sin rotate the step's new rows: pass key and value "
+                     "(as FlashAttention, rotary applies only when new rows are appended)")
+        step.update(cos=rotary_cos.to(_table_dtype(query)), sin=rotary_sin.to(_table_dtype(query)))
+    return step
+
+
+def _check_step_indices(lengths: Tensor, new: int, queries: int, step: dict) -> None:
+    """Batch indices, pages, left padding and rotary positions in range: on the host where
+    that costs no sync, else as a device-side assert (the kernels clamp either way, so nothing
+    is read or written outside the tensors)."""
+    checks = []
+    if step["batch_index"] is not None:
+        index = step["batch_index"]
+        checks.append((((index >= 0) & (index < step["rows"])).all(),
+                       f"cache_batch_idx must lie in [0, {step['rows']}) (the cache's rows)"))
+    if step["block_table"] is not None:
+        table = step["block_table"]
+        checks.append((((table >= 0) & (table < step["pages"])).all(),
+                       f"block_table entries must lie in [0, {step['pages']}) (the pool's "
+                       f"pages)"))
+    if step["key_start"] is not None:
+        start = step["key_start"]
+        checks.append((((start >= 0) & (start <= lengths)).all(),
+                       "cache_leftpad must lie in [0, cache_seqlens[b]] for every row"))
+    if step["cos"] is not None:
+        last = lengths + max(new, queries) - 1
+        checks.append(((last < step["cos"].shape[0]).all(),
+                       f"rotary positions (cache_seqlens[b] + the new rows) must be below the "
+                       f"tables' {step['cos'].shape[0]} rows"))
+    for ok, message in checks:
+        if lengths.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(ok):
+                fail(OP, message)
+        else:
+            torch._assert_async(ok, f"{OP}: {message}")
 
 
 def _empty_step(query, k_cache, v_cache, lengths, key, new_value, **_):
@@ -92,19 +226,27 @@ _EMPTY = _backends.Variant("nothing to attend (an empty shape): the new rows app
 
 
 def _reference_step(query, k_cache, v_cache, lengths, key, new_value, is_causal, window, scale,
-                    **_):
-    return _reference.attention_with_kv_cache(query, k_cache, v_cache, lengths, key, new_value,
-                                              is_causal=is_causal, window=window, scale=scale)
+                    step, **_):
+    return _reference.attention_with_kv_cache(
+        query, k_cache, v_cache, lengths, key, new_value, is_causal=is_causal, window=window,
+        scale=scale, cache_leftpad=step["key_start"], cache_batch_idx=step["batch_index"],
+        block_table=step["block_table"], rotary_cos=step["cos"], rotary_sin=step["sin"],
+        rotary_interleaved=step["interleaved"], softcap=step["softcap"] or None,
+        alibi_slopes=step["alibi"], sinks=step["sinks"])
 
 
 def _triton_step(query, k_cache, v_cache, lengths, key, new_value, is_causal, window, scale,
-                 **_):
+                 step, **_):
     new = 0 if key is None else key.shape[2]
     if key is not None:
-        torch.ops.fastseq.kv_cache_append_triton(k_cache, v_cache, key, new_value, lengths)
+        torch.ops.fastseq.kv_cache_append_triton(
+            k_cache, v_cache, key, new_value, lengths, step["batch_index"], step["block_table"],
+            step["cos"], step["sin"], step["interleaved"])
     return torch.ops.fastseq.attention_decode_triton(
         query, k_cache, v_cache, lengths + new if new else lengths, is_causal, -query.shape[2],
-        window, scale)
+        window, scale, step["key_start"], step["batch_index"], step["block_table"],
+        step["alibi"], step["sinks"], lengths if step["cos"] is not None else None,
+        step["cos"], step["sin"], step["softcap"], step["interleaved"])
 
 
 def _in_the_caches_dtype(query, key, value, k_cache):
@@ -148,13 +290,29 @@ def _check_capacity(lengths: Tensor, new: int, capacity: int) -> None:
         torch._assert_async(fits, message)
 
 
+def _torch_refuses(call: dict) -> Optional[str]:
+    if call["return_lse"]:
+        return NO_LSE
+    step = call["step"]
+    named = {"cache_batch_idx": step["batch_index"] is not None,
+             "block_table": step["block_table"] is not None, "rotary_cos": step["cos"] is not None,
+             "softcap": step["softcap"] > 0, "alibi_slopes": step["alibi"] is not None,
+             "sinks": step["sinks"] is not None}
+    wanted = [name for name, given in named.items() if given]
+    if wanted:
+        return (f"torch's step (scatter_ and SDPA over a contiguous cache) has no "
+                f"{', '.join(wanted)}")
+    return None
+
+
 def _torch_step(query, k_cache, v_cache, lengths, key, new_value, is_causal, window, scale,
-                **_):
+                step, **_):
     return _torch_decode(query, k_cache, v_cache, lengths, key, new_value, is_causal, window,
-                         scale), None
+                         scale, step["key_start"]), None
 
 
-def _torch_decode(query, k_cache, v_cache, lengths, key, value, is_causal, window, scale):
+def _torch_decode(query, k_cache, v_cache, lengths, key, value, is_causal, window, scale,
+                  key_start=None):
     """torch's own kernels: scatter_ writes the new rows in place, SDPA attends the whole
     capacity with the visibility as a [B, 1, Lq, S_max] bool mask."""
     new = 0 if key is None else key.shape[2]
@@ -171,17 +329,21 @@ def _torch_decode(query, k_cache, v_cache, lengths, key, value, is_causal, windo
         # at B=2, S=2048, D=64 fp32: the whole-capacity masked call took 1.58x SDPA's time).
         filled = int(kv_len.max()) if kv_len.numel() else 0
         k_cache, v_cache = k_cache[:, :, :filled], v_cache[:, :, :filled]
-        if query.shape[2] == 1 and window == 0 and bool((kv_len == filled).all()):
+        if query.shape[2] == 1 and window == 0 and key_start is None \
+                and bool((kv_len == filled).all()):
             return torch.nn.functional.scaled_dot_product_attention(
                 query, k_cache, v_cache, scale=scale, enable_gqa=gqa)
     seen = _reference.visible_keys(kv_len[:, None, None, None], query.shape[2], k_cache.shape[2],
                                    is_causal, window, query.device)
+    if key_start is not None:  # left padding
+        seen = seen & (torch.arange(k_cache.shape[2], device=query.device)
+                       >= key_start.long()[:, None, None, None])
     out = torch.nn.functional.scaled_dot_product_attention(
         query, k_cache, v_cache, seen, scale=scale, enable_gqa=gqa)
     return torch.where(seen.any(-1, keepdim=True), out, out.new_zeros(()))
 
 
-def _validate(query, k_cache, v_cache, key, value, window) -> None:
+def _validate(query, k_cache, v_cache, key, value, window, step) -> None:
     names = (("query", query), ("k_cache", k_cache), ("v_cache", v_cache))
     for name, t in names + (("key", key), ("value", value)):
         if t is None:
@@ -194,13 +356,13 @@ def _validate(query, k_cache, v_cache, key, value, window) -> None:
     check_same_dtype_device(OP, ("query", query), (("k_cache", k_cache), ("v_cache", v_cache),
                                                    ("key", key), ("value", value)))
     B, HQ, _, E = query.shape
-    _, HK, capacity, _ = k_cache.shape
+    rows, HK, capacity, _ = k_cache.shape
     EV = v_cache.shape[3]
-    if k_cache.shape[0] != B or k_cache.shape[3] != E:
-        fail(OP, f"k_cache must be [B={B}, Hk, S_max, E={E}] (query is {list(query.shape)}), "
-                 f"got {list(k_cache.shape)}")
-    if tuple(v_cache.shape[:3]) != (B, HK, capacity):
-        fail(OP, f"v_cache must be [{B}, {HK}, {capacity}, EV] like k_cache "
+    if k_cache.shape[3] != E:
+        fail(OP, f"k_cache must be [B={B}, Hk, S_max, E={E}] (query is {list(query.shape)}; "
+                 f"paged: [pages, Hk, page_size, E]), got {list(k_cache.shape)}")
+    if tuple(v_cache.shape[:3]) != (rows, HK, capacity):
+        fail(OP, f"v_cache must be [{rows}, {HK}, {capacity}, EV] like k_cache "
                  f"{list(k_cache.shape)}, got {list(v_cache.shape)}")
     if HK == 0 or HQ % HK:
         fail(OP, f"query's heads ({HQ}) must be a multiple of the caches' ({HK}) (GQA/MQA), "
@@ -230,7 +392,7 @@ BACKENDS = _backends.attention_backends(
     triton=(_EMPTY, _backends.Variant("split-KV decode: key ranges across programs, partial "
                                       "softmaxes combined by a second kernel", _triton_step)),
     torch_backend=_backends.Backend(
-        lambda call: NO_LSE if call["return_lse"] else None,
+        _torch_refuses,
         (_EMPTY, _backends.Variant("scatter_ into the caches, then scaled_dot_product_attention "
                                    "with the visibility mask", _torch_step))),
     reference=(_EMPTY, _backends.Variant("fastseq.reference.attention_with_kv_cache",
