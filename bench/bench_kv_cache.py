@@ -106,6 +106,61 @@ def bench_decode_step(benchmark, provider, dim, batch, capacity):
                   dtype=str(DTYPE).split(".")[1], length=capacity)
 
 
+PAGED_LAYOUTS = ["contiguous", "paged-16", "paged-64", "paged-256", "paged-16-rotary-leftpad"]
+
+
+def paged_step(layout, batch, capacity, dim):
+    """(f(), the step's expected output) of one decode step on a contiguous cache or the same
+    rows in a shuffled pool of pages (rotary and left padding added in the last layout)."""
+    q = torch.randn(batch, HQ, 1, dim, device=DEVICE, dtype=DTYPE)
+    k_rows, v_rows = (torch.randn(batch, HK, capacity, dim, device=DEVICE, dtype=DTYPE)
+                      for _ in range(2))
+    new_k, new_v = k_rows[:, :, -1:].clone(), v_rows[:, :, -1:].clone()
+    lengths = torch.full((batch,), capacity - 1, dtype=torch.int32, device=DEVICE)
+    extra = {}
+    if layout == "contiguous":
+        k_cache, v_cache = k_rows, v_rows
+    else:
+        page = int(layout.split("-")[1])
+        per_row = capacity // page
+        order = torch.randperm(batch * per_row, device=DEVICE)
+        table = order.view(batch, per_row).int()
+        k_cache, v_cache = (torch.empty(batch * per_row, HK, page, dim, device=DEVICE,
+                                        dtype=DTYPE) for _ in range(2))
+        for pool, rows in ((k_cache, k_rows), (v_cache, v_rows)):
+            pool[table.long()] = rows.view(batch, HK, per_row, page, dim).transpose(1, 2)
+        extra["block_table"] = table
+    if layout.endswith("rotary-leftpad"):
+        angle = torch.rand(capacity, dim // 4, device=DEVICE) * 6.28
+        extra.update(rotary_cos=angle.cos(), rotary_sin=angle.sin(),
+                     cache_leftpad=torch.full((batch,), 7, dtype=torch.int32, device=DEVICE))
+    fn = lambda: fastseq.ops.attention_with_kv_cache(  # noqa: E731
+        q, k_cache, v_cache, lengths, new_k, new_v, **extra)
+    return fn, q, k_rows, v_rows, extra
+
+
+@pytest.mark.parametrize("layout", PAGED_LAYOUTS)
+def bench_paged_decode(benchmark, layout):
+    """One decode step (Lq = 1) on a paged cache against the same rows contiguous: what the
+    page lookups cost (a gathered key row per BLOCK_N keys from a block table read per
+    block), and with rotary and left padding on top."""
+    if HEADLINE:
+        pytest.skip("not a headline case")
+    batch, capacity, dim = (16, 8192, 128) if GPU_CASES else (2, 256, 64)
+    fn, q, k_rows, v_rows, extra = paged_step(layout, batch, capacity, dim)
+    with torch.no_grad():
+        got = fn()
+        if "rotary_cos" not in extra:  # the plain rows' answer (rotary changes the keys)
+            one = [t[:1, :HQ // HK].double() for t in (q, k_rows[:, :1], v_rows[:, :1])]
+            record_error(benchmark, got[:1, :HQ // HK],
+                         fastseq.reference.scaled_dot_product_attention(*one))
+        gbytes = 2 * batch * HK * capacity * dim * k_rows.element_size() / 1e9
+        run_timed(benchmark, fn, calls_per_round=20, op="decode_paged", provider=layout,
+                  passes="fwd", gbytes=gbytes, tokens_per_call=batch,
+                  shape=f"B={batch} Hq={HQ} Hk={HK} S={capacity} D={dim} Lq=1",
+                  dtype=str(DTYPE).split(".")[1], length=capacity)
+
+
 @pytest.mark.parametrize("keys", CROSSOVER_KEYS)
 @pytest.mark.parametrize("rows", CROSSOVER_ROWS)
 @pytest.mark.parametrize("provider", ["fastseq-split-kv", "fastseq-fused-forward"])

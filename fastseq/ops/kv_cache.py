@@ -17,6 +17,22 @@ themselves). window=w > 0: each query row sees only its last w positions (slidin
 attention; w counts the row itself). GQA/MQA: Hq a multiple of Hk. A row with nothing visible
 gives zeros. return_lse=True also returns each row's log-sum-exp [B, Hq, Lq] (fp32).
 
+FlashAttention's flash_attn_with_kvcache extras, all on the split-KV kernels (the new rows'
+rotation in the append kernel and the query's as it is loaded, nothing materialized):
+
+| argument | meaning |
+|---|---|
+| `cache_leftpad` [B] | row b's keys before cache_leftpad[b] are padding (left-padded prompts) |
+| `cache_batch_idx` [B] | batch row b uses cache row cache_batch_idx[b] of a larger cache |
+| `block_table` [rows, pages per row] | paged cache: k_cache/v_cache are a pool [pages, Hk, page_size, E], any page size, pages in any order; position j of a row lives in page block_table[row, j // page_size] |
+| `rotary_cos`, `rotary_sin` [positions, R / 2], `rotary_interleaved` | the new keys are rotated at cache_seqlens[b] + i before they are written; query rows there too when causal or windowed, else all at cache_seqlens[b]; half-split (GPT-NeoX) or interleaved (GPT-J) pairs of the first R dims |
+| `softcap`, `alibi_slopes` [Hq] or [B, Hq], `sinks` [Hq] | as fastseq.ops.attention (the query row's position in the cache is ALiBi's diagonal) |
+
+Out-of-range indices (batch index, pages, left padding, rotary positions) are InputErrors on the
+host where that costs no sync (CPU tensors), device-side asserts on CUDA; the kernels clamp, so
+nothing is read or written outside the tensors either way. The torch backend serves left padding
+(as a mask) and refuses the other extras by name.
+
 Forward only: inputs that require grad are refused (train with fastseq.ops.attention). No host
 synchronisation and no shape-dependent Python per step, so a step captures in a CUDA graph.
 Cache overflow (cache_seqlens[b] + Lnew > S_max) is an InputError before anything is written

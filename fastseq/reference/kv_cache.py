@@ -73,14 +73,16 @@ def attention_with_kv_cache(query: Tensor, k_cache: Tensor, v_cache: Tensor,
                             rotary_sin: Optional[Tensor] = None,
                             rotary_interleaved: bool = False, softcap: Optional[float] = None,
                             alibi_slopes: Optional[Tensor] = None,
-                            sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                            sinks: Optional[Tensor] = None, upcast: bool = True
+                            ) -> tuple[Tensor, Tensor]:
     """query [B, Hq, Lq, E]; caches [B, Hk, S_max, E|EV] (paged: a pool [pages, Hk, page_size,
     E|EV] with block_table [rows, pages per row]); cache_seqlens [B] integers; key/value
     [B, Hk, Lnew, E|EV] or None. cache_batch_idx[b]: the cache (or block table) row batch row b
     uses; cache_leftpad[b]: its keys before that position are padding. rotary_cos/sin: the new
     keys (before they are written) are rotated at positions cache_seqlens[b] + i, the query
     rows there too when causal or windowed, else all at cache_seqlens[b]. softcap, alibi_slopes ([Hq] or [B, Hq]; the query row's position in
-    the cache is the diagonal) and sinks as fastseq.reference.scaled_dot_product_attention.
+    the cache is the diagonal) and sinks as fastseq.reference.scaled_dot_product_attention
+    (upcast=False: half inputs computed in their own dtype, the tests' plain baseline).
     Returns (out [B, Hq, Lq, EV], lse [B, Hq, Lq])."""
     rows = [int(r) for r in cache_batch_idx.tolist()] if cache_batch_idx is not None \
         else list(range(query.shape[0]))
@@ -116,7 +118,8 @@ def attention_with_kv_cache(query: Tensor, k_cache: Tensor, v_cache: Tensor,
         out, lse = scaled_dot_product_attention(
             query[b], k_row, v_row, seen, scale=scale,
             enable_gqa=query.shape[1] != k_cache.shape[1], return_lse=True, softcap=softcap,
-            alibi_slopes=slopes, sinks=sinks, causal_shift=kv_len - query.shape[2])
+            alibi_slopes=slopes, sinks=sinks, causal_shift=kv_len - query.shape[2],
+            upcast=upcast)
         outs.append(out)
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses)

@@ -74,8 +74,10 @@ def cache_rows(offs_n, table_ptr, PAGE_SIZE, NUM_PAGES, stride_b, stride_n, end,
     if PAGED:
         page = tl.load(table_ptr + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
         page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1)
-        return page.to(tl.int64) * stride_b + (offs_n % PAGE_SIZE) * stride_n
-    return offs_n * stride_n
+        rows = page.to(tl.int64) * stride_b + (offs_n % PAGE_SIZE) * stride_n
+    else:  # one return of one type (the compiler refuses returns of int32 and int64)
+        rows = offs_n.to(tl.int64) * stride_n
+    return rows
 
 
 @triton.jit

@@ -34,11 +34,15 @@ INTERPRETER_SPLIT_BLOCKS = 2
 COMBINE_CHUNK = 16  # ranges the combine reads at a time: 16 x 256 fp32 = 32 registers/thread
 
 
-def max_rows(dtype: torch.dtype, block_d: int) -> int:
+def max_rows(dtype: torch.dtype, block_d: int, featured: bool = False) -> int:
     """Query rows one program may hold: 64, but 16 where 64 rows spilled on sm_90 at every
-    tile tried (bf16/fp16 at head dim 256, fp32 above 64; the sweep is in bench/NOTES.md)."""
+    tile tried (bf16/fp16 at head dim 256, fp32 above 64; the sweep is in bench/NOTES.md), and
+    32 for a step with extras (rotary, pages, ALiBi...) above head dim 64 (64 rows spilled
+    under triton 3.6 at head dim 128, 2026-12-06)."""
     wide = block_d > (64 if dtype == torch.float32 else 128)
-    return 16 if wide else MAX_ROWS
+    if wide:
+        return 16
+    return 32 if featured and block_d > 64 else MAX_ROWS
 
 
 def gpu_tile(dtype: torch.dtype, block_d: int, block_m: int) -> dict:
@@ -160,7 +164,10 @@ def attention_decode(q, k_cache, v_cache, kv_len, is_causal: bool, causal_offset
     capacity = geometry.pop("capacity")
     group = HQ // HK
     block_d, block_dv = head_block(E), head_block(EV)
-    block_m = row_block(group * LQ, max_rows(q.dtype, max(block_d, block_dv)))
+    featured = any(t is not None for t in (extras.key_start, extras.batch_index,
+                                           extras.block_table, extras.alibi, extras.cos)) \
+        or extras.softcap > 0
+    block_m = row_block(group * LQ, max_rows(q.dtype, max(block_d, block_dv), featured))
     row_blocks = triton.cdiv(group * LQ, block_m)
     launch = tile(q.dtype, max(block_d, block_dv), block_m)
     splits, split_size = split_plan(B, HK, row_blocks, capacity, launch["BLOCK_N"], q.device)
@@ -258,7 +265,7 @@ def launch_specs() -> list[dict]:
             for everything in featured if d <= 128 else (False,):
                 extras = EVERYTHING if everything else None
                 for block_m in (16, 32, 64):
-                    if block_m > max_rows(dtype, d):
+                    if block_m > max_rows(dtype, d, everything):
                         continue
                     launch = dict(_constexprs(dtype, block_m, d, d, True, True,
                                               GPU_DOT["PRECISION"], GPU_DOT["UPCAST"], extras),

@@ -277,3 +277,39 @@ def test_opcheck_with_every_extra():
                           (q, k_pool, v_pool, lengths + 1, True, -1, 9, 0.2, *extras))
     torch.library.opcheck(torch.ops.fastseq.kv_cache_append_triton,
                           (k_pool, v_pool, k, v, lengths, None, table, cos, sin, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_every_extra_in_half_precision_within_the_rule(dtype):
+    """Paged, left-padded, rotary, soft-capped, ALiBi and sinks together in half precision:
+    output and lse within 2x the error of plain PyTorch in the same dtype (the reference
+    computed in that dtype) against the float64 reference; the rotated keys written into the
+    pool within it too."""
+    skip_unavailable("triton")
+    from numerics import assert_within_rule
+
+    extra = dict(options("everything"))
+    k_pool, v_pool, table = paged_cache(8)
+    extra["block_table"] = table
+    q, k, v, lengths = step_inputs(2)
+
+    def step(backend, dt, upcast=True):
+        caches = [t.to(dt).clone() for t in (k_pool, v_pool)]
+        args = [t.to(dt) for t in (q, k, v)]
+        opts = {name: (value.to(dt) if torch.is_tensor(value) and value.is_floating_point()
+                       and name in ("alibi_slopes", "sinks") else value)
+                for name, value in extra.items()}
+        if backend == "reference":
+            out, lse = reference.attention_with_kv_cache(
+                args[0], *caches, lengths, *args[1:], **opts, upcast=upcast)
+        else:
+            out, lse = attention_with_kv_cache(args[0], *caches, lengths, *args[1:],
+                                               return_lse=True, backend=backend, **opts)
+        return out, lse, caches[0]
+
+    truth = step("reference", torch.float64)
+    plain = step("reference", dtype, upcast=False)
+    fast = step("triton", dtype)
+    assert_within_rule("out", fast[0], plain[0], truth[0])
+    assert_within_rule("lse", fast[1], plain[1].float(), truth[1])
+    assert_within_rule("k cache", fast[2], plain[2], truth[2])
