@@ -76,6 +76,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
               return_lse: bool = False, backend: Optional[str] = None):
     """softmax(query key^T * scale + mask) value, with dropout on the probabilities.
     Returns out [..., Hq, L, Ev], or (out, lse) with return_lse."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(OP, name, t)  # before a description reads their shapes
     attn_mask, vis = _visibility(attn_mask, is_causal, window, query, key)
     heads_q, heads_k = _validate(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     softcap = _check_extras(query, heads_q, vis, softcap, alibi_slopes, sinks)

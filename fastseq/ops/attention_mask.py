@@ -94,8 +94,8 @@ def window_sides(op: str, window, causal: bool) -> tuple[int, int]:
 
 
 def _offsets(op: str, name: str, cu: Tensor, rows: int, device) -> Tensor:
-    """cu_seqlens checked (1-D integers from 0, non-decreasing, ending at most at `rows`) and
-    made int32. CPU offsets are checked here; CUDA ones by a device-side assert (no host sync),
+    """cu_seqlens checked (1-D integers from 0, non-decreasing, ending at `rows`: every row
+    belongs to a sequence, so every output row is written) and made int32. CPU offsets are checked here; CUDA ones by a device-side assert (no host sync),
     and the kernels clamp them, so bad offsets never read out of bounds."""
     check_tensor(op, name, cu)
     if cu.dim() != 1 or cu.shape[0] < 1 or cu.dtype not in (torch.int32, torch.int64):
@@ -103,23 +103,32 @@ def _offsets(op: str, name: str, cu: Tensor, rows: int, device) -> Tensor:
                  f"{cu.dtype} with shape {list(cu.shape)}")
     if cu.device != device:
         fail(op, f"{name} must be on the query's device {device}, got {cu.device}")
-    ok = ((cu[0] == 0) & (cu[1:] >= cu[:-1]).all() & (cu[-1] <= rows))
+    ok = ((cu[0] == 0) & (cu[1:] >= cu[:-1]).all() & (cu[-1] == rows))
     if cu.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok):
-            fail(op, f"{name} must start at 0, never decrease and end at most at {rows} (the "
-                     f"rows it indexes), got {cu.tolist()}")
+            fail(op, f"{name} must start at 0, never decrease and end at {rows} (the rows it "
+                     f"indexes), got {cu.tolist()}")
     else:
         torch._assert_async(ok, f"{op}: {name} must start at 0, never decrease and end at "
-                                f"most at {rows}")
+                                f"{rows}")
     return cu.to(torch.int32)
 
 
 def _longest(cu: Tensor, given: Optional[int], op: str, name: str) -> int:
-    if given is not None:
-        if not isinstance(given, int) or given < 0:
-            fail(op, f"{name} must be a non-negative int, got {given!r}")
-        return given
-    return int((cu[1:] - cu[:-1]).max()) if cu.shape[0] > 1 else 0
+    """The longest sequence's length: `given` (checked to bound every length: a short bound
+    would leave rows unwritten), or read from the offsets (a host sync)."""
+    lengths = cu[1:] - cu[:-1]
+    if given is None:
+        return int(lengths.max()) if cu.shape[0] > 1 else 0
+    if isinstance(given, bool) or not isinstance(given, int) or given < 0:
+        fail(op, f"{name} must be a non-negative int, got {given!r}")
+    ok = (lengths <= given).all()
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            fail(op, f"{name} = {given} is shorter than a sequence ({lengths.tolist()})")
+    else:
+        torch._assert_async(ok, f"{op}: {name} = {given} is shorter than a sequence")
+    return given
 
 
 def normalize(op: str, description: AttentionMask, is_causal: bool, window, query: Tensor,

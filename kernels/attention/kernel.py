@@ -147,11 +147,11 @@ def sequence_geometry(b, L, S, cu_q_ptr, cu_k_ptr, key_start_ptr, key_end_ptr,
     of bounds), and query i's diagonal is key i + shift."""
     q0 = 0
     k0 = 0
-    if VARLEN:
-        q0 = tl.load(cu_q_ptr + b)
-        L = tl.load(cu_q_ptr + b + 1) - q0
-        k0 = tl.load(cu_k_ptr + b)
-        S = tl.load(cu_k_ptr + b + 1) - k0
+    if VARLEN:  # offsets clamped to the tensors' rows: bad ones never read out of bounds
+        q0 = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b), 0), L)
+        L = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b + 1), q0), L) - q0
+        k0 = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b), 0), S)
+        S = tl.minimum(tl.maximum(tl.load(cu_k_ptr + b + 1), k0), S) - k0
     key_lo = 0
     key_hi = S
     if KEY_RANGE:

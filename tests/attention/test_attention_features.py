@@ -362,12 +362,20 @@ def bad_calls():
             torch.tensor([0, 3, 2]), torch.tensor([0, 3, 6])), "never decrease"),
         "offsets-past-rows": (lambda: fastseq.ops.attention_varlen(
             q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-            torch.tensor([0, 3, 9]), torch.tensor([0, 3, 6])), "end at most at 5"),
+            torch.tensor([0, 3, 9]), torch.tensor([0, 3, 6])), "end at 5"),
+        "offsets-short-of-rows": (lambda: fastseq.ops.attention_varlen(
+            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+            torch.tensor([0, 3, 4]), torch.tensor([0, 3, 6])), "end at 5"),
         "offsets-lengths-differ": (lambda: fastseq.ops.attention_varlen(
             q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
             torch.tensor([0, 5]), torch.tensor([0, 3, 6])), "must have the same length"),
         "varlen-4d": (lambda: fastseq.ops.attention_varlen(q, k, v, cu, cu),
                       "query must be 3-D"),
+        "max-seqlen-short": (lambda: fastseq.ops.attention_varlen(
+            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+            torch.tensor([0, 1, 5]), torch.tensor([0, 3, 6]), 2, 3), "shorter than a sequence"),
+        "description-not-tensor": (lambda: fastseq.ops.attention(
+            "q", k, v, AttentionMask(causal=True)), "query must be a torch.Tensor"),
     }
 
 
