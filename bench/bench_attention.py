@@ -259,7 +259,8 @@ def bench_multihead_attention(benchmark, provider, passes):
 
 def gpu_smoke(out) -> bool:
     """This family's case in bench/gpu_smoke.py (the GPU run's stage 1): fastseq against
-    plain PyTorch and float64 truth under the tolerance rule; True when every quantity keeps it."""
+    plain PyTorch and float64 truth under the tolerance rule; True when every quantity keeps it.
+    Plain PyTorch is the reference computed in the tested dtype (upcast=False)."""
     from .smoke_checks import DEVICE, DTYPES, ATTENTION, rand, check
     from torch.nn.attention.bias import causal_lower_right
 
@@ -274,8 +275,66 @@ def gpu_smoke(out) -> bool:
         leaves = [rand(B, H, L, D), rand(B, H, S, D), rand(B, H, S, D)]
 
         def call(backend, t, mask=mask, causal=causal):
+            if backend == "plain":
+                explicit = mask._materialize(t[0].device) if hasattr(mask, "_materialize") \
+                    else mask
+                return [fastseq.reference.attention.scaled_dot_product_attention(
+                    *t, explicit, is_causal=causal, upcast=False)]
             return [fastseq.ops.attention(*t, mask, is_causal=causal, backend=backend)]
         for dtype in DTYPES:
             ok &= check(out, "attention", f"B={B} H={H} L={L} S={S} D={D} {variant}", "triton",
-                        dtype, call, leaves, ["out", "dq", "dk", "dv"], S)
+                        dtype, call, leaves, ["out", "dq", "dk", "dv"], S, plain="plain")
+    ok &= _smoke_described(out, check, rand, DEVICE, DTYPES, ATTENTION)
+    ok &= _smoke_packed(out, check, rand, DEVICE, DTYPES, ATTENTION)
+    return ok
+
+
+def _smoke_described(out, check, rand, device, dtypes, sizes) -> bool:
+    """A window, key ranges (bottom-right), soft-capping, ALiBi and learned sinks together:
+    forward and backward, the sinks' gradient included."""
+    B, H, L, M, D = sizes
+    S = L + M
+    key_end = torch.tensor([S, S - S // 5], dtype=torch.int32, device=device)[:B]
+    key_start = torch.tensor([0, 3], dtype=torch.int32, device=device)[:B]
+    slopes = torch.rand(H, device=device) * 0.1
+    leaves = [rand(B, H, L, D), rand(B, H, S, D), rand(B, H, S, D), rand(H)]
+
+    def call(backend, t):
+        q, k, v, sinks = t
+        options = dict(window=(L // 3, None), bottom_right=True, softcap=20.0,
+                       alibi_slopes=slopes, sinks=sinks, key_start=key_start, key_end=key_end)
+        if backend in ("plain", "reference"):
+            return [fastseq.reference.attention.scaled_dot_product_attention(
+                q, k, v, is_causal=True, upcast=backend == "reference", **options)]
+        mask = fastseq.ops.AttentionMask(causal=True, window=(L // 3, None), align="bottom_right",
+                                         key_start=key_start, key_end=key_end)
+        return [fastseq.ops.attention(q, k, v, mask, softcap=20.0, alibi_slopes=slopes,
+                                      sinks=sinks, backend=backend)]
+    ok = True
+    for dtype in dtypes:
+        ok &= check(out, "attention", f"B={B} H={H} L={L} S={S} D={D} window+ranges+softcap+"
+                    f"alibi+sinks", "triton", dtype, call, leaves,
+                    ["out", "dq", "dk", "dv", "dsinks"], S, plain="plain")
+    return ok
+
+
+def _smoke_packed(out, check, rand, device, dtypes, sizes) -> bool:
+    """Packed variable-length sequences (attention_varlen), causal, GQA, one empty sequence."""
+    _, H, L, _, D = sizes
+    lengths = [L, 1, 0, L // 2 + 3]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                      device=device)
+    T = sum(lengths)
+    leaves = [rand(T, H, D), rand(T, H // 2, D), rand(T, H // 2, D)]
+
+    def call(backend, t):
+        if backend in ("plain", "reference"):
+            return [fastseq.reference.attention.packed_attention(
+                *t, cu, cu, is_causal=True, bottom_right=True, upcast=backend == "reference")]
+        return [fastseq.ops.attention_varlen(*t, cu, cu, max(lengths), max(lengths),
+                                             is_causal=True, backend=backend)]
+    ok = True
+    for dtype in dtypes:
+        ok &= check(out, "attention", f"varlen H={H}/{H // 2} D={D} lengths={lengths} causal",
+                    "triton", dtype, call, leaves, ["out", "dq", "dk", "dv"], L, plain="plain")
     return ok

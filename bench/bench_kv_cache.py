@@ -229,8 +229,10 @@ def bench_rel_decode_step(benchmark, provider, batch, keys):
 
 def gpu_smoke(out) -> bool:
     """A decode step against a ragged, GQA cache (split-KV kernels, forward only): four new
-    rows appended per row, causal among themselves, with and without a window. The caches are
-    leaves 1 and 2: each call appends into its own copy."""
+    rows appended per row, causal among themselves, with and without a window; then the same
+    on a shuffled paged pool with left padding, rotary, soft-capping, ALiBi and sinks. The
+    caches are leaves 1 and 2: each call appends into its own copy. Plain PyTorch is the
+    reference computed in the tested dtype (upcast=False)."""
     from .smoke_checks import DEVICE, DTYPES, ATTENTION, rand, check
     B, H, L, M, D = ATTENTION
     capacity, new = 4 * L, 4
@@ -241,11 +243,47 @@ def gpu_smoke(out) -> bool:
     for window in (None, L // 2):
         def call(backend, t, window=window):
             q, k_cache, v_cache, key, value = t
+            if backend in ("plain", "reference"):
+                return [fastseq.reference.kv_cache.attention_with_kv_cache(
+                    q, k_cache.clone(), v_cache.clone(), lengths, key, value,
+                    window=window or 0, upcast=backend == "reference")[0]]
             return [fastseq.ops.attention_with_kv_cache(
                 q, k_cache.clone(), v_cache.clone(), lengths, key, value, window=window,
                 backend=backend)]
         for dtype in DTYPES:
             ok &= check(out, "kv_cache", f"B={B} Hq={H} Hk={H // 2} S_max={capacity} D={D} "
                         f"Lq={new} window={window}", "triton", dtype, call, leaves, ["out"], 1,
-                        forward_only=True)
+                        forward_only=True, plain="plain")
+    return ok & _smoke_paged_step(out, check, rand, DEVICE, DTYPES, ATTENTION)
+
+
+def _smoke_paged_step(out, check, rand, device, dtypes, sizes) -> bool:
+    B, H, L, M, D = sizes
+    page, new = 16, 4
+    per_row = -(-4 * L // page)
+    table = torch.randperm(B * per_row + 5, device=device)[:B * per_row].view(B, per_row).int()
+    lengths = torch.tensor([per_row * page - new, L][:B], dtype=torch.int32, device=device)
+    angle = torch.rand(per_row * page + new, D // 4, dtype=torch.float64, device=device) * 6.28
+    extra = dict(cache_leftpad=torch.tensor([5, 0], dtype=torch.int32, device=device)[:B],
+                 block_table=table, rotary_cos=angle.cos(), rotary_sin=angle.sin(),
+                 softcap=30.0, alibi_slopes=torch.rand(H, dtype=torch.float64, device=device),
+                 sinks=rand(H))
+    pool = B * per_row + 5
+    leaves = [rand(B, H, new, D), rand(pool, H // 2, page, D), rand(pool, H // 2, page, D),
+              rand(B, H // 2, new, D), rand(B, H // 2, new, D)]
+
+    def call(backend, t):
+        q, k_pool, v_pool, key, value = t
+        if backend in ("plain", "reference"):
+            return [fastseq.reference.kv_cache.attention_with_kv_cache(
+                q, k_pool.clone(), v_pool.clone(), lengths, key, value, window=L,
+                upcast=backend == "reference", **extra)[0]]
+        return [fastseq.ops.attention_with_kv_cache(
+            q, k_pool.clone(), v_pool.clone(), lengths, key, value, window=L, backend=backend,
+            **extra)]
+    ok = True
+    for dtype in dtypes:
+        ok &= check(out, "kv_cache", f"paged({page}) B={B} Hq={H} Hk={H // 2} D={D} Lq={new} "
+                    f"leftpad+rotary+softcap+alibi+sinks window={L}", "triton", dtype, call,
+                    leaves, ["out"], 1, forward_only=True, plain="plain")
     return ok

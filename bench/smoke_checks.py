@@ -43,11 +43,14 @@ def outputs_and_grads(call, leaves64, dtype, backend, grad_outputs):
 
 
 def check(out, family, case, backend, dtype, call, leaves64, names, terms, env=None, label=None,
-          forward_only=False, variant=None):
+          forward_only=False, variant=None, plain="reference"):
     """One case: fastseq's `backend` against plain PyTorch in `dtype` and float64 truth, with
     `env` set while it runs; `label` names the backend in the report (default: backend);
     forward_only: outputs alone (an op with no backward); variant(dtype): what the backend runs
-    inside for this case (recorded in the row, e.g. which recurrence each pass took)."""
+    inside for this case (recorded in the row, e.g. which recurrence each pass took); plain:
+    what call() is given for the plain-PyTorch run ("plain" where the reference backend would
+    not compute in the dtype itself: the attention references round half precision once, from
+    fp32)."""
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     began = time.perf_counter()
@@ -59,7 +62,7 @@ def check(out, family, case, backend, dtype, call, leaves64, names, terms, env=N
         truth_outs = call("reference", [t.detach() for t in leaves64])
         grad_outputs = None if forward_only else [rand(*o.shape) for o in truth_outs]
         truth = outputs_and_grads(call, leaves64, torch.float64, "reference", grad_outputs)
-        plain = outputs_and_grads(call, leaves64, dtype, "reference", grad_outputs)
+        plain = outputs_and_grads(call, leaves64, dtype, plain, grad_outputs)
         fast = outputs_and_grads(call, leaves64, dtype, backend, grad_outputs)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
