@@ -15,6 +15,13 @@ and forward arguments and outputs, batch_first either way, unbatched inputs. Dif
     torch's module refuses these biases (it reads them as a 3-D mask of the wrong shape).
 Heads are views of the projections ([N, L, H, D] seen as [N, H, L, D]): no copies before the
 kernel, which reads any strides.
+
+Keyword-only extras beyond torch's constructor (fastseq.ops.attention's, all off by default, so
+the module stays torch's drop-in): window=(left, right) (a sliding window on is_causal's
+diagonal), softcap=c, alibi_slopes=[num_heads] (a non-persistent buffer: state_dict keys stay
+torch's) and sinks=True (a learned per-head logit, the parameter `sinks` [num_heads], zeros at
+first, as gpt-oss). Both the fused path and need_weights=True apply them; the step protocol does
+too (a self-attention step's window is the decode step's window + 1 positions).
 """
 from __future__ import annotations
 
@@ -44,6 +51,33 @@ class AttentionInputError(InputError, AssertionError):
 
 
 class MultiheadAttention(RefusesTorchScript, AttentionSteps, torch.nn.MultiheadAttention):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim=None, vdim=None,
+                 batch_first: bool = False, device=None, dtype=None, *, window=None,
+                 softcap: Optional[float] = None, alibi_slopes=None, sinks: bool = False):
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim,
+                         vdim, batch_first, device, dtype)
+        self.window = window
+        self.softcap = softcap
+        if alibi_slopes is not None:
+            slopes = torch.as_tensor(alibi_slopes, dtype=torch.float32, device=device)
+            if slopes.shape != (num_heads,):
+                raise AttentionInputError(f"{OP}: alibi_slopes must have num_heads = "
+                                          f"{num_heads} entries, got {list(slopes.shape)}")
+            self.register_buffer("alibi_slopes", slopes, persistent=False)
+        else:
+            self.alibi_slopes = None
+        self.sinks = (torch.nn.Parameter(torch.zeros(num_heads, device=device, dtype=dtype))
+                      if sinks else None)
+
+    def _score_extras(self) -> dict:
+        """The fastseq.ops.attention keywords of this module's extras (none for a torch module
+        patched into this class, which has no such attributes)."""
+        return {"window": getattr(self, "window", None),
+                "softcap": getattr(self, "softcap", None),
+                "alibi_slopes": getattr(self, "alibi_slopes", None),
+                "sinks": getattr(self, "sinks", None)}
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
@@ -128,12 +162,20 @@ class MultiheadAttention(RefusesTorchScript, AttentionSteps, torch.nn.MultiheadA
             v = torch.cat([v, v.new_zeros(N, heads, 1, head_dim)], 2)
         S = k.shape[2]
         extra = S - key.shape[1]  # bias_k and the zero key: visible to every query
+        extras = self._score_extras()
         if isinstance(attn_mask, CausalBias):
             if not need_weights and key_padding_mask is None and not extra:
                 # The kernel's own causal rule, at the bias's alignment: nothing materialized.
                 dropout_p = self.dropout if self.training else 0.0
-                out = ops.attention(q, k, v, attn_mask, dropout_p)
+                out = ops.attention(q, k, v, attn_mask, dropout_p, **extras)
                 return self._out_projection(out), None
+            if attn_mask.variant == CausalVariant.LOWER_RIGHT and (
+                    extras["window"] is not None or extras["alibi_slopes"] is not None):
+                raise AttentionInputError(
+                    f"{OP}: a causal_lower_right attn_mask with a key_padding_mask, "
+                    f"need_weights=True or extra keys is materialized, which loses the "
+                    f"alignment the window and ALiBi are measured from; pass "
+                    f"need_weights=False without a key_padding_mask")
             attn_mask, is_causal = _hidden_by(attn_mask, query.device), False
         causal = is_causal and not need_weights
         mask = self._merged_mask(None if causal else attn_mask, key_padding_mask, N, L, S,
@@ -143,10 +185,11 @@ class MultiheadAttention(RefusesTorchScript, AttentionSteps, torch.nn.MultiheadA
             _backends.report_path(OP + "(need_weights=True)", query.device,
                                   "the L x S probabilities in plain PyTorch, returned as the "
                                   "weights (need_weights=False runs fastseq.ops.attention)")
-            out, weights = _weighted(q, k, v, mask, dropout_p, is_causal and attn_mask is None)
+            out, weights = _weighted(q, k, v, mask, dropout_p, is_causal and attn_mask is None,
+                                     **extras)
             weights = weights.mean(1) if average_attn_weights else weights
         else:
-            out, weights = ops.attention(q, k, v, mask, dropout_p, causal), None
+            out, weights = ops.attention(q, k, v, mask, dropout_p, causal, **extras), None
         return self._out_projection(out), weights
 
     def _out_projection(self, out: Tensor) -> Tensor:
@@ -224,14 +267,18 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
-def _weighted(q, k, v, mask, dropout_p, causal):
+def _weighted(q, k, v, mask, dropout_p, causal, window=None, softcap=None, alibi_slopes=None,
+              sinks=None):
     """The need_weights path in plain PyTorch: (out [N, H, L, D], probabilities [N, H, L, S]
-    after dropout, as torch returns them)."""
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    visible, bias = _reference.visible_and_bias(scores, mask, causal)
+    after dropout, as torch returns them; with sinks they sum to less than one per row)."""
+    scores = _reference.soft_cap((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), softcap)
+    visible, bias = _reference.visible_and_bias(scores, mask, causal, 0, window)
     if bias is not None:
         scores = scores + bias
-    probs, _ = _reference.masked_softmax(scores, visible)
+    if alibi_slopes is not None:
+        scores = scores + _reference.alibi_bias(alibi_slopes, q.shape[2], k.shape[2], 0,
+                                                scores.dtype)
+    probs, _ = _reference.masked_softmax(scores, visible, sinks)
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p)
     return probs @ v, probs

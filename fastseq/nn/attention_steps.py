@@ -99,16 +99,35 @@ class AttentionSteps:
         self._refuse_steps("fastseq.nn.MultiheadAttention.step")
         x_b = x if self.batch_first else x.transpose(0, 1)
         N, L, E = x_b.shape
+        extras = self._score_extras() if hasattr(self, "_score_extras") else {}
+        window = extras.pop("window", None)
         if isinstance(state, KVCache):
             q, k, v = (t.view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
                        for t in self._project(x_b, x_b, x_b))
-            out = state(q, k, v)
+            out = state(q, k, v, window=_step_window(window), **extras)
         else:
+            if window is not None or extras.get("alibi_slopes") is not None:
+                raise InputError("fastseq.nn.MultiheadAttention.step: cross-attention steps "
+                                 "take no window or ALiBi (both are measured from the query's "
+                                 "position, which a step over the memory does not have)")
             q = F.linear(x_b, *self._projection_weights()[0])
             q = q.view(N, L, self.num_heads, self.head_dim).transpose(1, 2)
-            out = ops.attention(q, state.keys, state.values, state.mask)
+            out = ops.attention(q, state.keys, state.values, state.mask, **extras)
         out = self._out_projection(out)
         return (out if self.batch_first else out.transpose(0, 1)), state
+
+
+def _step_window(window) -> Optional[int]:
+    """The decode step's window (the positions a row sees, itself included) of a module's
+    (left, right) window: a causal step sees left + 1; a right side past the diagonal has no
+    meaning against a cache (the future is not there yet) and is refused."""
+    if window is None:
+        return None
+    left, right = window
+    if right is not None and right > 0:
+        raise InputError(f"fastseq.nn.MultiheadAttention.step: the window {window} reaches "
+                         f"right of the diagonal; a decoding step sees no future keys")
+    return None if left is None or left < 0 else left + 1
 
 
 @dataclasses.dataclass

@@ -78,10 +78,11 @@ class KVCache(RefusesTorchScript, nn.Module):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool = True,
                 window: Optional[int] = None, scale: Optional[float] = None,
-                backend: Optional[str] = None) -> Tensor:
+                backend: Optional[str] = None, **extras) -> Tensor:
         """Append key/value [B, Hk, Lnew, *] at each row's length, attend query
         [B, Hq, Lq, head_dim] to the filled cache, advance the lengths. Returns
-        [B, Hq, Lq, value_dim]."""
+        [B, Hq, Lq, value_dim]. extras: attention_with_kv_cache's keyword arguments for the
+        step (softcap, alibi_slopes, sinks, cache_leftpad, rotary_cos/rotary_sin...)."""
         new = key.shape[2] if isinstance(key, Tensor) and key.dim() == 4 else 0
         if self.max_length + new > self.capacity:
             raise InputError(f"{OP}: cache overflow: rows hold up to {self.max_length} of "
@@ -89,7 +90,7 @@ class KVCache(RefusesTorchScript, nn.Module):
                              f"larger capacity, or reset() to start over)")
         out = attention_with_kv_cache(query, self.k, self.v, self.lengths, key, value,
                                       is_causal=is_causal, window=window, scale=scale,
-                                      backend=backend)
+                                      backend=backend, **extras)
         self.lengths.add_(new)
         self.max_length += new
         return out

@@ -254,3 +254,70 @@ def test_input_errors_name_the_argument():
     for args, kwargs, message in cases:
         with pytest.raises(ValueError, match="fastseq.nn.MultiheadAttention: " + message):
             m(*args, need_weights=False, **kwargs)
+
+
+# ---- the module's extras: window, soft-capping, ALiBi, sinks (issue 27) ----
+
+EXTRAS = {"window": (3, 0), "softcap": 4.0, "alibi_slopes": [0.25, 0.5], "sinks": True}
+
+
+def extras_module(**kwargs):
+    torch.manual_seed(0)
+    mha = fastseq.nn.MultiheadAttention(8, 2, batch_first=True, **EXTRAS, **kwargs).double()
+    with torch.no_grad():
+        mha.sinks.copy_(torch.tensor([0.5, -1.0]))
+    return mha
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
+def test_extras_fused_path_equals_the_weights_path_and_the_reference(backend):
+    """need_weights=False (fastseq.ops.attention with the extras) equals need_weights=True
+    (plain PyTorch) and the float64 reference on the module's own projections; the sinks'
+    parameter gets its gradient through the fused path as through plain PyTorch."""
+    mha = extras_module()
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, :2] = True
+    with backend_or_skip(backend):
+        fused = mha(x, x, x, key_padding_mask=pad, need_weights=False, is_causal=False)[0]
+        grad_fused = torch.autograd.grad(fused.square().sum(), mha.sinks)[0]
+    weighted, weights = mha(x, x, x, key_padding_mask=pad, need_weights=True)
+    grad_weighted = torch.autograd.grad(weighted.square().sum(), mha.sinks)[0]
+    torch.testing.assert_close(fused, weighted, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grad_fused, grad_weighted, atol=1e-12, rtol=1e-12)
+    assert (weights.sum(-1) < 1).all()  # the sinks take their share of every row
+    q, k, v = (t.view(2, 7, 2, 4).transpose(1, 2) for t in
+               torch.nn.functional.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
+    heads = fastseq.reference.scaled_dot_product_attention(
+        q, k, v, ~pad.view(2, 1, 1, 7), window=(3, 0), softcap=4.0,
+        alibi_slopes=torch.tensor([0.25, 0.5], dtype=torch.float64), sinks=mha.sinks)
+    expected = mha.out_proj(heads.transpose(1, 2).reshape(2, 7, 8))
+    torch.testing.assert_close(fused, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_extras_keep_torchs_state_dict_keys_but_the_sinks():
+    """alibi_slopes is a non-persistent buffer; sinks=True adds one parameter, 'sinks'. A module
+    without extras loads torch's state_dict as before."""
+    torch_keys = set(torch.nn.MultiheadAttention(8, 2).state_dict())
+    assert set(fastseq.nn.MultiheadAttention(8, 2, alibi_slopes=[1.0, 2.0]).state_dict()) \
+        == torch_keys
+    assert set(extras_module().state_dict()) == torch_keys | {"sinks"}
+    with pytest.raises(fastseq.InputError, match="alibi_slopes must have num_heads = 2"):
+        fastseq.nn.MultiheadAttention(8, 2, alibi_slopes=[1.0])
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_extras_steps_equal_the_causal_forward(backend):
+    """Decoding with the extras (the window as the step's window, soft-capping, ALiBi and the
+    sinks through attention_with_kv_cache) equals the module's causal forward."""
+    mha = extras_module().eval()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    with backend_or_skip(backend), torch.no_grad():
+        expected = mha(x, x, x, is_causal=True, need_weights=False,
+                       attn_mask=torch.ones(6, 6, dtype=torch.bool).triu(1))[0]
+        state = mha.init_state(2, capacity=8)
+        pieces = []
+        for begin, end in ((0, 3), (3, 4), (4, 6)):
+            out, state = mha.step(x[:, begin:end], state)
+            pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 1), expected, rtol=1e-12, atol=1e-12)
