@@ -212,7 +212,9 @@ def _triton_attention(query, key, value, attn_mask, dropout_p, vis, scale, heads
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=query.device)
-    alibi = None if alibi_slopes is None else alibi_slopes.float()
+    alibi = None  # fp32 for the kernels (fp64 for fp64 inputs, whose checks are exact)
+    if alibi_slopes is not None:
+        alibi = alibi_slopes.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
     out, lse = fused("fastseq::attention_forward_triton")(
         q, k, v, mask, seed, vis.cu_q, vis.cu_k, vis.key_start, vis.key_end, alibi, sinks,
         float(dropout_p), vis.bottom_right, vis.left, vis.right, softcap, vis.max_q, vis.max_k,

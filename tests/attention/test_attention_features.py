@@ -407,3 +407,58 @@ def test_described_attention_compiles_fullgraph(compiler):
     got = torch.autograd.grad(compiled(q, k, v, sinks), (q, k, v, sinks))
     for g, e in zip(got, eager):
         torch.testing.assert_close(g, e)
+
+
+# ---- properties: any window, alignment, key range and modifier together ----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_description_equals_the_reference(data):
+    """Random shapes, windows (either side unbounded or any width), both alignments, causal or
+    not, key ranges (empty ones too), soft-capping, ALiBi and sinks: outputs, lse and every
+    gradient equal the float64 reference."""
+    triton_or_skip()
+    B, Hk = data.draw(st.integers(1, 2), "B"), data.draw(st.integers(1, 2), "Hk")
+    Hq = Hk * data.draw(st.integers(1, 2), "G")
+    L, S = data.draw(st.integers(1, 40), "L"), data.draw(st.integers(1, 40), "S")
+    side = st.one_of(st.just(-1), st.integers(0, 45))
+    window = (data.draw(side, "left"), data.draw(side, "right"))
+    starts = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B), "key_start")
+    ends = data.draw(st.lists(st.integers(0, S), min_size=B, max_size=B), "key_end")
+    use_ranges = data.draw(st.booleans(), "ranges")
+    mask = AttentionMask(causal=data.draw(st.booleans(), "causal"), window=window,
+                         align=data.draw(st.sampled_from(["top_left", "bottom_right"]), "align"),
+                         key_start=torch.tensor(starts) if use_ranges else None,
+                         key_end=torch.tensor(ends) if use_ranges else None)
+    options = {}
+    if data.draw(st.booleans(), "softcap"):
+        options["softcap"] = data.draw(st.floats(0.5, 5.0), "cap")
+    if data.draw(st.booleans(), "alibi"):
+        options["alibi_slopes"] = torch.rand(Hq, dtype=torch.float64)
+    if data.draw(st.booleans(), "sinks"):
+        options["sinks"] = torch.randn(Hq, dtype=torch.float64).requires_grad_()
+    q, k, v = make_inputs((B, Hq, Hk, L, S, 16, 8))
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    grads_of = [*leaves] + ([options["sinks"]] if "sinks" in options else [])
+    results = []
+    for backend in ("triton", "reference"):
+        out, lse = fastseq.ops.attention(*leaves, mask, enable_gqa=Hq != Hk, return_lse=True,
+                                         backend=backend, **options)
+        finite = torch.isfinite(lse)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() \
+            + torch.where(finite, lse, 0).sum()
+        results.append((out, lse, torch.autograd.grad(loss, grads_of, allow_unused=True)))
+    (out, lse, grads), (ref_out, ref_lse, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-10, rtol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g if g is not None else torch.zeros(()),
+                                   r if r is not None else torch.zeros(()), atol=1e-10,
+                                   rtol=1e-10)

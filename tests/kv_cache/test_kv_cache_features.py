@@ -313,3 +313,47 @@ def test_every_extra_in_half_precision_within_the_rule(dtype):
     assert_within_rule("out", fast[0], plain[0], truth[0])
     assert_within_rule("lse", fast[1], plain[1].float(), truth[1])
     assert_within_rule("k cache", fast[2], plain[2], truth[2])
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_paged_step_equals_the_reference(data):
+    """Random page sizes, lengths, left padding, new rows, windows, rotary layouts and the
+    score modifiers on a shuffled paged pool: the step's output, lse and the written pages
+    equal the float64 reference."""
+    skip_unavailable("triton")
+    page = data.draw(st.integers(1, 40), "page_size")
+    new = data.draw(st.integers(1, 3), "new rows")
+    capacity = data.draw(st.integers(new + 1, 60), "capacity")
+    per_row = -(-capacity // page)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000), "seed"))
+    pool = B * per_row + data.draw(st.integers(0, 3), "spare pages")
+    table = torch.randperm(pool, generator=g)[:B * per_row].view(B, per_row).int()
+    lengths = torch.tensor(data.draw(st.lists(st.integers(0, capacity - new), min_size=B,
+                                              max_size=B), "lengths"), dtype=torch.int32)
+    pads = torch.tensor([data.draw(st.integers(0, int(n)), f"pad{b}")
+                         for b, n in enumerate(lengths)], dtype=torch.int32)
+    extra = {"block_table": table, "cache_leftpad": pads,
+             "window": data.draw(st.sampled_from([None, 1, 7]), "window")}
+    if data.draw(st.booleans(), "rotary"):
+        angle = torch.rand(per_row * page + new, 8, generator=g, dtype=torch.float64) * 6.28
+        extra.update(rotary_cos=angle.cos(), rotary_sin=angle.sin(),
+                     rotary_interleaved=data.draw(st.booleans(), "interleaved"))
+    if data.draw(st.booleans(), "modifiers"):
+        extra.update(softcap=2.0, alibi_slopes=torch.rand(HQ, generator=g, dtype=torch.float64),
+                     sinks=torch.randn(HQ, generator=g, dtype=torch.float64))
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    q, k, v = randn(B, HQ, new, E), randn(B, HK, new, E), randn(B, HK, new, EV)
+    pools = (randn(pool, HK, page, E), randn(pool, HK, page, EV))
+    results = []
+    for backend in ("triton", "reference"):
+        k_pool, v_pool = (t.clone() for t in pools)
+        out, lse = attention_with_kv_cache(q, k_pool, v_pool, lengths, k, v, return_lse=True,
+                                           backend=backend, **extra)
+        results.append((out, lse, k_pool, v_pool))
+    assert_same(*results)
