@@ -55,7 +55,8 @@ from torch import Tensor
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from .. import backend as _backends
-from ..kernels.limits import ATTENTION_MAX_HEAD_DIM, DECODE_MAX_QUERY_ROWS, DECODE_MIN_KEYS
+from ..kernels.limits import (ATTENTION_MAX_HEAD_DIM, DECODE_MAX_QUERY_ROWS, DECODE_MIN_KEYS,
+                              accumulator_dtype)
 from ..reference import attention as _reference
 from . import attention_registration as _registered_ops  # noqa: F401  (registers the ops)
 from . import kv_cache_registration as _decode_ops  # noqa: F401  (the split-KV decode op)
@@ -212,9 +213,8 @@ def _triton_attention(query, key, value, attn_mask, dropout_p, vis, scale, heads
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=query.device)
-    alibi = None  # fp32 for the kernels (fp64 for fp64 inputs, whose checks are exact)
-    if alibi_slopes is not None:
-        alibi = alibi_slopes.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
+    # The kernels read the slopes in their accumulator dtype (fp64 inputs' checks are exact).
+    alibi = None if alibi_slopes is None else alibi_slopes.to(accumulator_dtype(query.dtype))
     out, lse = fused("fastseq::attention_forward_triton")(
         q, k, v, mask, seed, vis.cu_q, vis.cu_k, vis.key_start, vis.key_end, alibi, sinks,
         float(dropout_p), vis.bottom_right, vis.left, vis.right, softcap, vis.max_q, vis.max_k,
@@ -265,11 +265,9 @@ def _triton_decode(query, key, value, vis, scale, heads_q, heads_k, softcap, ali
     kv_len = (vis.key_end if vis.key_end is not None
               else torch.full((q.shape[0],), S, dtype=torch.int32, device=query.device))
     causal_offset = -L if vis.bottom_right else -S
-    alibi = None
-    if alibi_slopes is not None:
-        alibi = alibi_slopes.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
-    sink_logits = None if sinks is None else sinks.to(
-        torch.float64 if query.dtype == torch.float64 else torch.float32)
+    acc = accumulator_dtype(query.dtype)
+    alibi = None if alibi_slopes is None else alibi_slopes.to(acc)
+    sink_logits = None if sinks is None else sinks.to(acc)
     out, lse = torch.ops.fastseq.attention_decode_triton(
         q, k, v, kv_len, vis.right == 0, causal_offset, vis.left + 1 if vis.left >= 0 else 0,
         scale, vis.key_start, None, None, alibi, sink_logits, None, None, None, softcap)
@@ -309,9 +307,12 @@ def _combine(mask: Tensor, extra: Tensor) -> Tensor:
     """A caller's tensor mask and a materialized description (bool visible or float bias)."""
     if mask.dtype == torch.bool and extra.dtype == torch.bool:
         return mask & extra
-    as_bias = lambda m: (torch.zeros((), dtype=extra.dtype if extra.dtype != torch.bool  # noqa: E731
-                                     else mask.dtype, device=m.device).masked_fill(~m, float("-inf"))
-                         if m.dtype == torch.bool else m)
+    dtype = extra.dtype if extra.is_floating_point() else mask.dtype
+
+    def as_bias(m: Tensor) -> Tensor:  # bool True (visible) -> 0, False -> -inf
+        if m.is_floating_point():
+            return m
+        return torch.zeros((), dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
     return as_bias(mask) + as_bias(extra)
 
 

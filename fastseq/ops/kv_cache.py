@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from .. import backend as _backends
-from ..kernels.limits import ATTENTION_MAX_HEAD_DIM
+from ..kernels.limits import ATTENTION_MAX_HEAD_DIM, accumulator_dtype
 from ..reference import kv_cache as _reference
 from . import kv_cache_registration as _registered_ops  # noqa: F401  (registers the ops)
 from ._autocast import _AUTOCAST_DEVICES
@@ -122,12 +122,6 @@ def _int_vector(name: str, value, batch: int, device) -> Optional[Tensor]:
     return value.to(torch.int32)
 
 
-def _table_dtype(query: Tensor) -> torch.dtype:
-    """The dtype the kernels read slopes, sinks and rotary tables in: fp32 (fp64 for fp64
-    queries, whose checks against the reference are exact)."""
-    return torch.float64 if query.dtype == torch.float64 else torch.float32
-
-
 def _validate_step_extras(query, k_cache, v_cache, key, cache_leftpad, cache_batch_idx,
                           block_table, rotary_cos, rotary_sin, rotary_interleaved, softcap,
                           alibi_slopes, sinks) -> dict:
@@ -166,14 +160,14 @@ def _validate_step_extras(query, k_cache, v_cache, key, cache_leftpad, cache_bat
             fail(OP, f"alibi_slopes must be a float tensor [{HQ}] or [{B}, {HQ}] on {device}, "
                      f"got {alibi_slopes.dtype} {list(alibi_slopes.shape)} on "
                      f"{alibi_slopes.device}")
-        step["alibi"] = alibi_slopes.to(_table_dtype(query))
+        step["alibi"] = alibi_slopes.to(accumulator_dtype(query.dtype))
     if sinks is not None:
         check_tensor(OP, "sinks", sinks)
         if list(sinks.shape) != [HQ] or not sinks.dtype.is_floating_point \
                 or sinks.device != device:
             fail(OP, f"sinks must be a float tensor [{HQ}] (one logit per query head) on "
                      f"{device}, got {sinks.dtype} {list(sinks.shape)} on {sinks.device}")
-        step["sinks"] = sinks.to(_table_dtype(query))
+        step["sinks"] = sinks.to(accumulator_dtype(query.dtype))
     if (rotary_cos is None) != (rotary_sin is None):
         fail(OP, "rotary_cos and rotary_sin go together: pass both tables or neither")
     if rotary_cos is not None:
@@ -190,7 +184,8 @@ def _validate_step_extras(query, k_cache, v_cache, key, cache_leftpad, cache_bat
         if key is None:
             fail(OP, "rotary_cos/rotary_sin rotate the step's new rows: pass key and value "
                      "(as FlashAttention, rotary applies only when new rows are appended)")
-        step.update(cos=rotary_cos.to(_table_dtype(query)), sin=rotary_sin.to(_table_dtype(query)))
+        tables = accumulator_dtype(query.dtype)  # the kernels' dtype: fp64 checks stay exact
+        step.update(cos=rotary_cos.to(tables), sin=rotary_sin.to(tables))
     return step
 
 

@@ -54,6 +54,11 @@ def features(name, shape):
         start, end = key_ranges(B, S)
         return AttentionMask(causal=True, align="bottom_right", key_start=start,
                              key_end=end), {}
+    if name == "window-with-bool-mask":  # the torch backend combines mask and description
+        return torch.rand(B, 1, L, S, generator=g) > 0.3, {"window": (6, 3)}
+    if name == "alibi-with-float-mask":
+        return torch.randn(B, 1, L, S, generator=g, dtype=torch.float64), {
+            "is_causal": True, "alibi_slopes": slopes}
     if name == "everything":
         start, end = key_ranges(B, S)
         return (AttentionMask(causal=True, window=(11, None), align="bottom_right",
@@ -138,7 +143,8 @@ def test_reference_backend_holds_the_rule_in_half_precision(feature, dtype):
 @pytest.mark.parametrize("feature", ["window", "window-causal-bottom-right",
                                      "window-left-only-top-left", "alibi-heads-bottom-right",
                                      "alibi-batch-heads", "key-ranges",
-                                     "key-ranges-causal-bottom-right"])
+                                     "key-ranges-causal-bottom-right", "window-with-bool-mask",
+                                     "alibi-with-float-mask"])
 def test_torch_backend_materializes_what_sdpa_can_express(feature):
     torch.manual_seed(2)
     shape = SHAPES["odd"]
