@@ -34,11 +34,23 @@ MIN_STACK_TESTS = $(shell $(PYTHON) fastseq/families.py --min-stack-tests)
 
 .PHONY: test test-min-stack bench docs install install-min-stack clean
 
+# The third-party packages tests/integrations proves fastseq inside (transformers' attention
+# interface; fastseq.patch on torchvision, torchaudio, SpeechBrain and OpenNMT-py models). Only
+# the newest stack's venv has them. torchaudio 2.11 (the newest release; its models are plain
+# Python and run on torch 2.14), SpeechBrain and OpenNMT-py (which pins torch < 2.3) go in without
+# their declared dependencies, which would replace torch: what their imports need is listed.
+THIRD_PARTY := "transformers>=5.0,<6" torchvision==0.29.1 \
+	hyperpyyaml joblib scipy sentencepiece soundfile requests \
+	configargparse pyyaml six pyonmttok spacy rapidfuzz pyahocorasick sacrebleu fasttext-wheel
+THIRD_PARTY_NO_DEPS := torchaudio==2.11.1 speechbrain==1.1.2 OpenNMT-py==3.5.1
+
 $(VENV)/.deps-installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(DEV_DEPS)
+	$(PY) -m pip install -q $(THIRD_PARTY)
+	$(PY) -m pip install -q --no-deps $(THIRD_PARTY_NO_DEPS)
 	touch $@
 
 # An editable install: fastseq/ and kernels/ (as fastseq.kernels) are used in place, and

@@ -99,11 +99,14 @@ CROSS_CUTTING_TESTS = {
                   "properties, the CUDA runtime), each naming the ops it covers or leaves out",
     "gpu": "the sm_90 ahead-of-time compile and the staged GPU script's dry run",
     "project": "packaging, the README, the benchmark command and the examples",
+    "integrations": "fastseq inside other libraries' models: transformers' attention interface, "
+                    "fastseq.patch on torchvision, torchaudio, SpeechBrain and OpenNMT-py models",
 }
 # Test folders the oldest supported stack (CI's second leg, the GPU machine's torch 2.11 /
 # triton 3.6) leaves to the newest: the checks run over every op (across_ops) repeat the
-# families' own tests under other inputs, and project checks this checkout, not the stack.
-NEWEST_STACK_ONLY = ("across_ops", "project")
+# families' own tests under other inputs, project checks this checkout, not the stack, and the
+# third-party packages integrations tests against are installed in the newest stack's venv only.
+NEWEST_STACK_ONLY = ("across_ops", "project", "integrations")
 
 
 def folders_of_tests() -> list[str]:
