@@ -12,7 +12,8 @@ the Triton bidirectional layer's one launch). `auto` (the default) takes, per ca
 backend of the order that can serve the call; an explicitly requested backend that cannot
 raises BackendError with its reason instead of silently running something else. Override
 order: an op's `backend=` keyword, then the innermost `use_backend(...)` block, then the
-FASTSEQ_BACKEND variable. fastseq.explain(fn, *args) runs a call and reports each choice made.
+FASTSEQ_BACKEND variables; a choice may name one kind or family (use_backend(recurrent="native"),
+FASTSEQ_BACKEND_RECURRENT=native) and leave the others to auto. fastseq.explain(fn, *args) runs a call and reports each choice made.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 
 from . import _extension, described_gpu
 from ._versions import MIN_TRITON, dotted, version_tuple
+from .families import FAMILIES
 
 BACKENDS = ("triton", "native", "torch", "reference")
 CHOICES = ("auto",) + BACKENDS
@@ -50,8 +52,11 @@ def triton_refusal(version: str | None) -> str | None:
 # Decided once, at import (a module constant: nothing to look up in a traced call).
 _TRITON_REFUSAL = triton_refusal(TRITON_VERSION)
 
-# The innermost use_backend() name; a plain module global, which torch.compile guards on.
-_forced_backend: list[str | None] = [None]
+# The use_backend() blocks in force, innermost last: each maps a group (ALL, a kind such as
+# "recurrent", or a family such as "kv_cache") to a backend name. A plain module global, which
+# torch.compile guards on.
+ALL = "*"
+_forced_backend: list[dict] = []
 
 
 class BackendError(RuntimeError):
@@ -64,24 +69,64 @@ def _check_choice(name: str, where: str) -> str:
     return name
 
 
+# Every group a choice may name: each kind and each family (fastseq.families).
+GROUPS = tuple(sorted({f.kind for f in FAMILIES.values()} | set(FAMILIES)))
+# A declared op's name -> (family, kind); the cells share one declaration, "fastseq.ops.*_cell".
+_FAMILY_OF_OP = {f"fastseq.ops.{op}": (f.name, f.kind) for f in FAMILIES.values() for op in f.ops}
+_FAMILY_OF_OP["fastseq.ops.*_cell"] = ("rnn_cell", FAMILIES["rnn_cell"].kind)
+
+
+def family_of(op: str) -> tuple[str, str]:
+    """(family, kind) of a declared op's name ("fastseq.ops.rnn_stack" -> ("rnn",
+    "recurrent")); ("", "") for a name no family declares."""
+    return _FAMILY_OF_OP.get(op, ("", ""))
+
+
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run the fastseq ops inside the block on backend `name` ("auto" restores the choice)."""
-    _check_choice(name, "fastseq.use_backend")
-    previous = _forced_backend[0]
-    _forced_backend[0] = name
+def use_backend(name: Optional[str] = None, **groups: str) -> Iterator[None]:
+    """Run the fastseq ops inside the block on backend `name` ("auto" restores the choice), and
+    per kind or family by keyword: use_backend(recurrent="native") runs the recurrent families
+    on native and leaves attention to the outer choice; use_backend("auto", rnn="triton").
+    A family's keyword beats its kind's, which beats `name`; an inner block beats an outer one
+    for what it names."""
+    for group, choice in groups.items():
+        if group not in GROUPS:
+            raise ValueError(f"fastseq.use_backend: {group!r} is neither a kind nor a family; "
+                             f"one of {', '.join(GROUPS)}")
+        _check_choice(choice, f"fastseq.use_backend({group}=...)")
+    choices = dict(groups)
+    if name is not None:
+        choices[ALL] = _check_choice(name, "fastseq.use_backend")
+    _forced_backend.append(choices)
     try:
         yield
     finally:
-        _forced_backend[0] = previous
+        _forced_backend.pop()
 
 
-def requested_backend(keyword: str | None) -> str:
+def _environment_choice(group: str) -> Optional[str]:
+    variable = "FASTSEQ_BACKEND" + ("" if group == ALL else "_" + group.upper())
+    value = os.environ.get(variable)
+    return _check_choice(value, variable) if value else None
+
+
+def requested_backend(keyword: str | None, op: str = "") -> str:
+    """The backend asked for a call of `op`: its keyword, else the innermost use_backend block
+    naming its family, its kind or everything, else the variables FASTSEQ_BACKEND_<FAMILY>,
+    FASTSEQ_BACKEND_<KIND> (e.g. FASTSEQ_BACKEND_RECURRENT=native), FASTSEQ_BACKEND; else auto."""
     if keyword is not None:
         return _check_choice(keyword, "backend=")
-    if _forced_backend[0] is not None:
-        return _forced_backend[0]
-    return _check_choice(os.environ.get("FASTSEQ_BACKEND", "auto") or "auto", "FASTSEQ_BACKEND")
+    family, kind = family_of(op) if op else ("", "")
+    order = [g for g in (family, kind) if g] + [ALL]
+    for block in reversed(_forced_backend):
+        for group in order:
+            if group in block:
+                return block[group]
+    for group in order:
+        choice = _environment_choice(group)
+        if choice is not None:
+            return choice
+    return "auto"
 
 
 def _interpreter_on() -> bool:
@@ -231,7 +276,7 @@ class OpBackends:
         order that can serve the call; BackendError with the reasons otherwise, never a silent
         fallback from a backend the user asked for. Only the refusals it needs are evaluated (a
         streaming step at batch 1 calls this per frame)."""
-        requested = requested_backend(backend)
+        requested = requested_backend(backend, self.op)
         if _explanations:  # inside fastseq.explain(): record the verdicts (never under compile)
             _explanations[-1].append(Decision.of(self, call, requested))
         chosen, error = self.resolve(call, requested,
@@ -270,7 +315,7 @@ def report_path(op: str, device: torch.device, what: str) -> None:
     layer runs whatever the backend: MultiheadAttention's need_weights=True path, the projected
     LSTM's step), so its report shows every path a call took. Free outside explain."""
     if _explanations:
-        _explanations[-1].append(Decision(op, requested_backend(None), str(device), (), {},
+        _explanations[-1].append(Decision(op, requested_backend(None, op), str(device), (), {},
                                           "plain PyTorch", what, None))
 
 

@@ -12,12 +12,15 @@ so the parameters stay the very same tensors, on their device, in their dtype, u
 state_dict keys, and optimizers holding them keep working.
 
 Only modules of exactly torch's class are swapped. A user's subclass of torch.nn.LSTM (say) is
-left alone and reported: its own methods may rely on torch's forward. fastseq's RNNs are not
-instances of torch.nn.LSTM/GRU/RNN after the swap (they derive from RNNBase, because
-torch.compile refuses any instance of those classes), so code that checks
-isinstance(m, torch.nn.LSTM) sees the difference. A torch.nn.TransformerEncoder is told not to
-convert its input to nested tensors (its fast path would skip the layers' forward); unpatch
-restores its setting.
+left alone and reported: its own methods may rely on torch's forward. Swapped RNNs stay
+instances of torch.nn.LSTM/GRU/RNN for isinstance (fastseq/nn/torch_identity.py), so code that
+tests isinstance(m, torch.nn.GRU), as OpenNMT-py's decoder does, takes the same branch. A
+torch.nn.TransformerEncoder is told not to convert its input to nested tensors (its fast path
+would skip the layers' forward); unpatch restores its setting.
+
+The report is live for what only a call can tell: a swapped MultiheadAttention called with
+torch's default need_weights=True computes the weights it returns in plain PyTorch, and the
+report's `plain` lists it (with the reason) from its first such call on.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from typing import Optional
 import torch
 
 from . import nn as fnn
+from .nn import plain_calls
 
 # torch class -> fastseq drop-in, and the attributes each drop-in's __init__ adds (their
 # defaults: what a swapped-in module gets).
@@ -53,9 +57,12 @@ def _added_attributes(cls: type, backend: Optional[str]) -> dict:
 
 @dataclass
 class PatchReport:
-    """replaced: (module name, old class, new class); left: (module name, class, reason)."""
+    """replaced: (module name, old class, new class); left: (module name, class, reason);
+    plain: module name -> why a replaced module ran plain PyTorch as it was called (filled in
+    by the calls, module docstring)."""
     replaced: list = field(default_factory=list)
     left: list = field(default_factory=list)
+    plain: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} module(s)"]
@@ -63,7 +70,15 @@ class PatchReport:
         if self.left:
             lines.append(f"left {len(self.left)} module(s)")
             lines += [f"  {name or '<model>'}: {cls}: {why}" for name, cls, why in self.left]
+        if self.plain:
+            lines.append(f"ran plain PyTorch as called: {len(self.plain)} module(s)")
+            lines += [f"  {name or '<model>'}: {why}" for name, why in self.plain.items()]
         return "\n".join(lines)
+
+    def _recorder(self, name: str):
+        def record(why: str) -> None:
+            self.plain.setdefault(name, why)
+        return record
 
 
 def _qualname(cls: type) -> str:
@@ -85,6 +100,8 @@ def patch(model: torch.nn.Module, *, backend: Optional[str] = None) -> PatchRepo
             for attribute, value in _added_attributes(new, backend).items():
                 setattr(module, attribute, value)
             report.replaced.append((name, _qualname(cls), _qualname(new)))
+            if new is fnn.MultiheadAttention:
+                plain_calls.watch(module, report._recorder(name))
         elif isinstance(module, fast_classes):
             report.left.append((name, _qualname(cls), "already fastseq's"))
         elif isinstance(module, tuple(SWAPS)):
@@ -111,6 +128,7 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
             for attribute in _added_attributes(cls, None):
                 delattr(module, attribute)
             module.__class__ = UNSWAPS[cls]
+            plain_calls.unwatch(module)
             report.replaced.append((name, _qualname(cls), _qualname(UNSWAPS[cls])))
         if isinstance(module, torch.nn.TransformerEncoder) and hasattr(module, _NESTED_FLAG):
             module.enable_nested_tensor, module.use_nested_tensor = getattr(module, _NESTED_FLAG)

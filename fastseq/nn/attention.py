@@ -37,6 +37,7 @@ from .. import backend as _backends
 from .. import ops
 from ..ops._checks import InputError, check_features, check_like_parameters
 from ..reference import attention as _reference
+from . import plain_calls
 from .attention_steps import AttentionSteps
 from .scripting import RefusesTorchScript
 
@@ -185,6 +186,9 @@ class MultiheadAttention(RefusesTorchScript, AttentionSteps, torch.nn.MultiheadA
             _backends.report_path(OP + "(need_weights=True)", query.device,
                                   "the L x S probabilities in plain PyTorch, returned as the "
                                   "weights (need_weights=False runs fastseq.ops.attention)")
+            plain_calls.note(self, "called with need_weights=True (torch's default): the "
+                                   "L x S weights it returns are computed in plain PyTorch; "
+                                   "pass need_weights=False for fastseq's kernel")
             out, weights = _weighted(q, k, v, mask, dropout_p, is_causal and attn_mask is None,
                                      **extras)
             weights = weights.mean(1) if average_attn_weights else weights

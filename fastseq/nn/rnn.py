@@ -4,7 +4,8 @@ Same constructor arguments, parameter names (weight_ih_l0, weight_hh_l0_reverse,
 ...), initialisation, state_dict and flatten_parameters as torch's: the classes derive from
 torch.nn.RNNBase, which creates all of that. They do not derive from torch.nn.LSTM/GRU/RNN
 themselves, because torch.compile refuses to trace any instance of those (dynamo's
-"Attempted to wrap RNN, GRU, or LSTM", torch 2.14); each borrows the few helpers torch's own
+"Attempted to wrap RNN, GRU, or LSTM", torch 2.14), yet isinstance(fastseq.nn.GRU(...),
+torch.nn.GRU) holds (fastseq/nn/torch_identity.py says how); each borrows the few helpers torch's own
 forward calls, so that code calling them on an LSTM keeps working. forward takes what torch's
 takes (padded or packed input, optional h0/c0, unbatched input) and one more argument,
 `lengths`, for padded variable-length batches without a PackedSequence.
@@ -37,13 +38,14 @@ from ..ops._checks import InputError, check_features, check_like_parameters, che
 from ..ops.rnn_stack import initial_states
 from .scripting import RefusesTorchScript
 from .streaming import RecurrentSteps
+from .torch_identity import PresentsAsTorchClass
 
 _MODULE_NAMES = {"LSTM": "fastseq.nn.LSTM", "GRU": "fastseq.nn.GRU", "RNN_TANH": "fastseq.nn.RNN",
                  "RNN_RELU": "fastseq.nn.RNN"}
 _OP_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
-class _FastRNNBase(RefusesTorchScript, RecurrentSteps, torch.nn.RNNBase):
+class _FastRNNBase(PresentsAsTorchClass, RefusesTorchScript, RecurrentSteps, torch.nn.RNNBase):
     """torch.nn.RNNBase with fastseq's forward; `self.backend` pins a backend."""
 
     def __init__(self, mode: str, *args, backend: Optional[str] = None,
@@ -135,6 +137,7 @@ def _zoneout_probabilities(mode: str, zoneout) -> tuple[float, float]:
 
 
 class LSTM(_FastRNNBase):
+    _torch_class = torch.nn.LSTM
     # torch.nn.LSTM's helpers beyond RNNBase's, for code that calls them on an LSTM.
     get_expected_cell_size = torch.nn.LSTM.get_expected_cell_size
     check_forward_args = torch.nn.LSTM.check_forward_args
@@ -146,6 +149,7 @@ class LSTM(_FastRNNBase):
 
 
 class GRU(_FastRNNBase):
+    _torch_class = torch.nn.GRU
     def __init__(self, *args, backend: Optional[str] = None, zoneout: float = 0.0, **kwargs) -> None:
         if "proj_size" in kwargs:  # as torch.nn.GRU
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
@@ -153,6 +157,7 @@ class GRU(_FastRNNBase):
 
 
 class RNN(_FastRNNBase):
+    _torch_class = torch.nn.RNN
     def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
         # torch.nn.RNN's own argument handling: nonlinearity (4th positional) picks the mode.
         if "proj_size" in kwargs:

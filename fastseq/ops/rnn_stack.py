@@ -127,6 +127,9 @@ def initial_states(op: str, hx, x: Tensor, unbatched: bool, lstm: bool, num_laye
     cell_shape = (num_layers * directions, x.shape[1], hidden)
     shape = (*cell_shape[:2], proj or hidden)
     h0, c0 = (hx if hx is not None else (None, None)) if lstm else (hx, None)
+    for name, state in (("h0", h0), ("c0", c0)):
+        if state is not None and not isinstance(state, Tensor):
+            raise InputError(f"{op}: hx's {name} must be a Tensor, got {type(state).__name__}")
     if unbatched:
         h0 = h0.unsqueeze(1) if h0 is not None else None
         c0 = c0.unsqueeze(1) if c0 is not None else None

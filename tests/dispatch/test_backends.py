@@ -202,3 +202,57 @@ def test_an_older_triton_is_refused_by_name(monkeypatch):
     assert reason is not None and "older than" in reason and "3.6" in reason
     with pytest.raises(fastseq.BackendError, match="3.6"):
         fastseq.ops.lstm_cell(*lstm_args(), backend="triton")
+
+
+def test_a_choice_per_kind_or_family(monkeypatch):
+    """use_backend(recurrent=...) and FASTSEQ_BACKEND_<GROUP>: a model mixing recurrences and
+    attention runs native for the one and auto for the other (native has no attention)."""
+    monkeypatch.delenv("FASTSEQ_BACKEND", raising=False)
+    requested = backend_module.requested_backend
+    with fastseq.use_backend(recurrent="reference"):
+        assert requested(None, "fastseq.ops.rnn_stack") == "reference"
+        assert requested(None, "fastseq.ops.lstm_cell") == "reference"
+        assert requested(None, "fastseq.ops.attention") == "auto"
+        with fastseq.use_backend("torch", rnn="native"):
+            assert requested(None, "fastseq.ops.rnn_stack") == "native"
+            assert requested(None, "fastseq.ops.gru_cell") == "torch"
+            assert requested("triton", "fastseq.ops.rnn_stack") == "triton"
+        with fastseq.use_backend(attention="reference"):  # the kind: kv_cache included
+            assert requested(None, "fastseq.ops.attention_with_kv_cache") == "reference"
+            assert requested(None, "fastseq.ops.rnn_layer") == "reference"
+    monkeypatch.setenv("FASTSEQ_BACKEND_RECURRENT", "native")
+    monkeypatch.setenv("FASTSEQ_BACKEND_RNN_CELL", "reference")
+    monkeypatch.setenv("FASTSEQ_BACKEND", "torch")
+    assert requested(None, "fastseq.ops.rnn_stack") == "native"
+    assert requested(None, "fastseq.ops.rnn_tanh_cell") == "reference"
+    assert requested(None, "fastseq.ops.attention") == "torch"
+    monkeypatch.setenv("FASTSEQ_BACKEND_RECURRENT", "fast")
+    with pytest.raises(ValueError, match="FASTSEQ_BACKEND_RECURRENT: backend must be one of"):
+        requested(None, "fastseq.ops.rnn_stack")
+    with pytest.raises(ValueError, match="neither a kind nor a family"):
+        with fastseq.use_backend(recurrence="native"):
+            pass
+
+
+def test_native_recurrences_beside_attention_in_one_model(monkeypatch):
+    """The issue's case: FASTSEQ_BACKEND=native stops at the first attention call; the kind's
+    variable runs the same model."""
+    rnn = fastseq.nn.LSTM(8, 8, batch_first=True)
+    attention = fastseq.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def model(x):
+        h, _ = rnn(x)
+        return attention(h, h, h, need_weights=False)[0]
+
+    x = torch.randn(2, 5, 8)
+    monkeypatch.setenv("FASTSEQ_BACKEND", "native")
+    with pytest.raises(fastseq.BackendError, match="native"):
+        model(x)
+    monkeypatch.delenv("FASTSEQ_BACKEND")
+    monkeypatch.setenv("FASTSEQ_BACKEND_RECURRENT", "native")
+    report = fastseq.explain(model, x)
+    chosen = {d.op: d.chosen for d in report.decisions}
+    assert chosen["fastseq.ops.rnn_stack"] == "native" and chosen["fastseq.ops.attention"] == "torch"
+    with fastseq.use_backend("reference"):
+        expected = model(x)
+    torch.testing.assert_close(report.result, expected)

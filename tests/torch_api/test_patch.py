@@ -107,3 +107,21 @@ def test_patch_pins_a_backend_and_unpatch_leaves_zoneout():
     assert [name for name, _, _ in report.replaced] == ["0"]
     assert report.left == [("1", "fastseq.nn.rnn.GRU",
                             "uses zoneout, which torch's module does not have")]
+def test_report_names_what_ran_plain_pytorch_as_called():
+    """A swapped MultiheadAttention called with torch's default need_weights=True (SigLIP's
+    pooling head) computes its weights in plain PyTorch: the report says so from that call on;
+    need_weights=False is fused and adds nothing."""
+    model = torch.nn.ModuleDict({"pool": torch.nn.MultiheadAttention(8, 2, batch_first=True),
+                                 "fused": torch.nn.MultiheadAttention(8, 2, batch_first=True)})
+    report = fastseq.patch(model)
+    assert report.plain == {} and "plain PyTorch" not in str(report)
+    x = torch.randn(2, 5, 8)
+    model["fused"](x, x, x, need_weights=False)
+    model["pool"](x, x, x)
+    model["pool"](x, x, x)
+    assert list(report.plain) == ["pool"]
+    assert "need_weights=True" in report.plain["pool"]
+    assert "ran plain PyTorch as called: 1 module(s)" in str(report)
+    fastseq.unpatch(model)
+    model["pool"](x, x, x)
+    assert list(report.plain) == ["pool"]  # unpatched modules no longer report to it
