@@ -286,6 +286,40 @@ def gpu_smoke(out) -> bool:
                         dtype, call, leaves, ["out", "dq", "dk", "dv"], S, plain="plain")
     ok &= _smoke_described(out, check, rand, DEVICE, DTYPES, ATTENTION)
     ok &= _smoke_packed(out, check, rand, DEVICE, DTYPES, ATTENTION)
+    ok &= _smoke_sdpa_provider(out, check, rand, DEVICE, DTYPES, ATTENTION)
+    return ok
+
+
+def _smoke_sdpa_provider(out, check, rand, device, dtypes, sizes) -> bool:
+    """Unmodified F.scaled_dot_product_attention (its flash backend forced) with fastseq
+    activated as torch's flash provider: causal, GQA, forward and backward. The row's variant
+    counts the provider's kernel calls, so a run that never reached them shows it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from fastseq import sdpa_provider
+
+    B, H, L, _, D = sizes
+    leaves = [rand(B, H, L, D), rand(B, H // 2, L, D), rand(B, H // 2, L, D)]
+
+    def call(backend, t):
+        if backend in ("plain", "reference"):
+            return [fastseq.reference.attention.scaled_dot_product_attention(
+                *t, is_causal=True, enable_gqa=True, upcast=backend == "reference")]
+        fastseq.activate_sdpa()
+        try:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return [torch.nn.functional.scaled_dot_product_attention(
+                    *t, is_causal=True, enable_gqa=True)]
+        finally:
+            fastseq.restore_sdpa()
+    ok = True
+    for dtype in dtypes:
+        if device.type == "cuda" and dtype == torch.float32:
+            continue  # SDPA's flash backend takes half precision only
+        ok &= check(out, "attention", f"B={B} H={H} Hk={H // 2} L={L} D={D} causal GQA via "
+                    f"F.scaled_dot_product_attention", "triton", dtype, call, leaves,
+                    ["out", "dq", "dk", "dv"], L, plain="plain",
+                    label="triton (SDPA flash provider)",
+                    variant=lambda _: f"provider calls so far {sdpa_provider.CALLS}")
     return ok
 
 

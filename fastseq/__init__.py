@@ -34,10 +34,11 @@ from .ops._checks import InputError
 from .nn.scripting import TorchScriptError
 from .ops._registration import DoubleBackwardError
 from .patching import PatchReport, patch, unpatch
+from .sdpa_provider import activate_sdpa, restore_sdpa
 
 __version__ = "0.1.0"
 __all__ = ["backends", "use_backend", "explain", "explain_on_gpu", "GPUDescription", "H200",
            "BackendError", "InputError",
            "DoubleBackwardError", "TorchScriptError", "ops", "nn", "reference", "build_info",
-           "patch", "unpatch", "PatchReport"]
+           "patch", "unpatch", "PatchReport", "activate_sdpa", "restore_sdpa"]
 build_info = _extension.build_info
