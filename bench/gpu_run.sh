@@ -49,7 +49,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # fires, and a stage that hit 120 s under load there had failed a test for no bug.
 if [ $DRY -eq 1 ]; then
   for limit in SMOKE_S BENCH_RNN_S BENCH_ATTENTION_S BENCH_REL_S BENCH_DECODE_S BENCH_TXL_GEN_S \
-      CHUNK_S SANITIZER_S; do
+      BENCH_HF_S CHUNK_S SANITIZER_S; do
     export "$limit=${!limit:-0}"
   done
 fi
@@ -58,6 +58,7 @@ BENCH_RNN_S=${BENCH_RNN_S:-120}
 BENCH_ATTENTION_S=${BENCH_ATTENTION_S:-240}
 BENCH_REL_S=${BENCH_REL_S:-100}
 BENCH_DECODE_S=${BENCH_DECODE_S:-240}
+BENCH_HF_S=${BENCH_HF_S:-90}
 BENCH_TXL_GEN_S=${BENCH_TXL_GEN_S:-90}
 CHUNK_S=${CHUNK_S:-420}
 SANITIZER_S=${SANITIZER_S:-140}
@@ -172,7 +173,9 @@ stage2() {
 }
 
 stage5() {
-  bench_suites tables-inference.md "kv_cache:$BENCH_DECODE_S" "txl_generation:$BENCH_TXL_GEN_S"
+  # hf_transformers needs transformers on the machine (the lent one may lack it: 0 cases then)
+  bench_suites tables-inference.md "kv_cache:$BENCH_DECODE_S" "txl_generation:$BENCH_TXL_GEN_S" \
+    "hf_transformers:$BENCH_HF_S"
 }
 
 stage3() {

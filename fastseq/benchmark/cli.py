@@ -160,9 +160,13 @@ def run_suites(args, out_dir: pathlib.Path) -> tuple[dict, int]:
     # suites) must not bring its options (-ra needs the terminal plugin, which is off here).
     ini = out_dir / "pytest-bench.ini"
     ini.write_text("[pytest]\n")
+    # --import-mode=append: the suites are a package, so pytest puts the folder above them on
+    # sys.path; in a source checkout that is the repository root, whose kernels/ folder would
+    # shadow Hugging Face's `kernels` package (which transformers imports) if put first.
     pytest_args = [*files, "-c", str(ini), "-p", "no:cacheprovider", "-p", "no:terminal",
                    "-o", "python_files=bench_*.py", "-o", "python_functions=bench_*",
-                   "--rootdir", str(directory), f"--benchmark-json={raw}"]
+                   "--import-mode=append", "--rootdir", str(directory),
+                   f"--benchmark-json={raw}"]
     if args.k:
         pytest_args += ["-k", args.k]
     try:
