@@ -13,7 +13,8 @@ backend of the order that can serve the call; an explicitly requested backend th
 raises BackendError with its reason instead of silently running something else. Override
 order: an op's `backend=` keyword, then the innermost `use_backend(...)` block, then the
 FASTSEQ_BACKEND variables; a choice may name one kind or family (use_backend(recurrent="native"),
-FASTSEQ_BACKEND_RECURRENT=native) and leave the others to auto. fastseq.explain(fn, *args) runs a call and reports each choice made.
+FASTSEQ_BACKEND_RECURRENT=native) and leave the others to auto. fastseq.explain(fn, *args) runs
+a call and reports each choice made.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ Same constructor arguments, parameter names (weight_ih_l0, weight_hh_l0_reverse,
 torch.nn.RNNBase, which creates all of that. They do not derive from torch.nn.LSTM/GRU/RNN
 themselves, because torch.compile refuses to trace any instance of those (dynamo's
 "Attempted to wrap RNN, GRU, or LSTM", torch 2.14), yet isinstance(fastseq.nn.GRU(...),
-torch.nn.GRU) holds (fastseq/nn/torch_identity.py says how); each borrows the few helpers torch's own
-forward calls, so that code calling them on an LSTM keeps working. forward takes what torch's
+torch.nn.GRU) holds (fastseq/nn/torch_identity.py says how); each borrows the few helpers
+torch's own forward calls, so that code calling them on an LSTM keeps working. forward takes what torch's
 takes (padded or packed input, optional h0/c0, unbatched input) and one more argument,
 `lengths`, for padded variable-length batches without a PackedSequence.
 
@@ -150,6 +150,7 @@ class LSTM(_FastRNNBase):
 
 class GRU(_FastRNNBase):
     _torch_class = torch.nn.GRU
+
     def __init__(self, *args, backend: Optional[str] = None, zoneout: float = 0.0, **kwargs) -> None:
         if "proj_size" in kwargs:  # as torch.nn.GRU
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
@@ -158,6 +159,7 @@ class GRU(_FastRNNBase):
 
 class RNN(_FastRNNBase):
     _torch_class = torch.nn.RNN
+
     def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
         # torch.nn.RNN's own argument handling: nonlinearity (4th positional) picks the mode.
         if "proj_size" in kwargs:

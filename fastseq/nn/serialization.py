@@ -31,4 +31,6 @@ def safe_globals() -> list:
             for cls in vars(module).values()
             if inspect.isclass(cls) and issubclass(cls, torch.nn.Module)
             and cls.__module__.startswith("fastseq.")}
-    return sorted(ours, key=lambda cls: cls.__qualname__) + list(_TORCH_PARTS)
+    from .torch_identity import rebuild  # how fastseq's RNNs are unpickled (torch_identity.py)
+
+    return sorted(ours, key=lambda cls: cls.__qualname__) + list(_TORCH_PARTS) + [rebuild]

@@ -33,8 +33,7 @@ class PresentsAsTorchClass:
     @property
     def __class__(self):
         true_class = _OBJECT_CLASS.__get__(self)
-        torch_class = true_class.__dict__.get("_torch_class") or getattr(true_class,
-                                                                      "_torch_class", None)
+        torch_class = getattr(true_class, "_torch_class", None)
         if torch_class is None or _tracing():
             return true_class
         return torch_class
@@ -45,6 +44,13 @@ class PresentsAsTorchClass:
 
     def __reduce_ex__(self, protocol):
         # pickle's __newobj__ path checks the class it rebuilds against obj.__class__; rebuilding
-        # through object.__new__ of the true class keeps fastseq's class across a whole-module
-        # save and load.
-        return (object.__new__, (type(self),), self.__getstate__())
+        # through rebuild() of the true class keeps fastseq's class across a whole-module save
+        # and load (rebuild is among fastseq.nn.safe_globals() for weights_only loads).
+        return (rebuild, (type(self),), self.__getstate__())
+
+
+def rebuild(cls: type):
+    """An empty instance of `cls` for the unpickler to fill (its __setstate__ follows)."""
+    if not (isinstance(cls, type) and issubclass(cls, PresentsAsTorchClass)):
+        raise TypeError(f"fastseq: rebuild() makes fastseq's RNN layers only, not {cls!r}")
+    return cls.__new__(cls)

@@ -8,6 +8,7 @@ wider than the configs' default (initializer_range 0.3: at 0.02 the attention ou
 small to move the logits, and a wrong mask would pass).
 """
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -275,3 +276,61 @@ def test_a_decode_step_with_left_padding_takes_split_kv_on_a_gpu():
                                     description.key_end)
     assert report.error is None, str(report)
     assert "split-KV decode" in str(report), str(report)
+
+
+def test_a_generate_step_with_left_padding_runs_split_kv_and_matches_sdpa():
+    """fastseq.explain on one cached decode step of a left-padded batch (301 keys): both layers
+    take the split-KV kernels (Triton through the interpreter here), and the step's logits are
+    sdpa's."""
+    config = _config("llama")
+    config.max_position_embeddings = 512
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(
+        config, attn_implementation="fastseq").double().eval()
+    ids = torch.randint(1, VOCAB, (2, 300))
+    padding = torch.ones(2, 300, dtype=torch.long)
+    padding[0, :7] = 0
+    step_padding = torch.cat([padding, torch.ones(2, 1, dtype=torch.long)], 1)
+
+    # transformers 5.2x renamed past_key_values to cache (the old name warns until 5.40)
+    cache_name = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                  else "past_key_values")
+
+    def step(implementation, backend):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            cache = {cache_name: transformers.DynamicCache(config=config)}
+            with fastseq.use_backend("torch"):  # the prompt: not what this test is about
+                prompt = model(ids, attention_mask=padding, use_cache=True, **cache)
+            token = prompt.logits[:, -1:].argmax(-1)
+            with fastseq.use_backend(backend):
+                return fastseq.explain(model, token, attention_mask=step_padding,
+                                       use_cache=True, **cache)
+
+    expected = step("sdpa", "torch").result.logits
+    report = step("fastseq", "triton")
+    decode = [d for d in report.decisions if d.op == "fastseq.ops.attention"]
+    assert len(decode) == config.num_hidden_layers, str(report)
+    assert all("split-KV decode" in d.variant for d in decode), str(report)
+    torch.testing.assert_close(report.result.logits, expected, **TIGHT)
+
+
+def test_dropout_reaches_the_kernel_in_training():
+    """The model's attention_dropout is applied in training (fastseq's own draw: the same torch
+    seed gives the same output; a different seed or eval mode another) and not in eval."""
+    config = _config("llama")
+    config.attention_dropout = 0.4
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(
+        config, attn_implementation="fastseq").double()
+    inputs, _ = _inputs("llama", padded=False)
+
+    def logits(seed, training):
+        model.train(training)
+        torch.manual_seed(seed)
+        return model(**inputs).logits
+
+    assert torch.equal(logits(3, True), logits(3, True))
+    assert not torch.allclose(logits(3, True), logits(4, True))
+    assert not torch.allclose(logits(3, True), logits(3, False))
+    assert torch.equal(logits(3, False), logits(4, False))
