@@ -338,3 +338,60 @@ def test_dropout_reaches_the_kernel_in_training():
     assert not torch.allclose(logits(3, True), logits(4, True))
     assert not torch.allclose(logits(3, True), logits(3, False))
     assert torch.equal(logits(3, False), logits(4, False))
+
+
+def _modifier_model(kind: str):
+    """Gemma 2 (soft-capping, sliding windows, GQA) and gpt-oss (sinks, sliding windows): both
+    are compared with transformers' eager attention, as sdpa serves neither (transformers' sdpa
+    refuses softcap and ignores s_aux)."""
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                  sliding_window=4, initializer_range=0.3)
+    torch.manual_seed(0)
+    if kind == "gemma2":
+        config = transformers.Gemma2Config(intermediate_size=64, attn_logit_softcapping=5.0,
+                                           **common)
+        model = transformers.Gemma2ForCausalLM._from_config(config, attn_implementation="eager")
+    else:
+        config = transformers.GptOssConfig(intermediate_size=32, num_local_experts=2,
+                                           num_experts_per_tok=1,
+                                           experts_implementation="eager", **common)
+        model = transformers.GptOssForCausalLM._from_config(config, attn_implementation="eager")
+        for layer in model.model.layers:  # sinks start at zero: make them matter
+            torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("kind,modifier", [("gemma2", "soft-capping"), ("gpt_oss", "sinks")])
+def test_softcap_and_sinks_equal_eager(kind, modifier):
+    model = _modifier_model(kind)
+    # unpadded: eager's fully masked (left-padded) rows are NaN, and through NaN * 0 in the
+    # next layer so is every row of a padded sequence
+    inputs, _ = _inputs("llama", padded=False)
+    expected = model(**inputs).logits
+    _switch(model, "fastseq")
+    for backend in ("reference", "triton"):
+        with fastseq.use_backend(backend):
+            got = model(**inputs).logits
+        # eager's softmax runs in float32 for Gemma 2: its own error is ~1e-7
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=backend)
+    with fastseq.use_backend("torch"), pytest.raises(fastseq.BackendError, match=modifier):
+        model(**inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_t5_encoder_decoder_with_position_bias_and_padding_equals_sdpa(backend):
+    """T5: relative position biases (added as transformers' sdpa path adds them), cross-
+    attention over a padded encoder output, the decoder's causal self-attention."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, initializer_factor=1.0)
+    model = transformers.T5ForConditionalGeneration._from_config(
+        config, attn_implementation="sdpa").double().eval()
+    inputs, _ = _inputs("bert", padded=True)  # right padding, as an encoder batch has
+    inputs["decoder_input_ids"] = torch.randint(1, VOCAB, (3, 5))
+    expected = model(**inputs).logits
+    _switch(model, "fastseq")
+    with fastseq.use_backend(backend):
+        got = model(**inputs).logits
+    torch.testing.assert_close(got, expected, **TIGHT)
