@@ -21,6 +21,7 @@ computes it (plain PyTorch, fastseq.explain says so), only when asked for.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -37,6 +38,9 @@ from .transformers_masks import fastseq_mask
 NAME = "fastseq"
 # The transformers releases this glue was written and tested against (the extra's range).
 SUPPORTED = ">=5.0,<6"
+if transformers.__version__.split(".")[0] != "5":
+    warnings.warn(f"fastseq.integrations.transformers is tested with transformers {SUPPORTED}; "
+                  f"this is {transformers.__version__}")
 
 
 def _visible(mask, query: Tensor, key: Tensor, is_causal: bool) -> Optional[Tensor]:
@@ -62,9 +66,10 @@ def _wants_weights() -> bool:
     return bool(wanted) and ("attentions" in wanted or "cross_attentions" in wanted)
 
 
-def _eager_weights(module, query, key, value, visible, dropout, scaling, softcap):
+def _eager_weights(module, query, key, value, visible, dropout, scaling, softcap, sinks):
     """transformers' eager attention (its models' eager_attention_forward): scores, the mask as
-    the dtype's minimum, softmax in fp32, dropout; returns (out [B, L, H, E], weights)."""
+    the dtype's minimum, softmax in fp32 (gpt-oss's sinks joining it as a column dropped after),
+    dropout; returns (out [B, L, H, E], weights)."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -75,7 +80,12 @@ def _eager_weights(module, query, key, value, visible, dropout, scaling, softcap
             scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         else:
             scores = scores + visible
+    if sinks is not None:
+        column = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, column], dim=-1)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        weights = weights[..., :-1]
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value)
     return out.transpose(1, 2).contiguous(), weights
@@ -103,7 +113,7 @@ def fastseq_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value
                         "because output_attentions asks for the attention weights")
             return _eager_weights(module, query, key, value, visible, dropout,
                                   scaling if scaling is not None else query.shape[-1] ** -0.5,
-                                  softcap)
+                                  softcap, s_aux)
         attention_mask, is_causal = visible, False
     out = ops.attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                         is_causal=is_causal, scale=scaling,

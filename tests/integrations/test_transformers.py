@@ -395,3 +395,15 @@ def test_t5_encoder_decoder_with_position_bias_and_padding_equals_sdpa(backend):
     with fastseq.use_backend(backend):
         got = model(**inputs).logits
     torch.testing.assert_close(got, expected, **TIGHT)
+
+
+def test_output_attentions_with_sinks_are_eager_weights():
+    model = _modifier_model("gpt_oss")
+    inputs, _ = _inputs("llama", padded=False)
+    expected = model(**inputs, output_attentions=True).attentions
+    _switch(model, "fastseq")
+    got = model(**inputs, output_attentions=True).attentions
+    for g, e in zip(got, expected):
+        # gpt-oss's eager softmax runs in the scores' dtype (float64 here); fastseq's weights
+        # take the fp32 softmax most eager attentions use: ~1e-7 apart
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
