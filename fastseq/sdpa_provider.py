@@ -66,7 +66,8 @@ def flash_forward(query: Tensor, key: Tensor, value: Tensor, dropout_p: float = 
         False, -1, 0 if is_causal else -1, 0.0, 0, 0, scale)
     state, offset = _random_state(seed, query.device)
     debug = query.new_empty(0)
-    return out, lse.float(), None, None, query.shape[2], key.shape[2], state, offset, debug
+    return (_like(query, out), lse.float(), None, None, query.shape[2], key.shape[2], state,
+            offset, debug)
 
 
 def flash_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
@@ -82,7 +83,16 @@ def flash_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, 
         grad_out.contiguous(), query, key, value, logsumexp, delta, None, False, seed, None,
         None, None, None, None, float(dropout_p), False, -1, 0 if is_causal else -1, 0.0, 0, 0,
         scale)
-    return dq, dk, dv
+    return _like(query, dq), _like(key, dk), _like(value, dv)
+
+
+def _like(template: Tensor, result: Tensor) -> Tensor:
+    """`result` in `template`'s strides, as torch's meta functions promise (empty_like of the
+    inputs): the kernels write contiguous tensors, and a compiled graph reads the outputs with the
+    meta strides (attention's inputs are often transposed views of [B, L, H, E])."""
+    if result.stride() == template.stride():
+        return result
+    return torch.empty_like(template).copy_(result)
 
 
 class _Handle:

@@ -102,3 +102,18 @@ def test_debug_mask_is_refused_by_name():
     q = torch.randn(1, 1, 2, 8)
     with pytest.raises(RuntimeError, match="return_debug_mask"):
         sdpa_provider.flash_forward(q, q, q, 0.0, False, True)
+
+
+def test_outputs_keep_the_inputs_strides_as_torchs_meta_functions_promise():
+    """q, k, v as transposed views of [B, L, H, E] (what attention layers pass): out and the
+    gradients come back in the inputs' strides (a compiled graph reads them with those)."""
+    _triton_or_skip()
+    q, k, v = (torch.randn(2, 7, 3, 8).transpose(1, 2) for _ in range(3))
+    out, lse, *_, state, offset, _ = sdpa_provider.flash_forward(q, k, v, 0.0, True)
+    assert out.stride() == q.stride()
+    grads = sdpa_provider.flash_backward(torch.randn(2, 3, 7, 8), q, k, v, out, lse, None, None,
+                                         7, 7, 0.0, True, state, offset)
+    for grad, like in zip(grads, (q, k, v)):
+        assert grad.stride() == like.stride()
+    expected = reference.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
