@@ -117,8 +117,8 @@ def requested_backend(keyword: str | None, op: str = "") -> str:
     FASTSEQ_BACKEND_<KIND> (e.g. FASTSEQ_BACKEND_RECURRENT=native), FASTSEQ_BACKEND; else auto."""
     if keyword is not None:
         return _check_choice(keyword, "backend=")
-    family, kind = family_of(op) if op else ("", "")
-    order = [g for g in (family, kind) if g] + [ALL]
+    # most specific first ("attention" is a family and a kind: asked once)
+    order = [g for g in dict.fromkeys(family_of(op)) if g] + [ALL]
     for block in reversed(_forced_backend):
         for group in order:
             if group in block:

@@ -45,12 +45,10 @@ if transformers.__version__.split(".")[0] != "5":
 
 def _visible(mask, query: Tensor, key: Tensor, is_causal: bool) -> Optional[Tensor]:
     """The mask as a bool tensor broadcastable to [B, H, L, S] (True: kept), or a float one."""
+    if mask is None and is_causal:
+        mask = AttentionMask(causal=True)
     if isinstance(mask, AttentionMask):
         vis = normalize("fastseq (transformers)", mask, False, None, query, key)
-        return materialized(vis, query.shape[-2], key.shape[-2], query.device)[0]
-    if mask is None and is_causal:
-        vis = normalize("fastseq (transformers)", AttentionMask(causal=True), False, None, query,
-                        key)
         return materialized(vis, query.shape[-2], key.shape[-2], query.device)[0]
     return mask
 
@@ -103,12 +101,13 @@ def fastseq_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value
     # transformers' sdpa path: no mask means causal only for more than one query row (a lone
     # row sees every key of the cache).
     is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
-    if position_bias is not None or _wants_weights():
+    wants_weights = _wants_weights()
+    if position_bias is not None or wants_weights:
         visible = _visible(attention_mask, query, key, is_causal)
         if position_bias is not None:
             from transformers.integrations.sdpa_attention import create_position_bias_mask
             visible = create_position_bias_mask(position_bias, visible, False, query, key)
-        if _wants_weights():
+        if wants_weights:
             report_path("fastseq (transformers)", query.device, "transformers' eager attention, "
                         "because output_attentions asks for the attention weights")
             return _eager_weights(module, query, key, value, visible, dropout,
