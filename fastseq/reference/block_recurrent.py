@@ -85,3 +85,104 @@ def block_recurrent_attention(query: Tensor, key: Tensor, value: Tensor,
     scores2 = scale2 * (query2.unsqueeze(-2) @ keys2.transpose(-2, -1)).squeeze(-2)
     out2 = (torch.softmax(scores2, dim=-1).unsqueeze(-2) @ values2).squeeze(-2)
     return out, out2
+
+
+# The original's layer, block by block (meliad's TransformerLayer.__call__ with its sequential
+# window loop), written from its code with plain tensors: the float64 truth the tests compare
+# fastseq.nn.BlockRecurrentTransformerLayer with, and the benchmarks' baseline formulation. It
+# reads the layer's parameters only; nothing of fastseq.nn's forward runs.
+
+def _rms_norm(norm, x: Tensor) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
+
+
+def _kvq(kvq, x: Tensor):
+    """[B, N, H, D] keys, values, queries, queries2 (keys and queries normalised)."""
+    x = _rms_norm(kvq.norm, x)
+    if kvq.positions is not None:
+        x = x + kvq.positions
+    split = lambda t: t.unflatten(-1, (kvq.heads, kvq.head_dim))  # noqa: E731
+    return (_unit(split(x @ kvq.key.weight.T)), split(x @ kvq.value.weight.T),
+            _unit(split(x @ kvq.query.weight.T)), _unit(split(x @ kvq.query2.weight.T)))
+
+
+def _simple_attention(keys, values, queries, scale, bias=None, visible=None):
+    """meliad's attention.simple_attention: (q.k + bias) * scale, masked, softmax, @ values;
+    [B, N, H, D] in and out, every score in memory."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", queries, keys)
+    if bias is not None:
+        scores = scores + bias
+    scores = scores * scale[None, :, None, None]
+    if visible is None:
+        visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device)
+    probs, _ = masked_softmax(scores, visible)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, values)
+
+
+def _gate(gate, hidden: Tensor, state: Tensor, y: Tensor) -> Tensor:
+    if gate.kind == "bias":
+        g = torch.sigmoid(gate.gate_bias)
+        return state * g + y * (1 - g)
+    forget = torch.sigmoid(hidden @ gate.forget_gate.weight.T + gate.forget_gate.bias + 1)
+    remember = torch.sigmoid(hidden @ gate.input_gate.weight.T + gate.input_gate.bias - 1)
+    return state * forget + y * remember
+
+
+def _state_update(rec, state: Tensor, attended: Tensor) -> Tensor:
+    """meliad's TransformerBase.post_attn_ffn with the recurrent gates."""
+    relu = torch.relu
+    if rec.configuration == "single":
+        hidden = relu(attended @ rec.ffn_hidden.weight.T)
+        return _gate(rec.ffn_gate, hidden, state, torch.tanh(hidden @ rec.ffn_output.weight.T))
+    state = _gate(rec.projection_gate, attended, state, attended @ rec.projection.weight.T)
+    if rec.configuration == "skip":
+        return state
+    hidden = relu(_rms_norm(rec.ffn_norm, state) @ rec.ffn_hidden.weight.T)
+    return _gate(rec.ffn_gate, hidden, state, hidden @ rec.ffn_output.weight.T)
+
+
+def layer_original(layer, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """A document x [B, N, d] from its start through `layer` (a
+    fastseq.nn.BlockRecurrentTransformerLayer, in eval mode) as the original computes it: blocks
+    of W tokens (the last may be shorter; it leaves the state as it is), each window the
+    previous block's keys and values (zeros before the first) concatenated with the block's.
+    Returns (y [B, N, d], the final state or None)."""
+    B, N, _ = x.shape
+    W, H, D = layer.window, layer.heads, layer.head_dim
+    keys, values, queries, queries2 = _kvq(layer.kvq, x)
+    prev_keys = keys.new_zeros(B, W, H, D)
+    prev_values = values.new_zeros(B, W, H, D)
+    rec = layer.recurrence
+    state = rec.initial_state.expand(B, -1, -1) if rec is not None else None
+    table = layer.relative_bias
+    outputs = []
+    for start in range(0, N, W):
+        stop = min(start + W, N)
+        n = stop - start
+        window_keys = torch.cat([prev_keys, keys[:, start:stop]], 1)
+        window_values = torch.cat([prev_values, values[:, start:stop]], 1)
+        # meliad's relative_positions (k - (q + offset)) and causal_mask (-W <= pos < 0).
+        position = (torch.arange(W + n, device=x.device)[None, :]
+                    - (torch.arange(n, device=x.device)[:, None] + W))
+        visible = (position < 0) & (position >= -W)
+        bias = table[:, relative_bucket(-position, table.shape[1])]        # [H, n, W + n]
+        attended = [_simple_attention(window_keys, window_values, queries[:, start:stop],
+                                      layer.kvq.attention_scale, bias, visible)]
+        if rec is not None:
+            r_keys, r_values, r_queries, r_queries2 = _kvq(rec.kvq, state)
+            attended.append(_simple_attention(r_keys, r_values, queries2[:, start:stop],
+                                              layer.kvq.attention_scale2))
+            if n == W:  # a complete block updates the state
+                own = _simple_attention(r_keys, r_values, r_queries, rec.kvq.attention_scale)
+                cross = _simple_attention(window_keys, window_values, r_queries2,
+                                          rec.kvq.attention_scale2)
+                state = _state_update(rec, state, torch.cat([own, cross], 2).flatten(2))
+        outputs.append(torch.cat(attended, 2).flatten(2))
+        prev_keys, prev_values = window_keys[:, -W:], window_values[:, -W:]
+    y = x + torch.cat(outputs, 1) @ layer.projection.weight.T
+    hidden = torch.relu(_rms_norm(layer.ffn_norm, y) @ layer.ffn_hidden.weight.T)
+    return y + hidden @ layer.ffn_output.weight.T, state

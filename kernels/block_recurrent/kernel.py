@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..common import dot_acc
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
