@@ -89,6 +89,13 @@ FAMILIES = {f.name: f for f in (
                    "ProjectedAdaptiveLogSoftmax"),
            model_suites=("txl_generation", "adaptive_softmax"),
            auto_cpu="torch (the original's formulation)", auto_cuda="triton"),
+    Family("block_recurrent", "attention",
+           "the Block-Recurrent Transformer (Hutchins et al. 2022): sliding-window attention "
+           "with gated recurrent state vectors",
+           ops=("block_recurrent_attention",),
+           layers=("BlockRecurrentTransformerLayer",),
+           models=("BlockRecurrentTransformerLM", "BlockRecurrentMemory"),
+           auto_cpu="torch (SDPA per part)", auto_cuda="triton"),
 )}
 
 # Tests that are about no one family: each folder of tests/ that is not a family's, and why.

@@ -14,6 +14,8 @@ for _family in _FAMILIES.values():
     globals().update({_layer: getattr(_module, _layer) for _layer in _family.layers})
 
 from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax  # noqa: E402
+from .block_recurrent import BlockRecurrentMemory  # noqa: E402
+from .block_recurrent_lm import BlockRecurrentTransformerLM  # noqa: E402
 from .serialization import safe_globals  # noqa: E402
 from .transformer import TransformerDecoderLayer, TransformerEncoderLayer  # noqa: E402
 from .transformer_xl import PositionwiseFF, TransformerXL, TransformerXLLayer  # noqa: E402
@@ -23,4 +25,5 @@ from .transformer_xl_lm import TransformerXLLM  # noqa: E402
 __all__ = [layer for family in _FAMILIES.values() for layer in family.layers] + [
     "TransformerEncoderLayer", "TransformerDecoderLayer", "PositionwiseFF", "TransformerXLLayer",
     "TransformerXL", "TransformerXLLM", "TransformerXLDecodingState", "AdaptiveEmbedding",
-    "ProjectedAdaptiveLogSoftmax", "safe_globals"]
+    "ProjectedAdaptiveLogSoftmax", "BlockRecurrentTransformerLM", "BlockRecurrentMemory",
+    "safe_globals"]

@@ -5,7 +5,8 @@ kernels/block_recurrent/launch.py, their fakes, and autograd on the forward op.
 Tensors here are the public op's (fastseq/ops/block_recurrent.py validates them): query, key,
 value [B, H, L|S, D|Dv] in any strides, bias [H, window + 1] or None, and part 2's query2
 [B, H, L, D], key2/value2 [B, H, G, S2, D|Dv] or None. The forward returns (out, lse, out2,
-lse2), part 2's empty without it.
+lse2), part 2's empty without it; the lse are the rows' log-sum-exp in base 2 (log2 of the sum
+of exp2(score log2(e))), what the backward kernels read.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import Tensor
 from ..kernels.limits import accumulator_dtype
 from ._registration import register_fakes_and_autograd, triton_custom_op
 
+LOG2E = 1.4426950408889634
 FORWARD = "fastseq::block_recurrent_forward_triton"
 BACKWARD = "fastseq::block_recurrent_backward_triton"
 
@@ -60,12 +62,12 @@ def _forward_fake(query, key, value, bias, query2, key2, value2, window, group_s
 
 def _backward_fake(dout, dout2, query, key, value, bias, query2, key2, value2, lse, lse2, delta,
                    delta2, window, group_size, group_offset, scale, scale2):
-    empty = query.new_empty(0)
     part2 = ((query2.new_empty(query2.shape), key2.new_empty(key2.shape),
-              value2.new_empty(value2.shape)) if query2 is not None else (empty,) * 3)
+              value2.new_empty(value2.shape)) if query2 is not None
+             else tuple(query.new_empty(0) for _ in range(3)))
     # Contiguous like the kernels' outputs.
     return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
-            bias.new_empty(bias.shape) if bias is not None else empty, *part2)
+            bias.new_empty(bias.shape) if bias is not None else query.new_empty(0), *part2)
 
 
 def _setup_context(ctx, inputs, output):
@@ -81,17 +83,18 @@ def _make_backward(backward_op):
         query, key, value, bias, query2, key2, value2, out, lse, out2, lse2 = ctx.saved_tensors
         window, group_size, group_offset, scale, scale2 = ctx.options
         acc = accumulator_dtype(query.dtype)
-        # delta_i = dout_i . out_i (the softmax's backward), minus any gradient reaching the lse.
-        # An output nothing reads gets a zero gradient.
+        # delta_i = dout_i . out_i (the softmax's backward), minus any gradient reaching the lse
+        # (kept in base 2 by the kernels: d lse2 / d score = p log2(e)). An output nothing reads
+        # gets a zero gradient.
         dout = torch.zeros_like(out) if dout is None else dout
         delta = (dout.to(acc) * out.to(acc)).sum(-1)
         if dlse is not None:
-            delta = delta - dlse.to(acc)
+            delta = delta - dlse.to(acc) * LOG2E
         if query2 is not None:
             dout2 = torch.zeros_like(out2) if dout2 is None else dout2
             delta2 = (dout2.to(acc) * out2.to(acc)).sum(-1)
             if dlse2 is not None:
-                delta2 = delta2 - dlse2.to(acc)
+                delta2 = delta2 - dlse2.to(acc) * LOG2E
         else:
             dout2, delta2 = out2, lse2  # empty stand-ins
         dq, dk, dv, dbias, dq2, dk2, dv2 = backward_op(

@@ -9,8 +9,9 @@ bucket bias, gathered per distance by the caller). Part 2 (axis 2 = 1): row i ag
 of its group g = (i + group_offset) // group_size (the recurrent state the row's block reads);
 groups are consecutive row ranges, each program holds rows of one group. Each part keeps its
 own online softmax: the original concatenates the two outputs, it never mixes their scores.
-score = qk_scale * q.k (+ bias); a row with no visible key gives zeros (lse = +inf, so the
-backward's probabilities are 0 there).
+score = qk_scale * q.k (+ bias), computed in base-2 units (times log2(e)) for exp2; the
+row's log-sum-exp is kept so (in base 2), and a row with no visible key gives zeros (lse =
++inf, so the backward's probabilities are 0 there).
 
 Every kernel takes both parts; a program whose tile lies past its part's rows or keys returns.
 Nothing L x S is ever written: scores live in registers a tile at a time.
@@ -43,14 +44,16 @@ def _scores(q, kt, offs_n, n_mask, rows, key_offset, window, bias_base, qk_scale
             WINDOWED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
             UPCAST: tl.constexpr):
-    """(scores [BLOCK_M, BLOCK_N] in natural units, visible [BLOCK_M, BLOCK_N], distance)."""
-    s = dot_acc(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE), PRECISION, UPCAST) * qk_scale
+    """(scores [BLOCK_M, BLOCK_N] in base-2 units (score * log2(e)), visible [BLOCK_M,
+    BLOCK_N], distance). The scale and log2(e) multiply the dot product once (one rounding, as
+    plain PyTorch's one scaling), the bias is scaled on its own."""
+    s = dot_acc(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE), PRECISION, UPCAST) * (qk_scale * LOG2E)
     distance = rows[:, None] + key_offset - offs_n[None, :]
     visible = n_mask[None, :] & (rows >= 0)[:, None]
     if WINDOWED:
         visible = visible & (distance >= 1) & (distance <= window)
         if HAS_BIAS:
-            s += tl.load(bias_base + distance, mask=visible, other=0.0).to(ACC_DTYPE)
+            s += tl.load(bias_base + distance, mask=visible, other=0.0).to(ACC_DTYPE) * LOG2E
     return s, visible, distance
 
 
@@ -78,7 +81,7 @@ def _forward_tile(q_base, k_base, v_base, o_base, lse_base, rows, row_mask,
         s, visible, _ = _scores(q, kt, offs_n, n_mask, rows, key_offset, window, bias_base,
                                 qk_scale, WINDOWED, HAS_BIAS, BLOCK_M, BLOCK_N, ACC_DTYPE,
                                 PRECISION, UPCAST)
-        s = tl.where(visible, s * LOG2E, float("-inf"))
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: all p are 0
         p = tl.exp2(s - m_safe[:, None])
@@ -92,7 +95,8 @@ def _forward_tile(q_base, k_base, v_base, o_base, lse_base, rows, row_mask,
     out = acc / tl.where(seen, l, 1.0)[:, None]
     tl.store(o_base + rows[:, None] * DV + offs_dv[None, :], out.to(o_base.dtype.element_ty),
              mask=row_mask[:, None] & dv_mask[None, :])
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, l, 1.0))) / LOG2E, float("inf"))
+    # lse in base-2 units, the backward's (never returned by the public op)
+    lse = tl.where(seen, m + tl.log2(tl.where(seen, l, 1.0)), float("inf"))
     tl.store(lse_base + rows, lse, mask=row_mask)
 
 
@@ -183,7 +187,7 @@ def _key_tile_backward(q_base, k_base, v_base, do_base, lse_base, delta_base, dk
                                 qk_scale, WINDOWED, HAS_BIAS, BLOCK_M, BLOCK_N, ACC_DTYPE,
                                 PRECISION, UPCAST)
         visible = visible & row_mask[:, None]
-        p = tl.where(visible, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dv = dot_acc(tl.trans(p).to(do.dtype), do, dv, PRECISION, UPCAST)
         dp = dot_acc(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE), PRECISION,
                      UPCAST)
@@ -285,7 +289,7 @@ def _query_tile_backward(q_base, k_base, v_base, do_base, lse_base, delta_base, 
                                        bias_base, qk_scale, WINDOWED, HAS_BIAS, BLOCK_M,
                                        BLOCK_N, ACC_DTYPE, PRECISION, UPCAST)
         visible = visible & row_mask[:, None]
-        p = tl.where(visible, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=n_mask[None, :] & dv_mask[:, None], other=0.0)
         dp = dot_acc(do, vt, tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE), PRECISION, UPCAST)

@@ -89,8 +89,8 @@ def _inputs(q, k, v, bias, q2, k2, v2, shape: Shape) -> dict:
 
 def block_recurrent_forward(q, k, v, bias, q2, k2, v2, window, group_size: int,
                             group_offset: int, scale: float, scale2: float):
-    """Returns (out, lse, out2, lse2): out [B, H, L, DV] contiguous, lse [B, H, L] in the
-    accumulator dtype; out2/lse2 likewise, or empty without part 2."""
+    """Returns (out, lse, out2, lse2): out [B, H, L, DV] contiguous, lse [B, H, L] in base 2 in
+    the accumulator dtype; out2/lse2 likewise, or empty without part 2."""
     shape = Shape(q, k, v, q2, k2, window, group_size, group_offset)
     acc = q.new_empty(0, dtype=accumulator_dtype(q.dtype))
     B, H, L, DV = shape.B, shape.H, shape.L, shape.DV
@@ -113,13 +113,13 @@ def block_recurrent_backward(dout, dout2, q, k, v, bias, q2, k2, v2, lse, lse2, 
                              scale2: float):
     """Gradients (dq, dk, dv, dbias, dq2, dk2, dv2), contiguous; dbias [H, window + 1] in the
     bias dtype (empty without a bias), part 2's empty without part 2. dout/dout2 contiguous
-    [B, H, L, DV]; lse, delta (rowsum(dout * out)) [B, H, L] in the accumulator dtype."""
+    [B, H, L, DV]; lse (base 2, the forward's), delta (rowsum(dout * out)) [B, H, L] in the accumulator dtype."""
     shape = Shape(q, k, v, q2, k2, window, group_size, group_offset)
     acc_dtype = accumulator_dtype(q.dtype)
     dq, dk, dv = new_output(q.shape, q), new_output(k.shape, k), new_output(v.shape, v)
     has_two = q2 is not None
     dq2, dk2, dv2 = ((new_output(q2.shape, q2), new_output(k2.shape, k2), new_output(v2.shape, v2))
-                     if has_two else (q.new_empty(0),) * 3)
+                     if has_two else tuple(q.new_empty(0) for _ in range(3)))
     # Atomics add every batch row's score gradients at their distance: zeros first.
     dbias = (torch.zeros(bias.shape, dtype=acc_dtype, device=q.device) if bias is not None
              else q.new_zeros(1, dtype=acc_dtype))
