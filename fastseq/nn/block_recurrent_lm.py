@@ -27,7 +27,7 @@ class BlockRecurrentTransformerLM(nn.Module):
                  mlp_dim: int, window: int, num_states: int, *,
                  recurrent_layers: Sequence[int] = (-3,), gate: str = "bias",
                  configuration: str = "dual", dropout: float = 0.0,
-                 cutoffs: Sequence[int] = (), tie_weight: bool = True,
+                 cutoffs: Sequence[int] = (), tie_weight: bool = False,
                  chunk_tokens: Optional[int] = None, backend: Optional[str] = None,
                  device=None, dtype=None) -> None:
         super().__init__()

@@ -17,6 +17,10 @@ CUDA graph. The layers:
   fastseq.nn.TransformerXLLayer, TransformerXL, TransformerXLLM   x: new positions/tokens;
                                    state: each layer's keys and values of the last mem_len
                                    positions (SlidingKV)
+  fastseq.nn.BlockRecurrentTransformerLayer, BlockRecurrentTransformerLM   x: new tokens;
+                                   state: BlockRecurrentMemory (the previous block's and the
+                                   pending tokens' keys and values, the recurrent state), at
+                                   most 2 window rows: bounded, though each step concatenates
 
 A new stateful family implements init_state and step on its layer and reuses its forward's
 pieces (the projection, the attention call, the block after it) rather than a copy of them.

@@ -27,6 +27,8 @@ STATEFUL = {
     "RelPartialLearnableMultiHeadAttn": "test_transformer_xl_layer_steps_equal_forward_with_mems",
     "TransformerXL": "test_transformer_xl_decoding.py",
     "TransformerXLLM": "test_transformer_xl_decoding.py",
+    "BlockRecurrentTransformerLayer": "test_block_recurrent_layer.py",
+    "BlockRecurrentTransformerLM": "test_block_recurrent_layer.py",
 }
 
 

@@ -1,4 +1,4 @@
-"""The example script trains both language models and they learn (validation loss below the
+"""The example scripts train their language models and they learn (validation loss below the
 uniform guess, ln 256 = 5.55 nats a byte)."""
 import math
 
@@ -23,3 +23,18 @@ def test_long_context_evaluation_runs_every_memory(capsys):
     assert sorted(results) == [0, 16, 64]
     assert all(math.isfinite(loss) and loss < math.log(256) for loss in results.values())
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_train_block_recurrent_example_learns(capsys, tmp_path):
+    from fastseq.examples import train_block_recurrent
+    curves = tmp_path / "curves.csv"
+    results = train_block_recurrent.main(["--steps", "24", "--log-every", "12", "--d-model", "32",
+                                          "--batch", "8", "--seq-len", "32", "--window", "8",
+                                          "--states", "4", "--device", "cpu",
+                                          "--curves", str(curves)])
+    assert set(results) == {"block-recurrent", "transformer-xl"}
+    for name, r in results.items():
+        assert r["valid_loss"] < math.log(256) - 1.0, (name, r)
+    rows = curves.read_text().splitlines()
+    assert rows[0] == "step,model,loss" and len(rows) == 5
+    assert "tokens/s" in capsys.readouterr().out
