@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..ops._checks import InputError
 from ..ops.block_recurrent import block_recurrent_attention
 from ..reference.block_recurrent import distance_bias
+from .scripting import RefusesTorchScript
 
 GATES = ("bias", "lstm")
 CONFIGURATIONS = ("dual", "single", "skip")
@@ -178,7 +179,7 @@ class StateUpdate(nn.Module):
         return self.ffn_gate(hidden, state, self.ffn_output(hidden))
 
 
-class BlockRecurrentTransformerLayer(nn.Module):
+class BlockRecurrentTransformerLayer(RefusesTorchScript, nn.Module):
     """One layer: `forward(x [B, T, d_model], memory=None) -> (y [B, T, d_model], memory)`.
 
     window: the block length W (tokens attend to the W tokens before them). num_states: S (0: a

@@ -19,10 +19,11 @@ from torch import Tensor, nn
 from ..ops._checks import InputError
 from .adaptive import ProjectedAdaptiveLogSoftmax
 from .block_recurrent import BlockRecurrentMemory, BlockRecurrentTransformerLayer, T5LayerNorm
+from .scripting import RefusesTorchScript
 from .transformer_xl_lm import _next_token
 
 
-class BlockRecurrentTransformerLM(nn.Module):
+class BlockRecurrentTransformerLM(RefusesTorchScript, nn.Module):
     def __init__(self, n_token: int, n_layer: int, d_model: int, heads: int, head_dim: int,
                  mlp_dim: int, window: int, num_states: int, *,
                  recurrent_layers: Sequence[int] = (-3,), gate: str = "bias",

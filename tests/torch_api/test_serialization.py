@@ -34,6 +34,10 @@ LAYERS = {
     "ProjectedAdaptiveLogSoftmax": lambda: fastseq.nn.ProjectedAdaptiveLogSoftmax(
         13, 6, 6, [5, 9]),
     "KVCache": lambda: fastseq.nn.KVCache(2, 1, 6, 4),
+    "BlockRecurrentTransformerLayer": lambda: fastseq.nn.BlockRecurrentTransformerLayer(
+        8, 2, 4, 16, 3, 2, gate="lstm", configuration="single"),
+    "BlockRecurrentTransformerLM": lambda: fastseq.nn.BlockRecurrentTransformerLM(
+        13, 3, 8, 2, 4, 16, 3, 2),
 }
 
 

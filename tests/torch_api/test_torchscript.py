@@ -27,6 +27,10 @@ LAYERS = {
     "AdaptiveEmbedding": lambda: fastseq.nn.AdaptiveEmbedding(11, 8, 8, [5]),
     "ProjectedAdaptiveLogSoftmax": lambda: fastseq.nn.ProjectedAdaptiveLogSoftmax(11, 8, 8, [5]),
     "KVCache": lambda: fastseq.nn.KVCache(2, 1, 6, 4),
+    "BlockRecurrentTransformerLayer": lambda: fastseq.nn.BlockRecurrentTransformerLayer(
+        8, 2, 4, 16, 3, 2),
+    "BlockRecurrentTransformerLM": lambda: fastseq.nn.BlockRecurrentTransformerLM(
+        13, 3, 8, 2, 4, 16, 3, 2),
 }
 
 
