@@ -92,7 +92,7 @@ FAMILIES = {f.name: f for f in (
     Family("block_recurrent", "attention",
            "the Block-Recurrent Transformer (Hutchins et al. 2022): sliding-window attention "
            "with gated recurrent state vectors",
-           ops=("block_recurrent_attention",),
+           ops=("block_recurrent_attention", "block_recurrent_gate"),
            layers=("BlockRecurrentTransformerLayer",),
            models=("BlockRecurrentTransformerLM", "BlockRecurrentMemory"),
            auto_cpu="torch (SDPA per part)", auto_cuda="triton"),

@@ -15,8 +15,9 @@ feed-forward.
 
 What runs where: the token side of a whole segment is one fused launch (its sliding window over
 [carried tokens; segment], and each row against the keys of the state its block reads); only
-the states' update is a loop over blocks (one fused launch per block plus its projections and
-gates), with no host synchronisation inside it.
+the states' update is a loop over blocks (per block: one fused launch for both attentions,
+the projections and MLPs as GEMMs, each gate one elementwise launch), with no host
+synchronisation inside it.
 
 Carried across calls (`BlockRecurrentMemory`): the keys and values of the previous complete
 block and of the tokens of a block not yet complete, and the state. Blocks are counted from the
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops._checks import InputError
-from ..ops.block_recurrent import block_recurrent_attention
+from ..ops.block_recurrent import block_recurrent_attention, block_recurrent_gate
 from ..reference.block_recurrent import distance_bias
 from .scripting import RefusesTorchScript
 
@@ -137,13 +138,14 @@ class Gate(nn.Module):
             self.input_gate = _linear(hidden, d_model, factory, bias=True, scale=0.1)
             self.forget_gate = _linear(hidden, d_model, factory, bias=True, scale=0.1)
 
-    def forward(self, hidden: Tensor, state: Tensor, y: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, state: Tensor, y: Tensor,
+                backend: Optional[str] = None) -> Tensor:
+        """The elementwise update is fastseq.ops.block_recurrent_gate (one launch on Triton);
+        the LSTM gate's two projections stay GEMMs."""
         if self.kind == "bias":
-            g = torch.sigmoid(self.gate_bias)
-            return state * g + y * (1 - g)
-        forget = torch.sigmoid(self.forget_gate(hidden) + 1)
-        remember = torch.sigmoid(self.input_gate(hidden) - 1)
-        return state * forget + y * remember
+            return block_recurrent_gate(state, y, gate_bias=self.gate_bias, backend=backend)
+        return block_recurrent_gate(state, y, forget=self.forget_gate(hidden),
+                                    remember=self.input_gate(hidden), backend=backend)
 
 
 class StateUpdate(nn.Module):
@@ -167,16 +169,16 @@ class StateUpdate(nn.Module):
             self.ffn_gate = Gate(gate, mlp_dim, d_model, factory)
         self.initial_state = nn.Parameter(torch.randn(num_states, d_model, **factory) * 0.1)
 
-    def forward(self, state: Tensor, attended: Tensor) -> Tensor:
+    def forward(self, state: Tensor, attended: Tensor, backend: Optional[str] = None) -> Tensor:
         """state [B, S, d], attended [B, S, 2 H head_dim] -> the next state."""
         if self.configuration == "single":
             hidden = F.relu(self.ffn_hidden(attended))
-            return self.ffn_gate(hidden, state, torch.tanh(self.ffn_output(hidden)))
-        state = self.projection_gate(attended, state, self.projection(attended))
+            return self.ffn_gate(hidden, state, torch.tanh(self.ffn_output(hidden)), backend)
+        state = self.projection_gate(attended, state, self.projection(attended), backend)
         if self.configuration == "skip":
             return state
         hidden = F.relu(self.ffn_hidden(self.ffn_norm(state)))
-        return self.ffn_gate(hidden, state, self.ffn_output(hidden))
+        return self.ffn_gate(hidden, state, self.ffn_output(hidden), backend)
 
 
 class BlockRecurrentTransformerLayer(RefusesTorchScript, nn.Module):
@@ -280,7 +282,7 @@ class BlockRecurrentTransformerLayer(RefusesTorchScript, nn.Module):
             own, cross = block_recurrent_attention(sq, sk, sv, sq2, window_keys, window_values,
                                                    backend=self.backend)
             attended = torch.cat([own, cross], dim=1).transpose(1, 2).flatten(2)
-            state = self.recurrence(state, attended)
+            state = self.recurrence(state, attended, self.backend)
         stack = lambda parts: (torch.stack(parts, dim=2) if parts else  # noqa: E731
                                keys.new_zeros(keys.shape[0], self.heads, 0, self.num_states,
                                               self.head_dim))

@@ -121,6 +121,65 @@ BACKENDS = _backends.attention_backends(
     reference=(_backends.Variant("fastseq.reference.block_recurrent", _reference_attention),))
 
 
+GATE_OP = "fastseq.ops.block_recurrent_gate"
+
+
+@autocast_op("block_recurrent_gate")
+def block_recurrent_gate(state: Tensor, y: Tensor, *, gate_bias: Optional[Tensor] = None,
+                         forget: Optional[Tensor] = None, remember: Optional[Tensor] = None,
+                         backend: Optional[str] = None) -> Tensor:
+    """The recurrent state's gate, one elementwise pass on Triton. state, y [..., d]; either
+    gate_bias [d] (the paper's fixed gate: g = sigmoid(gate_bias), next = state g + y (1 - g))
+    or the LSTM gate's pre-activations forget, remember [..., d] (W_f h + b_f, W_i h + b_i:
+    next = state sigmoid(forget + 1) + y sigmoid(remember - 1)). Returns the next state."""
+    _validate_gate(state, y, gate_bias, forget, remember)
+    call = {"device": state.device, "state": state, "y": y, "gate_bias": gate_bias,
+            "forget": forget, "remember": remember,
+            "needs_grad": needs_grad(state, y, gate_bias, forget, remember)}
+    return GATE_BACKENDS.run(call, backend)
+
+
+def _reference_gate(state, y, gate_bias, forget, remember, **_):
+    return _reference.block_recurrent_gate(state, y, gate_bias, forget, remember)
+
+
+def _triton_gate(state, y, gate_bias, forget, remember, **_):
+    return fused("fastseq::block_recurrent_gate_triton")(
+        state, y, gate_bias.contiguous() if gate_bias is not None else None, forget, remember)
+
+
+GATE_BACKENDS = _backends.OpBackends(
+    GATE_OP,
+    backends={
+        "triton": _backends.serves(_backends.triton_refuses, _triton_gate,
+                                   "one elementwise launch (forward), one for the backward"),
+        "torch": _backends.serves(_backends.serves_every_call, _reference_gate,
+                                  "PyTorch's elementwise ops: 4 kernels (fixed gate), 7 (LSTM)"),
+        "reference": _backends.serves(_backends.serves_every_call, _reference_gate,
+                                      "fastseq.reference.block_recurrent.block_recurrent_gate")},
+    preference={"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference")})
+
+
+def _validate_gate(state, y, gate_bias, forget, remember) -> None:
+    check_tensor(GATE_OP, "state", state)
+    check_tensor(GATE_OP, "y", y)
+    if state.dim() < 1:
+        fail(GATE_OP, f"state must have a feature dimension [..., d], got shape {list(state.shape)}")
+    check_same_dtype_device(GATE_OP, ("state", state), (
+        ("y", y), ("gate_bias", gate_bias), ("forget", forget), ("remember", remember)))
+    check_shape(GATE_OP, "y", y, tuple(state.shape), "state's shape [..., d]")
+    lstm = forget is not None or remember is not None
+    if (gate_bias is None) == (not lstm) or (lstm and (forget is None or remember is None)):
+        fail(GATE_OP, "give gate_bias (the fixed gate) or both forget and remember (the LSTM "
+                      "gate), not both and not neither")
+    if gate_bias is not None:
+        check_tensor(GATE_OP, "gate_bias", gate_bias, ndims=(1,))
+        check_shape(GATE_OP, "gate_bias", gate_bias, (state.shape[-1],), "[d]")
+    else:
+        check_shape(GATE_OP, "forget", forget, tuple(state.shape), "state's shape [..., d]")
+        check_shape(GATE_OP, "remember", remember, tuple(state.shape), "state's shape [..., d]")
+
+
 def _validate(query, key, value, query2, key2, value2, window, bias, group_size, group_offset,
               scale, scale2) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):

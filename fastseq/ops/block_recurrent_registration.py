@@ -110,3 +110,61 @@ def _make_backward(backward_op):
 register_fakes_and_autograd(FORWARD, BACKWARD, forward_fake=_forward_fake,
                             backward_fake=_backward_fake, setup_context=_setup_context,
                             make_backward=_make_backward)
+
+
+# The recurrent state's gate (kernels/block_recurrent/gate.py): state, y [..., d]; either
+# gate_bias [d] (the fixed gate) or the LSTM gate's pre-activations forget, remember [..., d].
+GATE = "fastseq::block_recurrent_gate_triton"
+GATE_BACKWARD = "fastseq::block_recurrent_gate_backward_triton"
+
+
+@triton_custom_op(GATE)
+def block_recurrent_gate_triton(state: Tensor, y: Tensor, gate_bias: Optional[Tensor],
+                                forget: Optional[Tensor], remember: Optional[Tensor]) -> Tensor:
+    from ..kernels.block_recurrent import gate  # Triton is imported with the first launch
+
+    return gate.gate_forward(state, y, gate_bias, forget, remember)
+
+
+@triton_custom_op(GATE_BACKWARD)
+def block_recurrent_gate_backward_triton(
+        grad: Tensor, state: Tensor, y: Tensor, gate_bias: Optional[Tensor],
+        forget: Optional[Tensor], remember: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels.block_recurrent import gate  # Triton is imported with the first launch
+
+    return gate.gate_backward(grad, state, y, gate_bias, forget, remember)
+
+
+def _gate_fake(state, y, gate_bias, forget, remember):
+    return state.new_empty(state.shape)
+
+
+def _gate_backward_fake(grad, state, y, gate_bias, forget, remember):
+    lstm = gate_bias is None
+    return (state.new_empty(state.shape), y.new_empty(y.shape),
+            gate_bias.new_empty(gate_bias.shape) if not lstm else state.new_empty(0),
+            state.new_empty(state.shape) if lstm else state.new_empty(0),
+            state.new_empty(state.shape) if lstm else state.new_empty(0))
+
+
+def _gate_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _make_gate_backward(backward_op):
+    def backward(ctx, grad):
+        state, y, gate_bias, forget, remember = ctx.saved_tensors
+        dstate, dy, dbias, dforget, dremember = backward_op(grad, state, y, gate_bias, forget,
+                                                            remember)
+        lstm = gate_bias is None
+        return (dstate, dy, None if lstm else dbias, dforget if lstm else None,
+                dremember if lstm else None)
+
+    return backward
+
+
+register_fakes_and_autograd(GATE, GATE_BACKWARD, forward_fake=_gate_fake,
+                            backward_fake=_gate_backward_fake,
+                            setup_context=_gate_setup_context,
+                            make_backward=_make_gate_backward)

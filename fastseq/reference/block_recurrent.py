@@ -186,3 +186,16 @@ def layer_original(layer, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     y = x + torch.cat(outputs, 1) @ layer.projection.weight.T
     hidden = torch.relu(_rms_norm(layer.ffn_norm, y) @ layer.ffn_hidden.weight.T)
     return y + hidden @ layer.ffn_output.weight.T, state
+
+
+def block_recurrent_gate(state: Tensor, y: Tensor, gate_bias: Optional[Tensor] = None,
+                         forget: Optional[Tensor] = None,
+                         remember: Optional[Tensor] = None) -> Tensor:
+    """The recurrent state's gate (meliad's MLP._gate): with gate_bias [d] (the paper's fixed
+    gate) g = sigmoid(gate_bias), next = state g + y (1 - g); with the LSTM gate's
+    pre-activations forget, remember [..., d] (W_f h + b_f, W_i h + b_i),
+    next = state sigmoid(forget + 1) + y sigmoid(remember - 1)."""
+    if gate_bias is not None:
+        g = torch.sigmoid(gate_bias)
+        return state * g + y * (1 - g)
+    return state * torch.sigmoid(forget + 1) + y * torch.sigmoid(remember - 1)

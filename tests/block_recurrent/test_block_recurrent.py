@@ -21,11 +21,16 @@ op = fastseq.ops.block_recurrent_attention
 
 # The family's share of the cross-cutting checks (tests/dispatch/test_registry.py).
 ACROSS_OPS = {
-    "test_autocast": {"block_recurrent_attention": ["test_under_autocast"]},
-    "test_cuda_runtime": {"block_recurrent_attention": ["test_on_cuda"]},
-    "test_numerics": {"block_recurrent_attention": ["test_scores_near_the_fp16_limit"]},
-    "test_properties": {"block_recurrent_attention": ["test_any_window_and_grouping"]},
-    "test_strided_inputs": {"block_recurrent_attention": ["test_takes_strided_views"]},
+    "test_autocast": {"block_recurrent_attention": ["test_under_autocast"],
+                      "block_recurrent_gate": ["test_gate_under_autocast"]},
+    "test_cuda_runtime": {"block_recurrent_attention": ["test_on_cuda"],
+                          "block_recurrent_gate": ["test_gate_on_cuda"]},
+    "test_numerics": {"block_recurrent_attention": ["test_scores_near_the_fp16_limit"],
+                      "block_recurrent_gate": ["test_gate_saturates_without_overflow"]},
+    "test_properties": {"block_recurrent_attention": ["test_any_window_and_grouping"],
+                        "block_recurrent_gate": ["test_gate_equals_reference_for_any_shape"]},
+    "test_strided_inputs": {"block_recurrent_attention": ["test_takes_strided_views"],
+                            "block_recurrent_gate": ["test_gate_takes_strided_views"]},
 }
 
 
@@ -337,3 +342,154 @@ def test_bad_inputs_are_refused_by_name():
     _bad("group_offset must be an int in", group_offset=4)
     _bad("value must have dtype", value=v.float())
     _bad("key2 holds 3 groups: give group_size", group_size=None, group_offset=0)
+
+
+# The recurrent state's gate: fastseq.ops.block_recurrent_gate.
+gate = fastseq.ops.block_recurrent_gate
+
+
+def gate_inputs(kind, shape=(2, 7, 11), dtype=torch.float64):
+    state, y = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
+    if kind == "bias":
+        return [state, y], {"gate_bias": torch.randn(shape[-1], dtype=dtype)}
+    return [state, y], {"forget": torch.randn(*shape, dtype=dtype),
+                        "remember": torch.randn(*shape, dtype=dtype)}
+
+
+def gate_outputs_and_grads(tensors, options, backend, weight=None):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    extra = {k: v.detach().clone().requires_grad_() for k, v in options.items()}
+    out = gate(*leaves, **extra, backend=backend)
+    weight = torch.randn_like(out) if weight is None else weight
+    grads = torch.autograd.grad((out * weight).sum(), leaves + list(extra.values()))
+    return [out.detach()] + list(grads), weight
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["bias", "lstm"])
+def test_gate_equals_reference_in_float64(kind, backend):
+    """The next state and the gradients of state, y and the gate's parameters (gate_bias summed
+    over rows; the LSTM gate's pre-activations) equal the reference's."""
+    backend_or_skip(backend)
+    tensors, options = gate_inputs(kind)
+    expected, weight = gate_outputs_and_grads(tensors, options, "reference")
+    got, _ = gate_outputs_and_grads(tensors, options, backend, weight)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"{i}: {m}")
+
+
+def test_gate_is_the_originals_formula():
+    state, y, b = torch.randn(3, 4), torch.randn(3, 4), torch.randn(4)
+    g = 1 / (1 + torch.exp(-b))
+    torch.testing.assert_close(gate(state, y, gate_bias=b, backend="reference"),
+                               g * state + (1 - g) * y)
+    f, i = torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(
+        gate(state, y, forget=f, remember=i, backend="reference"),
+        state / (1 + torch.exp(-(f + 1))) + y / (1 + torch.exp(-(i - 1))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bias", "lstm"])
+def test_gate_tolerance_rule(kind, dtype):
+    backend_or_skip("triton")
+    tensors, options = gate_inputs(kind, shape=(3, 37, 45))
+    truth, weight = gate_outputs_and_grads(tensors, options, "reference")
+    low = [t.to(dtype) for t in tensors]
+    low_options = {k: v.to(dtype) for k, v in options.items()}
+    plain, _ = gate_outputs_and_grads(low, low_options, "reference", weight.to(dtype))
+    fast, _ = gate_outputs_and_grads(low, low_options, "triton", weight.to(dtype))
+    for i, (f, p, t) in enumerate(zip(fast, plain, truth)):
+        assert_within_rule(f"gate {kind} {i} {dtype}", f, p, t,
+                           terms=3 * 37 if kind == "bias" and i == 3 else 1)
+
+
+def test_gate_opcheck():
+    backend_or_skip("triton")
+    for kind in ("bias", "lstm"):
+        (state, y), options = gate_inputs(kind, dtype=torch.float32)
+        args = (state, y, options.get("gate_bias"), options.get("forget"),
+                options.get("remember"))
+        torch.library.opcheck(torch.ops.fastseq.block_recurrent_gate_triton,
+                              (state.requires_grad_(), *args[1:]))
+        torch.library.opcheck(torch.ops.fastseq.block_recurrent_gate_backward_triton,
+                              (torch.randn_like(y), state.detach(), *args[1:]))
+
+
+def test_gate_compiles_fullgraph():
+    backend_or_skip("triton")
+    (state, y), options = gate_inputs("lstm", dtype=torch.float32)
+    leaves = [state.requires_grad_(), y.requires_grad_()]
+    fn = lambda s, y: gate(s, y, **options, backend="triton").square().sum()  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    for g, e in zip(torch.autograd.grad(compiled(*leaves), leaves),
+                    torch.autograd.grad(fn(*leaves), leaves)):
+        torch.testing.assert_close(g, e)
+
+
+def test_gate_under_autocast():
+    (state, y), options = gate_inputs("bias", dtype=torch.float32)
+    with torch.autocast(TRITON_TEST_DEVICE.type, dtype=torch.bfloat16):
+        out = gate(state, y, **options)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, gate(state.bfloat16(), y.bfloat16(),
+                                         gate_bias=options["gate_bias"].bfloat16()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gate_on_cuda():
+    for kind in ("bias", "lstm"):
+        tensors, options = gate_inputs(kind, shape=(2, 512, 1024))
+        expected = gate(*tensors, **options, backend="reference")
+        got = gate(*[t.cuda().bfloat16() for t in tensors],
+                   **{k: v.cuda().bfloat16() for k, v in options.items()}, backend="triton")
+        torch.testing.assert_close(got.cpu().double(), expected, atol=3e-2, rtol=2e-2)
+
+
+def test_gate_saturates_without_overflow():
+    """Pre-activations of +-1e4 (fp32) and +-6e4 (fp16): sigmoids reach 0 and 1, no NaN."""
+    backend_or_skip("triton")
+    for dtype, big in ((torch.float32, 1e4), (torch.float16, 6e4)):
+        (state, y), options = gate_inputs("lstm", dtype=dtype)
+        options = {k: torch.sign(v) * big for k, v in options.items()}
+        got = gate(state, y, **options, backend="triton")
+        expected = gate(state.double(), y.double(), **{k: v.double() for k, v in options.items()},
+                        backend="reference")
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("shape", [(1,), (5,), (3, 1), (2, 3, 65), (0, 4), (4, 0)])
+def test_gate_equals_reference_for_any_shape(shape):
+    """Sizes around the interpreter's 64-element programs, empty ones included."""
+    backend_or_skip("triton")
+    for kind in ("bias", "lstm"):
+        tensors, options = gate_inputs(kind, shape=shape)
+        expected, weight = gate_outputs_and_grads(tensors, options, "reference")
+        got, _ = gate_outputs_and_grads(tensors, options, "triton", weight)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_gate_takes_strided_views():
+    backend_or_skip("triton")
+    state = torch.randn(11, 2, 7, dtype=torch.float64).transpose(0, 1)
+    y = torch.randn(2, 11, 14, dtype=torch.float64)[..., ::2]
+    bias = torch.randn(14, dtype=torch.float64)[::2]
+    assert not (state.is_contiguous() or y.is_contiguous() or bias.is_contiguous())
+    torch.testing.assert_close(gate(state, y, gate_bias=bias, backend="triton"),
+                               gate(state, y, gate_bias=bias, backend="reference"))
+
+
+def test_gate_refuses_bad_inputs_by_name():
+    (state, y), options = gate_inputs("lstm")
+    with pytest.raises(fastseq.ops._checks.InputError, match="give gate_bias .* or both"):
+        gate(state, y, gate_bias=torch.randn(11, dtype=torch.float64), **options)
+    with pytest.raises(fastseq.ops._checks.InputError, match="give gate_bias .* or both"):
+        gate(state, y, forget=options["forget"])
+    with pytest.raises(fastseq.ops._checks.InputError, match="y must have shape"):
+        gate(state, y[:, :3], **options)
+    with pytest.raises(fastseq.ops._checks.InputError, match=r"gate_bias must have shape \[d\]"):
+        gate(state, y, gate_bias=torch.randn(5, dtype=torch.float64))
+    with pytest.raises(fastseq.ops._checks.InputError, match="forget must have dtype"):
+        gate(state, y, forget=options["forget"].float(), remember=options["remember"])
