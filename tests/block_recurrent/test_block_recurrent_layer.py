@@ -230,3 +230,24 @@ def test_memory_is_a_named_tuple_of_the_documented_shapes():
     assert memory.state.shape == (3, STATES, D_MODEL)
     _, memory = layer(torch.randn(3, 7, D_MODEL, dtype=torch.float64), memory)
     assert memory.keys.shape == (3, HEADS, WINDOW + 2, HEAD_DIM)  # 2 tokens of the next block
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_the_fused_layer_holds_no_score_tensor(backend):
+    """A layer's forward and backward on triton allocate nothing as large as half of the
+    token scores (H x T x W, each row's window): activations are [B, T, d], keys
+    [B, H, W + T, head_dim], the scores stay in the kernels' registers. The torch backend (SDPA
+    with the window as an H x T x S mask, the control) does allocate them."""
+    backend_or_skip(backend)
+    from test_block_recurrent import _LargestAllocation
+    layer = BlockRecurrentTransformerLayer(8, 4, 2, 8, 32, 32, backend=backend,
+                                           dtype=torch.float64)
+    x = torch.randn(1, 64, 8, dtype=torch.float64, requires_grad=True)
+    with _LargestAllocation() as seen:
+        y, memory = layer(x)
+        torch.autograd.grad(y.sum() + memory.state.sum(), [x] + list(layer.parameters()))
+    half_scores = 4 * 64 * 32 // 2
+    if backend == "triton":
+        assert seen.largest < half_scores, seen.largest
+    else:
+        assert seen.largest >= 2 * half_scores, seen.largest
