@@ -1,4 +1,6 @@
-"""The Block-Recurrent Transformer's attention step: fastseq.ops.block_recurrent_attention.
+"""The Block-Recurrent Transformer's ops: its attention step,
+fastseq.ops.block_recurrent_attention, and the recurrent state's gate,
+fastseq.ops.block_recurrent_gate (one elementwise launch on Triton, forward and backward).
 
 Two attentions with separate softmaxes in one call (the math is
 fastseq.reference.block_recurrent's): part 1, the rows against keys the last L of which line

@@ -23,31 +23,43 @@ Q2_STRIDES = "stride_q2b stride_q2h stride_q2m stride_q2d"
 K2_STRIDES = "stride_k2b stride_k2h stride_k2g stride_k2n stride_k2d"
 V2_STRIDES = "stride_v2b stride_v2h stride_v2g stride_v2n stride_v2d"
 
-# (BLOCK_M, BLOCK_N, warps) per kernel and padded head dim on a GPU. The forward holds a
-# BLOCK_M x head accumulator and a BLOCK_M x BLOCK_N score tile; the backward kernels hold
-# two head-wide accumulators beside their score and probability tiles, hence the smaller tiles
-# (the attention family's backward kernels spilled above 64 x 64 at head 128 in bf16).
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel, dtype class ("half": bf16/fp16, "fp32") and
+# padded head dim on a GPU: each the first of its sweep that compiled for sm_90 without register
+# spills under both triton 3.6 and 3.8 (bench/NOTES.md, 2026-12-07, sixteenth session; speed
+# unmeasured, no GPU lent). The backward kernels hold two head-wide accumulators beside their
+# score and probability tiles: at head 128 in bf16 the dQ kernel spilled at 32 x 32 under 3.8
+# whatever the warps, and the fp32 dK/dV kernel spilled at every 4-warp tile.
 GPU_TILES = {
-    ("forward", 64): (64, 64, 4), ("forward", 128): (64, 32, 4),
-    ("backward_key", 64): (32, 64, 4), ("backward_key", 128): (32, 32, 4),
-    ("backward_query", 64): (64, 32, 4), ("backward_query", 128): (32, 32, 4),
+    ("forward", "half", 64): (64, 64, 4, 2), ("forward", "half", 128): (64, 64, 8, 2),
+    ("backward_key", "half", 64): (64, 64, 8, 2), ("backward_key", "half", 128): (32, 32, 8, 2),
+    ("backward_query", "half", 64): (64, 32, 8, 2),
+    ("backward_query", "half", 128): (16, 32, 8, 2),
+    ("forward", "fp32", 64): (32, 32, 4, 2), ("backward_key", "fp32", 64): (16, 16, 8, 2),
+    ("backward_query", "fp32", 64): (64, 32, 8, 2),
+    ("forward", "fp32", 128): (32, 32, 8, 2), ("backward_query", "fp32", 128): (32, 16, 8, 2),
+    # spilled at 16 x 16 with 4 and 8 warps under both Tritons: runs, not compile-checked
+    ("backward_key", "fp32", 128): (16, 16, 8, 2),
 }
-INTERPRETER_TILE = (16, 16, 4)
+INTERPRETER_TILE = (16, 16, 4, 1)
 
 
-def tile(kernel: str, block_d: int) -> tuple[int, int, int]:
-    if INTERPRETED:
+def tile(kernel: str, dtype: torch.dtype, block_d: int,
+         interpreted: bool = INTERPRETED) -> tuple[int, int, int, int]:
+    if interpreted:
         return INTERPRETER_TILE
-    return GPU_TILES[(kernel, 64 if block_d <= 64 else 128)]
+    kind = "fp32" if dtype in (torch.float32, torch.float64) else "half"
+    return GPU_TILES[(kernel, kind, 64 if block_d <= 64 else 128)]
 
 
 def _launch(kernel: str, dtype: torch.dtype, block_d: int, block_dv: int, windowed: bool,
             has_bias: bool, precision: str, upcast: bool) -> dict:
-    block_m, block_n, warps = tile(kernel, max(block_d, block_dv))
+    """A launch's constexprs; upcast is set exactly under the interpreter (its tiles), so the
+    launch specs (GPU_DOT: upcast off) get the GPU's tiles even in an interpreted process."""
+    block_m, block_n, warps, stages = tile(kernel, dtype, max(block_d, block_dv), upcast)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "BLOCK_DV": block_dv,
             "WINDOWED": windowed, "HAS_BIAS": has_bias,
             "ACC_DTYPE": tl_accumulator_dtype(dtype), "PRECISION": precision, "UPCAST": upcast,
-            "num_warps": warps, "num_stages": 2}
+            "num_warps": warps, "num_stages": stages}
 
 
 class Shape:
@@ -165,7 +177,10 @@ def kernel_specs(kernel: str, dtype: torch.dtype, head_dim: int) -> list[dict]:
 
 def launch_specs() -> list[dict]:
     """What the compile test checks: the three kernels in bf16 at head dims 64 and 128 (the
-    paper's 128) and in fp32 at 64."""
+    paper's 128) and in fp32 at 64; fp32 at 128 but for the dK/dV kernel, whose every tile
+    tried spilled there (the paper's model trains in bf16; fp32 runs, slower)."""
     return ([spec for kernel in KERNELS for d in (64, 128)
              for spec in kernel_specs(kernel, torch.bfloat16, d)]
-            + [spec for kernel in KERNELS for spec in kernel_specs(kernel, torch.float32, 64)])
+            + [spec for kernel in KERNELS for spec in kernel_specs(kernel, torch.float32, 64)]
+            + [spec for kernel in ("forward", "backward_query")
+               for spec in kernel_specs(kernel, torch.float32, 128)])
