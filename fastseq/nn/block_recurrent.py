@@ -116,7 +116,9 @@ class QueriesKeysValues(nn.Module):
                 _normalized(q2) * self.attention_scale2[:, None, None])
 
     def _heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        # view, not unflatten: torch 2.11's dynamo cannot trace Tensor.unflatten under a device
+        # context (its __torch_function__ calls super().unflatten)
+        return x.view(*x.shape[:-1], self.heads, self.head_dim).transpose(1, 2)
 
 
 def _normalized(x: Tensor) -> Tensor:
