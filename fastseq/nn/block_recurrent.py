@@ -238,7 +238,7 @@ class BlockRecurrentTransformerLayer(RefusesTorchScript, nn.Module):
     def forward(self, x: Tensor, memory: Optional[BlockRecurrentMemory] = None
                 ) -> tuple[Tensor, BlockRecurrentMemory]:
         B, T = self._check_input(x)
-        memory = self.init_state(B) if memory is None else self._checked_memory(memory, B, x)
+        memory = self.init_state(B) if memory is None else self._checked_memory(memory, B)
         W = self.window
         pending = memory.keys.shape[2] - W
         q, k, v, q2 = self.kvq(x, self.dropout, self.training)
@@ -297,7 +297,7 @@ class BlockRecurrentTransformerLayer(RefusesTorchScript, nn.Module):
                              f"tokens, d_model={self.d_model}], got {got}")
         return x.shape[0], x.shape[1]
 
-    def _checked_memory(self, memory, batch: int, x: Tensor) -> BlockRecurrentMemory:
+    def _checked_memory(self, memory, batch: int) -> BlockRecurrentMemory:
         name = "fastseq.nn.BlockRecurrentTransformerLayer: memory"
         if not isinstance(memory, BlockRecurrentMemory):
             raise InputError(f"{name} must be a BlockRecurrentMemory (from init_state or a "
