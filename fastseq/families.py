@@ -96,6 +96,13 @@ FAMILIES = {f.name: f for f in (
            layers=("BlockRecurrentTransformerLayer",),
            models=("BlockRecurrentTransformerLM", "BlockRecurrentMemory"),
            auto_cpu="torch (SDPA per part)", auto_cuda="triton"),
+    Family("attention_decoder", "attention",
+           "RNN encoder-decoders' global attention (Luong, Bahdanau, location-aware): "
+           "OpenNMT-py's decoders and beam search",
+           ops=("global_attention",),
+           layers=("GlobalAttention", "AttentionDecoder"),
+           models=("AttentionDecoderState", "Hypothesis"),
+           auto_cpu="torch (the original code's ops)", auto_cuda="triton"),
 )}
 
 # Tests that are about no one family: each folder of tests/ that is not a family's, and why.

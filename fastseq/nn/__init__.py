@@ -14,6 +14,8 @@ for _family in _FAMILIES.values():
     globals().update({_layer: getattr(_module, _layer) for _layer in _family.layers})
 
 from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax  # noqa: E402
+from .attention_decoder import AttentionDecoderState  # noqa: E402
+from .beam_search import Hypothesis, beam_search, greedy_search  # noqa: E402
 from .block_recurrent import BlockRecurrentMemory  # noqa: E402
 from .block_recurrent_lm import BlockRecurrentTransformerLM  # noqa: E402
 from .serialization import safe_globals  # noqa: E402
@@ -26,4 +28,4 @@ __all__ = [layer for family in _FAMILIES.values() for layer in family.layers] + 
     "TransformerEncoderLayer", "TransformerDecoderLayer", "PositionwiseFF", "TransformerXLLayer",
     "TransformerXL", "TransformerXLLM", "TransformerXLDecodingState", "AdaptiveEmbedding",
     "ProjectedAdaptiveLogSoftmax", "BlockRecurrentTransformerLM", "BlockRecurrentMemory",
-    "safe_globals"]
+    "AttentionDecoderState", "Hypothesis", "beam_search", "greedy_search", "safe_globals"]

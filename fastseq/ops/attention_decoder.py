@@ -54,7 +54,7 @@ def _triton_attention(query, keys, values, score, lengths, v, extra, scale, **_)
         lengths = lengths.to(device=query.device, dtype=torch.int64).contiguous()
     out, align, _ = fused("fastseq::global_attention_forward_triton")(
         query, keys, values, v.contiguous() if v is not None else None, extra, lengths, scale)
-    return out, align
+    return out, align.to(query.dtype)
 
 
 BACKENDS = _backends.OpBackends(

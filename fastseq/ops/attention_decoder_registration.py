@@ -3,7 +3,8 @@ custom ops around kernels/attention_decoder/launch.py, their fakes, and autograd
 forward op. Tensors are the public op's (fastseq/ops/attention_decoder.py validates them):
 query [B, T, A], keys [B, S, A], values [B, S, Dv], vec [A] or None (the additive score's v),
 extra [B, T, S, A] or None, lengths int64 [B] or None. The forward returns (context,
-alignments, lse), the lse in base 2 (what the backward reads).
+alignments, lse), the alignments and lse in the accumulator dtype (fp32 for half inputs; the
+public op casts the alignments), the lse in base 2 (what the backward reads).
 """
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def global_attention_backward_triton(dout: Tensor, dalign: Optional[Tensor], que
 
 def _forward_fake(query, keys, values, vec, extra, lengths, scale):
     B, T, _ = query.shape
-    return (query.new_empty(B, T, values.shape[2]), query.new_empty(B, T, keys.shape[1]),
-            query.new_empty(B, T, dtype=accumulator_dtype(query.dtype)))
+    acc = accumulator_dtype(query.dtype)
+    return (query.new_empty(B, T, values.shape[2]), query.new_empty(B, T, keys.shape[1], dtype=acc),
+            query.new_empty(B, T, dtype=acc))
 
 
 def _backward_fake(dout, dalign, query, keys, values, vec, extra, lengths, align, scale):
@@ -68,6 +70,8 @@ def _make_backward(backward_op):
         if dout is None:
             dout = query.new_zeros(query.shape[0], query.shape[1], values.shape[2])
         # The lse is the kernels' own (never returned by the public op): no gradient reaches it.
+        if dalign is not None:
+            dalign = dalign.to(align.dtype)
         dq, dk, dv, dvec, dextra = backward_op(dout, dalign, query, keys, values, vec, extra,
                                                lengths, align, ctx.scale)
         return (dq, dk, dv, dvec if vec is not None else None,

@@ -49,12 +49,13 @@ def _inputs(query, keys, vec, extra, lengths) -> dict:
 
 
 def global_attention_forward(query, keys, values, vec, extra, lengths, scale: float):
-    """(context [B, T, Dv], alignments [B, T, S], lse [B, T] in base 2, the accumulator
-    dtype), contiguous."""
+    """(context [B, T, Dv], alignments [B, T, S], lse [B, T] in base 2), contiguous; the
+    alignments and lse in the accumulator dtype: the first pass parks raw scores in the
+    alignment row, and an fp16 row would overflow at scores past 65504 (the caller casts)."""
     B, T, A = query.shape
     S, DV = keys.shape[1], values.shape[2]
     out = new_output((B, T, DV), query)
-    align = new_output((B, T, S), query)
+    align = new_output((B, T, S), query.new_empty(0, dtype=accumulator_dtype(query.dtype)))
     lse = new_output((B, T), query.new_empty(0, dtype=accumulator_dtype(query.dtype)))
     if B * T == 0:
         return out, align, lse
@@ -92,7 +93,7 @@ def global_attention_backward(dout, dalign, query, keys, values, vec, extra, len
         DV=DV, scale=float(scale), HAS_DALIGN=dalign is not None,
         BLOCK_DV=constexprs["BLOCK_A"], **constexprs)
     # d(values) = p^T d(context): a GEMM per batch row.
-    dvalues = (align.to(acc).transpose(1, 2) @ dout.to(acc)).to(values.dtype)
+    dvalues = (align.transpose(1, 2) @ dout.to(acc)).to(values.dtype)
     if additive:
         dk = new_output(keys.shape, keys)
         key_constexprs = {k: v for k, v in constexprs.items() if k != "ADDITIVE"}
