@@ -1,0 +1,270 @@
+"""fastseq.nn.GlobalAttention and AttentionDecoder against OpenNMT-py's own modules (built from
+its package, random weights) in float64 on every backend: outputs, alignments, final states and
+every gradient, for LSTM and GRU, input feeding or not, each attention type, bidirectional
+encoders and padded sources; the step protocol equal to the teacher-forced forward; beam search
+equal to an exhaustive search on a tiny vocabulary, beam size one equal to greedy, the
+penalties as OpenNMT-py defines them; bad arguments refused by name."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import fastseq
+from fastseq.nn import AttentionDecoder, GlobalAttention, beam_search, greedy_search
+from fastseq.nn.beam_search import coverage_penalty, length_penalty
+
+from conftest import TRITON_TEST_DEVICE
+
+BACKENDS = ["triton", "torch", "reference"]
+
+
+def backend_or_skip(backend):
+    if backend == "triton" and fastseq.backend.triton_unavailable(TRITON_TEST_DEVICE) is not None:
+        pytest.skip("the Triton interpreter is off (a GPU run tests Triton on CUDA instead)")
+
+
+def onmt_or_skip():
+    return pytest.importorskip("onmt", reason="OpenNMT-py is not installed (make test installs it)")
+
+
+def onmt_model(rnn_type, decoder_class, bidirectional, attn_type, coverage=False):
+    """An OpenNMT-py RNN encoder-decoder (its own classes), initialised as its model_builder
+    does (uniform, here +-0.3 so the attention is far from uniform)."""
+    onmt_or_skip()
+    from onmt.decoders import decoder as onmt_decoders
+    from onmt.encoders.rnn_encoder import RNNEncoder
+    from onmt.modules.embeddings import Embeddings
+    torch.manual_seed(0)
+    encoder = RNNEncoder(rnn_type, bidirectional, num_layers=2, hidden_size=8,
+                         embeddings=Embeddings(6, 11, word_padding_idx=1))
+    decoder = getattr(onmt_decoders, decoder_class)(
+        rnn_type, bidirectional, num_layers=2, hidden_size=8, attn_type=attn_type,
+        coverage_attn=coverage, embeddings=Embeddings(6, 13, word_padding_idx=1))
+    for module in (encoder, decoder):
+        for p in module.parameters():
+            torch.nn.init.uniform_(p, -0.3, 0.3)
+    return encoder.double().eval(), decoder.double().eval()
+
+
+def onmt_inputs():
+    torch.manual_seed(1)
+    src = torch.randint(2, 11, (3, 7, 1))
+    tgt = torch.randint(2, 13, (3, 6, 1))
+    src_len = torch.tensor([7, 5, 6])
+    src[1, 5:] = 1
+    src[2, 6:] = 1
+    return src, tgt, src_len
+
+
+CASES = [("LSTM", "InputFeedRNNDecoder", True, "general"),
+         ("GRU", "InputFeedRNNDecoder", False, "mlp"),
+         ("LSTM", "InputFeedRNNDecoder", False, "dot"),
+         ("LSTM", "StdRNNDecoder", False, "mlp"),
+         ("GRU", "StdRNNDecoder", True, "general")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rnn_type,decoder_class,bidirectional,attn_type", CASES)
+def test_decoder_equals_opennmt(rnn_type, decoder_class, bidirectional, attn_type, backend):
+    """AttentionDecoder.from_opennmt(decoder) gives OpenNMT-py's decoder outputs, alignments
+    and final hidden state, and the same gradients of the encoder states and every weight."""
+    backend_or_skip(backend)
+    encoder, decoder = onmt_model(rnn_type, decoder_class, bidirectional, attn_type)
+    src, tgt, src_len = onmt_inputs()
+    enc_out, enc_final, _ = encoder(src, src_len)
+    enc_out = enc_out.detach().requires_grad_()
+    decoder.init_state(src, enc_out, enc_final)
+    expected, attns = decoder(tgt[:, :-1], enc_out, src_len=src_len)
+    expected_hidden = decoder.state["hidden"]
+    fast = AttentionDecoder.from_opennmt(decoder, backend=backend)
+    state = fast.init_state(enc_out, src_len, enc_final)
+    got, alignments, state = fast(decoder.embeddings(tgt[:, :-1]), state)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(alignments, attns["std"].transpose(0, 1)
+                               if attns["std"].shape[0] != 3 else attns["std"],
+                               rtol=1e-10, atol=1e-12)
+    for g, e in zip(state.hidden, expected_hidden):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    assert got.abs().max() > 0.05  # not vacuous: the outputs are far from zero
+    weights = torch.linspace(-1, 1, got.numel(), dtype=got.dtype).view(got.shape)
+    ours = dict(fast.named_parameters())
+    theirs = {name: p for name, p in decoder.named_parameters() if name in ours}
+    assert set(theirs) == set(ours)
+    names = sorted(ours)
+    got_grads = torch.autograd.grad((got * weights).sum(), [enc_out] + [ours[n] for n in names],
+                                    retain_graph=True)
+    expected_grads = torch.autograd.grad((expected * weights).sum(),
+                                         [enc_out] + [theirs[n] for n in names])
+    for name, g, e in zip(["enc_out"] + names, got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("attn_type", ["dot", "general", "mlp"])
+def test_global_attention_equals_opennmt(attn_type):
+    """fastseq.nn.GlobalAttention loads OpenNMT-py's state_dict and gives its forward, one step
+    and many, with a coverage vector too."""
+    onmt_or_skip()
+    from onmt.modules.global_attention import GlobalAttention as OnmtAttention
+    torch.manual_seed(2)
+    theirs = OnmtAttention(6, coverage=True, attn_type=attn_type).double()
+    ours = GlobalAttention(6, coverage=True, attn_type=attn_type, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    enc = torch.randn(2, 5, 6, dtype=torch.float64)
+    lengths = torch.tensor([5, 3])
+    for src in (torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 4, 6, dtype=torch.float64)):
+        for got, want in zip(ours(src, enc, lengths), theirs(src, enc.clone(), lengths)):
+            torch.testing.assert_close(got, want)
+    coverage = torch.rand(2, 5, dtype=torch.float64)
+    src = torch.randn(2, 6, dtype=torch.float64)
+    for got, want in zip(ours(src, enc, lengths, coverage),
+                         theirs(src, enc.clone(), lengths, coverage)):
+        torch.testing.assert_close(got, want)
+
+
+def small_decoder(rnn_type="GRU", attn_type="mlp", input_feed=True, coverage=False,
+                  backend=None):
+    torch.manual_seed(4)
+    decoder = AttentionDecoder(rnn_type, 5, 6, 2, attn_type=attn_type, input_feed=input_feed,
+                               coverage_attn=coverage, backend=backend, dtype=torch.float64)
+    embed = torch.nn.Embedding(4, 5, dtype=torch.float64)
+    generator = torch.nn.Sequential(torch.nn.Linear(6, 4, dtype=torch.float64),
+                                    torch.nn.LogSoftmax(-1))
+    with torch.no_grad():  # peaked distributions: beams and greedy differ
+        for p in list(decoder.parameters()) + list(generator.parameters()):
+            p.mul_(4)
+    return decoder.eval(), embed, generator
+
+
+@pytest.mark.parametrize("input_feed", [True, False])
+def test_steps_equal_the_teacher_forced_forward(input_feed):
+    decoder, embed, _ = small_decoder("LSTM", "general", input_feed)
+    enc = torch.randn(2, 7, 6, dtype=torch.float64)
+    lengths = torch.tensor([7, 3])
+    tokens = torch.randint(0, 4, (2, 5))
+    with torch.no_grad():
+        expected, alignments, final = decoder(embed(tokens), decoder.init_state(enc, lengths))
+        state, outs = decoder.init_state(enc, lengths), []
+        for t in range(5):
+            out, state = decoder.step(embed(tokens[:, t]), state)
+            outs.append(out)
+            torch.testing.assert_close(state.alignment, alignments[:, t])
+    torch.testing.assert_close(torch.stack(outs, 1), expected)
+    for g, e in zip(state.hidden, final.hidden):
+        torch.testing.assert_close(g, e)
+
+
+def exhaustive_best(decoder, embed, generator, enc, lengths, b, bos, eos, max_length, n):
+    """Every sequence of up to max_length tokens (ending at eos, or at max_length), scored
+    token by token: the n best, best first."""
+    scored = []
+    V = generator[0].out_features
+    for length in range(1, max_length + 1):
+        for seq in itertools.product(range(V), repeat=length):
+            if eos in seq[:-1] or (length < max_length and seq[-1] != eos):
+                continue
+            state, token, total = decoder.init_state(enc[b:b + 1], lengths[b:b + 1]), bos, 0.0
+            for t in seq:
+                out, state = decoder.step(embed(torch.tensor([token])), state)
+                total += generator(out)[0, t].item()
+                token = t
+            scored.append((total, seq))
+    return sorted(scored, reverse=True)[:n]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_beam_search_equals_exhaustive_search(backend):
+    """Without penalties, a beam as wide as the prefixes finds the exact n best sequences (the
+    OpenNMT stopping rule is exact then: a prefix's log-probability bounds its extensions)."""
+    backend_or_skip(backend)
+    decoder, embed, generator = small_decoder(backend=backend)
+    enc = torch.randn(2, 7, 6, dtype=torch.float64)
+    lengths = torch.tensor([7, 4])
+    with torch.no_grad():
+        found = beam_search(decoder, decoder.init_state(enc, lengths), embed, generator,
+                            bos=0, eos=3, beam_size=16, max_length=3, n_best=3)
+        for b in range(2):
+            expected = exhaustive_best(decoder, embed, generator, enc, lengths, b, 0, 3, 3, 3)
+            got = [(h.log_prob, tuple(h.tokens.tolist())) for h in found[b]]
+            assert [seq for _, seq in got] == [seq for _, seq in expected]
+            for (g, _), (e, _) in zip(got, expected):
+                assert math.isclose(g, e, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well():
+    decoder, embed, generator = small_decoder()
+    enc = torch.randn(3, 7, 6, dtype=torch.float64)
+    lengths = torch.tensor([7, 4, 2])
+    with torch.no_grad():
+        greedy = greedy_search(decoder, decoder.init_state(enc, lengths), embed, generator,
+                               bos=0, eos=3, max_length=6)
+        state = decoder.init_state(enc, lengths)
+        manual = []
+        for b in range(3):
+            st, token, seq = decoder.init_state(enc[b:b + 1], lengths[b:b + 1]), 0, []
+            for _ in range(6):
+                out, st = decoder.step(embed(torch.tensor([token])), st)
+                token = generator(out)[0].argmax().item()
+                seq.append(token)
+                if token == 3:
+                    break
+            manual.append(seq)
+        assert [h.tokens.tolist() for h in greedy] == manual
+        wide = beam_search(decoder, state, embed, generator, bos=0, eos=3, beam_size=4,
+                           max_length=6)
+        assert all(w[0].log_prob >= g.log_prob - 1e-12 for w, g in zip(wide, greedy))
+
+
+def test_penalties_are_opennmts():
+    """OpenNMT-py's formulas (onmt/translate/penalties.py), checked against it when present."""
+    cov = torch.tensor([[0.5, 1.5, 0.2], [1.0, 0.0, 3.0]])
+    assert length_penalty("wu", 7, 0.6) == ((5 + 7) / 6.0) ** 0.6
+    assert length_penalty("avg", 7, 1.0) == 7.0
+    torch.testing.assert_close(coverage_penalty("summary", cov, 0.3),
+                               0.3 * (cov.clamp(min=1).sum(-1) - 3))
+    onmt = pytest.importorskip("onmt.translate.penalties")
+    builder = onmt.PenaltyBuilder("wu", "wu")
+    finite = torch.tensor([[0.5, 1.5, 0.2]])
+    torch.testing.assert_close(coverage_penalty("wu", finite, 0.2),
+                               builder.coverage_penalty(finite, 0.2))
+    summary = onmt.PenaltyBuilder("summary", "avg")
+    torch.testing.assert_close(coverage_penalty("summary", cov, 0.3),
+                               summary.coverage_penalty(cov, 0.3))
+    assert builder.length_penalty(7, 0.6) == length_penalty("wu", 7, 0.6)
+
+
+def test_beam_search_with_penalties_ranks_by_the_rescored_score():
+    decoder, embed, generator = small_decoder(coverage=True)
+    enc = torch.randn(2, 7, 6, dtype=torch.float64)
+    lengths = torch.tensor([7, 5])
+    with torch.no_grad():
+        found = beam_search(decoder, decoder.init_state(enc, lengths), embed, generator,
+                            bos=0, eos=3, beam_size=5, max_length=5, n_best=3,
+                            length_penalty_kind="wu", alpha=0.6,
+                            coverage_penalty_kind="summary", beta=0.2)
+    for hyps in found:
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        for h in hyps:
+            lp = length_penalty("wu", len(h.tokens), 0.6)
+            cp = coverage_penalty("summary", h.alignment.sum(0), 0.2).item()
+            assert math.isclose(h.score, h.log_prob / lp - cp, rel_tol=1e-9)
+            assert h.alignment.shape == (len(h.tokens), 7)
+
+
+def test_bad_arguments_are_refused_by_name():
+    error = fastseq.ops._checks.InputError
+    with pytest.raises(error, match="rnn_type must be 'LSTM' or 'GRU'"):
+        AttentionDecoder("RNN", 4, 4)
+    with pytest.raises(error, match="attn_type must be one of"):
+        GlobalAttention(4, attn_type="bilinear")
+    with pytest.raises(error, match="attn_func 'sparsemax' is not supported"):
+        GlobalAttention(4, attn_func="sparsemax")
+    decoder, embed, generator = small_decoder()
+    with pytest.raises(error, match=r"enc_out must be \[B, S, hidden_size=6\]"):
+        decoder.init_state(torch.randn(2, 3, 5, dtype=torch.float64))
+    with pytest.raises(error, match=r"enc_final must give h of \[num_layers=2, B=2"):
+        decoder.init_state(torch.randn(2, 3, 6, dtype=torch.float64),
+                           enc_final=torch.randn(1, 2, 6, dtype=torch.float64))
+    state = decoder.init_state(torch.randn(2, 3, 6, dtype=torch.float64))
+    with pytest.raises(error, match="length_penalty_kind must be one of"):
+        beam_search(decoder, state, embed, generator, bos=0, eos=3, length_penalty_kind="gnmt")
