@@ -21,6 +21,10 @@ CUDA graph. The layers:
                                    state: BlockRecurrentMemory (the previous block's and the
                                    pending tokens' keys and values, the recurrent state), at
                                    most 2 window rows: bounded, though each step concatenates
+  fastseq.nn.AttentionDecoder       x: one embedded target token per row [B, E];
+                                   state: AttentionDecoderState (the encoder states and their
+                                   attention keys, the cells' hidden, the input feed); beams
+                                   share each sentence's encoder states (beam_search)
 
 A new stateful family implements init_state and step on its layer and reuses its forward's
 pieces (the projection, the attention call, the block after it) rather than a copy of them.

@@ -15,9 +15,13 @@ from ..common import (INTERPRETED, accumulator_dtype, launch_spec, new_output, s
 from .kernel import (global_attention_backward_key_kernel,
                      global_attention_backward_query_kernel, global_attention_forward_kernel)
 
-# (BLOCK_S, BLOCK_A = BLOCK_DV, warps): 32 keys by 128 features is 4096 fp32 values a tile, 32
-# a thread at 4 warps.
-GPU_TILE = (32, 128, 4)
+# (BLOCK_S, BLOCK_A = BLOCK_DV, warps) per kernel: 32 keys by 128 features is 4096 fp32 values
+# a tile, 32 a thread at 4 warps. The backward kernels hold more a tile (the additive score's
+# tanh, its derivative, d(keys) accumulated across the queries): at 32 x 128 the key kernel
+# spilled under triton 3.6 and 3.8 and the query kernel's additive path under 3.6, and the key
+# kernel still spilled in bf16 at 32 x 64 under one of them: 64 and 32 features a chunk.
+GPU_TILES = {"forward": (32, 128, 4), "backward_query": (32, 64, 4),
+             "backward_key": (32, 32, 4)}
 INTERPRETER_TILE = (8, 16, 4)
 
 Q_STRIDES = "stride_qb stride_qt stride_qa"
@@ -26,13 +30,13 @@ V_STRIDES = "stride_vb stride_vs stride_vd"
 E_STRIDES = "stride_eb stride_et stride_es stride_ea"
 
 
-def _tile(interpreted: bool = INTERPRETED) -> tuple[int, int, int]:
-    return INTERPRETER_TILE if interpreted else GPU_TILE
+def _tile(kernel: str, interpreted: bool = INTERPRETED) -> tuple[int, int, int]:
+    return INTERPRETER_TILE if interpreted else GPU_TILES[kernel]
 
 
-def _constexprs(dtype, additive: bool, has_extra: bool, has_lengths: bool,
+def _constexprs(kernel: str, dtype, additive: bool, has_extra: bool, has_lengths: bool,
                 interpreted: bool = INTERPRETED) -> dict:
-    block_s, block_a, warps = _tile(interpreted)
+    block_s, block_a, warps = _tile(kernel, interpreted)
     return {"ADDITIVE": additive, "HAS_EXTRA": has_extra, "HAS_LENGTHS": has_lengths,
             "BLOCK_S": block_s, "BLOCK_A": block_a, "ACC_DTYPE": tl_accumulator_dtype(dtype),
             "num_warps": warps, "num_stages": 1}
@@ -59,7 +63,7 @@ def global_attention_forward(query, keys, values, vec, extra, lengths, scale: fl
     lse = new_output((B, T), query.new_empty(0, dtype=accumulator_dtype(query.dtype)))
     if B * T == 0:
         return out, align, lse
-    constexprs = _constexprs(query.dtype, vec is not None, extra is not None,
+    constexprs = _constexprs("forward", query.dtype, vec is not None, extra is not None,
                              lengths is not None)
     global_attention_forward_kernel[(B, T)](
         **_inputs(query, keys, vec, extra, lengths), **strided("val_ptr", values, V_STRIDES),
@@ -84,7 +88,8 @@ def global_attention_backward(dout, dalign, query, keys, values, vec, extra, len
         dk = torch.zeros_like(keys)
         return (dq, dk, torch.zeros_like(values),
                 torch.zeros_like(vec) if additive else query.new_empty(0), dextra)
-    constexprs = _constexprs(query.dtype, additive, extra is not None, lengths is not None)
+    constexprs = _constexprs("backward_query", query.dtype, additive, extra is not None,
+                             lengths is not None)
     shared = dict(**_inputs(query, keys, vec, extra, lengths), T=T, S=S, A=A)
     global_attention_backward_query_kernel[(B, T)](
         **shared, **strided("val_ptr", values, V_STRIDES), align_ptr=align, dout_ptr=dout,
@@ -96,10 +101,11 @@ def global_attention_backward(dout, dalign, query, keys, values, vec, extra, len
     dvalues = (align.transpose(1, 2) @ dout.to(acc)).to(values.dtype)
     if additive:
         dk = new_output(keys.shape, keys)
-        key_constexprs = {k: v for k, v in constexprs.items() if k != "ADDITIVE"}
-        global_attention_backward_key_kernel[(B, triton.cdiv(S, constexprs["BLOCK_S"]))](
-            **{k: v for k, v in shared.items()}, dscore_ptr=dscore, dk_ptr=dk,
-            **key_constexprs)
+        key_constexprs = _constexprs("backward_key", query.dtype, True, extra is not None,
+                                     lengths is not None)
+        del key_constexprs["ADDITIVE"]
+        global_attention_backward_key_kernel[(B, triton.cdiv(S, key_constexprs["BLOCK_S"]))](
+            **shared, dscore_ptr=dscore, dk_ptr=dk, **key_constexprs)
         dvec = dvec_parts.sum(0).to(vec.dtype)
     else:
         dk = (dscore.transpose(1, 2) @ query.to(acc)).to(keys.dtype)  # dscore^T q
@@ -115,15 +121,14 @@ def launch_specs() -> list[dict]:
         acc = accumulator_dtype(dtype)
         pointers = {"len_ptr": "i64", "lse_ptr": acc, "dscore_ptr": acc, "dvec_ptr": acc}
         for additive in (False, True):
-            launch = _constexprs(dtype, additive, additive, True, interpreted=False)
-            block = {"BLOCK_DV": launch["BLOCK_A"]}
-            specs.append(launch_spec(global_attention_forward_kernel, dtype,
-                                     dict(launch, **block), pointers=pointers,
-                                     scalars={"scale": "fp32"}))
-            specs.append(launch_spec(global_attention_backward_query_kernel, dtype,
-                                     dict(launch, HAS_DALIGN=True, **block), pointers=pointers,
-                                     scalars={"scale": "fp32"}))
-        launch = _constexprs(dtype, True, True, True, interpreted=False)
+            for kernel, fn, more in (("forward", global_attention_forward_kernel, {}),
+                                     ("backward_query", global_attention_backward_query_kernel,
+                                      {"HAS_DALIGN": True})):
+                launch = _constexprs(kernel, dtype, additive, additive, True, interpreted=False)
+                specs.append(launch_spec(fn, dtype, dict(launch, BLOCK_DV=launch["BLOCK_A"],
+                                                         **more),
+                                         pointers=pointers, scalars={"scale": "fp32"}))
+        launch = _constexprs("backward_key", dtype, True, True, True, interpreted=False)
         del launch["ADDITIVE"]
         specs.append(launch_spec(global_attention_backward_key_kernel, dtype, launch,
                                  pointers=pointers))

@@ -29,6 +29,7 @@ STATEFUL = {
     "TransformerXLLM": "test_transformer_xl_decoding.py",
     "BlockRecurrentTransformerLayer": "test_block_recurrent_layer.py",
     "BlockRecurrentTransformerLM": "test_block_recurrent_layer.py",
+    "AttentionDecoder": "test_attention_decoder_layer.py",
 }
 
 

@@ -34,6 +34,8 @@ LAYERS = {
     "ProjectedAdaptiveLogSoftmax": lambda: fastseq.nn.ProjectedAdaptiveLogSoftmax(
         13, 6, 6, [5, 9]),
     "KVCache": lambda: fastseq.nn.KVCache(2, 1, 6, 4),
+    "GlobalAttention": lambda: fastseq.nn.GlobalAttention(6, coverage=True, attn_type="mlp"),
+    "AttentionDecoder": lambda: fastseq.nn.AttentionDecoder("LSTM", 5, 6, 2, attn_type="general"),
     "BlockRecurrentTransformerLayer": lambda: fastseq.nn.BlockRecurrentTransformerLayer(
         8, 2, 4, 16, 3, 2, gate="lstm", configuration="single"),
     "BlockRecurrentTransformerLM": lambda: fastseq.nn.BlockRecurrentTransformerLM(

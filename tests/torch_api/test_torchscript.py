@@ -27,6 +27,8 @@ LAYERS = {
     "AdaptiveEmbedding": lambda: fastseq.nn.AdaptiveEmbedding(11, 8, 8, [5]),
     "ProjectedAdaptiveLogSoftmax": lambda: fastseq.nn.ProjectedAdaptiveLogSoftmax(11, 8, 8, [5]),
     "KVCache": lambda: fastseq.nn.KVCache(2, 1, 6, 4),
+    "GlobalAttention": lambda: fastseq.nn.GlobalAttention(6, attn_type="general"),
+    "AttentionDecoder": lambda: fastseq.nn.AttentionDecoder("GRU", 5, 6, input_feed=False),
     "BlockRecurrentTransformerLayer": lambda: fastseq.nn.BlockRecurrentTransformerLayer(
         8, 2, 4, 16, 3, 2),
     "BlockRecurrentTransformerLM": lambda: fastseq.nn.BlockRecurrentTransformerLM(
