@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from . import nn as fnn
+from .integrations import seq2seq_attention
 from .nn import plain_calls
 
 # torch class -> fastseq drop-in, and the attributes each drop-in's __init__ adds (their
@@ -50,7 +51,7 @@ _NESTED_FLAG = "_fastseq_saved_nested_tensor"
 def _added_attributes(cls: type, backend: Optional[str]) -> dict:
     if cls in _RNNS:
         return {"backend": backend, "zoneout_h": 0.0, "zoneout_c": 0.0}
-    if cls in _CELLS:
+    if cls in _CELLS or cls.__module__ == seq2seq_attention.__name__:
         return {"backend": backend}
     return {}
 
@@ -88,14 +89,21 @@ def _qualname(cls: type) -> str:
 def patch(model: torch.nn.Module, *, backend: Optional[str] = None) -> PatchReport:
     """Swap every torch.nn.LSTM, GRU, RNN, their cells, MultiheadAttention,
     TransformerEncoderLayer and TransformerDecoderLayer inside `model` (the model itself
-    included) for fastseq's, in place. backend: pinned on the swapped recurrent modules
+    included) for fastseq's, in place; and OpenNMT-py's GlobalAttention and SpeechBrain's
+    content, location-aware and key-value attention for subclasses on fastseq's fused global
+    attention (fastseq/integrations/seq2seq_attention.py). backend: pinned on the swapped recurrent modules
     (None: fastseq's `auto`). Returns what was replaced and what was left, and why."""
     report = PatchReport()
-    fast_classes = tuple(UNSWAPS)
+    # OpenNMT-py's and SpeechBrain's attention modules, when those packages are imported.
+    third_party = seq2seq_attention.swaps()
+    swaps = {**SWAPS, **third_party}
+    fast_classes = tuple(UNSWAPS) + tuple(third_party.values())
     for name, module in model.named_modules():
         cls = type(module)
-        if cls in SWAPS:
-            new = SWAPS[cls]
+        if cls in third_party and seq2seq_attention.refusal(module):
+            report.left.append((name, _qualname(cls), seq2seq_attention.refusal(module)))
+        elif cls in swaps:
+            new = swaps[cls]
             module.__class__ = new
             for attribute, value in _added_attributes(new, backend).items():
                 setattr(module, attribute, value)
@@ -118,18 +126,19 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
     there or they were built as fastseq's), in place. A recurrent module with zoneout is left:
     torch's has none."""
     report = PatchReport()
+    unswaps = {**UNSWAPS, **{fast: plain for plain, fast in seq2seq_attention.swaps().items()}}
     for name, module in model.named_modules():
         cls = type(module)
-        if cls in UNSWAPS:
+        if cls in unswaps:
             if getattr(module, "zoneout_h", 0.0) or getattr(module, "zoneout_c", 0.0):
                 report.left.append((name, _qualname(cls), "uses zoneout, which torch's "
                                     "module does not have"))
                 continue
             for attribute in _added_attributes(cls, None):
                 delattr(module, attribute)
-            module.__class__ = UNSWAPS[cls]
+            module.__class__ = unswaps[cls]
             plain_calls.unwatch(module)
-            report.replaced.append((name, _qualname(cls), _qualname(UNSWAPS[cls])))
+            report.replaced.append((name, _qualname(cls), _qualname(unswaps[cls])))
         if isinstance(module, torch.nn.TransformerEncoder) and hasattr(module, _NESTED_FLAG):
             module.enable_nested_tensor, module.use_nested_tensor = getattr(module, _NESTED_FLAG)
             delattr(module, _NESTED_FLAG)

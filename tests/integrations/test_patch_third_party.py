@@ -151,11 +151,15 @@ def test_speechbrain_attentional_rnn_decoder(rnn, attention):
                                     channels=2, kernel_size=3, re_init=False)
     inputs = [torch.randn(2, 4, 3), torch.randn(2, 6, 5), torch.tensor([1.0, 0.5])]
     cell = {"lstm": "LSTMCell", "gru": "GRUCell", "rnn": "RNNCell"}[rnn]
+    # The attention module runs fastseq's fused global attention too.
+    swapped = [cell] * 2 + ["SpeechBrain" + {"content": "ContentBasedAttention",
+                                             "location": "LocationAwareAttention",
+                                             "keyvalue": "KeyValueAttention"}[attention]]
     if attention == "location":  # its first alignment is made in float32 (enc_len.float())
-        _compare(decoder, inputs, [cell] * 2, output=lambda out: out[0], dtype=torch.float32,
+        _compare(decoder, inputs, swapped, output=lambda out: out[0], dtype=torch.float32,
                  tolerance=dict(rtol=1e-4, atol=1e-5))
     else:
-        _compare(decoder, inputs, [cell] * 2, output=lambda out: out[0])
+        _compare(decoder, inputs, swapped, output=lambda out: out[0])
 
 
 def _onmt_model(rnn_type: str, decoder_class: str, bidirectional: bool):
@@ -198,5 +202,23 @@ def test_opennmt_rnn_encoder_decoder(rnn_type, decoder_class, bidirectional):
     # StackedLSTM/GRU of cells, the standard decoder runs one stacked module.
     decoder_modules = ([rnn_type + "Cell"] * 2 if decoder_class == "InputFeedRNNDecoder"
                        else [rnn_type])
-    _compare(model, [src, tgt, src_len], [rnn_type] + decoder_modules,
+    _compare(model, [src, tgt, src_len],
+             [rnn_type] + decoder_modules + ["OpenNMTGlobalAttention"],
              output=lambda out: out[0])
+
+
+def test_attention_modules_unpatch_and_sparsemax_is_left():
+    """OpenNMT-py's GlobalAttention goes back to its class on unpatch (its parameters the
+    same tensors); one normalising with sparsemax is left, with the reason."""
+    _package("onmt")
+    from onmt.modules.global_attention import GlobalAttention
+    model = torch.nn.ModuleList([GlobalAttention(6, attn_type="mlp"),
+                                 GlobalAttention(6, attn_func="sparsemax")])
+    weight = model[0].linear_query.weight
+    report = fastseq.patch(model)
+    assert [new.rsplit(".", 1)[-1] for _, _, new in report.replaced] == ["OpenNMTGlobalAttention"]
+    assert report.left[0][0] == "1" and "sparsemax" in report.left[0][2]
+    assert isinstance(model[0], GlobalAttention) and model[0].linear_query.weight is weight
+    fastseq.unpatch(model)
+    assert type(model[0]) is GlobalAttention and type(model[1]) is GlobalAttention
+    assert not hasattr(model[0], "backend")
