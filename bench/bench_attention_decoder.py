@@ -17,7 +17,7 @@ from .conftest import DEVICE, GPU_CASES, pass_step, record_error, run_timed
 
 if GPU_CASES:
     BATCH, SOURCE, TARGET, HIDDEN, LAYERS, DTYPE = 64, 50, 50, 1024, 2, torch.bfloat16
-    BEAM_BATCH, BEAM_STEPS = 16, 50
+    BEAM_BATCH, BEAM_STEPS = 64, 50
 else:  # a 2-core CPU
     BATCH, SOURCE, TARGET, HIDDEN, LAYERS, DTYPE = 8, 20, 12, 64, 2, torch.float32
     BEAM_BATCH, BEAM_STEPS = 4, 10
