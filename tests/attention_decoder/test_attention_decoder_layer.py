@@ -268,3 +268,23 @@ def test_bad_arguments_are_refused_by_name():
     state = decoder.init_state(torch.randn(2, 3, 6, dtype=torch.float64))
     with pytest.raises(error, match="length_penalty_kind must be one of"):
         beam_search(decoder, state, embed, generator, bos=0, eos=3, length_penalty_kind="gnmt")
+
+
+@pytest.mark.parametrize("input_feed", [True, False])
+def test_decoder_compiles_fullgraph(input_feed):
+    """The teacher-forced decoder (its state a dataclass, the loop over steps unrolled) under
+    torch.compile(fullgraph=True): the same gradients of the encoder states."""
+    backend_or_skip("triton")
+    torch.manual_seed(0)
+    decoder = AttentionDecoder("LSTM", 5, 6, 2, attn_type="mlp", input_feed=input_feed,
+                               backend="triton").eval()
+    enc = torch.randn(2, 7, 6, requires_grad=True)
+    lengths, emb = torch.tensor([7, 3]), torch.randn(2, 4, 5)
+
+    def loss(enc, emb):
+        out, align, _ = decoder(emb, decoder.init_state(enc, lengths))
+        return out.square().sum() + align[..., :2].sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(torch.autograd.grad(compiled(enc, emb), enc)[0],
+                               torch.autograd.grad(loss(enc, emb), enc)[0])
