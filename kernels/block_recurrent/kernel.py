@@ -33,6 +33,28 @@ def _group_rows(g, L, group_size, group_offset):
 
 
 @triton.jit
+def _row_tile_keys(m0, L, S, window, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Part 1's (key_offset, first key, end key) for the row tile starting at m0: the keys any
+    of its rows can see. The forward and the dQ kernel must agree on them."""
+    key_offset = S - L
+    lo = 0
+    hi = S
+    if WINDOWED:
+        lo = tl.maximum(m0 + key_offset - window, 0)
+        hi = tl.minimum(m0 + BLOCK_M - 1 + key_offset, S)
+    return key_offset, lo, hi
+
+
+@triton.jit
+def _group_row_tile(pid, tiles_per_group, L, group_size, group_offset, BLOCK_M: tl.constexpr):
+    """Part 2's (group, first row, end row) of program pid: tiles_per_group programs a group,
+    each a BLOCK_M-row tile of that group's rows."""
+    g = pid // tiles_per_group
+    r0, r1 = _group_rows(g, L, group_size, group_offset)
+    return g, r0 + (pid % tiles_per_group) * BLOCK_M, r1
+
+
+@triton.jit
 def _load_keys_t(k_base, offs_n, n_mask, offs_d, d_mask, stride_kn, stride_kd):
     """Keys of a tile, transposed: [BLOCK_D, BLOCK_N]."""
     return tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -125,12 +147,7 @@ def block_recurrent_forward_kernel(
         m0 = pid * BLOCK_M
         if m0 < L:
             rows = m0 + tl.arange(0, BLOCK_M)
-            key_offset = S - L
-            lo = 0
-            hi = S
-            if WINDOWED:  # the keys any row of the tile can see
-                lo = tl.maximum(m0 + key_offset - window, 0)
-                hi = tl.minimum(m0 + BLOCK_M - 1 + key_offset, S)
+            key_offset, lo, hi = _row_tile_keys(m0, L, S, window, WINDOWED, BLOCK_M)
             _forward_tile(q_ptr + b * stride_qb + h * stride_qh,
                           k_ptr + b * stride_kb + h * stride_kh,
                           v_ptr + b * stride_vb + h * stride_vh,
@@ -140,10 +157,8 @@ def block_recurrent_forward_kernel(
                           bias_ptr + h * (window + 1), qk_scale, D, DV, WINDOWED, HAS_BIAS,
                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, ACC_DTYPE, PRECISION, UPCAST)
     else:
-        g = pid // tiles_per_group
+        g, m0, r1 = _group_row_tile(pid, tiles_per_group, L, group_size, group_offset, BLOCK_M)
         if g < G:
-            r0, r1 = _group_rows(g, L, group_size, group_offset)
-            m0 = r0 + (pid % tiles_per_group) * BLOCK_M
             if m0 < r1:
                 rows = m0 + tl.arange(0, BLOCK_M)
                 _forward_tile(q2_ptr + b * stride_q2b + h * stride_q2h,
@@ -328,12 +343,7 @@ def block_recurrent_backward_query_kernel(
         m0 = pid * BLOCK_M
         if m0 < L:
             rows = m0 + tl.arange(0, BLOCK_M)
-            key_offset = S - L
-            lo = 0
-            hi = S
-            if WINDOWED:
-                lo = tl.maximum(m0 + key_offset - window, 0)
-                hi = tl.minimum(m0 + BLOCK_M - 1 + key_offset, S)
+            key_offset, lo, hi = _row_tile_keys(m0, L, S, window, WINDOWED, BLOCK_M)
             _query_tile_backward(q_ptr + b * stride_qb + h * stride_qh,
                                  k_ptr + b * stride_kb + h * stride_kh,
                                  v_ptr + b * stride_vb + h * stride_vh,
@@ -345,10 +355,8 @@ def block_recurrent_backward_query_kernel(
                                  qk_scale, D, DV, WINDOWED, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_D,
                                  BLOCK_DV, ACC_DTYPE, PRECISION, UPCAST)
     else:
-        g = pid // tiles_per_group
+        g, m0, r1 = _group_row_tile(pid, tiles_per_group, L, group_size, group_offset, BLOCK_M)
         if g < G:
-            r0, r1 = _group_rows(g, L, group_size, group_offset)
-            m0 = r0 + (pid % tiles_per_group) * BLOCK_M
             if m0 < r1:
                 rows = m0 + tl.arange(0, BLOCK_M)
                 _query_tile_backward(q2_ptr + b * stride_q2b + h * stride_q2h,
