@@ -20,7 +20,7 @@ from ..ops._checks import InputError
 from .adaptive import ProjectedAdaptiveLogSoftmax
 from .block_recurrent import BlockRecurrentMemory, BlockRecurrentTransformerLayer, T5LayerNorm
 from .scripting import RefusesTorchScript
-from .transformer_xl_lm import _next_token
+from .transformer_xl_lm import _next_token, check_generation_args
 
 
 class BlockRecurrentTransformerLM(RefusesTorchScript, nn.Module):
@@ -85,15 +85,8 @@ class BlockRecurrentTransformerLM(RefusesTorchScript, nn.Module):
         """prompt [B, P >= 1] -> [B, P + max_new_tokens]: the prompt as one segment, then each
         new token (argmax, or a draw at `temperature` from the top_k) as its own; the states
         update as blocks complete."""
-        if prompt.dim() != 2 or prompt.shape[1] == 0 or prompt.dtype not in (torch.int32,
-                                                                              torch.int64):
-            raise InputError(f"fastseq.nn.BlockRecurrentTransformerLM.generate: prompt must be "
-                             f"integer token ids [B, P >= 1], got {prompt.dtype} of shape "
-                             f"{list(prompt.shape)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
-                max_new_tokens < 0:
-            raise InputError(f"fastseq.nn.BlockRecurrentTransformerLM.generate: max_new_tokens "
-                             f"must be an int >= 0, got {max_new_tokens!r}")
+        check_generation_args("fastseq.nn.BlockRecurrentTransformerLM.generate", prompt, 1,
+                              "[B, P >= 1]", max_new_tokens, do_sample, temperature, top_k)
         tokens = [prompt]
         log_probs, state = self.step(prompt, self.init_state(prompt.shape[0]))
         for t in range(max_new_tokens):

@@ -145,18 +145,8 @@ class TransformerXLLM(RefusesTorchScript, nn.Module):
         from it at `temperature`, restricted to the top_k most likely (do_sample=True; draws
         from `generator`). The prompt runs as one segment, each new token as its own, against
         the last mem_len positions (default: the model's mem_len)."""
-        if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.dtype not in (torch.int32,
-                                                                              torch.int64):
-            raise InputError(f"fastseq.nn.TransformerXLLM.generate: prompt must be integer "
-                             f"token ids [P >= 1, B], got {prompt.dtype} of shape "
-                             f"{list(prompt.shape)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
-                max_new_tokens < 0:
-            raise InputError(f"fastseq.nn.TransformerXLLM.generate: max_new_tokens must be an "
-                             f"int >= 0, got {max_new_tokens!r}")
-        if do_sample and (not temperature > 0 or (top_k is not None and top_k < 1)):
-            raise InputError(f"fastseq.nn.TransformerXLLM.generate: sampling needs temperature "
-                             f"> 0 and top_k None or >= 1, got {temperature!r}, {top_k!r}")
+        check_generation_args("fastseq.nn.TransformerXLLM.generate", prompt, 0, "[P >= 1, B]",
+                              max_new_tokens, do_sample, temperature, top_k)
         state = self.decoding_state(prompt.shape[1], max_step=prompt.shape[0], mem_len=mem_len)
         tokens = torch.empty(prompt.shape[0] + max_new_tokens, prompt.shape[1],
                              dtype=prompt.dtype, device=prompt.device)
@@ -205,6 +195,23 @@ class TransformerXLLM(RefusesTorchScript, nn.Module):
                 raise ValueError(f"fastseq.nn.TransformerXLLM: mems[{i}] must be [mlen, B={bsz}"
                                  f", d_model={self.d_model}] like mems[0], got {list(m.shape)}")
         return list(mems)
+
+
+def check_generation_args(owner: str, prompt: Tensor, length_dim: int, spelled: str,
+                          max_new_tokens, do_sample: bool, temperature, top_k) -> None:
+    """The generate() arguments of fastseq's language models: integer token ids with at least
+    one prompt token along length_dim (spelled: the expected shape in words), a count of new
+    tokens, and sampling settings that define a distribution."""
+    if prompt.dim() != 2 or prompt.shape[length_dim] == 0 or \
+            prompt.dtype not in (torch.int32, torch.int64):
+        raise InputError(f"{owner}: prompt must be integer token ids {spelled}, got "
+                         f"{prompt.dtype} of shape {list(prompt.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            max_new_tokens < 0:
+        raise InputError(f"{owner}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if do_sample and (not temperature > 0 or (top_k is not None and top_k < 1)):
+        raise InputError(f"{owner}: sampling needs temperature > 0 and top_k None or >= 1, got "
+                         f"{temperature!r}, {top_k!r}")
 
 
 def _next_token(log_probs: Tensor, do_sample: bool, temperature: float, top_k: Optional[int],

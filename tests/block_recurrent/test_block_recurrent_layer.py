@@ -251,3 +251,15 @@ def test_the_fused_layer_holds_no_score_tensor(backend):
         assert seen.largest < half_scores, seen.largest
     else:
         assert seen.largest >= 2 * half_scores, seen.largest
+
+
+def test_generate_refuses_bad_arguments_by_name():
+    """The Transformer-XL LM's checks (one helper): prompt ids, count, sampling settings."""
+    lm = make_lm()
+    error = fastseq.ops._checks.InputError
+    with pytest.raises(error, match=r"prompt must be integer token ids \[B, P >= 1\]"):
+        lm.generate(torch.zeros(2, 0, dtype=torch.long), 3)
+    with pytest.raises(error, match="max_new_tokens must be an int >= 0"):
+        lm.generate(torch.zeros(2, 1, dtype=torch.long), -1)
+    with pytest.raises(error, match="sampling needs temperature > 0"):
+        lm.generate(torch.zeros(2, 1, dtype=torch.long), 3, do_sample=True, temperature=0.0)
