@@ -15,6 +15,7 @@ from fastseq.nn import AttentionDecoder, GlobalAttention, beam_search, greedy_se
 from fastseq.nn.beam_search import coverage_penalty, length_penalty
 
 from conftest import TRITON_TEST_DEVICE
+from test_patch_third_party import _onmt_model
 
 BACKENDS = ["triton", "torch", "reference"]
 
@@ -29,22 +30,11 @@ def onmt_or_skip():
 
 
 def onmt_model(rnn_type, decoder_class, bidirectional, attn_type, coverage=False):
-    """An OpenNMT-py RNN encoder-decoder (its own classes), initialised as its model_builder
-    does (uniform, here +-0.3 so the attention is far from uniform)."""
-    onmt_or_skip()
-    from onmt.decoders import decoder as onmt_decoders
-    from onmt.encoders.rnn_encoder import RNNEncoder
-    from onmt.modules.embeddings import Embeddings
-    torch.manual_seed(0)
-    encoder = RNNEncoder(rnn_type, bidirectional, num_layers=2, hidden_size=8,
-                         embeddings=Embeddings(6, 11, word_padding_idx=1))
-    decoder = getattr(onmt_decoders, decoder_class)(
-        rnn_type, bidirectional, num_layers=2, hidden_size=8, attn_type=attn_type,
-        coverage_attn=coverage, embeddings=Embeddings(6, 13, word_padding_idx=1))
-    for module in (encoder, decoder):
-        for p in module.parameters():
-            torch.nn.init.uniform_(p, -0.3, 0.3)
-    return encoder.double().eval(), decoder.double().eval()
+    """The integrations tests' OpenNMT-py encoder-decoder, its weights uniform in +-0.3 so the
+    attention is far from uniform: (encoder, decoder) in float64, eval mode."""
+    model = _onmt_model(rnn_type, decoder_class, bidirectional, attn_type, coverage,
+                        param_init=0.3)
+    return model.encoder.double().eval(), model.decoder.double().eval()
 
 
 def onmt_inputs():

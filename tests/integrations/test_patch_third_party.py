@@ -162,7 +162,11 @@ def test_speechbrain_attentional_rnn_decoder(rnn, attention):
         _compare(decoder, inputs, swapped, output=lambda out: out[0])
 
 
-def _onmt_model(rnn_type: str, decoder_class: str, bidirectional: bool):
+def _onmt_model(rnn_type: str, decoder_class: str, bidirectional: bool,
+                attn_type: str = "general", coverage_attn: bool = False,
+                param_init: float = 0.1):
+    """An OpenNMT-py RNN encoder-decoder from its own classes (2 layers, hidden 8), initialised
+    as its model_builder does (also tests/attention_decoder's)."""
     _package("onmt")
     from onmt.decoders import decoder as onmt_decoders
     from onmt.encoders.rnn_encoder import RNNEncoder
@@ -172,8 +176,8 @@ def _onmt_model(rnn_type: str, decoder_class: str, bidirectional: bool):
     encoder = RNNEncoder(rnn_type, bidirectional, num_layers=2, hidden_size=8,
                          embeddings=Embeddings(6, 11, word_padding_idx=1))
     decoder = getattr(onmt_decoders, decoder_class)(
-        rnn_type, bidirectional, num_layers=2, hidden_size=8, attn_type="general",
-        embeddings=Embeddings(6, 13, word_padding_idx=1))
+        rnn_type, bidirectional, num_layers=2, hidden_size=8, attn_type=attn_type,
+        coverage_attn=coverage_attn, embeddings=Embeddings(6, 13, word_padding_idx=1))
     model = NMTModel(encoder, decoder)
     # OpenNMT-py builds its embeddings with torch.nn.utils.skip_init (uninitialised memory) and
     # initialises every parameter in onmt.model_builder: uniform(-param_init, param_init), 0.1 by
@@ -181,7 +185,7 @@ def _onmt_model(rnn_type: str, decoder_class: str, bidirectional: bool):
     # a freed poisoned tensor), so the outputs were NaN in some processes.
     torch.manual_seed(0)
     for param in model.parameters():
-        torch.nn.init.uniform_(param, -0.1, 0.1)
+        torch.nn.init.uniform_(param, -param_init, param_init)
     return model
 
 
