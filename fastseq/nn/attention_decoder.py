@@ -124,6 +124,18 @@ class StackedCells(nn.Module):
                    else (torch.stack(new_h),))
 
 
+def _update(buffer: Optional[Tensor], value: Tensor) -> Tensor:
+    """The state's new value for one of its tensors. Decoding (no autograd, a buffer of the same
+    shape and dtype) copies it into the buffer, whose address stays fixed: a step captured in a
+    CUDA graph then reads and writes the same memory at every replay. Under autograd (the
+    teacher-forced forward trains through the steps) the value is taken as it is: an in-place
+    write would overwrite what the backward saved."""
+    if (buffer is None or torch.is_grad_enabled() or buffer.requires_grad
+            or buffer.shape != value.shape or buffer.dtype != value.dtype):
+        return value
+    return buffer.copy_(value)
+
+
 @dataclasses.dataclass
 class AttentionDecoderState:
     """A decoding's state: the encoder states (enc_out [B, S, H]), their precomputed keys and
@@ -141,14 +153,24 @@ class AttentionDecoderState:
     beams: int = 1
 
     def reorder(self, index: Tensor) -> None:
-        """Keep rows `index` (of the B x beams decoding rows) of the recurrent part, in place:
-        a beam search's survivors. The encoder tensors are not touched."""
-        self.hidden = tuple(h.index_select(1, index) for h in self.hidden)
-        self.input_feed = self.input_feed.index_select(0, index)
+        """Keep rows `index` (of the B x beams decoding rows) of the recurrent part: a beam
+        search's survivors. Without autograd (decoding) each buffer is overwritten in place, so
+        its address stays fixed; the encoder tensors are not touched."""
+        self.hidden = tuple(_update(h, h.index_select(1, index)) for h in self.hidden)
+        self.input_feed = _update(self.input_feed, self.input_feed.index_select(0, index))
         if self.coverage is not None:
-            self.coverage = self.coverage.index_select(0, index)
+            self.coverage = _update(self.coverage, self.coverage.index_select(0, index))
         if self.alignment is not None:
-            self.alignment = self.alignment.index_select(0, index)
+            self.alignment = _update(self.alignment, self.alignment.index_select(0, index))
+
+    def advance(self, hidden: tuple, input_feed: Tensor, alignment: Tensor) -> None:
+        """One step's results into the state (in place when decoding: see `_update`); the
+        coverage, when kept, adds the alignment."""
+        self.hidden = tuple(_update(old, new) for old, new in zip(self.hidden, hidden))
+        self.input_feed = _update(self.input_feed, input_feed)
+        self.alignment = _update(self.alignment, alignment)
+        if self.coverage is not None:
+            self.coverage = _update(self.coverage, self.coverage + alignment)
 
     def expand_beams(self, beams: int) -> "AttentionDecoderState":
         """The same decoding with each sentence's recurrent state repeated `beams` times
@@ -242,12 +264,14 @@ class AttentionDecoder(RefusesTorchScript, nn.Module):
                              f"{self.hidden_size}], got {got}")
         B = enc_out.shape[0]
         lstm = self.rnn_type == "LSTM"
+        # The state's own buffers (decoding overwrites them in place): never the caller's
+        # tensors, and h and c never one tensor.
         if enc_final is None:
-            zeros = enc_out.new_zeros(self.num_layers, B, self.hidden_size)
-            hidden = (zeros, zeros) if lstm else (zeros,)
+            hidden = tuple(enc_out.new_zeros(self.num_layers, B, self.hidden_size)
+                           for _ in range(2 if lstm else 1))
         else:
             finals = enc_final if isinstance(enc_final, tuple) else (enc_final,)
-            hidden = tuple(self._joined(h) for h in finals)
+            hidden = tuple(self._joined(h).clone() for h in finals)
             if len(hidden) != (2 if lstm else 1) or any(
                     h.shape != (self.num_layers, B, self.hidden_size) for h in hidden):
                 raise InputError(
@@ -257,7 +281,8 @@ class AttentionDecoder(RefusesTorchScript, nn.Module):
                     f"{[list(h.shape) for h in hidden]}")
         coverage = enc_out.new_zeros(B, enc_out.shape[1]) if self.coverage_attn else None
         return AttentionDecoderState(enc_out, self.attn.keys(enc_out), src_len, hidden,
-                                     enc_out.new_zeros(B, self.hidden_size), coverage)
+                                     enc_out.new_zeros(B, self.hidden_size), coverage,
+                                     enc_out.new_zeros(B, enc_out.shape[1]))
 
     def _joined(self, hidden: Tensor) -> Tensor:
         if self.bidirectional_encoder:
@@ -276,36 +301,37 @@ class AttentionDecoder(RefusesTorchScript, nn.Module):
             rnn_out, hidden = self.rnn(emb, hidden)
             attn_h, align = self.attn.attend(rnn_out, state.enc_out, state.keys, state.src_len)
             outputs = self.dropout(attn_h)
-            state.hidden = hidden if self.rnn_type == "LSTM" else (hidden,)
-            state.input_feed = outputs[:, -1]
-            state.alignment = align[:, -1]
+            state.advance(hidden if self.rnn_type == "LSTM" else (hidden,), outputs[:, -1],
+                          align[:, -1])
             return outputs, align, state
         outputs, alignments = [], []
         for emb_t in emb.unbind(1):
-            out, state = self.step(emb_t, state)
+            out, align = self._step(emb_t, state)
             outputs.append(out)
-            alignments.append(state.alignment)
+            alignments.append(align)
         return torch.stack(outputs, 1), torch.stack(alignments, 1), state
 
     def step(self, emb_t: Tensor, state: AttentionDecoderState
              ) -> tuple[Tensor, AttentionDecoderState]:
         """One target token per decoding row: emb_t [B * beams, E] -> (attn_h [B * beams, H],
-        the state, updated in place)."""
+        the state, updated in place: without autograd its tensors keep their addresses, so a
+        step of fixed shape captures in a CUDA graph)."""
+        return self._step(emb_t, state)[0], state
+
+    def _step(self, emb_t: Tensor, state: AttentionDecoderState) -> tuple[Tensor, Tensor]:
+        """(attn_h [rows, H], alignment [rows, S]) of one step, fresh tensors (the forward keeps
+        each step's), with the state advanced."""
         if self.input_feed:
-            rnn_out, state.hidden = self.rnn(torch.cat([emb_t, state.input_feed], 1),
-                                             state.hidden)
+            rnn_out, hidden = self.rnn(torch.cat([emb_t, state.input_feed], 1), state.hidden)
         else:
             hidden = state.hidden if self.rnn_type == "LSTM" else state.hidden[0]
             rnn_out, hidden = self.rnn(emb_t.unsqueeze(1), hidden)
             rnn_out = rnn_out.squeeze(1)
-            state.hidden = hidden if self.rnn_type == "LSTM" else (hidden,)
-        beams = state.beams
+            hidden = hidden if self.rnn_type == "LSTM" else (hidden,)
         # One query per beam: [B, beams, H] against one copy of each sentence's keys.
-        query = rnn_out.view(-1, beams, self.hidden_size)
+        query = rnn_out.view(-1, state.beams, self.hidden_size)
         attn_h, align = self.attn.attend(query, state.enc_out, state.keys, state.src_len)
         attn_h = self.dropout(attn_h.reshape(-1, self.hidden_size))
-        state.input_feed = attn_h
-        state.alignment = align.reshape(-1, align.shape[-1])
-        if state.coverage is not None:
-            state.coverage = state.coverage + state.alignment
-        return attn_h, state
+        align = align.reshape(-1, align.shape[-1])
+        state.advance(hidden, attn_h, align)
+        return attn_h, align

@@ -144,6 +144,88 @@ def test_steps_equal_the_teacher_forced_forward(input_feed):
         torch.testing.assert_close(g, e)
 
 
+def _buffers(state):
+    return [t.data_ptr() for t in (*state.hidden, state.input_feed, state.alignment,
+                                   state.coverage)]
+
+
+@pytest.mark.parametrize("input_feed", [True, False])
+def test_decoding_writes_the_state_in_place(input_feed):
+    """Without autograd, steps and beam reorders overwrite the state's buffers (their addresses
+    stay: what a CUDA graph replays) and give what the same steps give under autograd, where
+    the state's tensors are rebound instead; each step's output is a tensor of its own."""
+    decoder, embed, _ = small_decoder("LSTM", "mlp", input_feed, coverage=input_feed)
+    enc = torch.randn(2, 7, 6, dtype=torch.float64)
+    lengths, tokens = torch.tensor([7, 3]), torch.randint(0, 4, (6, 4))
+    reorders = [torch.tensor([2, 0, 0, 5, 3, 4]), torch.tensor([1, 1, 2, 3, 5, 5])]
+
+    def decode(grad):
+        with torch.set_grad_enabled(grad):
+            state = decoder.init_state(enc.requires_grad_(grad), lengths).expand_beams(3)
+            if not input_feed:
+                state.coverage = torch.zeros(6, 7, dtype=torch.float64)  # a buffer to watch
+            start, outs = _buffers(state), []
+            for t in range(4):
+                out, state = decoder.step(embed(tokens[:, t]).detach(), state)
+                assert grad or out.data_ptr() != state.input_feed.data_ptr()
+                outs.append(out)
+                if t < 2:
+                    state.reorder(reorders[t])
+            assert (_buffers(state) == start) is not grad
+            return [o.detach() for o in outs], state
+
+    (in_place, state), (rebound, state_grad) = decode(False), decode(True)
+    for got, want in zip(in_place, rebound):
+        torch.testing.assert_close(got, want)
+    for got, want in zip((*state.hidden, state.input_feed, state.alignment),
+                         (*state_grad.hidden, state_grad.input_feed, state_grad.alignment)):
+        torch.testing.assert_close(got, want.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: the GPU run")
+def test_a_beam_step_captures_in_a_cuda_graph():
+    """One decoding step of 4 sentences x 5 beams at H = 256 (embed the tokens, step, reorder
+    to fixed survivors) captured once and replayed three times equals three eager steps, and
+    makes no host sync."""
+    torch.manual_seed(0)
+    decoder = AttentionDecoder("LSTM", 128, 256, 2, attn_type="mlp", coverage_attn=True,
+                               device="cuda").eval()
+    embed = torch.nn.Embedding(100, 128, device="cuda")
+    enc = torch.randn(4, 30, 256, device="cuda")
+    lengths = torch.tensor([30, 17, 1, 25], device="cuda")
+    tokens = torch.randint(0, 100, (20,), device="cuda")
+    survivors = torch.randperm(20, device="cuda")
+
+    def one_step(state):
+        out, state = decoder.step(embed(tokens), state)
+        state.reorder(survivors)
+        return out
+
+    with torch.no_grad():
+        state = decoder.init_state(enc, lengths).expand_beams(5)
+        eager = decoder.init_state(enc, lengths).expand_beams(5)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compilation) outside the capture
+            one_step(decoder.init_state(enc, lengths).expand_beams(5))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = one_step(state)
+        for _ in range(3):  # the capture ran nothing: both states start at the beginning
+            tokens.random_(0, 100)
+            graph.replay()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                expected = one_step(eager)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.testing.assert_close(captured, expected)
+        for got, want in zip((*state.hidden, state.input_feed, state.coverage),
+                             (*eager.hidden, eager.input_feed, eager.coverage)):
+            torch.testing.assert_close(got, want)
+
+
 def exhaustive_best(decoder, embed, generator, enc, lengths, b, bos, eos, max_length, n):
     """Every sequence of up to max_length tokens (ending at eos, or at max_length), scored
     token by token: the n best, best first."""
