@@ -98,10 +98,10 @@ FAMILIES = {f.name: f for f in (
            auto_cpu="torch (SDPA per part)", auto_cuda="triton"),
     Family("attention_decoder", "attention",
            "RNN encoder-decoders' global attention (Luong, Bahdanau, location-aware): "
-           "OpenNMT-py's decoders and beam search",
+           "OpenNMT-py's and SpeechBrain's decoders and beam search",
            ops=("global_attention",),
            layers=("GlobalAttention", "AttentionDecoder"),
-           models=("AttentionDecoderState", "Hypothesis"),
+           models=("AttentionDecoderState", "Hypothesis", "AttentionalRNNDecoder"),
            auto_cpu="torch (the original code's ops)", auto_cuda="triton"),
 )}
 

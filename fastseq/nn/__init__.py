@@ -15,6 +15,7 @@ for _family in _FAMILIES.values():
 
 from .adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax  # noqa: E402
 from .attention_decoder import AttentionDecoderState  # noqa: E402
+from .attentional_rnn_decoder import AttentionalRNNDecoder  # noqa: E402
 from .beam_search import Hypothesis, beam_search, greedy_search  # noqa: E402
 from .block_recurrent import BlockRecurrentMemory  # noqa: E402
 from .block_recurrent_lm import BlockRecurrentTransformerLM  # noqa: E402
@@ -28,4 +29,4 @@ __all__ = [layer for family in _FAMILIES.values() for layer in family.layers] + 
     "TransformerEncoderLayer", "TransformerDecoderLayer", "PositionwiseFF", "TransformerXLLayer",
     "TransformerXL", "TransformerXLLM", "TransformerXLDecodingState", "AdaptiveEmbedding",
     "ProjectedAdaptiveLogSoftmax", "BlockRecurrentTransformerLM", "BlockRecurrentMemory",
-    "AttentionDecoderState", "Hypothesis", "beam_search", "greedy_search", "safe_globals"]
+    "AttentionDecoderState", "AttentionalRNNDecoder", "Hypothesis", "beam_search", "greedy_search", "safe_globals"]

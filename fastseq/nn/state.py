@@ -24,7 +24,9 @@ CUDA graph. The layers:
   fastseq.nn.AttentionDecoder       x: one embedded target token per row [B, E];
                                    state: AttentionDecoderState (the encoder states and their
                                    attention keys, the cells' hidden, the input feed); beams
-                                   share each sentence's encoder states (beam_search)
+                                   share each sentence's encoder states (beam_search); decoding
+                                   overwrites its tensors in place
+  fastseq.nn.AttentionalRNNDecoder  SpeechBrain's decoder: x [B, input_size], the same state
 
 A new stateful family implements init_state and step on its layer and reuses its forward's
 pieces (the projection, the attention call, the block after it) rather than a copy of them.

@@ -30,6 +30,7 @@ STATEFUL = {
     "BlockRecurrentTransformerLayer": "test_block_recurrent_layer.py",
     "BlockRecurrentTransformerLM": "test_block_recurrent_layer.py",
     "AttentionDecoder": "test_attention_decoder_layer.py",
+    "AttentionalRNNDecoder": "test_speechbrain_decoder.py",
 }
 
 
