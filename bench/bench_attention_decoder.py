@@ -1,7 +1,10 @@
-"""RNN attention decoders (OpenNMT-py's input-feeding decoder): fastseq's
-(fastseq.nn.AttentionDecoder: fused cells, fused global attention) against the same decoder on
-plain PyTorch (the torch backend: torch's cells and OpenNMT-py's attention ops, the code users
-run) and the reference backend; teacher-forced fwd and fwd+bwd, and beam-5 decoding in tokens/s.
+"""RNN attention decoders: fastseq's (fastseq.nn.AttentionDecoder: fused cells, fused global
+attention) against the same decoder on plain PyTorch (the torch backend: torch's cells and
+OpenNMT-py's attention ops, the code users run) and the reference backend; teacher-forced fwd
+and fwd+bwd of OpenNMT-py's input-feeding decoder (a step loop) and of its standard decoder (on
+the torch backend: cuDNN's LSTM over the targets, then one batched attention), beam-5 decoding
+in tokens/s, and SpeechBrain's AttentionalRNNDecoder (location-aware) against SpeechBrain's own
+code when it is installed.
 
 GPU: OpenNMT-py's default size (B = 64, S = 50, T = 50, H = 1024, 2 LSTM layers, "general"
 attention), bf16. CPU: a small case in float32. FLOPs (2 per multiply-add): per step and row,
@@ -31,10 +34,11 @@ def step_flops(rows: int) -> float:
     return rows * (cells + attention)
 
 
-def make(provider):
+def make(provider, input_feed=True):
     torch.manual_seed(0)
     decoder = AttentionDecoder("LSTM", EMBED, HIDDEN, LAYERS, attn_type="general",
-                               backend=PROVIDERS[provider], device=DEVICE, dtype=DTYPE).eval()
+                               input_feed=input_feed, backend=PROVIDERS[provider],
+                               device=DEVICE, dtype=DTYPE).eval()
     enc = torch.randn(BATCH, SOURCE, HIDDEN, device=DEVICE, dtype=DTYPE)
     lengths = torch.randint(SOURCE // 2, SOURCE + 1, (BATCH,), device=DEVICE)
     emb = torch.randn(BATCH, TARGET, EMBED, device=DEVICE, dtype=DTYPE)
@@ -43,13 +47,16 @@ def make(provider):
 
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-def bench_attention_decoder(benchmark, provider, passes):
-    decoder, enc, lengths, emb = make(provider)
+@pytest.mark.parametrize("decoder_kind", ["input_feed", "std"])
+def bench_attention_decoder(benchmark, provider, passes, decoder_kind):
+    input_feed = decoder_kind == "input_feed"
+    decoder, enc, lengths, emb = make(provider, input_feed)
     if passes != "fwd":
         emb.requires_grad_()
     with torch.no_grad():  # the check: row 0 against the reference backend in float64
         twin = AttentionDecoder("LSTM", EMBED, HIDDEN, LAYERS, attn_type="general",
-                                backend="reference", device=DEVICE, dtype=torch.float64)
+                                input_feed=input_feed, backend="reference", device=DEVICE,
+                                dtype=torch.float64)
         twin.load_state_dict(decoder.state_dict())
         expected, _, _ = twin(emb[:1].double(), twin.init_state(enc[:1].double(), lengths[:1]))
         got, _, _ = decoder(emb[:1], decoder.init_state(enc[:1], lengths[:1]))
@@ -57,8 +64,9 @@ def bench_attention_decoder(benchmark, provider, passes):
     step = pass_step(passes, lambda: decoder(emb, decoder.init_state(enc, lengths))[0])
     step()
     flop = step_flops(BATCH) * TARGET * (1 if passes == "fwd" else 3)
-    run_timed(benchmark, step, calls_per_round=3, op="attention_decoder", provider=provider,
-              passes=passes, gflop=flop / 1e9,
+    run_timed(benchmark, step, calls_per_round=3,
+              op="attention_decoder" if input_feed else "attention_decoder_std",
+              provider=provider, passes=passes, gflop=flop / 1e9,
               shape=f"B={BATCH} S={SOURCE} T={TARGET} H={HIDDEN} L={LAYERS} LSTM general",
               dtype=str(DTYPE).split(".")[1], length=TARGET)
 
@@ -88,6 +96,41 @@ def bench_beam_search(benchmark, provider):
                   shape=f"B={BEAM_BATCH} beam={BEAM} steps={BEAM_STEPS} H={HIDDEN} V={VOCAB}",
                   dtype=str(DTYPE).split(".")[1], length=BEAM_STEPS,
                   tokens=BEAM_BATCH * BEAM_STEPS)
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", ["fastseq", "speechbrain"])
+def bench_speechbrain_decoder(benchmark, provider, passes):
+    """SpeechBrain's AttentionalRNNDecoder (2 LSTM layers, location-aware attention, attn_dim
+    HIDDEN, 10 channels, kernel 2 x 50 + 1 as its LAS recipes) teacher-forced: its own code
+    against fastseq.nn.AttentionalRNNDecoder.from_speechbrain of the same weights. float32 (the
+    original makes its first alignment in float32)."""
+    sb_rnn = pytest.importorskip("speechbrain.nnet.RNN", reason="SpeechBrain is not installed")
+    from fastseq.nn import AttentionalRNNDecoder
+    torch.manual_seed(0)
+    theirs = sb_rnn.AttentionalRNNDecoder(
+        rnn_type="lstm", attn_type="location", hidden_size=HIDDEN, attn_dim=HIDDEN,
+        num_layers=LAYERS, enc_dim=HIDDEN, input_size=EMBED, channels=10, kernel_size=50,
+        re_init=False).to(DEVICE).eval()
+    decoder = AttentionalRNNDecoder.from_speechbrain(theirs) if provider == "fastseq" else theirs
+    enc = torch.randn(BATCH, SOURCE, HIDDEN, device=DEVICE)
+    wav_len = torch.linspace(0.5, 1.0, BATCH, device=DEVICE)
+    emb = torch.randn(BATCH, TARGET, EMBED, device=DEVICE, requires_grad=passes != "fwd")
+    with torch.no_grad():
+        expected = theirs(emb[:1].detach(), enc[:1], wav_len[:1])[0]
+        record_error(benchmark, decoder(emb[:1].detach(), enc[:1], wav_len[:1])[0], expected)
+    step = pass_step(passes, lambda: decoder(emb, enc, wav_len)[0])
+    step()
+    cells = 2 * 4 * HIDDEN * (EMBED + 2 * HIDDEN) + (LAYERS - 1) * 2 * 4 * HIDDEN * 2 * HIDDEN
+    # mlp_dec, mlp_out and proj (8 H^2), the location convolution (101 taps x 10 channels) and
+    # mlp_loc, the scores' v . tanh and the context (4 S H).
+    attention = 8 * HIDDEN * HIDDEN + 2 * SOURCE * 101 * 10 + 2 * SOURCE * 10 * HIDDEN \
+        + 4 * SOURCE * HIDDEN
+    run_timed(benchmark, step, calls_per_round=3, op="speechbrain_decoder", provider=provider,
+              passes=passes,
+              gflop=BATCH * (cells + attention) * TARGET * (1 if passes == "fwd" else 3) / 1e9,
+              shape=f"B={BATCH} S={SOURCE} T={TARGET} H={HIDDEN} L={LAYERS} LSTM location",
+              dtype="float32", length=TARGET)
 
 
 def gpu_smoke(out) -> bool:
