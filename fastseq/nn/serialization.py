@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 
 # The torch modules and functions fastseq's layers hold (projections, MultiheadAttention's
-# out_proj class, dropout, norms, embeddings, containers, the Transformer layers' activations).
+# out_proj class, dropout, norms, embeddings, containers, the Transformer layers' activations,
+# the location-aware attention's convolution).
 _TORCH_PARTS = (torch.nn.Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear,
                 torch.nn.Dropout, torch.nn.LayerNorm, torch.nn.Embedding, torch.nn.ModuleList,
-                torch.nn.Sequential, torch.nn.ParameterList, torch.nn.ReLU, F.relu, F.gelu)
+                torch.nn.Sequential, torch.nn.ParameterList, torch.nn.ReLU, torch.nn.Conv1d,
+                F.relu, F.gelu)
 
 
 def safe_globals() -> list:

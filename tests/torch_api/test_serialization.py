@@ -36,6 +36,8 @@ LAYERS = {
     "KVCache": lambda: fastseq.nn.KVCache(2, 1, 6, 4),
     "GlobalAttention": lambda: fastseq.nn.GlobalAttention(6, coverage=True, attn_type="mlp"),
     "AttentionDecoder": lambda: fastseq.nn.AttentionDecoder("LSTM", 5, 6, 2, attn_type="general"),
+    "AttentionalRNNDecoder": lambda: fastseq.nn.AttentionalRNNDecoder(
+        "lstm", "location", 6, 5, 2, 4, 3, channels=2, kernel_size=3),
     "BlockRecurrentTransformerLayer": lambda: fastseq.nn.BlockRecurrentTransformerLayer(
         8, 2, 4, 16, 3, 2, gate="lstm", configuration="single"),
     "BlockRecurrentTransformerLM": lambda: fastseq.nn.BlockRecurrentTransformerLM(

@@ -29,6 +29,7 @@ LAYERS = {
     "KVCache": lambda: fastseq.nn.KVCache(2, 1, 6, 4),
     "GlobalAttention": lambda: fastseq.nn.GlobalAttention(6, attn_type="general"),
     "AttentionDecoder": lambda: fastseq.nn.AttentionDecoder("GRU", 5, 6, input_feed=False),
+    "AttentionalRNNDecoder": lambda: fastseq.nn.AttentionalRNNDecoder("gru", "content", 6, 5, 1, 4, 3),
     "BlockRecurrentTransformerLayer": lambda: fastseq.nn.BlockRecurrentTransformerLayer(
         8, 2, 4, 16, 3, 2),
     "BlockRecurrentTransformerLM": lambda: fastseq.nn.BlockRecurrentTransformerLM(
