@@ -85,11 +85,14 @@ class TransformerXLLayer(RefusesTorchScript, nn.Module):
         return self.pos_ff(out), state
 
 
-def decode_segment(model, embedded: Tensor, mems, r_w_bias, r_r_bias, dtype):
+def decode_segment(model, embedded: Tensor, mems, r_w_bias, r_r_bias, dtype, *, relay=None):
     """One segment through `model`'s decoder stack (its layers, pos_emb, drop, mem_len,
     clamp_len, same_length): embedded [qlen, B, d_model] (before dropout) -> (the last layer's
-    output after dropout, hids: the input of every layer, then the last layer's output)."""
-    qlen, mlen = embedded.shape[0], (mems[0].shape[0] if mems else 0)
+    output after dropout, hids: the input of every layer, then the last layer's output).
+    relay (fastseq.distributed's MemoryRelay, a segment split across ranks): gives each
+    layer's memory from its input (relay(i, layer_input)) instead of mems, and its length."""
+    qlen = embedded.shape[0]
+    mlen = relay.mlen if relay is not None else (mems[0].shape[0] if mems else 0)
     klen = mlen + qlen
     positions = position_rows(klen, model.clamp_len)
     pos_seq = torch.arange(positions - 1, -1, -1.0, device=embedded.device)
@@ -100,8 +103,9 @@ def decode_segment(model, embedded: Tensor, mems, r_w_bias, r_r_bias, dtype):
     window = model.mem_len if model.same_length and model.mem_len > 0 else None
     hids = [core_out]
     for i, layer in enumerate(model.layers):
-        core_out = layer(core_out, pos_emb, r_w_bias, r_r_bias,
-                         mems=mems[i] if mems else None, is_causal=True, window=window)
+        memory = relay(i, core_out) if relay is not None else (mems[i] if mems else None)
+        core_out = layer(core_out, pos_emb, r_w_bias, r_r_bias, mems=memory, is_causal=True,
+                         window=window)
         hids.append(core_out)
     return model.drop(core_out), hids
 

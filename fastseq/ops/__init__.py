@@ -20,3 +20,17 @@ from .registry import PUBLIC_OPS  # noqa: E402 (it reads the functions exported 
 
 __all__ = [op for family in _FAMILIES.values() for op in family.ops] + ["AttentionMask",
                                                                          "PUBLIC_OPS"]
+
+
+def _refuse_dtensors_in_registered_ops() -> None:
+    """torch.ops.fastseq.* take local tensors; a DTensor reaching one directly is refused by
+    name (fastseq/ops/_sharding.py), the public ops above run on shards."""
+    import torch
+
+    from ._sharding import refuse_dtensors
+    namespace = torch.ops.fastseq
+    refuse_dtensors([getattr(getattr(namespace, name), overload)
+                     for name in namespace for overload in getattr(namespace, name).overloads()])
+
+
+_refuse_dtensors_in_registered_ops()

@@ -64,11 +64,14 @@ from ._autocast import autocast_op
 from ._registration import fused
 from ._checks import check_mask, check_same_dtype_device, check_tensor, fail, needs_grad
 from .attention_mask import AttentionMask, Visibility, materialized, normalize, window_sides
+from ._sharding import shards
+from ._sharding_rules import attention_axes, attention_varlen_axes
 
 OP = "fastseq.ops.attention"
 OP_VARLEN = "fastseq.ops.attention_varlen"
 
 
+@shards(attention_axes)
 @autocast_op("attention")
 def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
@@ -91,6 +94,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask=None,
     return BACKENDS.run(call, backend)
 
 
+@shards(attention_varlen_axes)
 def attention_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor,
                      cu_seqlens_k: Tensor, max_seqlen_q: Optional[int] = None,
                      max_seqlen_k: Optional[int] = None, *, dropout_p: float = 0.0,

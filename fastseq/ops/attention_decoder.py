@@ -22,11 +22,14 @@ from . import attention_decoder_registration as _registered_ops  # noqa: F401  (
 from ._autocast import autocast_op
 from ._checks import check_same_dtype_device, check_shape, check_tensor, fail, needs_grad
 from ._registration import fused
+from ._sharding import shards
+from ._sharding_rules import global_attention_axes
 
 OP = "fastseq.ops.global_attention"
 SCORES = _reference.SCORES
 
 
+@shards(global_attention_axes)
 @autocast_op("global_attention")
 def global_attention(query: Tensor, keys: Tensor, values: Tensor, *, score: str = "dot",
                      lengths: Optional[Tensor] = None, v: Optional[Tensor] = None,

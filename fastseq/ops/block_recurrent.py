@@ -30,10 +30,13 @@ from . import block_recurrent_registration as _registered_ops  # noqa: F401  (re
 from ._autocast import autocast_op
 from ._checks import check_same_dtype_device, check_shape, check_tensor, fail, needs_grad
 from ._registration import fused
+from ._sharding import shards
+from ._sharding_rules import block_recurrent_attention_axes, block_recurrent_gate_axes
 
 OP = "fastseq.ops.block_recurrent_attention"
 
 
+@shards(block_recurrent_attention_axes)
 @autocast_op("block_recurrent_attention")
 def block_recurrent_attention(query: Tensor, key: Tensor, value: Tensor,
                               query2: Optional[Tensor] = None, key2: Optional[Tensor] = None,
@@ -126,6 +129,7 @@ BACKENDS = _backends.attention_backends(
 GATE_OP = "fastseq.ops.block_recurrent_gate"
 
 
+@shards(block_recurrent_gate_axes)
 @autocast_op("block_recurrent_gate")
 def block_recurrent_gate(state: Tensor, y: Tensor, *, gate_bias: Optional[Tensor] = None,
                          forget: Optional[Tensor] = None, remember: Optional[Tensor] = None,

@@ -64,10 +64,13 @@ from . import kv_cache_registration as _registered_ops  # noqa: F401  (registers
 from ._autocast import _AUTOCAST_DEVICES
 from ._checks import check_same_dtype_device, check_tensor, fail
 from .attention import NO_LSE
+from ._sharding import shards
+from ._sharding_rules import kv_cache_axes
 
 OP = "fastseq.ops.attention_with_kv_cache"
 
 
+@shards(kv_cache_axes)
 def attention_with_kv_cache(query: Tensor, k_cache: Tensor, v_cache: Tensor,
                             cache_seqlens: Union[Tensor, int], key: Optional[Tensor] = None,
                             value: Optional[Tensor] = None, *, is_causal: bool = True,

@@ -19,10 +19,13 @@ from ._autocast import autocast_op, recurrent_mode
 from ._registration import fused
 from ._checks import check_same_dtype_device, check_shape, check_tensor, fail, needs_grad
 from .rnn import _checked_lengths, _validate
+from ._sharding import shards
+from ._sharding_rules import rnn_layer_axes
 
 OP = "fastseq.ops.layer_norm_rnn_layer"
 
 
+@shards(rnn_layer_axes)
 @autocast_op(recurrent_mode)  # as the mode's plain layer: torch has no layer-norm RNN
 def layer_norm_rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
                          b_ih: Optional[Tensor], b_hh: Optional[Tensor], ln_ih_weight: Tensor,

@@ -35,10 +35,13 @@ from ._registration import fused
 from .attention import NO_LSE, split_kv_decode
 from ._checks import (check_mask, check_same_dtype_device, check_shape, check_tensor, fail,
                       needs_grad)
+from ._sharding import shards
+from ._sharding_rules import rel_attention_axes
 
 OP = "fastseq.ops.rel_attention"
 
 
+@shards(rel_attention_axes)
 @autocast_op("rel_attention")
 def rel_attention(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, content_bias: Tensor,
                   position_bias: Tensor, *, attn_mask: Optional[Tensor] = None,

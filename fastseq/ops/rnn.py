@@ -23,12 +23,15 @@ from ._registration import fused
 from .rnn_stack import TORCH_HAS_NO_ZONEOUT, TORCH_REFUSES_EMPTY, rnn_stack  # noqa: F401
 from ._checks import (check_same_dtype_device, check_shape, check_tensor, checked_lengths, fail,
                       needs_grad)
+from ._sharding import shards
+from ._sharding_rules import rnn_bidirectional_layer_axes, rnn_layer_axes
 
 OP = "fastseq.ops.rnn_layer"
 _TORCH_LAYERS = {"lstm": torch.lstm, "gru": torch.gru, "rnn_tanh": torch.rnn_tanh,
                  "rnn_relu": torch.rnn_relu}
 
 
+@shards(rnn_layer_axes)
 @autocast_op(recurrent_mode)
 def rnn_layer(mode: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
@@ -151,6 +154,7 @@ def _projected_layer(forward, gates_x, h0, c0, w_hh, b_hh, w_hr, lengths, revers
     return y, h_n, c_n
 
 
+@shards(rnn_bidirectional_layer_axes)
 @autocast_op(recurrent_mode)
 def rnn_bidirectional_layer(mode: str, input: Tensor, hx, forward_weights: Sequence[Optional[Tensor]],
                             reverse_weights: Sequence[Optional[Tensor]], *,

@@ -19,6 +19,8 @@ from . import rnn_cell_registration as _registered_ops  # noqa: F401  (registers
 from ._autocast import autocast_op
 from ._registration import fused
 from ._checks import check_same_dtype_device, check_shape, check_tensor, fail, needs_grad
+from ._sharding import shards
+from ._sharding_rules import cell_axes
 
 _CELL_NAMES = {
     "lstm": "fastseq.ops.lstm_cell",
@@ -40,6 +42,7 @@ _REFERENCE_CELLS = {
 }
 
 
+@shards(cell_axes(2))
 @autocast_op("lstm_cell")
 def lstm_cell(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
@@ -51,6 +54,7 @@ def lstm_cell(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], w_ih: Tensor, 
     return _cell("lstm", input, h, c, w_ih, w_hh, b_ih, b_hh, backend)
 
 
+@shards(cell_axes(1))
 @autocast_op("gru_cell")
 def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
@@ -59,6 +63,7 @@ def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
     return _cell("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
 
 
+@shards(cell_axes(1))
 @autocast_op("rnn_tanh_cell")
 def rnn_tanh_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                   b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,
@@ -67,6 +72,7 @@ def rnn_tanh_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tenso
     return _cell("rnn_tanh", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
 
 
+@shards(cell_axes(1))
 @autocast_op("rnn_relu_cell")
 def rnn_relu_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                   b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, *,

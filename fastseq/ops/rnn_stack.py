@@ -19,6 +19,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .. import backend as _backends
 from ..kernels.recurrent_layout import GATES
 from ._checks import InputError, checked_lengths, fail
+from ._sharding import shards
+from ._sharding_rules import rnn_stack_axes
 
 OP = "fastseq.ops.rnn_stack"
 TORCH_HAS_NO_ZONEOUT = "torch's RNNs have no zoneout (fastseq's backends have)"
@@ -27,6 +29,7 @@ _TORCH_STACKS = {"lstm": torch.lstm, "gru": torch.gru, "rnn_tanh": torch.rnn_tan
                  "rnn_relu": torch.rnn_relu}
 
 
+@shards(rnn_stack_axes)
 def rnn_stack(mode: str, input, hx, weights: Sequence[Tensor], *, num_layers: int = 1,
               bias: bool = True, bidirectional: bool = False, batch_first: bool = False,
               dropout: float = 0.0, training: bool = False, lengths=None,
