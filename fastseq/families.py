@@ -75,7 +75,7 @@ FAMILIES = {f.name: f for f in (
            ops=("attention", "attention_varlen"),
            layers=("MultiheadAttention",),
            models=("TransformerEncoderLayer", "TransformerDecoderLayer"),
-           model_suites=("hf_transformers",),
+           model_suites=("hf_transformers", "context_parallel"),
            auto_cpu="torch (SDPA)", auto_cuda="triton"),
     Family("kv_cache", "attention", "decoding against a key/value cache (split-KV for long caches)",
            ops=("attention_with_kv_cache",),
