@@ -9,7 +9,7 @@
 fastseq.distributed is imported on its own (import fastseq.distributed): fastseq does not
 need torch.distributed otherwise.
 """
-from .ring_attention import ring_attention
+from .ring import ring_attention
 from .sequence import LAYOUTS, gather_sequence, piece_sizes, split_sequence
 from .transformer_xl import transformer_xl_lm_loss, transformer_xl_segment
 

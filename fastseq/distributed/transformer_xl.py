@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..ops._checks import InputError
-from .ring_attention import _exchange, _global_rank, _wait
+from .ring import _exchange, _global_rank, _wait
 from .sequence import rank_and_size
 
 OP = "fastseq.distributed.transformer_xl_segment"

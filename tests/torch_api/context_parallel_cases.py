@@ -48,7 +48,9 @@ def ring_attention(mesh):
             # 3n + 1 positions: no layout splits them evenly; 2 < n pieces of 2n hold nothing
             _ring_equals_whole(group, 3 * n + 1, layout, is_causal, 2, "reference")
     _ring_equals_whole(group, 2, "zigzag", True, 2, "reference")
-    _ring_equals_whole(group, 4 * n - 1, "zigzag", True, 1, "triton")  # GQA, Triton blocks
+    # Triton blocks (the backward kernel given the final log-sum-exp), GQA
+    _ring_equals_whole(group, 4 * n - 1, "zigzag", True, 1, "triton")
+    _ring_equals_whole(group, 3 * n + 2, "contiguous", False, 2, "triton")
 
 
 def ring_attention_refusals(mesh):
@@ -58,6 +60,8 @@ def ring_attention_refusals(mesh):
         cp.ring_attention(q, q, q, group=group, layout="striped", seq_len=3 * mesh.size())
     with pytest.raises(fastseq.InputError, match="holds 3 positions, but its contiguous part"):
         cp.ring_attention(q, q, q, group=group, seq_len=5 * mesh.size())
+    with pytest.raises(fastseq.InputError, match="backend must be one of .*'torch'"):
+        cp.ring_attention(q, q, q, group=group, seq_len=3 * mesh.size(), backend="torch")
     with pytest.raises(fastseq.InputError, match="key must be a 4-D tensor"):
         cp.ring_attention(q, q[0], q, group=group, seq_len=3 * mesh.size())
 

@@ -15,9 +15,12 @@ which every rank adds its queries' share to before passing them on; after n step
 home. A block's share is the gradient of its partial attention, recomputed with fastseq's
 attention, weighted by the block's part of the final softmax: with w = exp(lse_b - lse), the
 block's output receives w dout and its log-sum-exp w (dout . (out_b - out)) - the exact
-gradient of the merge. Any fastseq backend that returns the log-sum-exp serves (triton,
-reference); each block's forward runs twice (once per pass), as FlashAttention's backward
-recomputes its probabilities.
+gradient of the merge. On the Triton backend that is one launch of the fused backward kernel
+per block, given the final log-sum-exp and delta = rowsum(dout out) in place of the block's
+own (its probabilities exp(s - lse) are then the block's part of the final softmax, so dS =
+P (dP - delta) is the block's share exactly: what ring-flash-attention does with
+FlashAttention's kernels). Other backends that return the log-sum-exp (reference) recompute
+the block's attention under autograd and take its gradient with the weights above.
 
 Sent per step and rank: one key block and one value block forward ([B, Hk, L/n, E] each);
 backward the same plus their gradients (twice the bytes).
@@ -142,6 +145,7 @@ def _forward(ring: Ring, query: Tensor, key: Tensor, value: Tensor):
 def _backward(ring: Ring, dout: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
               lse: Tensor):
     acc = _accumulator_dtype(query.dtype)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)  # the final softmax's, for every block
     dq = torch.zeros_like(query, dtype=acc)
     current = (key.contiguous(), value.contiguous())
     grads = (torch.zeros_like(key, dtype=acc), torch.zeros_like(value, dtype=acc))
@@ -153,21 +157,15 @@ def _backward(ring: Ring, dout: Tensor, query: Tensor, key: Tensor, value: Tenso
             incoming = (_block_like(key, length), _block_like(value, length))
             requests = _exchange(ring, current, incoming)
         for q_rows, k_rows, causal in ring.blocks(source):
-            q = _rows(query, q_rows).detach().requires_grad_()
-            k = _rows(current[0], k_rows).detach().requires_grad_()
-            v = _rows(current[1], k_rows).detach().requires_grad_()
-            with torch.enable_grad():
-                block_out, block_lse = _attend(ring, q, k, v, causal)
-            total = _rows(lse, q_rows)
-            weight = torch.where(torch.isfinite(total),
-                                 torch.exp(block_lse.detach().to(acc) - total), 0)
-            d_rows = _rows(dout, q_rows).to(acc)
-            d_out = d_rows * weight[..., None]
-            d_lse = weight * (d_rows * (block_out.detach().to(acc)
-                                        - _rows(out, q_rows).to(acc))).sum(-1)
-            dq_b, dk_b, dv_b = torch.autograd.grad(
-                (block_out, block_lse), (q, k, v),
-                (d_out.to(block_out.dtype), d_lse.to(block_lse.dtype)))
+            block = (_rows(query, q_rows), _rows(current[0], k_rows), _rows(current[1], k_rows))
+            if ring.backend == "triton":
+                dq_b, dk_b, dv_b = _kernel_block_backward(
+                    ring, _rows(dout, q_rows), block, _rows(lse, q_rows), _rows(delta, q_rows),
+                    causal)
+            else:
+                dq_b, dk_b, dv_b = _recomputed_block_backward(
+                    ring, _rows(dout, q_rows), block, _rows(lse, q_rows), _rows(out, q_rows),
+                    causal)
             _rows(dq, q_rows).add_(dq_b)
             _rows(grads[0], k_rows).add_(dk_b)
             _rows(grads[1], k_rows).add_(dv_b)
@@ -179,6 +177,33 @@ def _backward(ring: Ring, dout: Tensor, query: Tensor, key: Tensor, value: Tenso
         if incoming is not None:
             current = incoming
     return dq.to(query.dtype), grads[0].to(key.dtype), grads[1].to(value.dtype)
+
+
+def _kernel_block_backward(ring: Ring, dout: Tensor, block: tuple, lse: Tensor, delta: Tensor,
+                           causal: bool) -> tuple:
+    """One launch of the Triton backward kernel on a block, with the final lse and delta."""
+    q, k, v = (t.contiguous() for t in block)
+    dq, dk, dv, _ = torch.ops.fastseq.attention_backward_triton(
+        dout.contiguous(), q, k, v, lse.contiguous(), delta.contiguous(), None, False, None,
+        None, None, None, None, None, 0.0, False, -1, 0 if causal else -1, 0.0, 0, 0,
+        ring.scale)
+    return dq, dk, dv
+
+
+def _recomputed_block_backward(ring: Ring, dout: Tensor, block: tuple, lse: Tensor,
+                               out: Tensor, causal: bool) -> tuple:
+    """A block's share recomputed under autograd: its output's gradient w dout, its
+    log-sum-exp's w (dout . (out_b - out)), w = exp(lse_b - lse) (module docstring)."""
+    acc = lse.dtype
+    q, k, v = (t.detach().requires_grad_() for t in block)
+    with torch.enable_grad():
+        block_out, block_lse = _attend(ring, q, k, v, causal)
+    weight = torch.where(torch.isfinite(lse), torch.exp(block_lse.detach().to(acc) - lse), 0)
+    d_rows = dout.to(acc)
+    d_out = d_rows * weight[..., None]
+    d_lse = weight * (d_rows * (block_out.detach().to(acc) - out.to(acc))).sum(-1)
+    return torch.autograd.grad((block_out, block_lse), (q, k, v),
+                               (d_out.to(block_out.dtype), d_lse.to(block_lse.dtype)))
 
 
 class _RingAttention(torch.autograd.Function):
@@ -225,6 +250,24 @@ def _sequence_length(query: Tensor, group, seq_len: Optional[int]) -> int:
     return int(total.item())
 
 
+RING_BACKENDS = ("triton", "reference")  # the attention backends that return the log-sum-exp
+
+
+def _ring_backend(query: Tensor, value: Tensor, backend: Optional[str]) -> str:
+    """backend, or auto's: Triton where it runs (CUDA), else the reference."""
+    from ..backend import triton_unavailable
+    from ..kernels.limits import ATTENTION_MAX_HEAD_DIM
+    if backend is None:
+        fits = max(query.shape[-1], value.shape[-1]) <= ATTENTION_MAX_HEAD_DIM
+        return "triton" if query.is_cuda and fits and \
+            triton_unavailable(query.device) is None else "reference"
+    if backend not in RING_BACKENDS:
+        raise InputError(f"{OP}: backend must be one of {RING_BACKENDS} (the attention "
+                         f"backends that return the log-sum-exp a ring merges by) or None, got "
+                         f"{backend!r}")
+    return backend
+
+
 def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool = False,
                    group: Optional[dist.ProcessGroup] = None, layout: str = "contiguous",
                    seq_len: Optional[int] = None, scale: Optional[float] = None,
@@ -234,12 +277,14 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool
     query [B, Hq, L_r, E], key [B, Hk, L_r, E], value [B, Hk, L_r, Ev]: this rank's part of
     the sequence in `layout` ("contiguous" or "zigzag": fastseq.distributed.split_sequence
     makes them); Hq a multiple of Hk is GQA. is_causal: over global positions. seq_len: the
-    whole sequence's length (else one all-reduce finds it). backend: the fastseq backend of
-    each block (one that returns the log-sum-exp: triton, reference; auto picks one).
+    whole sequence's length (else one all-reduce finds it). backend: each block's fastseq
+    backend, "triton" or "reference" (those return the log-sum-exp); None: Triton on CUDA,
+    else the reference.
     Returns this rank's part of the output, [B, Hq, L_r, Ev], differentiable (the gradients
     travel the ring back; double backward is refused)."""
     _check(query, key, value, is_causal)
     check_layout(layout)
+    backend = _ring_backend(query, value, backend)
     rank, ranks = rank_and_size(group)
     seq_len = _sequence_length(query, group, seq_len)
     sizes = tuple(tuple(s) for s in piece_sizes(seq_len, ranks, layout))
