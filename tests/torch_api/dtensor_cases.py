@@ -15,6 +15,7 @@ from fastseq import ops
 
 F64 = torch.float64
 PLAIN = "plain"  # a layout entry: pass the whole tensor as a plain tensor
+GRIDS = {}  # size -> a [1, size] DeviceMesh, set by tests/torch_api/multi_rank.py
 
 
 def _flat(result) -> list:
@@ -205,6 +206,29 @@ def tensor_parallel_block(mesh):
     check_tensor_parallel_block(mesh)
 
 
+def two_dim_mesh(mesh):
+    """A [1, n] mesh ("dp" x "tp", the data-parallel x tensor-parallel shape): the batch on
+    mesh dim 0 and the heads on dim 1 at once, then the batch nested over both dims. (The
+    runner builds the grids: every rank of the world takes part in making a mesh.)"""
+    n = mesh.size()
+    grid = GRIDS[n]
+    q, k, v = randn(5, 2 * n, 3, 4), randn(5, 2 * n, 6, 4), randn(5, 2 * n, 6, 4)
+    for placements in ([Shard(0), Shard(1)], [Shard(0), Shard(0)]):
+        whole = ops.attention(q, k, v, is_causal=True, return_lse=True, backend="reference")
+        cotangents = [torch.randn_like(w) for w in whole]
+        expected = torch.autograd.grad(whole, (q, k, v), cotangents)
+        local = [distribute_tensor(t.detach(), grid, placements).requires_grad_()
+                 for t in (q, k, v)]
+        got = ops.attention(*local, is_causal=True, return_lse=True, backend="reference")
+        for g, w in zip(got, whole):
+            assert list(g.placements) == placements, g.placements
+            torch.testing.assert_close(g.full_tensor(), w)
+        grads = torch.autograd.grad(got, local, [distribute_tensor(c, grid, placements)
+                                                 for c in cotangents])
+        for g, w in zip(grads, expected):
+            torch.testing.assert_close(g.full_tensor(), w)
+
+
 def refusals(mesh):
     n = mesh.size()
     q, k, v = randn(4, 2 * n, 5, 4), randn(4, 2 * n, 5, 4), randn(4, 2 * n, 5, 4)
@@ -240,4 +264,4 @@ def refusals(mesh):
 CASES = {fn.__name__: fn for fn in (
     attention_batch, attention_heads_gqa, attention_varlen_heads, kv_cache_step,
     rel_attention_heads_and_batch, block_recurrent, global_attention_batch, recurrent_cells,
-    recurrent_layers, recurrent_stack, tensor_parallel_block, refusals)}
+    recurrent_layers, recurrent_stack, tensor_parallel_block, two_dim_mesh, refusals)}

@@ -27,6 +27,9 @@ def run_all(rank: int, world_size: int, init_file: str, out_file: str) -> None:
     outcomes = {}
     try:
         meshes = {size: DeviceMesh("cpu", list(range(size))) for size in WORLD_SIZES}
+        dtensor_cases.GRIDS.update({size: DeviceMesh("cpu", [list(range(size))],
+                                                     mesh_dim_names=("dp", "tp"))
+                                    for size in WORLD_SIZES})
         for size, mesh in meshes.items():
             if rank >= size:
                 continue
