@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CUDA build of torch: its headers let CI compile every .cu file on a CPU-only machine.
 TORCH_SPEC ?= torch==2.14.1
-DEV_DEPS := numpy pytest pytest-benchmark matplotlib hypothesis expecttest build "cmake>=3.26" ninja setuptools wheel
+DEV_DEPS := numpy pytest pytest-xdist pytest-benchmark matplotlib hypothesis expecttest build "cmake>=3.26" ninja setuptools wheel
 # torch's cpp_extension would otherwise guess /usr/local, which has nvcc but no libcudart.
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
@@ -25,7 +25,7 @@ MIN_TORCH := torch==2.11.0
 # the leg takes from .venv instead (below).
 MIN_TORCH_DEPS := triton==3.6.0 filelock "typing-extensions>=4.10" "setuptools<82" "sympy>=1.13.3" \
 	"networkx>=2.5.1" jinja2 "fsspec>=0.8.5" "cuda-bindings>=13.0.3,<14"
-MIN_DEV_DEPS := "numpy<2.4" pytest pytest-benchmark hypothesis "cmake>=3.26" ninja setuptools wheel
+MIN_DEV_DEPS := "numpy<2.4" pytest pytest-xdist pytest-benchmark hypothesis "cmake>=3.26" ninja setuptools wheel
 # What the second leg runs: every test folder but the ones fastseq/families.py leaves to the
 # newest stack (NEWEST_STACK_ONLY): each family's tests (Triton through the interpreter), the
 # dispatch and step-protocol tests, the torch APIs fastseq hooks into (compile, export, double
@@ -59,8 +59,14 @@ install: $(VENV)/.deps-installed
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import fastseq, json; print(json.dumps(fastseq.backends(), indent=1))"
 
+# The suite runs in one pytest-xdist worker per core (at most 8: each holds torch, ~1.5 GB),
+# a test file per worker at a time (module fixtures such as the multi-rank test's process group
+# start once). TEST_JOBS=1 runs it in one process.
+TEST_JOBS ?= $(shell n=$$(nproc); echo $$(( n < 8 ? n : 8 )))
+PYTEST_JOBS = $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+
 test: install
-	$(VENV)/bin/pytest tests -q --durations=15
+	$(VENV)/bin/pytest tests -q --durations=15 $(PYTEST_JOBS)
 
 # Disk: a CI run with both stacks complete needed 10.5 GB (.venv 5.7, .venv-min 4.8) plus the
 # downloaded wheels, and one CI machine ran out during this install. Both torch builds are CUDA
@@ -83,8 +89,12 @@ install-min-stack: $(MIN_VENV)/.deps-installed
 
 # Triton 3.6's interpreter warns at every tensor index under numpy 2.3 (~70,000 warnings a run,
 # each recorded by pytest): ignored here by its text.
+# --each-test-once: every test function with its first parameters (tests/conftest.py); the
+# newest stack runs every case. The sm_90 compile of every kernel configuration and the GPU
+# script's dry run run here in full: this is the stack the lent GPU machine runs.
 test-min-stack: install-min-stack
 	PYTHON=$(abspath $(MIN_PY)) $(MIN_VENV)/bin/pytest $(MIN_STACK_TESTS) -q --durations=15 \
+		--each-test-once $(PYTEST_JOBS) \
 		-W "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"
 
 # The kernel benchmarks: the device's default cases (on a CPU the CPU suite); results in

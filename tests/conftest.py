@@ -54,3 +54,28 @@ def backends_for(device: str) -> list[str]:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# pytest-xdist (make test runs one worker per core, at most 8): torch's intra-op threads
+# share the cores among the workers instead of each worker taking them all.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--each-test-once", action="store_true",
+        help="run every test function once, with its first parameters (CI's second leg: the "
+             "oldest supported torch and Triton run each test's code, the newest every case)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--each-test-once"):
+        return
+    seen, kept, dropped = set(), [], []
+    for item in items:
+        key = (item.nodeid.split("::")[0], getattr(item, "originalname", item.name))
+        (dropped if key in seen else kept).append(item)
+        seen.add(key)
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = kept

@@ -11,8 +11,10 @@ import subprocess
 import sys
 
 import pytest
+import triton
 
 import fastseq.kernels
+from fastseq._versions import MIN_TRITON, version_tuple
 
 TESTS = pathlib.Path(__file__).resolve().parents[1]  # triton_aot.py is beside conftest.py
 
@@ -26,6 +28,32 @@ def kernel_modules():
 # compilations it produces, built by the same code that builds its launch arguments.
 SPECS = [spec for module in kernel_modules() if hasattr(module, "launch_specs")
          for spec in module.launch_specs()]
+
+
+
+
+def longest_paths(specs: list) -> list:
+    """Per kernel and pointer dtype, the widest tile with the most features switched on: the
+    configuration with the most live registers, so the first to spill."""
+    def weight(spec):
+        values = spec["constexprs"].values()
+        tile = 1
+        for name, value in spec["constexprs"].items():
+            if name.startswith("BLOCK") and isinstance(value, int):
+                tile *= value
+        return tile, spec["num_warps"], sum(1 for v in values if v is True)
+    chosen = {}
+    for spec in specs:
+        key = (spec["module"], spec["kernel"], spec["pointer_dtype"])
+        if key not in chosen or weight(spec) > weight(chosen[key]):
+            chosen[key] = spec
+    return list(chosen.values())
+
+
+# Every configuration compiles under the lent GPU machine's Triton (MIN_TRITON: what the GPU
+# run builds with; CI's second leg). Under a newer Triton, each kernel's longest path in each
+# dtype: 56 of 272 compilations (all 272 took 762 s on one of CI's cores, 2.8 s each).
+COMPILED = SPECS if version_tuple(triton.__version__) <= MIN_TRITON else longest_paths(SPECS)
 
 
 def test_every_triton_kernel_has_a_launch_spec():
@@ -44,19 +72,20 @@ def test_every_triton_kernel_has_a_launch_spec():
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(TESTS / "triton_aot.py")], input=json.dumps(SPECS),
+    run = subprocess.run([sys.executable, str(TESTS / "triton_aot.py")],
+                         input=json.dumps(COMPILED),
                          capture_output=True, text=True, env=env, cwd=TESTS)
     assert run.returncode == 0, run.stderr[-3000:]
     return [json.loads(line) for line in run.stdout.splitlines()]
 
 
 def test_every_kernel_compiles_for_sm90_without_spills(compiled):
-    assert len(compiled) == len(SPECS)
-    for spec, result in zip(SPECS, compiled):
+    assert len(compiled) == len(COMPILED)
+    for spec, result in zip(COMPILED, compiled):
         assert not {"LDL", "STL"} & set(result["opcodes"]), (spec, result)
 
 
 def test_half_precision_gate_gemms_use_tensor_cores(compiled):
-    for spec, result in zip(SPECS, compiled):
+    for spec, result in zip(COMPILED, compiled):
         if spec["gemm"] and spec["pointer_dtype"] in ("bf16", "fp16"):
             assert {"HMMA", "HGMMA"} & set(result["opcodes"]), (spec["constexprs"], result)
