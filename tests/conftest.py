@@ -56,12 +56,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-# pytest-xdist (make test runs one worker per core, at most 8): torch's intra-op threads
-# share the cores among the workers instead of each worker taking them all.
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-
-
 def pytest_addoption(parser):
     parser.addoption(
         "--each-test-once", action="store_true",

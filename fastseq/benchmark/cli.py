@@ -177,6 +177,10 @@ def run_suites(args, out_dir: pathlib.Path) -> tuple[dict, int]:
                          "pip install 'fastseq[bench]'") from error
 
     progress = Progress()
+    # This process runs its own pytest session: a PYTEST_XDIST_WORKER inherited from a test
+    # runner above it (fastseq's suite under pytest-xdist) makes pytest-benchmark disable
+    # every benchmark ("xdist plugin is active") and the run ends with no case.
+    os.environ.pop("PYTEST_XDIST_WORKER", None)
     code = pytest.main(pytest_args,
                        plugins=[CaseFilter(args.ops, args.dtypes, args.modes), progress])
     if progress.failed:
