@@ -30,8 +30,6 @@ SPECS = [spec for module in kernel_modules() if hasattr(module, "launch_specs")
          for spec in module.launch_specs()]
 
 
-
-
 def longest_paths(specs: list) -> list:
     """Per kernel and pointer dtype, the widest tile with the most features switched on: the
     configuration with the most live registers, so the first to spill."""
