@@ -39,7 +39,7 @@ group's heads are summed afterwards), another per query block accumulates dQ.
 import triton
 import triton.language as tl
 
-from ..common import dot_acc, tanh
+from ..common import dot_acc, tanh_accurate
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a global a @jit function may read
 
@@ -231,7 +231,7 @@ def scores_base2(qk, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn,
     as in apply_mask, so the same code serves q k^T tiles and k q^T tiles. SOFTCAP:
     qk_scale2 = softcap * log2(e) and softcap_scale = scale / softcap."""
     if SOFTCAP:
-        s = tanh(qk * softcap_scale) * qk_scale2
+        s = tanh_accurate(qk * softcap_scale) * qk_scale2
     else:
         s = qk * qk_scale2
     s = apply_mask(s, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn, MASK_KIND)
@@ -252,7 +252,7 @@ def scores_base2(qk, query_rows, key_cols, L, S, mask_ptr, stride_mm, stride_mn,
 @triton.jit
 def softcap_derivative(qk, softcap_scale):
     """d(softcap * tanh(x / softcap)) / dx at x = qk * scale: 1 - tanh^2."""
-    t = tanh(qk * softcap_scale)
+    t = tanh_accurate(qk * softcap_scale)
     return 1.0 - t * t
 
 

@@ -24,7 +24,7 @@ partials out [B, Hq, Lq, SPLITS, EV] and lse [B, Hq, Lq, SPLITS] in fp32 (contig
 import triton
 import triton.language as tl
 
-from ..common import dot_acc, tanh
+from ..common import dot_acc, tanh_accurate
 from ..attention.kernel import online_softmax
 
 
@@ -211,7 +211,7 @@ def attention_decode_split_kernel(
         if LEFTPAD:
             seen = seen & (offs_n[None, :] >= key_lo)
         if SOFTCAP:
-            s = tanh(qk * softcap_scale) * qk_scale2
+            s = tanh_accurate(qk * softcap_scale) * qk_scale2
         else:
             s = qk * qk_scale2
         if ALIBI:

@@ -10,7 +10,7 @@ import triton.language as tl
 
 import fastseq
 from fastseq import reference
-from fastseq.kernels.common import tanh
+from fastseq.kernels.common import tanh_accurate
 
 from conftest import TRITON_TEST_DEVICE
 from recurrent_cases import layer_backends
@@ -233,7 +233,7 @@ def test_recurrent_modules_empty_shapes(cls):
 def _tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offsets, mask=offsets < n)
-    tl.store(y_ptr + offsets, tanh(x), mask=offsets < n)
+    tl.store(y_ptr + offsets, tanh_accurate(x), mask=offsets < n)
 
 
 def tanh_kernel(x):
@@ -243,7 +243,7 @@ def tanh_kernel(x):
 
 
 def test_kernel_tanh_is_accurate_near_zero():
-    """The kernels' tanh (soft-capping, the cells' gates): within 2 ulp of float64 tanh in fp32,
+    """The kernels' soft-capping tanh: within 2 ulp of float64 tanh in fp32,
     small arguments included, where 1 - exp(-2|x|) cancels (44,000 ulp at 6e-6 before the
     polynomial branch; the KV-cache smoke's soft-capped scores are that small)."""
     x = torch.cat([torch.linspace(-3, 3, 6001), torch.logspace(-8, 0, 801),
