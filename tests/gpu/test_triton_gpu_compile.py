@@ -4,6 +4,7 @@ interpreter cannot: GPU-only compile errors, local-memory spills, a half-precisi
 misses the tensor cores."""
 import importlib
 import json
+import math
 import os
 import pathlib
 import pkgutil
@@ -34,12 +35,10 @@ def longest_paths(specs: list) -> list:
     """Per kernel and pointer dtype, the widest tile with the most features switched on: the
     configuration with the most live registers, so the first to spill."""
     def weight(spec):
-        values = spec["constexprs"].values()
-        tile = 1
-        for name, value in spec["constexprs"].items():
-            if name.startswith("BLOCK") and isinstance(value, int):
-                tile *= value
-        return tile, spec["num_warps"], sum(1 for v in values if v is True)
+        constexprs = spec["constexprs"]
+        tile = math.prod(value for name, value in constexprs.items()
+                         if name.startswith("BLOCK") and isinstance(value, int))
+        return tile, spec["num_warps"], sum(value is True for value in constexprs.values())
     chosen = {}
     for spec in specs:
         key = (spec["module"], spec["kernel"], spec["pointer_dtype"])

@@ -139,7 +139,7 @@ def test_gradcheck_float64(mode, backend):
         return run_cell(fn, mode, full)
 
     # fast_mode: random projections of the Jacobian (as the attention families' gradchecks):
-    # the full Jacobian costs ~200 interpreted kernel calls per case, 10-40 s each on CI.
+    # the full Jacobian costs ~200 interpreted kernel calls per case, 10-40 s a case on CI.
     assert torch.autograd.gradcheck(f, [leaves[i] for i in present], eps=1e-6, atol=1e-6,
                                     fast_mode=True)
 
