@@ -9,7 +9,6 @@ what was replaced. A package that is absent skips its tests by name (CI installs
 Makefile, THIRD_PARTY).
 """
 import copy
-import sys
 
 import pytest
 import torch
@@ -19,20 +18,6 @@ import fastseq
 RECURRENT_BACKENDS = ("triton", "native", "reference")
 # float64: the patched and unpatched models differ only by summation order.
 TIGHT = dict(rtol=1e-9, atol=1e-10)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _forget_speechbrains_lazy_modules():
-    """SpeechBrain puts lazy deprecation shims in sys.modules (speechbrain.wordemb, ...) whose
-    attribute reads import optional packages (flair, k2) and raise ImportError. Hypothesis reads
-    __file__ of every module in sys.modules to gather constants, so a property test run after
-    these tests fails there (seen: tests/kv_cache's paged-step property test). Drop the shims
-    once this module is done."""
-    yield
-    lazy = getattr(sys.modules.get("speechbrain.utils.importutils"), "LazyModule", None)
-    if lazy is not None:
-        for name in [n for n, m in sys.modules.items() if isinstance(m, lazy)]:
-            del sys.modules[name]
 
 
 def _package(name: str):
