@@ -228,19 +228,24 @@ def test_a_beam_step_captures_in_a_cuda_graph():
 
 def exhaustive_best(decoder, embed, generator, enc, lengths, b, bos, eos, max_length, n):
     """Every sequence of up to max_length tokens (ending at eos, or at max_length), scored
-    token by token: the n best, best first."""
+    token by token: the n best, best first. The sequences of one length are decoded side by
+    side, one row each (one sequence at a time took 44 s of the interpreter's time)."""
     scored = []
     V = generator[0].out_features
     for length in range(1, max_length + 1):
-        for seq in itertools.product(range(V), repeat=length):
-            if eos in seq[:-1] or (length < max_length and seq[-1] != eos):
-                continue
-            state, token, total = decoder.init_state(enc[b:b + 1], lengths[b:b + 1]), bos, 0.0
-            for t in seq:
-                out, state = decoder.step(embed(torch.tensor([token])), state)
-                total += generator(out)[0, t].item()
-                token = t
-            scored.append((total, seq))
+        seqs = [seq for seq in itertools.product(range(V), repeat=length)
+                if eos not in seq[:-1] and (length == max_length or seq[-1] == eos)]
+        rows = len(seqs)
+        state = decoder.init_state(enc[b:b + 1].expand(rows, -1, -1).contiguous(),
+                                   lengths[b:b + 1].expand(rows).contiguous())
+        tokens = torch.tensor(seqs)
+        previous = torch.full((rows,), bos)
+        totals = torch.zeros(rows, dtype=torch.float64)
+        for t in range(length):
+            out, state = decoder.step(embed(previous), state)
+            totals += generator(out).gather(1, tokens[:, t:t + 1]).squeeze(1)
+            previous = tokens[:, t]
+        scored += [(total.item(), seq) for total, seq in zip(totals, seqs)]
     return sorted(scored, reverse=True)[:n]
 
 
