@@ -32,7 +32,7 @@ MIN_DEV_DEPS := "numpy<2.4" pytest pytest-xdist pytest-benchmark hypothesis "cma
 # backward, vmap, TorchScript, weights_only loads) and the sm_90 compile and GPU-script dry run.
 MIN_STACK_TESTS = $(shell $(PYTHON) fastseq/families.py --min-stack-tests)
 
-.PHONY: test test-min-stack bench docs install install-min-stack clean
+.PHONY: test test-min-stack bench docs install install-min-stack min-stack-packages clean
 
 # The third-party packages tests/integrations proves fastseq inside (transformers' attention
 # interface; fastseq.patch on torchvision, torchaudio, SpeechBrain and OpenNMT-py models). Only
@@ -73,15 +73,21 @@ test: install
 # 13 (cu130) with the same library sonames and layout, so .venv-min links .venv's nvidia/ folder
 # (torch finds it beside its own site-packages) instead of installing its 2.7 GB copy; on a
 # CPU-only machine these libraries are only loaded, never called.
-$(MIN_VENV)/.deps-installed: Makefile pyproject.toml $(VENV)/.deps-installed
+# The packages alone (no .venv needed: CI downloads them while .venv builds the extension).
+$(MIN_VENV)/.packages-installed: Makefile pyproject.toml
 	test -x $(MIN_PY) || $(MIN_PYTHON) -m venv $(MIN_VENV)
 	$(MIN_PY) -m pip install -q --no-cache-dir --no-deps $(MIN_TORCH)
 	$(MIN_PY) -m pip install -q --no-cache-dir $(MIN_TORCH_DEPS)
+	$(MIN_PY) -m pip install -q --no-cache-dir $(MIN_DEV_DEPS)
+	touch $@
+
+$(MIN_VENV)/.deps-installed: $(MIN_VENV)/.packages-installed $(VENV)/.deps-installed
 	ln -sfn "$$($(PY) -c 'import pathlib, sysconfig; print(pathlib.Path(sysconfig.get_path("purelib")) / "nvidia")')" \
 		"$$($(MIN_PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/nvidia"
 	$(MIN_PY) -c "import torch; assert torch.__version__.startswith('2.11.'), torch.__version__"
-	$(MIN_PY) -m pip install -q --no-cache-dir $(MIN_DEV_DEPS)
 	touch $@
+
+min-stack-packages: $(MIN_VENV)/.packages-installed
 
 install-min-stack: $(MIN_VENV)/.deps-installed
 	$(MIN_PY) -m pip install -q --no-build-isolation --no-deps -e .
