@@ -75,7 +75,6 @@ def pytest_collection_modifyitems(config, items):
     items[:] = kept
 
 
-
 def pytest_runtest_teardown(item):
     _drop_speechbrains_unloaded_lazy_modules()
 
