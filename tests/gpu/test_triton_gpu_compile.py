@@ -70,8 +70,8 @@ def test_every_triton_kernel_has_a_launch_spec():
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """Every spec compiled, in order, by one compiler process per core: the full list is the
-    longest single task of CI's second leg, and the other xdist worker
-    finishes its files first and leaves its core idle."""
+    longest single task of CI's second leg, and the other xdist worker finishes its files
+    first and leaves its core idle."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     folder = tmp_path_factory.mktemp("aot")
     n = max(1, min(len(COMPILED), os.cpu_count() or 1))
